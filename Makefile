@@ -1,0 +1,27 @@
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch==2.13.0 resolves to the CPU wheel on disk; any other spelling pulls CUDA wheels.
+TORCH := torch==2.13.0
+
+.PHONY: demo test setup setup-test bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH)
+
+setup: $(BIN)/python
+	$(BIN)/pip install -q -e .
+
+setup-test: $(BIN)/python
+	$(BIN)/pip install -q -e ".[test]"
+
+demo: setup
+	$(BIN)/palikit demo $(if $(IMAGE),--image $(IMAGE)) --out demo_out
+
+test: setup-test
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) demo_out

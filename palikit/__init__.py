@@ -1,0 +1,11 @@
+"""palikit: run, fine-tune, evaluate and serve PaliGemma / PaliGemma 2 in plain PyTorch."""
+
+from .api import Pipeline, load
+from .config import PRESETS, GemmaConfig, PaliGemmaConfig, SiglipConfig
+from .paligemma import PaliGemma
+from .processor import InputError, Tokenizer
+from .weights import CheckpointError
+
+__all__ = ["load", "Pipeline", "PaliGemma", "PaliGemmaConfig", "SiglipConfig", "GemmaConfig", "PRESETS",
+           "Tokenizer", "InputError", "CheckpointError"]
+__version__ = "0.1.0"

@@ -1,0 +1,189 @@
+"""Gemma (PaliGemma 1) and Gemma 2 (PaliGemma 2) decoders, one code path switched by GemmaConfig.
+
+Dims: B batch, T query length, S key length (cache slots), D width, H query heads, K kv heads,
+G = H // K queries per kv head, Dh head dim, F MLP width.
+Module names follow transformers so LoRA target lists (q_proj, ..., down_proj) work unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import GemmaConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * (1 + w): Gemma stores the scale minus one (initialised to zero)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()  # statistics in float32 whatever the model dtype
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.float())).to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """positions (B, T) -> cos, sin (B, 1, T, Dh), computed in float32 then cast."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    angles = positions.float()[..., None] * inv_freq  # (B, T, Dh/2)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # Rotates the two halves of each head (not interleaved pairs), as big_vision and HF do.
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values of every layer: (layers, B, K, S_max, Dh) each."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def allocate(cls, config: GemmaConfig, batch: int, length: int, dtype, device) -> KVCache:
+        shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep rows `index` (beam search)."""
+        self.k = self.k[:, index]
+        self.v = self.v[:, index]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GemmaConfig, layer_idx: int):
+        super().__init__()
+        self.config, self.layer_idx = config, layer_idx
+        H, K, Dh, D = config.num_heads, config.num_kv_heads, config.head_dim, config.hidden_size
+        self.q_proj = nn.Linear(D, H * Dh, bias=False)
+        self.k_proj = nn.Linear(D, K * Dh, bias=False)
+        self.v_proj = nn.Linear(D, K * Dh, bias=False)
+        self.o_proj = nn.Linear(H * Dh, D, bias=False)
+        self.scale = config.query_pre_attn_scalar**-0.5
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, start: int = 0):
+        """x (B, T, D); mask bool (B, 1, T, S), True = may attend; cache slots [start, start+T) are written."""
+        B, T, _ = x.shape
+        H, K, Dh = self.config.num_heads, self.config.num_kv_heads, self.config.head_dim
+        q = apply_rope(self.q_proj(x).view(B, T, H, Dh).transpose(1, 2), cos, sin)  # (B, H, T, Dh)
+        k = apply_rope(self.k_proj(x).view(B, T, K, Dh).transpose(1, 2), cos, sin)  # (B, K, T, Dh)
+        v = self.v_proj(x).view(B, T, K, Dh).transpose(1, 2)
+        if cache is not None:
+            cache.k[self.layer_idx, :, :, start : start + T] = k
+            cache.v[self.layer_idx, :, :, start : start + T] = v
+            k = cache.k[self.layer_idx, :, :, : mask.shape[-1]]
+            v = cache.v[self.layer_idx, :, :, : mask.shape[-1]]
+        cap = self.config.attn_logit_softcap
+        if cap is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=K != H)
+        else:
+            # SDPA has no soft-cap, so Gemma 2 runs the scores explicitly. Queries are grouped per kv
+            # head, (B, K, G*T, Dh), so k/v are never repeated in memory.
+            S = k.shape[2]
+            scores = q.reshape(B, K, H // K * T, Dh) @ k.transpose(-1, -2) * self.scale
+            scores = cap * torch.tanh(scores / cap)  # before masking, as in big_vision and HF
+            scores = scores.view(B, K, H // K, T, S).masked_fill(~mask[:, :, None], torch.finfo(scores.dtype).min)
+            probs = scores.float().softmax(-1).to(v.dtype).view(B, K, H // K * T, S)
+            out = (probs @ v).view(B, H, T, Dh)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * Dh))
+
+
+class MLP(nn.Module):
+    """GeGLU: down(gelu_tanh(gate(x)) * up(x))."""
+
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: GemmaConfig, layer_idx: int):
+        super().__init__()
+        D, eps = config.hidden_size, config.rms_norm_eps
+        # Gemma 2 alternates local (even layers) and global attention when a window is configured
+        # (attention_masks then builds a "sliding" mask); see GemmaConfig.sliding_window.
+        self.local_if_windowed = layer_idx % 2 == 0
+        self.input_layernorm = RMSNorm(D, eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.pre_feedforward_layernorm = RMSNorm(D, eps)
+        self.mlp = MLP(config)
+        if config.post_norms:
+            self.post_attention_layernorm = RMSNorm(D, eps)
+            self.post_feedforward_layernorm = RMSNorm(D, eps)
+        self.post_norms = config.post_norms
+
+    def forward(self, x, cos, sin, masks: dict, cache=None, start=0):
+        mask = masks["sliding"] if self.local_if_windowed and "sliding" in masks else masks["global"]
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        if self.post_norms:
+            h = self.post_attention_layernorm(h)
+        x = x + h
+        h = self.mlp(self.pre_feedforward_layernorm(x))
+        if self.post_norms:
+            h = self.post_feedforward_layernorm(h)
+        return x + h
+
+
+class Gemma(nn.Module):
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings times sqrt(D), the factor rounded to the table's dtype (big_vision)."""
+        table = self.embed_tokens.weight
+        return F.embedding(ids, table) * torch.tensor(self.config.hidden_size**0.5, dtype=table.dtype)
+
+    def forward(self, x, positions, masks: dict, cache: KVCache | None = None, start: int = 0):
+        """x (B, T, D) embeddings; positions (B, T) -> final-normed hidden states (B, T, D)."""
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, masks, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, masks, cache, start)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied output layer, optional Gemma 2 final soft-cap; float32 for stable log-probs."""
+        logits = (hidden @ self.embed_tokens.weight.T).float()
+        cap = self.config.final_logit_softcap
+        return cap * torch.tanh(logits / cap) if cap else logits
+
+
+def attention_masks(q_block, q_pos, k_block, k_pos, k_valid, config: GemmaConfig) -> dict:
+    """Prefix-LM masks, (B, 1, T, S) bool, True = may attend.
+
+    Every token carries a block number c = cumsum(mask_ar): 0 for image + <bos> + prefix + "\\n"
+    (one bidirectional block), 1, 2, ... for suffix tokens. A query sees a key iff the key is a
+    real token and c_key <= c_query (big_vision's make_attn_mask). That is full attention over the
+    prefix and causal attention over the suffix, in training, scoring, prefill and decoding alike.
+    """
+    allowed = (k_block[:, None, :] <= q_block[:, :, None]) & k_valid[:, None, :]
+    masks = {"global": allowed[:, None]}
+    if config.sliding_window is not None:
+        near = (q_pos[:, :, None] - k_pos[:, None, :]) < config.sliding_window
+        both_prefix = (q_block[:, :, None] == 0) & (k_block[:, None, :] == 0)
+        masks["sliding"] = (allowed & (near | both_prefix))[:, None]
+    return masks

@@ -1,0 +1,192 @@
+"""Generation: one prefill of image + prefix into a preallocated KV cache, then one token per step.
+
+Rows of a batch are left-padded so every prompt ends at the same cache slot; positions count only
+real tokens and padded slots are masked, so a row gives the same tokens in a batch as alone.
+Dims: B batch (rows x beams), P padded prompt length, S cache slots, V vocab.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .gemma import attention_masks
+from .paligemma import PaliGemma
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 32
+    do_sample: bool = False  # greedy unless asked, as both references
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    seed: int | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0  # beam score = sum log-prob / length ** length_penalty
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.num_beams < 1 or (self.num_beams > 1 and self.do_sample):
+            raise ValueError("num_beams must be >= 1 and beam search does not sample")
+
+
+@dataclass
+class Generated:
+    tokens: list[int]  # generated ids, without the final <eos>
+    logprobs: list[float] = field(default_factory=list)  # model log-prob of each token in `tokens`
+
+
+class PromptBatch:
+    """Left-padded prompt ids plus the per-slot bookkeeping the masks need."""
+
+    def __init__(self, prompts: list[list[int]], pad_id: int, extra_slots: int, device):
+        B, P = len(prompts), max(len(p) for p in prompts)
+        S = P + extra_slots
+        self.ids = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+        self.valid = torch.zeros((B, S), dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):
+            self.ids[i, P - len(p):] = torch.tensor(p, device=device)
+            self.valid[i, P - len(p):] = True  # generated slots are filled in as we go
+        self.valid[:, P:] = True
+        self.pos = (torch.cumsum(self.valid.long(), -1) - 1).clamp(min=0)  # (B, S) RoPE positions
+        # Block numbers: 0 for the whole prompt (bidirectional), then 1, 2, ... per generated token.
+        self.block = torch.clamp(torch.arange(S, device=device) - P + 1, min=0).expand(B, S)
+        self.prompt_len = P
+
+
+def logits_to_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    logits = logits / cfg.temperature
+    if cfg.top_k:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if cfg.top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > cfg.top_p  # keep the smallest set reaching top_p
+        probs = probs.masked_fill(drop.scatter(-1, order, drop), 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+@torch.inference_mode()
+def prefill(model: PaliGemma, batch: PromptBatch, image_tokens, cache) -> torch.Tensor:
+    """Run the whole prompt under the prefix-LM mask; returns the logits of its last slot (B, V)."""
+    P = batch.prompt_len
+    x = model.embed(batch.ids, image_tokens)
+    pos, block, valid = batch.pos[:, :P], batch.block[:, :P], batch.valid[:, :P]
+    masks = attention_masks(block, pos, block, pos, valid, model.config.text)
+    hidden = model.language_model(x, pos, masks, cache, start=0)
+    return model.logits(hidden[:, -1])  # never the logits of the other prompt positions
+
+
+@torch.inference_mode()
+def decode_one_token(model: PaliGemma, batch: PromptBatch, token: torch.Tensor, slot: int, cache) -> torch.Tensor:
+    """token (B,) written at cache `slot` -> next-token logits (B, V)."""
+    x = model.language_model.embed(token[:, None])
+    q = slice(slot, slot + 1)
+    k = slice(0, slot + 1)
+    masks = attention_masks(batch.block[:, q], batch.pos[:, q], batch.block[:, k], batch.pos[:, k],
+                            batch.valid[:, k], model.config.text)
+    hidden = model.language_model(x, batch.pos[:, q], masks, cache, start=slot)
+    return model.logits(hidden[:, -1])
+
+
+@torch.inference_mode()
+def generate(model: PaliGemma, prompts: list[list[int]], image_tokens: torch.Tensor | None,
+             cfg: SamplingConfig, eos_id: int, pad_id: int) -> list[Generated]:
+    """prompts: token ids with <image> placeholders; image_tokens (I, N, D) in order of appearance."""
+    if cfg.num_beams > 1:
+        return beam_search(model, prompts, image_tokens, cfg, eos_id, pad_id)
+    batch = PromptBatch(prompts, pad_id, cfg.max_new_tokens, model.device)
+    B, P = len(prompts), batch.prompt_len
+    cache = model.new_cache(B, P + cfg.max_new_tokens)
+    logits = prefill(model, batch, image_tokens, cache)
+    generator = torch.Generator(device=model.device)
+    if cfg.seed is not None:
+        generator.manual_seed(cfg.seed)
+    else:
+        generator.seed()
+    out = [Generated([]) for _ in range(B)]
+    done = torch.zeros(B, dtype=torch.bool, device=model.device)
+    for step in range(cfg.max_new_tokens):
+        logprobs = logits.log_softmax(-1)
+        if cfg.do_sample:
+            token = torch.multinomial(logits_to_probs(logits, cfg), 1, generator=generator)[:, 0]
+        else:
+            token = logits.argmax(-1)
+        token_lp = logprobs.gather(-1, token[:, None])[:, 0]
+        for i in (~done).nonzero()[:, 0].tolist():
+            if token[i] != eos_id:
+                out[i].tokens.append(int(token[i]))
+                out[i].logprobs.append(float(token_lp[i]))
+        done |= token == eos_id
+        if done.all() or step == cfg.max_new_tokens - 1:
+            break
+        logits = decode_one_token(model, batch, token.masked_fill(done, pad_id), P + step, cache)
+    return out
+
+
+@torch.inference_mode()
+def beam_search(model, prompts, image_tokens, cfg: SamplingConfig, eos_id: int, pad_id: int) -> list[Generated]:
+    """Standard beam search: keep the num_beams best partial sequences per prompt, collect those that
+    end in <eos>, return the best finished one by length-normalised log-prob."""
+    nb, B = cfg.num_beams, len(prompts)
+    batch = PromptBatch(prompts, pad_id, cfg.max_new_tokens, model.device)
+    P = batch.prompt_len
+    cache = model.new_cache(B, P + cfg.max_new_tokens)
+    logits = prefill(model, batch, image_tokens, cache)
+    rows = torch.arange(B, device=model.device).repeat_interleave(nb)  # expand every row to its beams
+    cache.reorder(rows)
+    batch.block, batch.pos, batch.valid = batch.block[rows], batch.pos[rows], batch.valid[rows]
+    logprobs = logits.log_softmax(-1)[rows]
+    beam_score = torch.zeros(B, nb, device=model.device)
+    beam_score[:, 1:] = float("-inf")  # all beams start identical: expand only the first
+    seqs = [[Generated([]) for _ in range(nb)] for _ in range(B)]
+    finished: list[list[tuple[float, Generated]]] = [[] for _ in range(B)]
+    V = logprobs.shape[-1]
+    for step in range(cfg.max_new_tokens):
+        cand = (beam_score[..., None] + logprobs.view(B, nb, V)).view(B, -1)
+        top_score, top_idx = cand.topk(2 * nb, dim=-1)  # 2*nb so that nb survive after <eos> ends some
+        new_score = torch.full((B, nb), float("-inf"), device=model.device)
+        parents = torch.zeros(B, nb, dtype=torch.long, device=model.device)
+        tokens = torch.full((B, nb), pad_id, dtype=torch.long, device=model.device)
+        new_seqs = [[Generated([]) for _ in range(nb)] for _ in range(B)]
+        for b in range(B):
+            kept = 0
+            for score, idx in zip(top_score[b].tolist(), top_idx[b].tolist()):
+                if score == float("-inf"):
+                    break
+                parent, tok = divmod(idx, V)
+                prev = seqs[b][parent]
+                lp = float(logprobs[b * nb + parent, tok])
+                if tok == eos_id:
+                    length = len(prev.tokens) + 1
+                    finished[b].append((score / length**cfg.length_penalty, Generated(prev.tokens, prev.logprobs)))
+                    continue
+                new_seqs[b][kept] = Generated(prev.tokens + [tok], prev.logprobs + [lp])
+                new_score[b, kept], parents[b, kept], tokens[b, kept] = score, parent, tok
+                kept += 1
+                if kept == nb:
+                    break
+        seqs, beam_score = new_seqs, new_score
+        best_open = (beam_score / (step + 1) ** cfg.length_penalty).max(-1).values
+        if all(len(f) >= nb and max(s for s, _ in f) >= best_open[b] for b, f in enumerate(finished)):
+            break
+        if step == cfg.max_new_tokens - 1:
+            break
+        cache.reorder((torch.arange(B, device=model.device)[:, None] * nb + parents).view(-1))
+        logits = decode_one_token(model, batch, tokens.view(-1), P + step, cache)
+        logprobs = logits.log_softmax(-1)
+    results = []
+    for b in range(B):
+        pool = finished[b] or [(float(beam_score[b, j]) / max(1, len(seqs[b][j].tokens)) ** cfg.length_penalty,
+                                seqs[b][j]) for j in range(nb)]
+        results.append(max(pool, key=lambda x: x[0])[1])
+    return results

@@ -1,0 +1,249 @@
+"""Tokenizer, prompt layout and image preprocessing: the one place that builds model inputs.
+
+Prompt contract (big_vision and transformers agree on it):
+    [<image> x N per image] <bos> prefix "\\n" [suffix <eos>]
+The prefix block (images, <bos>, prefix, separator) is attended fully; the suffix causally.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+from PIL import Image, ImageOps
+
+log = logging.getLogger(__name__)
+
+NUM_LOC, NUM_SEG = 1024, 128
+LOC_TOKENS = [f"<loc{i:04d}>" for i in range(NUM_LOC)]
+SEG_TOKENS = [f"<seg{i:03d}>" for i in range(NUM_SEG)]
+_SPECIAL_RE = re.compile(r"<loc(\d{4})>|<seg(\d{3})>")
+
+# Decompression-bomb guard: PIL refuses images above this many pixels (PIL warns at 89 MP and
+# errors at twice that by default; we turn its warning into a clean error).
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+class InputError(ValueError):
+    """Bad user input (image, prompt); the message says what is wrong."""
+
+
+# ---- tokenizer ------------------------------------------------------------------------------
+
+
+class Tokenizer:
+    """Gemma SentencePiece model + 1024 <locNNNN> + 128 <segNNN> pieces (+ <image> after them).
+
+    If the .model file lacks the loc/seg pieces (a plain Gemma tokenizer), they get the ids right
+    after the base vocabulary, as in PaliGemma's tokenizer.
+    """
+
+    def __init__(self, model_file: str | Path, image_token_id: int | None = None):
+        path = Path(model_file)
+        if not path.exists():
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.path = path
+        base = self.sp.get_piece_size()
+        first_loc = self.sp.piece_to_id(LOC_TOKENS[0])
+        self.has_special_pieces = self.sp.id_to_piece(first_loc) == LOC_TOKENS[0]
+        self.loc_offset = first_loc if self.has_special_pieces else base
+        self.seg_offset = self.loc_offset + NUM_LOC
+        self.image_token_id = image_token_id if image_token_id is not None else self.seg_offset + NUM_SEG
+        self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), max(self.sp.pad_id(), 0)
+        self.newline = self.sp.encode("\n")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.image_token_id + 1
+
+    def encode(self, text: str) -> list[int]:
+        if self.has_special_pieces:
+            return self.sp.encode(text)
+        ids, pos = [], 0  # map loc/seg by hand and let SentencePiece encode the text between them
+        for m in _SPECIAL_RE.finditer(text):
+            ids += self.sp.encode(text[pos:m.start()]) if m.start() > pos else []
+            ids.append(self.loc_offset + int(m[1]) if m[1] else self.seg_offset + int(m[2]))
+            pos = m.end()
+        return ids + (self.sp.encode(text[pos:]) if pos < len(text) else [])
+
+    def piece(self, i: int) -> str:
+        if not self.has_special_pieces and self.loc_offset <= i < self.seg_offset + NUM_SEG:
+            return LOC_TOKENS[i - self.loc_offset] if i < self.seg_offset else SEG_TOKENS[i - self.seg_offset]
+        return self.sp.decode([i]) if i < self.sp.get_piece_size() else ""
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of ids up to the first <eos>, without <bos>/<pad>/<image>; loc/seg tokens kept."""
+        return "".join(self.decode_pieces(ids))
+
+    def decode_pieces(self, ids: Sequence[int]) -> list[str]:
+        """One string per token (up to <eos>) whose concatenation is the decoded text.
+
+        Computed as differences of growing prefixes, so byte-fallback characters that span several
+        tokens land on the token that completes them.
+        """
+        ids = list(ids)
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        skip = {self.bos_id, self.pad_id, self.image_token_id}
+        out, prev = [], ""
+        kept: list[int] = []
+        for i in ids:
+            if i not in skip:
+                kept.append(i)
+            text = self._decode_kept(kept)
+            # A trailing replacement char means an incomplete UTF-8 sequence: wait for more bytes.
+            if text.endswith("\ufffd"):
+                out.append("")
+                continue
+            out.append(text[len(prev):])
+            prev = text
+        if out and prev != self._decode_kept(kept):  # dangling partial character at the end
+            out[-1] += self._decode_kept(kept)[len(prev):]
+        return out
+
+    def _decode_kept(self, ids: list[int]) -> str:
+        if self.has_special_pieces:
+            return self.sp.decode(ids)
+        parts, run = [], []
+        for i in ids:
+            if self.loc_offset <= i < self.seg_offset + NUM_SEG:
+                parts += [self.sp.decode(run), self.piece(i)]
+                run = []
+            else:
+                run.append(i)
+        return "".join(parts + [self.sp.decode(run)])
+
+
+def train_tokenizer(texts: Sequence[str], out_file: str | Path, vocab_size: int = 320) -> Path:
+    """Train a small Gemma-style SentencePiece model (byte fallback, no dummy prefix, "\\n" as a
+    piece, ids 0 pad / 1 eos / 2 bos / 3 unk) and append the loc/seg pieces after its vocabulary,
+    as PaliGemma's tokenizer does. For tests and the bundled tiny model.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    out_file = Path(out_file)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, byte_fallback=True, add_dummy_prefix=False,
+        remove_extra_whitespaces=False, split_digits=True, user_defined_symbols=["\n"],
+        normalization_rule_name="identity", character_coverage=1.0, minloglevel=2,
+        hard_vocab_limit=False, num_threads=1,
+    )
+    proto = pb.ModelProto()
+    proto.ParseFromString(buf.getvalue())
+    for tok in LOC_TOKENS + SEG_TOKENS:
+        proto.pieces.add(piece=tok, score=0.0, type=pb.ModelProto.SentencePiece.USER_DEFINED)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    out_file.write_bytes(proto.SerializeToString())
+    return out_file
+
+
+# ---- prompt layout --------------------------------------------------------------------------
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    mask_ar: list[int]  # 0 inside the bidirectional prefix, 1 for each causal (suffix) token
+    loss_mask: list[int]  # 1 on suffix tokens and <eos>: the training targets
+
+
+def clean_prefix(prefix: str) -> str:
+    """Repair the prompt mistakes users make most: typed <image>/<bos> tokens or a trailing newline."""
+    cleaned = re.sub(r"^(\s*<image>)+\s*", "", prefix)
+    cleaned = cleaned.removeprefix("<bos>")
+    cleaned = cleaned.rstrip("\n")
+    if cleaned != prefix:
+        log.warning("prompt %r repaired to %r: palikit adds <image>, <bos> and the newline itself", prefix, cleaned)
+    if "\n" in cleaned:
+        raise InputError(f"prompt {prefix!r} contains a newline; '\\n' separates prefix and answer")
+    return cleaned
+
+
+def encode_example(tok: Tokenizer, num_image_tokens: int, prefix: str, suffix: str | None = None) -> Encoded:
+    """`num_image_tokens` is the total over all images of this example (N per image)."""
+    prefix_ids = [tok.bos_id] + tok.encode(clean_prefix(prefix)) + tok.newline  # "\n" encoded separately
+    ids = [tok.image_token_id] * num_image_tokens + prefix_ids
+    mask_ar = [0] * len(ids)
+    loss = [0] * len(ids)
+    if suffix is not None:
+        suffix_ids = tok.encode(suffix) + [tok.eos_id]
+        ids += suffix_ids
+        mask_ar += [1] * len(suffix_ids)
+        loss += [1] * len(suffix_ids)
+    return Encoded(ids, mask_ar, loss)
+
+
+# ---- images ---------------------------------------------------------------------------------
+
+ImageInput = "str | Path | bytes | Image.Image | np.ndarray"
+
+
+def load_image(image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Path, bytes, PIL image or array -> RGB PIL image, EXIF orientation applied."""
+    name = "image"
+    try:
+        if isinstance(image, (str, Path)):
+            name = str(image)
+            if not Path(image).exists():
+                raise InputError(f"image file not found: {image}")
+            image = Image.open(image)
+        elif isinstance(image, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(image))
+        elif isinstance(image, np.ndarray):
+            image = _array_to_image(image)
+        elif isinstance(image, torch.Tensor):
+            raise InputError("pass images as PIL images, arrays, bytes or paths, not tensors")
+        if not isinstance(image, Image.Image):
+            raise InputError(f"unsupported image type {type(image).__name__}")
+        if image.width * image.height > max_pixels:
+            raise InputError(f"{name}: {image.width}x{image.height} pixels is over the limit of {max_pixels}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = ImageOps.exif_transpose(image)  # also forces the lazy decode
+        if image.mode != "RGB":
+            # Palette/LA/RGBA/CMYK/I;16 -> RGB; alpha is dropped as big_vision does.
+            image = image.convert("RGBA").convert("RGB") if image.mode == "P" else image.convert("RGB")
+        return image
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(f"{name}: refused, too many pixels ({e})") from e
+    except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for corrupt or unknown data
+        raise InputError(f"{name}: not a readable image ({e})") from e
+
+
+def _array_to_image(a: np.ndarray) -> Image.Image:
+    if a.ndim == 3 and a.shape[0] in (1, 3, 4) and a.shape[-1] not in (1, 3, 4):
+        a = a.transpose(1, 2, 0)  # CHW -> HWC
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)):
+        raise InputError(f"image array of shape {a.shape}: expected HxW, HxWx3 or HxWx4")
+    if a.dtype != np.uint8:
+        if np.issubdtype(a.dtype, np.floating) and a.size and a.max() <= 1.0:
+            a = a * 255.0  # floats in [0, 1]
+        a = np.clip(a, 0, 255).astype(np.uint8)
+    return Image.fromarray(a)
+
+
+_RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+             "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+
+
+def preprocess(images: Sequence, size: int, resample: str = "bicubic") -> torch.Tensor:
+    """Images -> (I, 3, size, size) float32 in [-1, 1]: square resize (no crop, no padding)."""
+    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        out[i] = np.asarray(load_image(image).resize((size, size), _RESAMPLE[resample]))
+    return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 127.5 - 1.0

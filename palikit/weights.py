@@ -1,0 +1,318 @@
+"""Checkpoints in and out: Hugging Face safetensors folders (both key layouts, sharded or not) and
+big_vision `.npz` files. Only safetensors and npz are read (never pickle).
+
+Weights are read tensor by tensor into a model built on the meta device, so a model never exists
+twice in memory and never in float32 when the target is bfloat16.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .config import PRESETS, PaliGemmaConfig
+from .paligemma import PaliGemma
+
+log = logging.getLogger(__name__)
+
+# ---- Hugging Face names ---------------------------------------------------------------------
+# (prefix in the file, prefix in palikit); None drops the tensor (the LM head is tied).
+HF_LEGACY = [  # as released on the hub (transformers < 4.52)
+    ("vision_tower.vision_model.", "vision_tower."),
+    ("multi_modal_projector.", "multi_modal_projector."),
+    ("language_model.model.", "language_model."),
+    ("language_model.lm_head.", None),
+]
+HF_NEW = [  # transformers >= 4.52 save_pretrained
+    ("model.vision_tower.vision_model.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.language_model.", "language_model."),
+    ("lm_head.", None),
+]
+# In Gemma 1 checkpoints `post_attention_layernorm` is the norm *before* the MLP.
+_PG1_NORM = (re.compile(r"(layers\.\d+\.)post_attention_layernorm"), r"\1pre_feedforward_layernorm")
+_PG1_NORM_BACK = (re.compile(r"(layers\.\d+\.)pre_feedforward_layernorm"), r"\1post_attention_layernorm")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or does not fit the model."""
+
+
+def hf_to_palikit(name: str, version: int) -> str | None:
+    for table in (HF_LEGACY, HF_NEW):
+        for src, dst in table:
+            if name.startswith(src):
+                if dst is None:
+                    return None
+                out = dst + name[len(src):]
+                return _PG1_NORM[0].sub(_PG1_NORM[1], out) if version == 1 else out
+    return name  # unknown: reported as unexpected by the loader
+
+
+def palikit_to_hf(name: str, version: int) -> str:
+    if version == 1:
+        name = _PG1_NORM_BACK[0].sub(_PG1_NORM_BACK[1], name)
+    for src, dst in HF_LEGACY:
+        if dst is not None and name.startswith(dst):
+            return src + name[len(dst):]
+    raise KeyError(name)
+
+
+# ---- loading --------------------------------------------------------------------------------
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [folder / f for f in dict.fromkeys(weight_map.values())]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{index} lists shards that are not in the folder: {', '.join(missing)}")
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        found = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing"
+        hint = " (pickle .bin weights are not loaded; convert them to safetensors)" if any(
+            folder.glob("*.bin")) else ""
+        raise CheckpointError(f"no *.safetensors weights in {folder} (found: {found}){hint}")
+    return files
+
+
+def iter_safetensors(files: list[Path], version: int) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    name = hf_to_palikit(key, version)
+                    if name is not None:
+                        yield name, f.get_tensor(key)
+        except (OSError, RuntimeError) as e:  # safetensors raises these for truncated/corrupt files
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"cannot read {path}: {e}") from e
+
+
+def build_on_meta(config: PaliGemmaConfig) -> PaliGemma:
+    with torch.device("meta"):
+        return PaliGemma(config)
+
+
+def load_tensors(model: PaliGemma, tensors: Iterator[tuple[str, torch.Tensor]], dtype, device, source) -> PaliGemma:
+    """Assign named tensors to a meta-device model, converting each one as it arrives."""
+    expected = dict(model.state_dict())
+    state, unexpected = {}, []
+    for name, tensor in tensors:
+        if name not in expected:
+            unexpected.append(name)
+            continue
+        want = expected[name].shape
+        if name == "language_model.embed_tokens.weight" and tensor.shape[0] != want[0]:
+            raise CheckpointError(f"{source}: embedding has {tensor.shape[0]} rows but the config says "
+                                  f"vocab_size={want[0]}")
+        if tensor.shape != want:
+            raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, expected {tuple(want)}")
+        state[name] = tensor.to(device=device, dtype=dtype)
+    missing = [k for k in expected if k not in state]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source} does not match a PaliGemma layout: "
+            + (f"missing {len(missing)} tensors ({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''})"
+               if missing else "")
+            + ("; " if missing and unexpected else "")
+            + (f"unexpected {len(unexpected)} tensors ({', '.join(unexpected[:5])}"
+               f"{', ...' if len(unexpected) > 5 else ''})" if unexpected else "")
+        )
+    model.load_state_dict(state, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def load_hf_folder(folder: Path, dtype=torch.bfloat16, device="cpu", sliding_window: bool = False) -> PaliGemma:
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{folder} has no config.json")
+    try:
+        hf = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
+    config = PaliGemmaConfig.from_hf_config(hf, name=folder.name, sliding_window=sliding_window)
+    files = weight_files(folder)
+    model = build_on_meta(config)
+    return load_tensors(model, iter_safetensors(files, config.version), dtype, device, folder)
+
+
+def save_hf_folder(model: PaliGemma, folder: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write config.json and safetensors in the released (legacy) layout, shards above max_shard_bytes.
+
+    Each file is written to a temporary name and renamed, so a crash never leaves a half-written
+    checkpoint behind a valid name.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    version = model.config.version
+    shards, current, size = [], {}, 0
+    for name, tensor in model.state_dict().items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[palikit_to_hf(name, version)] = tensor.detach().contiguous().cpu()
+        size += nbytes
+    shards.append(current)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for shard, fname in zip(shards, names):
+        _atomic(folder / fname, lambda p, s=shard: save_file(s, p, metadata={"format": "pt"}))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())},
+                 "weight_map": {k: f for s, f in zip(shards, names) for k in s}}
+        write_text_atomic(folder / "model.safetensors.index.json", json.dumps(index, indent=2))
+    elif (folder / "model.safetensors.index.json").exists():
+        (folder / "model.safetensors.index.json").unlink()
+    write_text_atomic(folder / "config.json", json.dumps(model.config.to_hf_config(), indent=2))
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    _atomic(Path(path), lambda p: Path(p).write_text(text))
+
+
+# ---- big_vision npz -------------------------------------------------------------------------
+# Layers are stacked on a leading axis (flax scan); kernels are (in, out) and get transposed.
+
+_VIT = "img/Transformer/encoderblock/"
+_ATT = _VIT + "MultiHeadDotProductAttention_0/"
+_LLM = "llm/layers/"
+
+
+def _npz_tensor(npz, key: str) -> torch.Tensor:
+    a = npz[key]
+    if a.dtype.kind == "V" and a.dtype.itemsize == 2:  # bfloat16 is saved as raw 2-byte voids
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.uint16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def config_from_npz(keys: dict[str, tuple], name: str) -> PaliGemmaConfig:
+    """Infer the sizes from the array shapes; take the remaining fields from the matching preset."""
+    L, H, D, h = keys["llm/layers/attn/q_einsum/w"]
+    K = keys["llm/layers/attn/kv_einsum/w"][2]
+    F = keys["llm/layers/mlp/gating_einsum"][-1]
+    V = keys["llm/embedder/input_embedding"][0]
+    n_img, C = keys["img/pos_embedding"][1:]
+    patch = keys["img/embedding/kernel"][0]
+    v2 = "llm/layers/post_attention_norm/scale" in keys
+    sizes = dict(hidden_size=D, num_layers=L, num_heads=H, num_kv_heads=K, head_dim=h, intermediate_size=F)
+    base = next((p for p in PRESETS.values() if p.version == (2 if v2 else 1)
+                 and all(getattr(p.text, k) == v for k, v in sizes.items())), None)
+    if base is None:
+        raise CheckpointError(f"{name}: no preset has a decoder of these sizes {sizes}")
+    return PaliGemmaConfig.from_name(
+        base.name, name=name,
+        text=dict(vocab_size=V),
+        vision=dict(image_size=int(round(n_img**0.5)) * patch, patch_size=patch, hidden_size=C,
+                    num_layers=keys[_VIT + "LayerNorm_0/scale"][0], intermediate_size=keys[_VIT + "MlpBlock_0/Dense_0/kernel"][-1],
+                    num_heads=keys[_ATT + "query/kernel"][2]),
+    )
+
+
+def iter_npz(npz, keys: dict, config: PaliGemmaConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    def get(key):
+        return _npz_tensor(npz, key)
+
+    C, D = config.vision.hidden_size, config.text.hidden_size
+    H, K, h = config.text.num_heads, config.text.num_kv_heads, config.text.head_dim
+    yield "vision_tower.embeddings.patch_embedding.weight", get("img/embedding/kernel").permute(3, 2, 0, 1)
+    yield "vision_tower.embeddings.patch_embedding.bias", get("img/embedding/bias")
+    yield "vision_tower.embeddings.position_embedding.weight", get("img/pos_embedding").reshape(-1, C)
+    stacked = {
+        "layer_norm1.weight": (_VIT + "LayerNorm_0/scale", lambda a: a),
+        "layer_norm1.bias": (_VIT + "LayerNorm_0/bias", lambda a: a),
+        "layer_norm2.weight": (_VIT + "LayerNorm_1/scale", lambda a: a),
+        "layer_norm2.bias": (_VIT + "LayerNorm_1/bias", lambda a: a),
+        **{f"self_attn.{p}_proj.weight": (_ATT + f"{q}/kernel", lambda a: a.reshape(C, C).T)
+           for p, q in (("q", "query"), ("k", "key"), ("v", "value"))},
+        **{f"self_attn.{p}_proj.bias": (_ATT + f"{q}/bias", lambda a: a.reshape(C))
+           for p, q in (("q", "query"), ("k", "key"), ("v", "value"))},
+        "self_attn.out_proj.weight": (_ATT + "out/kernel", lambda a: a.reshape(C, C).T),
+        "self_attn.out_proj.bias": (_ATT + "out/bias", lambda a: a),
+        "mlp.fc1.weight": (_VIT + "MlpBlock_0/Dense_0/kernel", lambda a: a.T),
+        "mlp.fc1.bias": (_VIT + "MlpBlock_0/Dense_0/bias", lambda a: a),
+        "mlp.fc2.weight": (_VIT + "MlpBlock_0/Dense_1/kernel", lambda a: a.T),
+        "mlp.fc2.bias": (_VIT + "MlpBlock_0/Dense_1/bias", lambda a: a),
+    }
+    for name, (key, fn) in stacked.items():
+        arr = get(key)
+        for i in range(arr.shape[0]):
+            yield f"vision_tower.encoder.layers.{i}.{name}", fn(arr[i]).contiguous()
+    yield "vision_tower.post_layernorm.weight", get("img/Transformer/encoder_norm/scale")
+    yield "vision_tower.post_layernorm.bias", get("img/Transformer/encoder_norm/bias")
+    yield "multi_modal_projector.linear.weight", get("img/head/kernel").T.contiguous()
+    yield "multi_modal_projector.linear.bias", get("img/head/bias")
+    yield "language_model.embed_tokens.weight", get("llm/embedder/input_embedding")
+    yield "language_model.norm.weight", get("llm/final_norm/scale")
+    llm = {
+        "self_attn.q_proj.weight": ("attn/q_einsum/w", lambda a: a.permute(0, 2, 1).reshape(H * h, D)),
+        "self_attn.k_proj.weight": ("attn/kv_einsum/w", lambda a: a[0].permute(0, 2, 1).reshape(K * h, D)),
+        "self_attn.v_proj.weight": ("attn/kv_einsum/w", lambda a: a[1].permute(0, 2, 1).reshape(K * h, D)),
+        "self_attn.o_proj.weight": ("attn/attn_vec_einsum/w", lambda a: a.reshape(H * h, D).T),
+        "mlp.gate_proj.weight": ("mlp/gating_einsum", lambda a: a[0].T),
+        "mlp.up_proj.weight": ("mlp/gating_einsum", lambda a: a[1].T),
+        "mlp.down_proj.weight": ("mlp/linear", lambda a: a.T),
+        "input_layernorm.weight": ("pre_attention_norm/scale", lambda a: a),
+        "pre_feedforward_layernorm.weight": ("pre_ffw_norm/scale", lambda a: a),
+    }
+    if config.text.post_norms:
+        llm["post_attention_layernorm.weight"] = ("post_attention_norm/scale", lambda a: a)
+        llm["post_feedforward_layernorm.weight"] = ("post_ffw_norm/scale", lambda a: a)
+    for name, (key, fn) in llm.items():
+        arr = get(_LLM + key)
+        for i in range(arr.shape[0]):
+            yield f"language_model.layers.{i}.{name}", fn(arr[i]).contiguous()
+
+
+def load_npz(path: Path, dtype=torch.bfloat16, device="cpu") -> PaliGemma:
+    try:
+        npz = np.load(path, allow_pickle=False)
+        # Strip the optional "params/" prefix; remember each array's shape without reading it.
+        arrays = {k.removeprefix("params/"): k for k in npz.files}
+        shapes = {k: _npz_shape(npz, v) for k, v in arrays.items()}
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path} as a big_vision npz: {e}") from e
+    required = ["llm/layers/attn/q_einsum/w", "img/pos_embedding", "llm/embedder/input_embedding"]
+    if missing := [k for k in required if k not in shapes]:
+        raise CheckpointError(f"{path} is not a PaliGemma big_vision checkpoint: no {', '.join(missing)}")
+
+    class _View:  # strips the prefix on access
+        def __getitem__(self, k):
+            return npz[arrays[k]]
+
+    config = config_from_npz(shapes, name=path.name.split(".")[0])
+    return load_tensors(build_on_meta(config), iter_npz(_View(), shapes, config), dtype, device, path)
+
+
+def _npz_shape(npz, key: str) -> tuple:
+    # NpzFile has no shape query; reading the header through the zip member avoids loading the array.
+    with npz.zip.open(key + ".npy") as f:
+        version = np.lib.format.read_magic(f)
+        shape, _, _ = np.lib.format._read_array_header(f, version)
+    return shape

@@ -1,0 +1,92 @@
+"""Fixtures made at test time: a SentencePiece tokenizer trained on the fly, random-init tiny
+checkpoints written by transformers' save_pretrained and by palikit, synthetic images. No network."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # a test must never reach for the network
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+from palikit.config import PaliGemmaConfig  # noqa: E402
+from palikit.processor import train_tokenizer  # noqa: E402
+
+CORPUS = [
+    "caption en", "answer en what colour is the star?", "answer en how many circles?", "detect circle ; square",
+    "segment triangle", "ocr", "a red circle above a blue square", "the cow is standing on the beach",
+    "describe fr", "un chat noir est assis sur la table", "café, crème brûlée, naïve façade", "über straße",
+    "日本語のテキスト", "question en what is this?", "where is the cat?", "1234 5678 90",
+    "Hello this is a test", "a green star and a yellow triangle", "there are three dogs",
+] * 20
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory):
+    path = train_tokenizer(CORPUS, tmp_path_factory.mktemp("tok") / "tokenizer.model", vocab_size=400)
+    from palikit.processor import Tokenizer
+
+    tok = Tokenizer(path)
+    assert tok.image_token_id == 1552, "tiny presets assume a 400-piece base vocabulary"
+    return path
+
+
+def randomize(model: torch.nn.Module, seed: int, std: float = 0.1) -> None:
+    """Larger-than-default random weights so attention and logits are far from uniform."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def hf_config(config: PaliGemmaConfig):
+    from transformers import PaliGemmaConfig as HFConfig
+
+    d = config.to_hf_config()
+    hf = HFConfig(text_config=d["text_config"], vision_config=d["vision_config"],
+                  image_token_index=config.image_token_id, projection_dim=config.text.hidden_size,
+                  bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    if config.text.post_norms:  # palikit's None = "no window"; give HF an explicit one or none at all
+        hf.text_config.sliding_window = config.text.sliding_window or 10_000
+    return hf
+
+
+def make_hf_checkpoint(folder, config: PaliGemmaConfig, tokenizer_file, seed=0):
+    """Random-init transformers model saved with save_pretrained (+ our tokenizer.model)."""
+    from transformers import PaliGemmaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(hf_config(config)).eval()
+    randomize(model, seed)
+    model.save_pretrained(folder)
+    shutil.copy(tokenizer_file, folder / "tokenizer.model")
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_configs():
+    return {
+        1: PaliGemmaConfig.from_name("tiny-paligemma"),
+        2: PaliGemmaConfig.from_name("tiny-paligemma2", text={"sliding_window": 6}),
+    }
+
+
+@pytest.fixture(scope="session", params=[1, 2], ids=["pg1", "pg2"])
+def hf_pair(request, tmp_path_factory, tokenizer_file, tiny_configs):
+    """(palikit config, transformers model, checkpoint folder) for PaliGemma 1 and 2."""
+    config = tiny_configs[request.param]
+    folder = tmp_path_factory.mktemp(f"hf_pg{request.param}")
+    model = make_hf_checkpoint(folder, config, tokenizer_file, seed=request.param)
+    model.config._attn_implementation = "eager"  # SDPA drops Gemma 2's attention soft-cap
+    model.config.text_config._attn_implementation = "eager"
+    return config, model, folder
+
+
+def synthetic_image(seed: int, size=(40, 30)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
