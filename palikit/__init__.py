@@ -2,10 +2,12 @@
 
 from .api import Pipeline, load
 from .config import PRESETS, GemmaConfig, PaliGemmaConfig, SiglipConfig
+from .maskcodec import MaskCodec
 from .paligemma import PaliGemma
 from .processor import InputError, Tokenizer
+from .tasks import Detection, Segmentation, draw
 from .weights import CheckpointError
 
 __all__ = ["load", "Pipeline", "PaliGemma", "PaliGemmaConfig", "SiglipConfig", "GemmaConfig", "PRESETS",
-           "Tokenizer", "InputError", "CheckpointError"]
+           "Tokenizer", "InputError", "CheckpointError", "MaskCodec", "Detection", "Segmentation", "draw"]
 __version__ = "0.1.0"

@@ -11,9 +11,11 @@ from pathlib import Path
 import torch
 
 from . import generate as gen
+from . import tasks
+from .maskcodec import paste_mask
 from .config import PaliGemmaConfig
 from .paligemma import PaliGemma
-from .processor import InputError, Tokenizer, encode_example, preprocess
+from .processor import InputError, Tokenizer, encode_example, load_image, preprocess
 from .weights import CheckpointError, load_hf_folder, load_npz, save_hf_folder
 
 log = logging.getLogger(__name__)
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 BUNDLED = Path(__file__).parent / "assets" / "default"
+CODEC_FILES = ("mask_codec.npz", "vae-oid.npz")  # looked for beside the weights
 
 
 def resolve_source(source: str | Path) -> Path:
@@ -82,15 +85,19 @@ def load(source: str | Path = "default", dtype: str | torch.dtype = "bfloat16", 
             model.config.resample = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}.get(resample, "bicubic")
     if not tok_file.exists():
         raise CheckpointError(f"no tokenizer: {tok_file} not found (pass tokenizer=PATH)")
-    return Pipeline(model, Tokenizer(tok_file, image_token_id=model.config.image_token_id))
+    folder = path.parent if path.is_file() else path
+    codec = next((folder / n for n in CODEC_FILES if (folder / n).exists()), None)
+    return Pipeline(model, Tokenizer(tok_file, image_token_id=model.config.image_token_id), codec)
 
 
 class Pipeline:
     """A loaded model with its tokenizer: generate, score, and the task helpers."""
 
-    def __init__(self, model: PaliGemma, tokenizer: Tokenizer):
+    def __init__(self, model: PaliGemma, tokenizer: Tokenizer, codec_path: Path | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.config: PaliGemmaConfig = model.config
+        self.codec_path = codec_path  # segmentation mask codec found beside the weights, if any
+        self._codecs: dict = {}
 
     # ---- inputs ---------------------------------------------------------------------------
 
@@ -177,6 +184,74 @@ class Pipeline:
             row = targets.nonzero()[:, 0]
             scores += torch.zeros(len(chunk)).index_add_(0, row.cpu(), tok_lp.cpu()).tolist()
         return scores
+
+    # ---- tasks ----------------------------------------------------------------------------
+    # Each accepts one image (-> one result) or a list of images (-> a list, run in batches).
+
+    def caption(self, image, lang: str = "en", style: str = "caption", max_new_tokens: int = 64, **sampling):
+        return self._task_text(image, tasks.caption_prompt(lang, style), max_new_tokens, sampling)
+
+    def ask(self, image, question: str, lang: str = "en", max_new_tokens: int = 32, **sampling):
+        return self._task_text(image, tasks.ask_prompt(question, lang), max_new_tokens, sampling)
+
+    def ocr(self, image, max_new_tokens: int = 128, **sampling):
+        return self._task_text(image, tasks.ocr_prompt(), max_new_tokens, sampling)
+
+    def detect(self, image, labels: str | Sequence[str], max_new_tokens: int = 128, **sampling):
+        """-> list[Detection] (boxes in the input image's pixels), or one list per image."""
+        results, _ = self._objects(image, tasks.detect_prompt(labels), tasks.parse_detections,
+                                   max_new_tokens, sampling)
+        return results if isinstance(image, list) else results[0]
+
+    def segment(self, image, label: str | Sequence[str], codec=None, max_new_tokens: int = 128, **sampling):
+        """-> list[Segmentation] with full-size boolean masks, or one list per image.
+
+        codec: a MaskCodec or the path of big_vision's vae-oid.npz; defaults to the codec saved
+        beside the model (mask_codec.npz / vae-oid.npz), if any.
+        """
+        codec = self._codec(codec)
+        results, images = self._objects(image, tasks.segment_prompt(label), tasks.parse_segmentations,
+                                        max_new_tokens, sampling)
+        results = [self.attach_masks(r, im, codec) for r, im in zip(results, images)]
+        return results if isinstance(image, list) else results[0]
+
+    def attach_masks(self, segmentations: list, image, codec=None) -> list:
+        """Decode each Segmentation's 16 codes and paste the mask into its box at the image size."""
+        if segmentations:
+            with torch.inference_mode():
+                masks64 = self._codec(codec).decode([s.codes for s in segmentations]).float().numpy()
+            for seg, m in zip(segmentations, masks64):
+                seg.mask = paste_mask(m, seg.box, image.height, image.width)
+        return segmentations
+
+    def _task_text(self, image, prompt: str, max_new_tokens: int, sampling: dict):
+        batch = isinstance(image, list)
+        images = image if batch else [image]
+        out = self.generate(images, [prompt] * len(images), max_new_tokens=max_new_tokens, **sampling)
+        return out if batch else out[0]
+
+    def _objects(self, image, prompt: str, parse, max_new_tokens: int, sampling: dict):
+        """Generate for one image or a list, parse each output -> (lists of objects, PIL images)."""
+        images = [load_image(im) for im in (image if isinstance(image, list) else [image])]
+        outs = self.generate_details(images, [prompt] * len(images), max_new_tokens=max_new_tokens, **sampling)
+        results = []
+        for im, (text, g) in zip(images, outs):
+            pieces = self.tokenizer.decode_pieces(g.tokens)
+            results.append(parse(text, im.width, im.height, pieces=pieces, logprobs=g.logprobs).objects)
+        return results, images
+
+    def _codec(self, codec):
+        from .maskcodec import MaskCodec
+
+        if isinstance(codec, MaskCodec):
+            return codec
+        path = Path(codec) if codec is not None else self.codec_path
+        if path is None:
+            raise InputError("segment needs the mask codec: pass codec=palikit.MaskCodec.from_npz('vae-oid.npz') "
+                             "or codec='path/to/vae-oid.npz'")
+        if path not in self._codecs:
+            self._codecs[path] = MaskCodec.from_npz(path)
+        return self._codecs[path]
 
     def save(self, folder: str | Path) -> None:
         """Write the model in the released HF layout, with its tokenizer."""

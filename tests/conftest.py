@@ -90,3 +90,21 @@ def hf_pair(request, tmp_path_factory, tokenizer_file, tiny_configs):
 def synthetic_image(seed: int, size=(40, 30)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_file):
+    """A palikit-written random tiny PaliGemma 2 folder with tokenizer and a random mask codec."""
+    from palikit.api import Pipeline
+    from palikit.maskcodec import MASK_CODEC_PRESETS, MaskCodec
+    from palikit.paligemma import PaliGemma
+    from palikit.processor import Tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_palikit")
+    torch.manual_seed(0)
+    model = PaliGemma(PaliGemmaConfig.from_name("tiny-paligemma2")).eval()
+    randomize(model, 7)
+    Pipeline(model, Tokenizer(tokenizer_file, image_token_id=1552)).save(folder)
+    torch.manual_seed(0)
+    MaskCodec(MASK_CODEC_PRESETS["tiny"]).save_npz(folder / "mask_codec.npz")
+    return folder

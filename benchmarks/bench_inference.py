@@ -1,0 +1,175 @@
+"""palikit vs transformers, side by side in one run, on a random-init full-size PaliGemma 2.
+
+    .venv/bin/python benchmarks/bench_inference.py [--preset paligemma2-3b-pt-224] [--dtype bfloat16]
+
+Writes one checkpoint (palikit's writer, the released HF layout), then loads and runs it in a fresh
+subprocess per library, so load time and peak RSS are not polluted by the other. Rows: load time,
+peak RSS, time to first token (vision + prefill), decode tokens/s (batch 1), batch-8 captions/s.
+Random weights rarely emit <eos>, and both sides are forced to produce exactly --new-tokens tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_checkpoint(folder: Path, preset: str, dtype: str, tokenizer_texts: list[str]) -> None:
+    import torch
+
+    from palikit.config import PaliGemmaConfig
+    from palikit.paligemma import PaliGemma
+    from palikit.processor import train_tokenizer
+    from palikit.weights import save_hf_folder
+
+    config = PaliGemmaConfig.from_name(preset)
+    with torch.device("meta"):
+        model = PaliGemma(config)
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, p in model.state_dict().items():  # materialise tensor by tensor, straight in bf16
+        t = torch.empty(p.shape, dtype=getattr(torch, dtype))
+        state[name] = t.normal_(0, 0.02, generator=g) if "norm" not in name else t.zero_()
+    model.load_state_dict(state, assign=True)
+    save_hf_folder(model, folder, max_shard_bytes=2 * 2**30)
+    # A real-sized vocabulary is not needed for speed: a small tokenizer maps the prompt to ids.
+    train_tokenizer(tokenizer_texts, folder / "tokenizer.model", vocab_size=400)
+
+
+def images(n: int) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def run_palikit(folder: str, dtype: str, new_tokens: int) -> dict:
+    import torch
+
+    import palikit
+    from palikit import generate as gen
+    from palikit.processor import encode_example
+
+    t0 = time.perf_counter()
+    pipe = palikit.load(folder, dtype=dtype)
+    load_s = time.perf_counter() - t0
+    imgs = images(8)
+    n = pipe.config.num_image_tokens
+    prompts = [encode_example(pipe.tokenizer, n, "caption en").ids] * 8
+
+    def run(batch: int, tokens: int) -> float:
+        t = time.perf_counter()
+        image_tokens = pipe._image_tokens([[im] for im in imgs[:batch]])
+        cfg = gen.SamplingConfig(max_new_tokens=tokens)
+        gen.generate(pipe.model, prompts[:batch], image_tokens, cfg, eos_id=-1, pad_id=0)  # no early stop
+        return time.perf_counter() - t
+
+    with torch.inference_mode():
+        run(1, 2)  # warm-up
+        ttft = min(run(1, 1) for _ in range(2))
+        full = run(1, new_tokens)
+        batch8 = run(8, new_tokens)
+    return {"load_s": load_s, "peak_rss_gb": peak_rss_gb(), "ttft_s": ttft,
+            "decode_tok_s": (new_tokens - 1) / (full - ttft), "batch8_captions_s": 8 / batch8}
+
+
+def run_transformers(folder: str, dtype: str, new_tokens: int) -> dict:
+    import torch
+    from transformers import PaliGemmaForConditionalGeneration, SiglipImageProcessor
+
+    import palikit
+    from palikit.processor import encode_example
+
+    t0 = time.perf_counter()
+    model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    load_s = time.perf_counter() - t0
+    S = model.config.vision_config.image_size
+    proc = SiglipImageProcessor(size={"height": S, "width": S}, resample=3, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    tok = palikit.Tokenizer(Path(folder) / "tokenizer.model", image_token_id=model.config.image_token_id)
+    ids = encode_example(tok, model.config.vision_config.num_image_tokens, "caption en").ids
+    imgs = images(8)
+
+    def run(batch: int, tokens: int) -> float:
+        t = time.perf_counter()
+        pixels = proc(imgs[:batch], return_tensors="pt")["pixel_values"].to(model.dtype)
+        input_ids = torch.tensor([ids] * batch)
+        model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                       token_type_ids=torch.zeros_like(input_ids), pixel_values=pixels,
+                       max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t
+
+    with torch.inference_mode():
+        run(1, 2)
+        ttft = min(run(1, 1) for _ in range(2))
+        full = run(1, new_tokens)
+        batch8 = run(8, new_tokens)
+    return {"load_s": load_s, "peak_rss_gb": peak_rss_gb(), "ttft_s": ttft,
+            "decode_tok_s": (new_tokens - 1) / (full - ttft), "batch8_captions_s": 8 / batch8}
+
+
+ROWS = [("load_s", "load time (s)", False), ("peak_rss_gb", "peak RSS (GB)", False),
+        ("ttft_s", "time to first token (s)", False), ("decode_tok_s", "decode tokens/s, batch 1", True),
+        ("batch8_captions_s", "batch-8 captions/s", True)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="paligemma2-3b-pt-224")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--checkpoint", help="reuse a checkpoint folder instead of writing a new one")
+    ap.add_argument("--worker", choices=["palikit", "transformers"], help=argparse.SUPPRESS)
+    ap.add_argument("--out", help="also write the results as JSON here")
+    args = ap.parse_args()
+
+    if args.worker:
+        fn = run_palikit if args.worker == "palikit" else run_transformers
+        print(json.dumps(fn(args.checkpoint, args.dtype, args.new_tokens)))
+        return
+
+    tmp = None
+    folder = args.checkpoint
+    if folder is None:
+        tmp = tempfile.mkdtemp(prefix="palikit-bench-")
+        folder = tmp
+        t = time.perf_counter()
+        make_checkpoint(Path(folder), args.preset, args.dtype, ["caption en", "a photo of a cat"] * 50)
+        print(f"wrote random {args.preset} ({args.dtype}) to {folder} in {time.perf_counter() - t:.0f} s", flush=True)
+    try:
+        results = {}
+        for lib in ("palikit", "transformers"):
+            cmd = [sys.executable, __file__, "--worker", lib, "--checkpoint", folder, "--dtype", args.dtype,
+                   "--new-tokens", str(args.new_tokens)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+            results[lib] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{lib}: {results[lib]}", flush=True)
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"\n{args.preset}, {args.dtype}, {args.new_tokens} new tokens\n")
+    print(f"| metric | palikit | transformers | palikit advantage |\n|---|---|---|---|")
+    for key, label, higher_is_better in ROWS:
+        a, b = results["palikit"][key], results["transformers"][key]
+        ratio = a / b if higher_is_better else b / a
+        print(f"| {label} | {a:.3g} | {b:.3g} | {ratio:.2f}x |")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"preset": args.preset, "dtype": args.dtype, **results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
