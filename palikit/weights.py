@@ -7,6 +7,7 @@ twice in memory and never in float32 when the target is bfloat16.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,6 +36,8 @@ HF_LEGACY = [  # as released on the hub (transformers < 4.52)
 ]
 HF_NEW = [  # transformers >= 4.52 save_pretrained
     ("model.vision_tower.vision_model.", "vision_tower."),
+    ("model.vision_tower.", "vision_tower."),  # transformers 5 module names (no vision_model level)
+    ("vision_tower.", "vision_tower."),  # transformers 5 save_pretrained: legacy names minus vision_model
     ("model.multi_modal_projector.", "multi_modal_projector."),
     ("model.language_model.", "language_model."),
     ("lm_head.", None),
@@ -103,8 +106,23 @@ def iter_safetensors(files: list[Path], version: int) -> Iterator[tuple[str, tor
             raise CheckpointError(f"cannot read {path}: {e}") from e
 
 
+@contextlib.contextmanager
+def _skip_init():
+    """Meta tensors hold no values, so random init is wasted work; its first call on the meta
+    device also costs about a second of one-time set-up in torch. Skip it while building."""
+    names = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda t, *args, **kwargs: t)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
+
+
 def build_on_meta(config: PaliGemmaConfig) -> PaliGemma:
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init():
         return PaliGemma(config)
 
 
