@@ -94,10 +94,12 @@ class Tokenizer:
         if self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
         skip = {self.bos_id, self.pad_id, self.image_token_id}
+        # Ids past the tokenizer (the embedding's padding rows, which sampling can pick) have no text.
+        known = self.sp.get_piece_size() if self.has_special_pieces else self.seg_offset + NUM_SEG
         out, prev = [], ""
         kept: list[int] = []
         for i in ids:
-            if i not in skip:
+            if i not in skip and 0 <= i < known:
                 kept.append(i)
             text = self._decode_kept(kept)
             # A trailing replacement char means an incomplete UTF-8 sequence: wait for more bytes.
@@ -211,6 +213,10 @@ def load_image(image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = ImageOps.exif_transpose(image)  # also forces the lazy decode
+        if image.mode.startswith("I;16"):
+            # 16-bit grey (e.g. 16-bit PNG): keep the high byte, as TF's decode_png does. PIL's own
+            # convert clips at 255, which turns almost every such image white.
+            image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8))
         if image.mode != "RGB":
             # Palette/LA/RGBA/CMYK/I;16 -> RGB; alpha is dropped as big_vision does.
             image = image.convert("RGBA").convert("RGB") if image.mode == "P" else image.convert("RGB")

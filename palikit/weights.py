@@ -13,12 +13,13 @@ import logging
 import os
 import re
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import PRESETS, PaliGemmaConfig
@@ -100,9 +101,7 @@ def iter_safetensors(files: list[Path], version: int) -> Iterator[tuple[str, tor
                     name = hf_to_palikit(key, version)
                     if name is not None:
                         yield name, f.get_tensor(key)
-        except (OSError, RuntimeError) as e:  # safetensors raises these for truncated/corrupt files
-            if isinstance(e, CheckpointError):
-                raise
+        except (OSError, RuntimeError, SafetensorError) as e:  # truncated/corrupt files
             raise CheckpointError(f"cannot read {path}: {e}") from e
 
 
@@ -163,7 +162,12 @@ def load_hf_folder(folder: Path, dtype=torch.bfloat16, device="cpu", sliding_win
         hf = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
-    config = PaliGemmaConfig.from_hf_config(hf, name=folder.name, sliding_window=sliding_window)
+    try:
+        config = PaliGemmaConfig.from_hf_config(hf, name=folder.name, sliding_window=sliding_window)
+    except KeyError as e:
+        raise CheckpointError(f"{config_path} lacks the field {e.args[0]!r} in its text_config") from e
+    except ValueError as e:
+        raise CheckpointError(f"{config_path}: {e}") from e
     files = weight_files(folder)
     model = build_on_meta(config)
     return load_tensors(model, iter_safetensors(files, config.version), dtype, device, folder)
@@ -200,11 +204,16 @@ def save_hf_folder(model: PaliGemma, folder: str | Path, max_shard_bytes: int = 
     write_text_atomic(folder / "config.json", json.dumps(model.config.to_hf_config(), indent=2))
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def _atomic(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -244,13 +253,15 @@ def config_from_npz(keys: dict[str, tuple], name: str) -> PaliGemmaConfig:
                  and all(getattr(p.text, k) == v for k, v in sizes.items())), None)
     if base is None:
         raise CheckpointError(f"{name}: no preset has a decoder of these sizes {sizes}")
-    return PaliGemmaConfig.from_name(
-        base.name, name=name,
+    config = PaliGemmaConfig.from_name(
+        base.name,
         text=dict(vocab_size=V),
         vision=dict(image_size=int(round(n_img**0.5)) * patch, patch_size=patch, hidden_size=C,
                     num_layers=keys[_VIT + "LayerNorm_0/scale"][0], intermediate_size=keys[_VIT + "MlpBlock_0/Dense_0/kernel"][-1],
                     num_heads=keys[_ATT + "query/kernel"][2]),
     )
+    config.name = name  # from_name's first argument is the preset name, so set ours afterwards
+    return config
 
 
 def iter_npz(npz, keys: dict, config: PaliGemmaConfig) -> Iterator[tuple[str, torch.Tensor]]:
@@ -314,7 +325,7 @@ def load_npz(path: Path, dtype=torch.bfloat16, device="cpu") -> PaliGemma:
         # Strip the optional "params/" prefix; remember each array's shape without reading it.
         arrays = {k.removeprefix("params/"): k for k in npz.files}
         shapes = {k: _npz_shape(npz, v) for k, v in arrays.items()}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # not a zip / empty / bad header
         raise CheckpointError(f"cannot read {path} as a big_vision npz: {e}") from e
     required = ["llm/layers/attn/q_einsum/w", "img/pos_embedding", "llm/embedder/input_embedding"]
     if missing := [k for k in required if k not in shapes]:
@@ -332,5 +343,10 @@ def _npz_shape(npz, key: str) -> tuple:
     # NpzFile has no shape query; reading the header through the zip member avoids loading the array.
     with npz.zip.open(key + ".npy") as f:
         version = np.lib.format.read_magic(f)
-        shape, _, _ = np.lib.format._read_array_header(f, version)
-    return shape
+        # Public readers only: numpy 2 removed the private _read_array_header.
+        fmt = np.lib.format
+        read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
+        if read is not None:
+            shape, _, _ = read(f)
+            return shape
+    return npz[key].shape  # format 3.0 (utf-8 header): read the array
