@@ -3,6 +3,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 # torch==2.13.0 resolves to the CPU wheel on disk; any other spelling pulls CUDA wheels.
 TORCH := torch==2.13.0
+# tests/test_web_demo.py drives the system Chromium through Playwright (never `playwright install`).
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test setup setup-test bench clean
 
@@ -14,7 +17,10 @@ $(BIN)/python:
 setup: $(BIN)/python
 	$(BIN)/pip install -q -e .
 
-setup-test: $(BIN)/python
+$(CHROMIUM):
+	$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium
+
+setup-test: $(BIN)/python $(CHROMIUM)
 	$(BIN)/pip install -q -e ".[test]"
 
 demo: setup

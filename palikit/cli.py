@@ -82,6 +82,75 @@ def cmd_run(args) -> None:
     print(json.dumps(stats))
 
 
+def cmd_train(args) -> None:
+    from .finetune import train
+
+    print(json.dumps(train(args.config, args.overrides, resume=args.resume, smoke=args.smoke)))
+
+
+def cmd_merge(args) -> None:
+    from .finetune import merge
+
+    print(merge(args.base, args.adapter, args.out, dtype=args.dtype))
+
+
+def cmd_data_check(args) -> None:
+    from .data import check_dataset
+
+    report = check_dataset(args.file)
+    print(report if isinstance(report, str) else json.dumps(report, indent=2, default=str))
+
+
+def cmd_eval(args) -> None:
+    import palikit
+    from palikit.evaluate import evaluate_synthetic, write_report
+
+    pipe = palikit.load(args.model, dtype=args.dtype)
+    metrics = evaluate_synthetic(pipe, n_images=args.synthetic, seed=args.seed, batch_size=args.batch_size)
+    if args.out:
+        write_report(metrics, args.out)
+    print(json.dumps(metrics, indent=2))
+
+
+def cmd_demo(args) -> None:
+    """Every task on a generated shapes image (or --image), printed, plus an overlay PNG."""
+    import numpy as np
+
+    import palikit
+    from palikit.synthetic import make_scene
+    from palikit.tasks import draw
+
+    pipe = palikit.load(args.model, dtype="float32")
+    if args.image:
+        image = load_image(args.image)
+    else:
+        image = make_scene(np.random.default_rng(args.seed), size=pipe.config.vision.image_size, number_prob=1.0).image
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_image_atomic(image, out / "input.png")
+    print(f"model: {pipe.config.name} ({args.model}); image: {args.image or out / 'input.png'}")
+    print(f"caption en                         -> {pipe.caption(image)}")
+    for kind in ("circle", "square"):
+        print(f"answer en how many {kind}s?".ljust(35) + f"-> {pipe.ask(image, f'how many {kind}s?')}")
+    print(f"answer en what colour is the star? -> {pipe.ask(image, 'what colour is the star?')}")
+    print(f"ocr                                -> {pipe.ocr(image)}")
+    dets = pipe.detect(image, ["circle", "square", "triangle", "star"])
+    print("detect circle ; square ; triangle ; star ->", [d.to_dict() for d in dets] or "(nothing)")
+    segs = pipe.segment(image, dets[0].label if dets else "circle") if pipe.codec_path else []
+    print(f"segment {segs[0].label if segs else '-'} ->", [(s.label, [round(v) for v in s.box]) for s in segs]
+          or "(nothing)")
+    write_image_atomic(draw(image, [*dets, *segs]), out / "overlay.png")
+    print(f"overlay with boxes and masks: {out / 'overlay.png'}")
+
+
+def cmd_serve(args) -> None:
+    from palikit.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("PALIKIT_API_KEY"),
+          dtype=args.dtype, device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
+          allow_local_paths=args.allow_local_paths or False, allow_urls=args.allow_urls)
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="default", help="folder, .npz, hub id, or 'default' (bundled tiny model)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
@@ -132,12 +201,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--vae", help="mask codec npz for segment jobs")
     p.set_defaults(func=cmd_run)
+
+    p = verbs.add_parser("demo", help="run every task on a generated image with the bundled model")
+    p.add_argument("--model", default="default")
+    p.add_argument("--image", help="your own image instead of a generated one")
+    p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--out", default="demo_out")
+    p.set_defaults(func=cmd_demo)
+
+    p = verbs.add_parser("eval", help="task metrics on held-out synthetic images")
+    _model_args(p)
+    p.add_argument("--synthetic", type=int, default=200, help="number of generated images")
+    p.add_argument("--seed", type=int, default=12345, help="a seed not used for training data")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", help="write the metrics as JSON here")
+    p.set_defaults(func=cmd_eval)
+
+    p = verbs.add_parser("train", help="fine-tune from a YAML config (also under torchrun)")
+    p.add_argument("config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--smoke", action="store_true", help="a few steps on a few examples")
+    p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("merge", help="merge LoRA adapters into their base model")
+    p.add_argument("--base", required=True)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(func=cmd_merge)
+
+    p = verbs.add_parser("data", help="data set tools")
+    data_verbs = p.add_subparsers(dest="data_verb", required=True)
+    p = data_verbs.add_parser("check", help="validate a JSONL / COCO / Roboflow data set")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_data_check)
+
+    p = verbs.add_parser("serve", help="HTTP server: OpenAI-compatible chat completions, task endpoints, web demo")
+    p.add_argument("--model", default="default", help="folder, .npz, hub id, or 'default' (bundled tiny model)")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $PALIKIT_API_KEY)")
+    p.add_argument("--max-batch", type=int, default=8, help="most requests per model call")
+    p.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 503")
+    p.add_argument("--allow-local-paths", metavar="DIR", help="let requests name image files under DIR")
+    p.add_argument("--allow-urls", action="store_true", help="let requests give http(s) image URLs to fetch")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="palikit: %(message)s")
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verb == "train" else logging.WARNING, format="palikit: %(message)s")
     try:
         args.func(args)
     except (InputError, CheckpointError, FileNotFoundError, ValueError) as e:

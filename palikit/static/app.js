@@ -1,0 +1,188 @@
+// palikit web demo: pick an image and a task, POST it to the native /v1/<task> endpoint, draw the answer.
+// Plain JS, no build step. Boxes come in image pixels; masks as COCO compressed RLE (decoded below).
+"use strict";
+
+// matplotlib's tab10, as palikit.draw uses.
+const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+                 "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
+const splitLabels = (v) => v.split(";").map((s) => s.trim()).filter(Boolean);
+// What each task's text field means and how it goes into the request body.
+const TASKS = {
+  caption: { label: "Language", placeholder: "en", tokens: 64, body: (v) => ({ lang: v || "en" }) },
+  ask: { label: "Question", placeholder: "what is in the image?", tokens: 32, body: (v) => ({ question: v }) },
+  ocr: { label: null, tokens: 128, body: () => ({}) },
+  detect: { label: "Labels (separate with ;)", placeholder: "cat ; dog", tokens: 128,
+            body: (v) => ({ labels: splitLabels(v) }) },
+  segment: { label: "Labels (separate with ;)", placeholder: "cat", tokens: 128,
+             body: (v) => ({ labels: splitLabels(v) }) },
+  predict: { label: "Prompt", placeholder: "caption en", tokens: 64, body: (v) => ({ prompt: v }) },
+};
+
+const $ = (id) => document.getElementById(id);
+const canvas = $("view");
+const ctx = canvas.getContext("2d");
+let image = null;     // HTMLImageElement of the chosen file
+let imageURL = null;  // the same file as a data: URL, which is what the API takes
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
+}
+
+function updateTask() {
+  const t = TASKS[$("task").value];
+  $("arg-row").hidden = t.label === null;
+  $("arg-label").textContent = t.label || "";
+  $("arg").placeholder = t.placeholder || "";
+  $("max-tokens").value = t.tokens;
+}
+
+function loadFile(file) {
+  if (!file) return;
+  const reader = new FileReader();
+  reader.onload = () => {
+    const img = new Image();
+    img.onload = () => {
+      image = img;
+      imageURL = reader.result;
+      canvas.width = img.naturalWidth;
+      canvas.height = img.naturalHeight;
+      ctx.drawImage(img, 0, 0);
+      $("text").textContent = "";
+      $("objects").replaceChildren();
+      $("run").disabled = false;
+      setStatus(`${file.name}: ${img.naturalWidth}x${img.naturalHeight}`);
+    };
+    img.onerror = () => setStatus(`${file.name} is not an image the browser can read`, true);
+    img.src = reader.result;
+  };
+  reader.readAsDataURL(file);
+}
+
+// COCO compressed RLE counts -> run lengths (pycocotools' rleFrString). Arithmetic, not bit operators:
+// JS bit operators are 32-bit and counts of large images need more.
+function rleCounts(s) {
+  const counts = [];
+  let x = 0, shift = 0;
+  for (let i = 0; i < s.length; i++) {
+    const c = s.charCodeAt(i) - 48;
+    x += (c & 0x1f) * 2 ** shift;
+    shift += 5;
+    if (c & 0x20) continue;       // more chunks follow
+    if (c & 0x10) x -= 2 ** shift;  // negative: sign-extend
+    counts.push(counts.length > 2 ? x + counts[counts.length - 2] : x);
+    x = 0;
+    shift = 0;
+  }
+  return counts;
+}
+
+// A tinted, half-transparent image of a mask; runs go down the columns, starting with zeros.
+function maskLayer(rle, colour) {
+  const [h, w] = rle.size;
+  const layer = new ImageData(w, h);
+  const rgb = [1, 3, 5].map((i) => parseInt(colour.slice(i, i + 2), 16));
+  let start = 0;
+  rleCounts(rle.counts).forEach((n, i) => {
+    if (i % 2) {
+      for (let k = start; k < start + n; k++) {
+        const p = ((k % h) * w + Math.floor(k / h)) * 4;
+        layer.data.set([...rgb, 115], p);
+      }
+    }
+    start += n;
+  });
+  const c = document.createElement("canvas");
+  c.width = w;
+  c.height = h;
+  c.getContext("2d").putImageData(layer, 0, 0);
+  return c;
+}
+
+function draw(objects) {
+  ctx.drawImage(image, 0, 0);
+  const list = $("objects");
+  list.replaceChildren();
+  const lineWidth = Math.max(2, Math.round(Math.max(canvas.width, canvas.height) / 300));
+  objects.forEach((o, i) => {
+    const colour = PALETTE[i % PALETTE.length];
+    if (o.mask) ctx.drawImage(maskLayer(o.mask, colour), 0, 0);
+    const [x1, y1, x2, y2] = o.box.map(Math.round);
+    ctx.strokeStyle = colour;
+    ctx.lineWidth = lineWidth;
+    ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
+    const caption = o.score == null ? o.label : `${o.label} ${Math.exp(o.score).toFixed(2)}`;
+    if (caption) {
+      ctx.font = `${Math.max(12, lineWidth * 6)}px sans-serif`;
+      const tw = ctx.measureText(caption).width + 6, th = Math.max(12, lineWidth * 6) + 4;
+      const ty = y1 >= th ? y1 - th : y1;  // above the box when it fits
+      ctx.fillStyle = colour;
+      ctx.fillRect(x1, ty, tw, th);
+      ctx.fillStyle = "#fff";
+      ctx.fillText(caption, x1 + 3, ty + th - 4);
+    }
+    const li = document.createElement("li");
+    li.dataset.box = [x1, y1, x2, y2].join(",");
+    li.dataset.color = colour;
+    li.innerHTML = `<span class="swatch" style="background:${colour}"></span>`;
+    li.append(`${caption || "(no label)"}: [${[x1, y1, x2, y2].join(", ")}]${o.mask ? " + mask" : ""}`);
+    list.append(li);
+  });
+}
+
+async function run() {
+  const task = $("task").value;
+  const t = TASKS[task];
+  const arg = $("arg").value.trim();
+  if (t.label && !arg && task !== "caption") {
+    setStatus(`${t.label} is needed for this task`, true);
+    return;
+  }
+  const headers = { "Content-Type": "application/json" };
+  const key = $("key").value.trim();
+  if (key) headers.Authorization = `Bearer ${key}`;
+  const body = { image: imageURL, max_new_tokens: Number($("max-tokens").value) || t.tokens, ...t.body(arg) };
+  $("run").disabled = true;
+  setStatus("running...");
+  const started = performance.now();
+  try {
+    const r = await fetch(`/v1/${task}`, { method: "POST", headers, body: JSON.stringify(body) });
+    const data = await r.json().catch(() => ({ error: { message: `HTTP ${r.status}` } }));
+    if (!r.ok) throw new Error(data.error ? data.error.message : `HTTP ${r.status}`);
+    $("text").textContent = data.text;
+    draw(data.objects || []);
+    const n = (data.objects || []).length;
+    const found = data.objects ? `, ${n} object${n === 1 ? "" : "s"}` : "";
+    setStatus(`done in ${((performance.now() - started) / 1000).toFixed(2)} s${found}`);
+  } catch (e) {
+    setStatus(e.message, true);
+  } finally {
+    $("run").disabled = false;
+  }
+}
+
+async function init() {
+  $("task").addEventListener("change", updateTask);
+  $("file").addEventListener("change", (e) => loadFile(e.target.files[0]));
+  $("run").addEventListener("click", run);
+  const drop = $("drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    loadFile(e.dataTransfer.files[0]);
+  });
+  $("key").value = sessionStorage.getItem("palikit-key") || "";
+  $("key").addEventListener("change", () => sessionStorage.setItem("palikit-key", $("key").value));
+  updateTask();
+  try {
+    const health = await (await fetch("/health")).json();
+    $("model").textContent = health.model;
+    $("key-row").hidden = !health.auth;
+  } catch (e) {
+    setStatus("cannot reach the server", true);
+  }
+}
+
+init();

@@ -1,0 +1,399 @@
+"""The HTTP server on a tiny random checkpoint: the openai client against a live uvicorn server,
+batching under concurrency, every kind of bad request, disconnects, overload and timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import re
+import struct
+import time
+import zlib
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+import palikit
+from palikit.generate import Generated
+from palikit.processor import encode_example
+from palikit.serve import background, create_app
+from palikit.tasks import rle_decode
+
+from .conftest import synthetic_image
+
+KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def png(image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(image) -> str:
+    return "data:image/png;base64," + base64.b64encode(png(image)).decode()
+
+
+def chat_body(image_ref: str, prompt: str, **kw) -> dict:
+    content = [{"type": "image_url", "image_url": {"url": image_ref}}, {"type": "text", "text": prompt}]
+    return {"model": "tiny", "messages": [{"role": "user", "content": content}], **kw}
+
+
+class Scripted:
+    """The real pipeline (tokenizer, config, mask codec) with generation replaced by fixed answers:
+    the first word of the prompt picks the answer; every token gets log-prob -0.5."""
+
+    def __init__(self, pipe, answers: dict[str, str], delay: float = 0.0):
+        self.pipe, self.answers, self.delay = pipe, answers, delay
+        self.calls: list[list[str]] = []
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def generate_details(self, images, prompts, max_new_tokens=32, batch_size=8, **sampling):
+        self.calls.append(list(prompts))
+        time.sleep(self.delay)
+        out = []
+        for p in prompts:
+            ids = self.pipe.tokenizer.encode(self.answers[p.split()[0]])[:max_new_tokens]
+            out.append((self.pipe.tokenizer.decode(ids), Generated(ids, [-0.5] * len(ids))))
+        return out
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    return palikit.load(tiny_model_dir, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def live(pipe):
+    """A live server with an API key and small limits; yields (base URL, app)."""
+    app = create_app(pipe, api_key=KEY, model_name="tiny", max_body_bytes=1_000_000,
+                     max_image_pixels=1_000_000, batch_wait_ms=20)
+    with background(app) as url:
+        yield url, app
+
+
+@pytest.fixture
+def client(live):
+    with httpx.Client(base_url=live[0], headers=AUTH, timeout=60) as c:
+        yield c
+
+
+# ---- the OpenAI-compatible endpoint --------------------------------------------------------------
+
+
+def test_openai_client(live, pipe):
+    url, _ = live
+    oai = openai.OpenAI(base_url=url + "/v1", api_key=KEY)
+    assert [m.id for m in oai.models.list()] == ["tiny"]
+    img = synthetic_image(0)
+    messages = chat_body(data_url(img), "caption en")["messages"]
+    r = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
+    expected = pipe.generate(img, "caption en", max_new_tokens=6)
+    assert r.choices[0].message.content == expected and r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason in ("stop", "length") and r.object == "chat.completion"
+    prompt_tokens = len(encode_example(pipe.tokenizer, pipe.config.num_image_tokens, "caption en").ids)
+    assert r.usage.prompt_tokens == prompt_tokens
+    assert r.usage.total_tokens == prompt_tokens + r.usage.completion_tokens
+    # max_completion_tokens wins over max_tokens; seeded sampling reproduces.
+    r2 = oai.chat.completions.create(model="x", messages=messages, max_completion_tokens=2, max_tokens=50)
+    assert r2.usage.completion_tokens <= 2
+    seeded = [oai.chat.completions.create(model="x", messages=messages, max_tokens=8, temperature=1.5,
+                                          top_p=0.9, seed=7).choices[0].message.content for _ in range(2)]
+    assert seeded[0] == seeded[1]
+
+
+def test_openai_client_streaming(live, pipe):
+    url, _ = live
+    oai = openai.OpenAI(base_url=url + "/v1", api_key=KEY)
+    img = synthetic_image(1)
+    messages = chat_body(data_url(img), "answer en how many circles?")["messages"]
+    chunks = list(oai.chat.completions.create(model="tiny", messages=messages, max_tokens=12, stream=True,
+                                              stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == pipe.generate(img, "answer en how many circles?", max_new_tokens=12)
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+
+
+def test_raw_stream_ends_with_done(client):
+    body = chat_body(data_url(synthetic_image(2)), "caption en", max_tokens=3, stream=True)
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+
+
+# ---- batching ----------------------------------------------------------------------------------------
+
+
+def test_concurrent_requests_are_batched_and_correct(live, pipe):
+    url, app = live
+    images = [synthetic_image(s) for s in range(4)]
+    prompts = ["caption en", "answer en what colour is the star?", "detect circle ; square", "ocr"]
+    cases = [(i % 4, (i // 4) % 4, 3 + i % 3) for i in range(64)]  # (image, prompt, max_tokens)
+    expected = {(im, p, n): pipe.generate(images[im], prompts[p], max_new_tokens=n)
+                for im, p, n in set(cases)}
+    urls = [data_url(im) for im in images]
+
+    async def fire():
+        limits = httpx.Limits(max_connections=64)
+        async with httpx.AsyncClient(base_url=url, headers=AUTH, timeout=120, limits=limits) as c:
+            return await asyncio.gather(*[
+                c.post("/v1/chat/completions", json=chat_body(urls[im], prompts[p], max_tokens=n))
+                for im, p, n in cases])
+
+    responses = asyncio.run(fire())
+    assert [r.status_code for r in responses] == [200] * 64
+    for (im, p, n), r in zip(cases, responses):
+        assert r.json()["choices"][0]["message"]["content"] == expected[im, p, n], (im, p, n)
+    metrics = httpx.get(url + "/metrics").text
+    assert int(re.search(r"^palikit_batch_size_max (\d+)$", metrics, re.M).group(1)) > 1
+    assert app.state.palikit.metrics.max_batch_size > 1
+
+
+# ---- native endpoints ------------------------------------------------------------------------------
+
+
+def test_native_text_endpoints(client, pipe):
+    img = synthetic_image(3, size=(64, 48))
+    body = {"image": base64.b64encode(png(img)).decode(), "max_new_tokens": 4}  # raw base64 works too
+    for path, extra, prompt in [("caption", {"lang": "fr"}, "caption fr"),
+                                ("ask", {"question": "how many circles?"}, "answer en how many circles?"),
+                                ("ocr", {}, "ocr"), ("predict", {"prompt": "describe en"}, "describe en")]:
+        r = client.post(f"/v1/{path}", json=body | extra)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["prompt"] == prompt and (out["width"], out["height"]) == (64, 48)
+        assert out["text"] == pipe.generate(img, prompt, max_new_tokens=4) and out["objects"] is None
+
+
+def test_detect_and_segment_give_pixel_boxes_and_masks(pipe):
+    codes = "".join(f"<seg{i:03d}>" for i in range(16))
+    answers = {"detect": "<loc0100><loc0200><loc0500><loc0600> circle ; "
+                         "<loc0010><loc0010><loc0020><loc0020> sq",
+               "segment": f"<loc0100><loc0100><loc0900><loc0900>{codes} triangle"}
+    app = create_app(Scripted(pipe, answers))
+    img = synthetic_image(4, size=(200, 100))
+    with TestClient(app) as c:
+        r = c.post("/v1/detect", json={"image": data_url(img), "labels": ["circle", "sq"]})
+        assert r.status_code == 200, r.text
+        objs = r.json()["objects"]
+        assert [o["label"] for o in objs] == ["circle", "sq"]
+        np.testing.assert_allclose(objs[0]["box"], [200 * 200 / 1023, 100 * 100 / 1023,
+                                                    600 * 200 / 1023, 500 * 100 / 1023], atol=1e-6)
+        assert objs[0]["score"] == pytest.approx(-0.5)
+        r = c.post("/v1/segment", json={"image": data_url(img), "labels": "triangle"})
+        assert r.status_code == 200, r.text
+        (seg,) = r.json()["objects"]
+        assert seg["codes"] == list(range(16)) and seg["mask"]["size"] == [100, 200]
+        mask = rle_decode(seg["mask"])
+        ys, xs = np.nonzero(mask)
+        if len(xs):  # the random codec's mask lies inside the box
+            x1, y1, x2, y2 = seg["box"]
+            assert xs.min() >= int(x1) and xs.max() <= x2 and ys.min() >= int(y1) and ys.max() <= y2
+        # The free prompt endpoint parses objects too.
+        r = c.post("/v1/predict", json={"image": data_url(img), "prompt": "detect circle"})
+        assert r.json()["task"] == "detect" and len(r.json()["objects"]) == 2
+
+
+def test_segment_without_codec_is_501(pipe):
+    scripted = Scripted(pipe, {"segment": "x"})
+    scripted.codec_path = None
+    with TestClient(create_app(scripted)) as c:
+        r = c.post("/v1/segment", json={"image": data_url(synthetic_image(0)), "labels": "cat"})
+    assert r.status_code == 501 and "mask codec" in r.json()["error"]["message"]
+
+
+# ---- bad requests ------------------------------------------------------------------------------------
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height: a decompression bomb's first bytes."""
+    data = png(synthetic_image(0, size=(4, 4)))
+    ihdr = b"IHDR" + struct.pack(">II", width, height) + data[24:29]
+    return data[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + data[33:]
+
+
+def test_bad_requests_get_json_errors_and_the_server_keeps_serving(live, client):
+    url, _ = live
+    good = data_url(synthetic_image(0))
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    caption = chat_body(good, "caption en")
+    as_json = AUTH | {"Content-Type": "application/json"}
+    cases = [  # (what, status, message fragment, request kwargs)
+        ("no key", 401, "missing API key", dict(json=caption, headers={"Authorization": ""})),
+        ("wrong key", 401, "invalid API key", dict(json=caption, headers={"Authorization": "Bearer nope"})),
+        ("corrupt image", 400, "not a readable image", dict(json=chat_body(b64(b"junk"), "caption en"))),
+        ("truncated png", 400, "not a readable image", dict(json={"image": b64(png(synthetic_image(0))[:60])},
+                                                            path="/v1/ocr")),
+        ("too many pixels", 413, "over this server's limit",
+         dict(json=chat_body(data_url(Image.new("RGB", (1500, 1000), "white")), "caption en"))),
+        ("decompression bomb", 413, "", dict(json={"image": b64(huge_png_header(100_000, 100_000))},
+                                             path="/v1/ocr")),
+        ("unknown task", 400, "unknown task prefix", dict(json=chat_body(good, "translate this please"))),
+        ("newline in prompt", 400, "newline", dict(json=chat_body(good, "caption en\nanswer"))),
+        ("bad language", 400, "language", dict(json={"image": good, "lang": "xx"}, path="/v1/caption")),
+        ("oversize body", 413, "request body", dict(content=b"x" * 1_500_000, headers=as_json)),
+        ("oversize chunked body", 413, "request body", dict(content=iter([b"{" + b" " * 600_000] * 2),
+                                                            headers=as_json)),
+        ("server path", 400, "disabled", dict(json=chat_body("/etc/passwd", "caption en"))),
+        ("file url", 400, "disabled", dict(json=chat_body("file:///etc/hostname", "caption en"))),
+        ("http url", 400, "disabled", dict(json=chat_body("http://127.0.0.1:9/cat.png", "caption en"))),
+        ("relative path", 400, "disabled", dict(json={"image": "cat.jpg"}, path="/v1/ocr")),
+        ("not json", 400, "JSON", dict(content=b"{nope", headers=as_json)),
+        ("no image part", 400, "image_url", dict(json={"messages": [{"role": "user", "content": "ocr"}]})),
+        ("no user message", 400, "user message", dict(json={"messages": [{"role": "system", "content": "x"}]})),
+        ("no messages", 400, "messages", dict(json={"model": "tiny", "messages": []})),
+        ("unknown part", 400, "invalid request", dict(json={"messages": [{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {}}]}]})),
+        ("n > 1", 400, "n", dict(json=chat_body(good, "caption en", n=2))),
+        ("negative temperature", 400, "temperature", dict(json=chat_body(good, "caption", temperature=-1))),
+        ("zero max_tokens", 400, "max_tokens", dict(json=chat_body(good, "caption en", max_tokens=0))),
+        ("too many tokens", 400, "limit", dict(json=chat_body(good, "caption en", max_tokens=100_000))),
+        ("no labels", 400, "label", dict(json={"image": good, "labels": []}, path="/v1/detect")),
+        ("data url not base64", 400, "base64", dict(json={"image": "data:image/png,abc"}, path="/v1/ocr")),
+        ("unknown route", 404, "Not Found", dict(json={}, path="/v1/nothing")),
+    ]
+    for what, status, fragment, kw in cases:
+        path = kw.pop("path", "/v1/chat/completions")
+        r = client.post(path, **kw)
+        assert r.status_code == status, (what, r.status_code, r.text)
+        err = r.json()["error"]
+        assert fragment in err["message"] and err["type"], (what, err)
+    assert client.get("/health").json()["status"] == "ok"
+    r = client.post("/v1/chat/completions", json=chat_body(good, "caption en", max_tokens=2))
+    assert r.status_code == 200
+    metrics = client.get("/metrics").text
+    for status in (400, 401, 413):
+        assert f'endpoint="/v1/chat/completions",status="{status}"' in metrics
+
+
+def test_local_paths_and_urls_when_enabled(pipe, tmp_path):
+    inside = tmp_path / "ok" / "img.png"
+    inside.parent.mkdir()
+    inside.write_bytes(png(synthetic_image(0)))
+    (tmp_path / "secret.png").write_bytes(png(synthetic_image(1)))
+    with TestClient(create_app(pipe, allow_local_paths=inside.parent)) as c:
+        ocr = lambda image: c.post("/v1/ocr", json={"image": image, "max_new_tokens": 2})  # noqa: E731
+        assert ocr(str(inside)).status_code == 200
+        assert ocr(f"file://{inside}").status_code == 200
+        r = ocr(str(inside.parent / ".." / "secret.png"))
+        assert r.status_code == 400 and "outside the allowed folder" in r.json()["error"]["message"]
+        assert ocr(str(inside.parent / "missing.png")).status_code == 400
+        assert "disabled" in ocr("https://example.com/x.png").json()["error"]["message"]
+    with TestClient(create_app(pipe, allow_urls=True)) as c:  # enabled, but nothing listens on port 9
+        r = c.post("/v1/ocr", json={"image": "http://127.0.0.1:9/x.png"})
+        assert r.status_code == 400 and "could not fetch" in r.json()["error"]["message"]
+
+
+def test_client_disconnect_mid_stream(live, client):
+    url, app = live
+    body = chat_body(data_url(synthetic_image(5)), "describe en", max_tokens=400, stream=True,
+                     temperature=2.0, seed=1)  # hot sampling: a long answer that does not stop early
+    before = app.state.palikit.metrics.tokens
+    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            next(r.iter_bytes())  # one chunk, then hang up
+    start = time.perf_counter()
+    body = chat_body(data_url(synthetic_image(0)), "caption en", max_tokens=3)
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None
+    assert time.perf_counter() - start < 30
+    # The abandoned stream stopped early instead of generating all 400 tokens.
+    assert app.state.palikit.metrics.tokens - before < 100
+
+
+# ---- overload and timeouts ---------------------------------------------------------------------------
+
+
+def test_full_queue_answers_503_with_retry_after(pipe):
+    app = create_app(Scripted(pipe, {"caption": "a cat"}, delay=0.5), max_queue=1, max_batch=1)
+    body = {"image": data_url(synthetic_image(0))}
+
+    async def fire(url):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            return await asyncio.gather(*[c.post("/v1/caption", json=body) for _ in range(5)])
+
+    with background(app) as url:
+        responses = asyncio.run(fire(url))
+        codes = sorted(r.status_code for r in responses)
+        assert 200 in codes and 503 in codes, codes
+        busy = next(r for r in responses if r.status_code == 503)
+        assert busy.headers["Retry-After"] == "1" and busy.json()["error"]["type"] == "server_busy"
+        assert httpx.post(url + "/v1/caption", json=body, timeout=30).status_code == 200
+
+
+def test_slow_request_body_is_408(live, client, monkeypatch):
+    from palikit import serve
+
+    monkeypatch.setattr(serve, "BODY_TIMEOUT_S", 0.3)
+
+    def trickle():
+        yield b'{"image": "'
+        time.sleep(1.0)
+        yield b'"}'
+
+    r = client.post("/v1/ocr", content=trickle(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 408 and r.json()["error"]["type"] == "timeout"
+    monkeypatch.undo()
+    assert client.get("/health").status_code == 200
+
+
+def test_request_timeout_is_504(pipe):
+    app = create_app(Scripted(pipe, {"caption": "a cat"}, delay=1.0), request_timeout_s=0.2)
+    with TestClient(app) as c:
+        r = c.post("/v1/caption", json={"image": data_url(synthetic_image(0))})
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+        time.sleep(1.0)  # the slow call finishes; the server is still fine
+        assert c.get("/health").status_code == 200
+
+
+def test_a_failing_request_does_not_fail_its_batch(pipe):
+    scripted = Scripted(pipe, {"caption": "a cat"})  # no answer for "ocr": KeyError in the model call
+    with TestClient(create_app(scripted, batch_wait_ms=200)) as c:
+        async def fire():
+            transport = httpx.ASGITransport(app=c.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as ac:
+                img = data_url(synthetic_image(0))
+                return await asyncio.gather(*[ac.post(f"/v1/{task}", json={"image": img})
+                                              for task in ("caption", "ocr", "caption")])
+        ok1, bad, ok2 = c.portal.call(fire)
+    for ok in (ok1, ok2):
+        assert ok.status_code == 200 and ok.json()["text"] == "a cat"
+    assert bad.status_code == 500 and bad.json()["error"]["type"] == "server_error"
+    assert ["caption en", "caption en", "ocr"] in [sorted(c) for c in scripted.calls]  # they shared a batch
+
+
+# ---- schema, metrics, demo page ------------------------------------------------------------------------
+
+
+def test_openapi_metrics_and_demo_page(live):
+    url, _ = live
+    schema = httpx.get(url + "/openapi.json").json()
+    for path in ("/v1/chat/completions", "/v1/models", "/v1/caption", "/v1/ask", "/v1/ocr", "/v1/detect",
+                 "/v1/segment", "/v1/predict", "/health", "/metrics"):
+        assert path in schema["paths"], path
+    assert {"ChatRequest", "ChatCompletion", "DetectRequest", "TaskResponse", "ErrorResponse"} <= set(
+        schema["components"]["schemas"])
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+    metrics = httpx.get(url + "/metrics").text
+    for name in ("palikit_requests_total{", "palikit_request_duration_seconds_bucket{",
+                 "palikit_queue_depth ", "palikit_generated_tokens_per_second ",
+                 "palikit_generated_tokens_total ", "palikit_batch_size_bucket{"):
+        assert name in metrics, name
+    health = httpx.get(url + "/health").json()
+    assert health["auth"] is True and health["model"] == "tiny"
+    page = httpx.get(url + "/")
+    assert page.status_code == 200 and "<canvas" in page.text
+    assert httpx.get(url + "/static/app.js").status_code == 200

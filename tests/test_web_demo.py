@@ -1,0 +1,132 @@
+"""The web demo in a real browser (the system Chromium driven by Playwright) against a live server whose
+generation is scripted, so that a detection must be drawn: upload, choose detect, run, read the canvas."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import palikit
+from palikit.serve import background, create_app
+from palikit.tasks import _rle_counts_from_string, rle_encode
+
+from .conftest import synthetic_image
+from .test_serve import KEY, Scripted
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    if os.environ.get("CI"):  # CI installs it (make test); a silent skip there would hide the test
+        raise RuntimeError(f"CI has no {CHROMIUM}: `make test` should have installed Debian's chromium")
+    pytest.skip(f"no system Chromium at {CHROMIUM} (apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install "
+                               "playwright==1.65.2; no `playwright install` needed)")
+
+# Without the background-networking flags Chromium reaches for the network at start.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+DETECTION = "<loc0100><loc0100><loc0500><loc0600> circle"
+SEG_CODES = "".join(f"<seg{i:03d}>" for i in range(16))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    pipe = palikit.load(tiny_model_dir, dtype="float32")
+    answers = {"detect": DETECTION, "segment": f"<loc0100><loc0100><loc0900><loc0900>{SEG_CODES} triangle"}
+    with background(create_app(Scripted(pipe, answers), api_key=KEY)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(server + "/")
+        yield page
+        browser.close()
+
+
+def canvas_pixel(page, x: int, y: int) -> list[int]:
+    return page.evaluate("([x, y]) => Array.from(document.getElementById('view')"
+                         ".getContext('2d').getImageData(x, y, 1, 1).data)", [x, y])
+
+
+def test_detect_draws_the_box(page, tmp_path):
+    W, H = 200, 150
+    image = synthetic_image(3, size=(W, H))
+    path = tmp_path / "input.png"
+    image.save(path)
+
+    page.wait_for_selector("#key-row:not([hidden])")  # the server requires a key: the field shows
+    page.fill("#key", KEY)
+    page.set_input_files("#file", str(path))
+    page.wait_for_selector("#run:not([disabled])")
+    page.select_option("#task", "detect")
+    page.fill("#arg", "circle")
+    page.click("#run")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=30_000)
+    assert page.text_content("#text") == DETECTION
+
+    items = page.query_selector_all("#objects li")
+    assert len(items) == 1 and "circle" in items[0].text_content()
+    x1, y1, x2, y2 = map(int, items[0].get_attribute("data-box").split(","))
+    expected = [round(100 / 1023 * W), round(100 / 1023 * H), round(600 / 1023 * W), round(500 / 1023 * H)]
+    assert [x1, y1, x2, y2] == expected  # pixel boxes from <locY1><locX1><locY2><locX2>
+    colour = items[0].get_attribute("data-color")
+    rgb = [int(colour[i:i + 2], 16) for i in (1, 3, 5)]
+    # The box's outline is on the canvas, in its colour, on all four sides...
+    original = np.asarray(image)
+    ym, xm = (y1 + y2) // 2, (x1 + x2) // 2
+    for x, y in [(x1, ym), (x2, ym), (xm, y2), (xm, y1)]:
+        assert canvas_pixel(page, x, y) == rgb + [255], (x, y)
+        assert list(original[y, x]) != rgb
+    # ...and the image is still there inside it.
+    inside = canvas_pixel(page, xm, ym)
+    assert np.abs(np.array(inside[:3]) - original[ym, xm]).max() <= 2
+    page.screenshot(path=str(tmp_path / "demo.png"))
+    assert (tmp_path / "demo.png").stat().st_size > 0
+
+
+def test_segment_draws_a_mask(page, tmp_path):
+    path = tmp_path / "input.png"
+    synthetic_image(4, size=(64, 48)).save(path)
+    page.fill("#key", KEY)
+    page.set_input_files("#file", str(path))
+    page.wait_for_selector("#run:not([disabled])")
+    page.select_option("#task", "segment")
+    page.fill("#arg", "triangle")
+    page.click("#run")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=30_000)
+    assert "+ mask" in page.text_content("#objects li")
+
+
+def test_js_rle_decoder_matches_python(page):
+    rng = np.random.default_rng(0)
+    masks = [rng.random((37, 23)) > 0.5, np.ones((5, 7), bool), np.zeros((4, 4), bool),
+             np.pad(np.ones((300, 500), bool), 700)]  # runs long enough to need many 5-bit chunks
+    for mask in masks:
+        rle = rle_encode(mask)
+        assert page.evaluate("(s) => rleCounts(s)", rle["counts"]) == _rle_counts_from_string(rle["counts"])
+        if mask.size < 10_000:
+            alpha = page.evaluate("""(rle) => {
+                const c = maskLayer(rle, '#ff0000');
+                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                return Array.from(d.filter((_, i) => i % 4 === 3), (a) => (a > 0 ? 1 : 0));
+            }""", rle)
+            assert alpha == mask.astype(int).ravel().tolist()
+
+
+def test_demo_shows_errors(page, tmp_path):
+    path = tmp_path / "input.png"
+    synthetic_image(5).save(path)
+    page.fill("#key", "wrong")
+    page.set_input_files("#file", str(path))
+    page.wait_for_selector("#run:not([disabled])")
+    page.select_option("#task", "ocr")
+    page.click("#run")
+    page.wait_for_selector("#status.error")
+    assert "invalid API key" in page.text_content("#status")
+
