@@ -67,9 +67,9 @@ def cmd_task(args) -> None:
 
 
 def write_image_atomic(image, path) -> None:
-    from .weights import _atomic
+    from .atomic import atomic_write
 
-    _atomic(Path(path), lambda p: image.save(p, format="PNG"))
+    atomic_write(path, lambda p: image.save(p, format="PNG"))
 
 
 def cmd_run(args) -> None:

@@ -94,6 +94,6 @@ def evaluate_synthetic(pipe, n_images: int = 200, seed: int = 12345, size: int |
 
 
 def write_report(metrics: dict, path: str | Path) -> None:
-    from .weights import write_text_atomic
+    from .atomic import write_text_atomic
 
     write_text_atomic(path, json.dumps(metrics, indent=2))

@@ -7,6 +7,7 @@ Dims: B batch (rows x beams), P padded prompt length, S cache slots, V vocab.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -101,37 +102,46 @@ def decode_one_token(model: PaliGemma, batch: PromptBatch, token: torch.Tensor, 
 
 
 @torch.inference_mode()
-def generate(model: PaliGemma, prompts: list[list[int]], image_tokens: torch.Tensor | None,
-             cfg: SamplingConfig, eos_id: int, pad_id: int) -> list[Generated]:
-    """prompts: token ids with <image> placeholders; image_tokens (I, N, D) in order of appearance."""
-    if cfg.num_beams > 1:
-        return beam_search(model, prompts, image_tokens, cfg, eos_id, pad_id)
+def steps(model: PaliGemma, prompts: list[list[int]], image_tokens: torch.Tensor | None,
+          cfg: SamplingConfig, eos_id: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (token (B,), its log-prob (B,)) per step until every row has produced <eos> or
+    max_new_tokens is reached; a consumer may stop early (streaming). Rows that finished keep
+    yielding tokens that the consumer ignores."""
     batch = PromptBatch(prompts, pad_id, cfg.max_new_tokens, model.device)
-    B, P = len(prompts), batch.prompt_len
-    cache = model.new_cache(B, P + cfg.max_new_tokens)
+    P = batch.prompt_len
+    cache = model.new_cache(len(prompts), P + cfg.max_new_tokens)
     logits = prefill(model, batch, image_tokens, cache)
     generator = torch.Generator(device=model.device)
     if cfg.seed is not None:
         generator.manual_seed(cfg.seed)
     else:
         generator.seed()
-    out = [Generated([]) for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=model.device)
+    done = torch.zeros(len(prompts), dtype=torch.bool, device=model.device)
     for step in range(cfg.max_new_tokens):
-        logprobs = logits.log_softmax(-1)
         if cfg.do_sample:
             token = torch.multinomial(logits_to_probs(logits, cfg), 1, generator=generator)[:, 0]
         else:
             token = logits.argmax(-1)
-        token_lp = logprobs.gather(-1, token[:, None])[:, 0]
-        for i in (~done).nonzero()[:, 0].tolist():
-            if token[i] != eos_id:
-                out[i].tokens.append(int(token[i]))
-                out[i].logprobs.append(float(token_lp[i]))
+        yield token, logits.log_softmax(-1).gather(-1, token[:, None])[:, 0]
         done |= token == eos_id
         if done.all() or step == cfg.max_new_tokens - 1:
-            break
+            return
         logits = decode_one_token(model, batch, token.masked_fill(done, pad_id), P + step, cache)
+
+
+def generate(model: PaliGemma, prompts: list[list[int]], image_tokens: torch.Tensor | None,
+             cfg: SamplingConfig, eos_id: int, pad_id: int) -> list[Generated]:
+    """prompts: token ids with <image> placeholders; image_tokens (I, N, D) in order of appearance."""
+    if cfg.num_beams > 1:
+        return beam_search(model, prompts, image_tokens, cfg, eos_id, pad_id)
+    out = [Generated([]) for _ in prompts]
+    done = [False] * len(prompts)
+    for token, token_lp in steps(model, prompts, image_tokens, cfg, eos_id, pad_id):
+        for i, (t, lp) in enumerate(zip(token.tolist(), token_lp.tolist())):
+            if not done[i] and t != eos_id:
+                out[i].tokens.append(t)
+                out[i].logprobs.append(lp)
+            done[i] = done[i] or t == eos_id
     return out
 
 

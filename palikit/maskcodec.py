@@ -10,7 +10,6 @@ Dims: B batch, K codes, D code width, T tokens (4x4 grid, row-major), S mask sid
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
+
+from .atomic import atomic_write
 
 # The published npz may carry the EMA quantiser's running statistics; inference never reads them.
 _IGNORED_KEYS = {"_vq_vae._ema_w", "_vq_vae._ema_cluster_size"}
@@ -200,14 +201,11 @@ class MaskCodec(nn.Module):
         """Write the state dict as float32 arrays, atomically (temp file in the same dir, then rename)."""
         path = Path(path)
         arrays = {k: v.detach().cpu().float().numpy() for k, v in self.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
                 np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+
+        atomic_write(path, write)
 
 
 def _infer_config(arrays: dict[str, np.ndarray]) -> MaskCodecConfig:

@@ -482,7 +482,7 @@ class Batcher:
 def _token_stream(pipe, job: _Job):
     """Token ids of one generation as they are made; stops early once the job is cancelled.
 
-    palikit's own loop (generate.generate for a batch of one) with a yield per token. Other pipes
+    generate.steps for a batch of one, a yield per token. Other pipes
     (adapters with only generate_details) generate in one go and then yield their tokens.
     """
     if not isinstance(pipe, Pipeline):
@@ -491,27 +491,14 @@ def _token_stream(pipe, job: _Job):
         yield from g.tokens[: job.max_new_tokens]
         return
     cfg = gen.SamplingConfig(max_new_tokens=job.max_new_tokens, **job.sampling)
-    model, tok = pipe.model, pipe.tokenizer
+    tok = pipe.tokenizer
     ids = encode_example(tok, pipe.config.num_image_tokens * len(job.images), job.prompt).ids
-    batch = gen.PromptBatch([ids], tok.pad_id, cfg.max_new_tokens, model.device)
-    cache = model.new_cache(1, batch.prompt_len + cfg.max_new_tokens)
-    logits = gen.prefill(model, batch, pipe._image_tokens([job.images]), cache)
-    generator = torch.Generator(device=model.device)
-    if cfg.seed is not None:
-        generator.manual_seed(cfg.seed)
-    else:
-        generator.seed()
-    for step in range(cfg.max_new_tokens):
-        if cfg.do_sample:
-            token = torch.multinomial(gen.logits_to_probs(logits, cfg), 1, generator=generator)[:, 0]
-        else:
-            token = logits.argmax(-1)
+    for token, _ in gen.steps(pipe.model, [ids], pipe._image_tokens([job.images]), cfg, tok.eos_id, tok.pad_id):
         if int(token) == tok.eos_id:
             return
         yield int(token)
-        if step == cfg.max_new_tokens - 1 or job.cancelled:
+        if job.cancelled:
             return
-        logits = gen.decode_one_token(model, batch, token, batch.prompt_len + step, cache)
 
 
 # ----------------------------------------------------------------------------- request handling

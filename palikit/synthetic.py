@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import Literal, TypeVar
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from .atomic import atomic_write
 
 KINDS: tuple[str, ...] = ("circle", "square", "triangle", "star")
 # Saturated and darker than any background, so every shape stands out; yellow differs from
@@ -333,17 +334,6 @@ def iter_examples(
             yield scene.image, example, scene
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def generate_dataset(
     out_dir: str | os.PathLike,
     n_images: int,
@@ -366,11 +356,11 @@ def generate_dataset(
     for i in range(n_images):
         scene, examples = _scene_and_examples(seed, i, size, encode_mask, number_prob)
         rel = f"images/{split_name}_{i:06d}.png"
-        _atomic_write(out_dir / rel, lambda p, im=scene.image: im.save(p, format="PNG"))
+        atomic_write(out_dir / rel, lambda p, im=scene.image: im.save(p, format="PNG"))
         lines.extend(json.dumps({"image": rel, **ex}) for ex in examples)
     jsonl = out_dir / f"{split_name}.jsonl"
     text = "".join(line + "\n" for line in lines)
-    _atomic_write(jsonl, lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_write(jsonl, lambda p: p.write_text(text, encoding="utf-8"))
     return jsonl
 
 

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from .atomic import atomic_write, write_text_atomic
 from .config import PRESETS, PaliGemmaConfig
 from .paligemma import PaliGemma
 
@@ -194,7 +194,7 @@ def save_hf_folder(model: PaliGemma, folder: str | Path, max_shard_bytes: int = 
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     for shard, fname in zip(shards, names):
-        _atomic(folder / fname, lambda p, s=shard: save_file(s, p, metadata={"format": "pt"}))
+        atomic_write(folder / fname, lambda p, s=shard: save_file(s, p, metadata={"format": "pt"}))
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())},
                  "weight_map": {k: f for s, f in zip(shards, names) for k in s}}
@@ -202,26 +202,6 @@ def save_hf_folder(model: PaliGemma, folder: str | Path, max_shard_bytes: int = 
     elif (folder / "model.safetensors.index.json").exists():
         (folder / "model.safetensors.index.json").unlink()
     write_text_atomic(folder / "config.json", json.dumps(model.config.to_hf_config(), indent=2))
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    _atomic(Path(path), lambda p: Path(p).write_text(text))
 
 
 # ---- big_vision npz -------------------------------------------------------------------------
