@@ -1,0 +1,443 @@
+"""Fine-tuning data: JSONL `image/prefix/suffix` files, the folder layouts they ship in, COCO
+converted to detect/segment examples, a dataset checker, the resumable data order, and the torch
+Dataset + collate.
+
+Layouts accepted (user-pitfalls §4.1), all with image paths relative to the annotation file:
+- a `.jsonl` file, one `{"image": ..., "prefix": ..., "suffix": ...}` per line (big_vision
+  `bv:jsonl`, maestro, Roboflow); `image` may also be a list of paths (several images, one prompt);
+- a Roboflow "paligemma" export: one folder with `_annotations.{train,valid,test}.jsonl`;
+- a maestro dataset: `{train,valid,test}/annotations.jsonl`, each beside its images;
+- COCO detection/instances JSON (`_annotations.coco.json` in Roboflow's COCO export, or any file
+  with images/annotations/categories), converted by `read_coco` to `detect` or `segment` examples.
+
+Sequences follow processor.encode_example: [<image> x N] <bos> prefix "\\n" suffix <eos>. The
+text part is capped at `max_text_len` tokens (big_vision's `text_len`; image tokens come on top).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Sequence
+from itertools import count
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .api import collate
+from .processor import Encoded, InputError, Tokenizer, encode_example, load_image, preprocess
+
+log = logging.getLogger(__name__)
+
+# First words of the prompts PaliGemma was trained on (spec §5.1); others are free-form prefixes.
+TASK_PREFIXES = ("cap", "caption", "describe", "ocr", "answer", "question", "detect", "segment")
+SPLITS = {"train": ("train",), "valid": ("valid", "validation", "val"), "test": ("test",)}
+_LOC_RE = re.compile(r"<loc(\d+)>")
+_SEG_RE = re.compile(r"<seg(\d+)>")
+_BOX_RE = re.compile(r"((?:<loc\d+>\s*){4})((?:<seg\d+>\s*)*)([^;<]*)")
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be read; the message names the file (and line)."""
+
+
+@dataclass
+class Example:
+    images: list  # paths (or PIL images) of the images of this prompt, usually one
+    prefix: str
+    suffix: str
+    where: str = ""  # "file.jsonl:12", for messages
+
+
+# ---- finding and reading annotation files --------------------------------------------------
+
+
+def find_annotations(path: str | Path, split: str = "train") -> Path:
+    """The annotation file of `split` in a file or folder of any supported layout."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise DatasetError(f"dataset not found: {path}")
+    names = SPLITS.get(split, (split,))
+    candidates = [path / f"_annotations.{n}.jsonl" for n in names]  # Roboflow paligemma export
+    candidates += [path / n / "annotations.jsonl" for n in names]  # maestro
+    candidates += [path / n / "_annotations.coco.json" for n in names]  # Roboflow COCO export
+    candidates += [path / "annotations.jsonl", path / "_annotations.coco.json"]  # a split folder
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise DatasetError(f"{path}: no {split} annotations found; looked for "
+                       + ", ".join(str(c.relative_to(path)) for c in candidates))
+
+
+def read_jsonl(path: str | Path, errors: list[tuple[str, str]] | None = None) -> list[Example]:
+    """Examples of a JSONL file. A bad line raises DatasetError, or, when `errors` is a list, is
+    recorded there as (where, message) and skipped."""
+    path = Path(path)
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("not a JSON object")
+                missing = [k for k in ("image", "prefix", "suffix") if k not in row]
+                if missing:
+                    raise ValueError(f"missing key(s) {', '.join(missing)} (have: {', '.join(row)})")
+                images = row["image"] if isinstance(row["image"], list) else [row["image"]]
+                if not images or not all(isinstance(i, str) for i in images):
+                    raise ValueError("'image' must be a path or a list of paths")
+                if not isinstance(row["prefix"], str) or not isinstance(row["suffix"], str):
+                    raise ValueError("'prefix' and 'suffix' must be strings (serialise JSON answers)")
+            except ValueError as e:
+                if errors is None:
+                    raise DatasetError(f"{where}: {e}") from e
+                errors.append((where, str(e)))
+                continue
+            out.append(Example([path.parent / i for i in images], row["prefix"], row["suffix"], where))
+    return out
+
+
+def read_coco(path: str | Path, task: str = "detect", codec=None, image_dir: str | Path | None = None,
+              classes: str = "all") -> list[Example]:
+    """COCO detection/instances JSON -> examples.
+
+    detect: one example per image, prefix `detect c1 ; c2 ; ...` (classes="all": every category,
+    as Roboflow's export; "present": those in the image), suffix `<loc>x4 label ; ...` in
+    annotation order (empty when nothing is there).
+    segment: one example per (image, category present), prefix `segment label`, suffix
+    `<loc>x4<seg>x16 label ; ...`; `codec` is a palikit MaskCodec (or the path of its npz).
+    Crowd annotations are skipped. Images are found in `image_dir` (default: the JSON's folder).
+    """
+    from . import tasks  # lazily: only COCO conversion needs the box and mask encoders
+
+    if task not in ("detect", "segment"):
+        raise ValueError(f"COCO converts to 'detect' or 'segment', not {task!r}")
+    if classes not in ("all", "present"):
+        raise ValueError(f"classes must be 'all' or 'present', not {classes!r}")
+    path = Path(path)
+    try:
+        coco = json.loads(path.read_text(encoding="utf-8"))
+        images, anns, cats = coco["images"], coco["annotations"], coco["categories"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DatasetError(f"{path}: not a COCO detection file ({e})") from e
+    if task == "segment":
+        if codec is None:
+            raise DatasetError("COCO -> segment needs the mask codec (codec=MaskCodec or its npz path)")
+        if not hasattr(codec, "encode_mask_in_box"):
+            from .maskcodec import MaskCodec
+
+            codec = MaskCodec.from_npz(codec)
+    folder = Path(image_dir) if image_dir else path.parent
+    by_image: dict[int, list[dict]] = {}
+    for a in anns:
+        if not a.get("iscrowd", 0):
+            by_image.setdefault(a["image_id"], []).append(a)
+    used = {a["category_id"] for a in anns}
+    # Roboflow adds the dataset name as a category id 0 that is only a supercategory; drop such.
+    supers = {c.get("supercategory") for c in cats}
+    names = {c["id"]: c["name"] for c in cats if c["id"] in used or c["name"] not in supers}
+    out = []
+    for im in images:
+        objs = [a for a in by_image.get(im["id"], []) if a["category_id"] in names]
+        W, H, file = im["width"], im["height"], folder / im["file_name"]
+        where = f"{path}:image {im['id']}"
+        try:
+            if task == "detect":
+                shown = sorted(names) if classes == "all" else sorted({a["category_id"] for a in objs})
+                if not shown:
+                    continue
+                labels = [names[a["category_id"]] for a in objs]
+                suffix = tasks.detection_suffix([a["bbox"] for a in objs], labels, W, H, fmt="coco")
+                out.append(Example([file], tasks.detect_prompt([names[c] for c in shown]), suffix, where))
+                continue
+            for cat in sorted({a["category_id"] for a in objs}):
+                parts = []
+                for a in (a for a in objs if a["category_id"] == cat):
+                    x, y, w, h = a["bbox"]
+                    mask = _coco_mask(a["segmentation"], H, W)
+                    codes = codec.encode_mask_in_box(mask, (x, y, x + w, y + h))
+                    box = tasks.boxes_to_loc([a["bbox"]], W, H, fmt="coco")[0]
+                    parts.append(tasks.segmentation_suffix(box, [int(c) for c in codes], names[cat]))
+                out.append(Example([file], tasks.segment_prompt(names[cat]), " ; ".join(parts), where))
+        except (ValueError, KeyError, TypeError) as e:
+            raise DatasetError(f"{where}: {e}") from e
+    return out
+
+
+def _coco_mask(seg, H: int, W: int) -> np.ndarray:
+    """COCO segmentation (polygons, or RLE with str/list counts) -> bool (H, W)."""
+    from .tasks import rle_decode
+
+    if isinstance(seg, dict):
+        return rle_decode(seg)
+    canvas = Image.new("1", (W, H), 0)
+    draw = ImageDraw.Draw(canvas)
+    for poly in seg:
+        draw.polygon(list(zip(poly[0::2], poly[1::2])), fill=1)
+    return np.array(canvas, dtype=bool)
+
+
+def load_examples(path: str | Path, split: str = "train", task: str = "detect", codec=None,
+                  errors: list | None = None) -> list[Example]:
+    """Examples of any supported layout; COCO files are converted to `task` (detect/segment)."""
+    file = find_annotations(path, split)
+    if file.suffix == ".jsonl":
+        return read_jsonl(file, errors)
+    if file.suffix == ".json":
+        return read_coco(file, task, codec)
+    raise DatasetError(f"{file}: expected a .jsonl or COCO .json file")
+
+
+# ---- checking ------------------------------------------------------------------------------
+
+
+@dataclass
+class Problem:
+    where: str
+    kind: str  # bad-line, missing-image, loc-range, seg-range, loc-count, box-order, ...
+    message: str
+    error: bool = True  # False: a warning (the example still trains)
+
+
+@dataclass
+class DatasetReport:
+    path: str
+    examples: int = 0
+    problems: list[Problem] = field(default_factory=list)
+    tasks: Counter = field(default_factory=Counter)
+    text_tokens: list[int] = field(default_factory=list)  # per example, when a tokenizer was given
+
+    @property
+    def ok(self) -> bool:
+        return not any(p.error for p in self.problems)
+
+    def to_dict(self) -> dict:
+        lengths = sorted(self.text_tokens)
+        return {"path": self.path, "examples": self.examples, "ok": self.ok, "tasks": dict(self.tasks),
+                "counts": dict(Counter(p.kind for p in self.problems)),
+                "text_tokens": {"max": lengths[-1], "p95": lengths[int(0.95 * (len(lengths) - 1))]}
+                if lengths else None,
+                "problems": [vars(p) for p in self.problems]}
+
+    def format(self, limit: int = 20) -> str:
+        d = self.to_dict()
+        lines = [f"{self.path}: {self.examples} examples, tasks {dict(self.tasks)}"]
+        if d["text_tokens"]:
+            n = d["text_tokens"]
+            lines.append(f"text tokens per example: max {n['max']}, p95 {n['p95']}")
+        for kind, n in sorted(d["counts"].items()):
+            lines.append(f"{n:6d} x {kind}")
+        for p in self.problems[:limit]:
+            lines.append(f"{'error' if p.error else 'warning'}: {p.where}: {p.message}")
+        if len(self.problems) > limit:
+            lines.append(f"... and {len(self.problems) - limit} more")
+        lines.append("OK" if self.ok else "FAILED")
+        return "\n".join(lines)
+
+
+def check_dataset(path: str | Path, config=None, tokenizer=None, max_text_len: int | None = None,
+                  split: str = "train", open_images: bool = False) -> DatasetReport:
+    """Report what would go wrong when training on a dataset (`palikit data check`).
+
+    Errors: unreadable lines, missing images, loc tokens outside <loc0000>..<loc1023>, seg tokens
+    outside <seg000>..<seg127>, sequences longer than the model accepts. Warnings: prompts whose
+    first word is no known task (fine for free-form transfers), a typed <image>/<bos> or newline in
+    a prompt, loc tokens not in groups of 4, inverted boxes, detected labels absent from the
+    prompt, text longer than `max_text_len` (it would be truncated).
+
+    config: a PaliGemmaConfig, a preset name or a model folder (for the image-token count and the
+    length limit). tokenizer: a Tokenizer or a tokenizer.model path; without one, lengths are not
+    checked (a model folder's tokenizer.model is used when there is one).
+    """
+    from .config import PaliGemmaConfig
+
+    if isinstance(config, (str, Path)):
+        folder = Path(config)
+        if (folder / "config.json").exists():
+            if tokenizer is None and (folder / "tokenizer.model").exists():
+                tokenizer = folder / "tokenizer.model"
+            config = PaliGemmaConfig.from_file(folder / "config.json")
+        else:
+            config = PaliGemmaConfig.from_name(str(config))
+    if isinstance(tokenizer, (str, Path)):
+        tokenizer = Tokenizer(tokenizer, image_token_id=config.image_token_id if config else None)
+    file = find_annotations(path, split)
+    report = DatasetReport(str(file))
+    errors: list[tuple[str, str]] = []
+    examples = read_jsonl(file, errors) if file.suffix == ".jsonl" else read_coco(file, "detect")
+    report.problems += [Problem(w, "bad-line", m) for w, m in errors]
+    report.examples = len(examples)
+    n_image = config.num_image_tokens if config else 0
+    limit = config.text.max_position_embeddings if config else None
+    for ex in examples:
+        report.problems += _check_example(ex, open_images)
+        task = _task_word(ex.prefix)
+        report.tasks[task if task in TASK_PREFIXES else "other"] += 1
+        if tokenizer is None:
+            continue
+        try:
+            enc = encode_example(tokenizer, 0, ex.prefix, ex.suffix)
+        except InputError as e:
+            report.problems.append(Problem(ex.where, "prompt-format", str(e)))
+            continue
+        n_text = len(enc.ids)
+        report.text_tokens.append(n_text)
+        n_total = n_image * len(ex.images) + n_text
+        if max_text_len and n_text > max_text_len:
+            report.problems.append(Problem(ex.where, "too-long", f"{n_text} text tokens > max_text_len "
+                                           f"{max_text_len}: the end would be cut off", error=False))
+        if limit and n_total > limit:
+            report.problems.append(Problem(ex.where, "too-long",
+                                           f"{n_total} tokens (image + text) > the model's limit {limit}"))
+    return report
+
+
+def _task_word(prefix: str) -> str:
+    words = re.sub(r"^(\s*<image>)+\s*", "", prefix).removeprefix("<bos>").split(maxsplit=1)
+    return words[0] if words else ""
+
+
+def _check_example(ex: Example, open_images: bool) -> list[Problem]:
+    out = []
+    for image in ex.images:
+        if not Path(image).is_file():
+            out.append(Problem(ex.where, "missing-image", f"image not found: {image}"))
+        elif open_images:
+            try:
+                with Image.open(image) as im:
+                    im.verify()
+            except Exception as e:  # PIL raises many types for broken files
+                out.append(Problem(ex.where, "unreadable-image", f"{image}: {e}"))
+    task = _task_word(ex.prefix)
+    if task not in TASK_PREFIXES:
+        out.append(Problem(ex.where, "unknown-task", f"prompt {ex.prefix!r} starts with no known task "
+                           f"({' '.join(TASK_PREFIXES)})", error=False))
+    if "<image>" in ex.prefix or "<bos>" in ex.prefix or "\n" in ex.prefix:
+        out.append(Problem(ex.where, "prompt-format", f"prompt {ex.prefix!r} contains <image>, <bos> or a "
+                           "newline; palikit adds those itself", error=False))
+    for text, what in ((ex.prefix, "prompt"), (ex.suffix, "suffix")):
+        bad = [m.group(0) for m in _LOC_RE.finditer(text) if len(m[1]) != 4 or int(m[1]) > 1023]
+        bad += [m.group(0) for m in _SEG_RE.finditer(text) if len(m[1]) != 3 or int(m[1]) > 127]
+        if bad:
+            kind = "loc-range" if bad[0].startswith("<loc") else "seg-range"
+            out.append(Problem(ex.where, kind, f"{what} has tokens outside <loc0000>..<loc1023> / "
+                               f"<seg000>..<seg127>: {', '.join(bad[:4])}"))
+    n_loc = len(_LOC_RE.findall(ex.suffix))
+    if n_loc % 4:
+        out.append(Problem(ex.where, "loc-count", f"{n_loc} loc tokens in the suffix, not groups of 4",
+                           error=False))
+    if task in ("detect", "segment") and n_loc:
+        asked = {w.strip() for w in ex.prefix.split(maxsplit=1)[-1].split(";")}
+        for m in _BOX_RE.finditer(ex.suffix):
+            y1, x1, y2, x2 = (int(v) for v in _LOC_RE.findall(m[1]))
+            label = m[3].strip()
+            if y2 < y1 or x2 < x1:
+                out.append(Problem(ex.where, "box-order", f"box {m[1].strip()} has y2 < y1 or x2 < x1",
+                                   error=False))
+            if label and label not in asked:
+                out.append(Problem(ex.where, "label-not-in-prompt", f"label {label!r} is not among the "
+                                   f"prompt's classes {sorted(asked)}", error=False))
+    return out
+
+
+# ---- data order ----------------------------------------------------------------------------
+
+
+class StepSampler:
+    """This rank's micro-batches (lists of example indices) for steps start, start + 1, ...
+
+    The order is one stream: epoch e is a permutation of the examples seeded by (seed, e), and step
+    s takes stream positions [s * G, (s + 1) * G), G the global batch (an epoch may end inside a
+    batch). A run's data position is therefore its step (epoch = s*G // n, position = s*G % n),
+    and the global batch does not depend on the number of ranks: rank r takes the r-th contiguous
+    slice of it and cuts that into grad_accum micro-batches.
+    """
+
+    def __init__(self, n: int, global_batch: int, grad_accum: int, rank: int, world: int, seed: int,
+                 start_step: int = 0):
+        if global_batch % (world * grad_accum):
+            raise ValueError(f"batch_size={global_batch} is not divisible by ranks x grad_accum = "
+                             f"{world} x {grad_accum}")
+        self.n, self.G, self.accum, self.seed = n, global_batch, grad_accum, seed
+        self.rank, self.world = rank, world
+        self.start_step = start_step
+        self._epoch, self._perm = -1, None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perm
+
+    def global_batch(self, step: int) -> list[int]:
+        positions = range(step * self.G, (step + 1) * self.G)
+        return [int(self._order(p // self.n)[p % self.n]) for p in positions]
+
+    def __iter__(self):
+        per_rank = self.G // self.world
+        micro = per_rank // self.accum
+        for step in count(self.start_step):
+            mine = self.global_batch(step)[self.rank * per_rank:(self.rank + 1) * per_rank]
+            for a in range(self.accum):
+                yield mine[a * micro:(a + 1) * micro]
+
+
+# ---- torch dataset and collate -------------------------------------------------------------
+
+
+@dataclass
+class Item:
+    encoded: Encoded
+    images: list  # PIL images
+
+
+class PaliGemmaDataset(torch.utils.data.Dataset):
+    """Examples encoded once up front (so truncation is known before training); images are read
+    in __getitem__ (in DataLoader workers when there are any)."""
+
+    def __init__(self, examples: Sequence[Example], tokenizer: Tokenizer, num_image_tokens: int,
+                 max_text_len: int | None = None):
+        self.examples = list(examples)
+        self.encoded, self.truncated = [], 0
+        for ex in self.examples:
+            try:
+                enc = encode_example(tokenizer, num_image_tokens * len(ex.images), ex.prefix, ex.suffix)
+            except InputError as e:
+                raise DatasetError(f"{ex.where}: {e}") from e
+            keep = num_image_tokens * len(ex.images) + (max_text_len or len(enc.ids))
+            if len(enc.ids) > keep:  # big_vision truncates the text to text_len
+                self.truncated += 1
+                enc = Encoded(enc.ids[:keep], enc.mask_ar[:keep], enc.loss_mask[:keep])
+            self.encoded.append(enc)
+        if self.truncated:
+            log.warning("%d of %d examples are longer than max_text_len=%s text tokens and were truncated",
+                        self.truncated, len(self.examples), max_text_len)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> Item:
+        return Item(self.encoded[i], [load_image(im) for im in self.examples[i].images])
+
+
+def collate_items(items: Sequence[Item], pad_id: int, image_size: int, resample: str = "bicubic") -> dict:
+    """Items -> api.collate's ids/input_mask/mask_ar/loss_mask (B, L) + pixels (I, 3, S, S)."""
+    batch = collate([it.encoded for it in items], pad_id)
+    batch["pixels"] = preprocess([im for it in items for im in it.images], image_size, resample)
+    return batch
+
+
+def make_collate(tokenizer: Tokenizer, config) -> functools.partial:
+    """A picklable collate function for DataLoader (workers included)."""
+    return functools.partial(collate_items, pad_id=tokenizer.pad_id, image_size=config.vision.image_size,
+                             resample=config.resample)

@@ -1,0 +1,348 @@
+"""The trainer on tiny models: configs, what trains, overfitting, exact resume after a kill, LoRA,
+merging, and torchrun (DDP / FSDP2 on gloo) against a single process."""
+
+import json
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import palikit
+from palikit.finetune import (
+    LORA_TARGETS,
+    ConfigError,
+    Trainer,
+    apply_lora,
+    load_config,
+    merge,
+    param_table,
+    train,
+)
+from palikit.config import PaliGemmaConfig
+from palikit.data import StepSampler
+from palikit.paligemma import PaliGemma
+from palikit.synthetic import generate_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and OpenMP threads competing with other processes
+    for a core slow a run down 20x; results are compared within one setting only."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A synthetic train file (3 images -> ~17 examples) and an 8-example file for overfitting."""
+    folder = tmp_path_factory.mktemp("synth")
+    train_file = generate_dataset(folder, 3, seed=0, size=64)
+    eight = folder / "eight.jsonl"
+    eight.write_text("".join(train_file.read_text().splitlines(keepends=True)[:8]))
+    return {"train": train_file, "eight": eight}
+
+
+@pytest.fixture
+def cfg(tmp_path, data, tokenizer_file):
+    return {"model": {"preset": "tiny-paligemma2", "tokenizer": str(tokenizer_file)},
+            "train_file": str(data["train"]), "out_dir": str(tmp_path / "run"), "steps": 3, "batch_size": 4,
+            "lr": 1e-3, "warmup": 0, "max_text_len": 64, "seed": 0}
+
+
+def _run(config: dict) -> Trainer:
+    trainer = Trainer(load_config(config))
+    try:
+        trainer.train()
+    finally:
+        trainer.cleanup()
+    return trainer
+
+
+def _losses(run_dir) -> list[float]:
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+# ---- config ----------------------------------------------------------------------------------
+
+
+def test_config_overrides_and_errors(cfg, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    c = load_config(path, ["lr=3e-4", "lora.r=4", "lora.targets=[q_proj, v_proj]", "eval_file=null"])
+    assert c.lr == 3e-4 and c.lora.r == 4 and c.lora.targets == ["q_proj", "v_proj"] and c.eval_file is None
+    with pytest.raises(ConfigError, match="learning_rate.*did you mean lr"):
+        load_config(cfg | {"learning_rate": 1})
+    with pytest.raises(ConfigError, match="exactly one of steps and epochs"):
+        load_config(cfg | {"epochs": 2})
+    with pytest.raises(ConfigError, match="trainable='vision'"):
+        load_config(cfg | {"trainable": "vision"})
+    with pytest.raises(ConfigError, match="mixes weight dtypes.*autocast"):
+        load_config(cfg | {"trainable": "attention-only", "dtype": "bfloat16"})
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_config(cfg, ["lr"])
+
+
+def test_qlora_fails_loudly_without_cuda_or_bitsandbytes(cfg):
+    # The misspelling copied across tutorials (user-pitfalls §1.4) is an error, not a silent fp32.
+    with pytest.raises(ConfigError, match="quantize.compute_type.*did you mean compute_dtype"):
+        load_config(cfg | {"lora": {}, "quantize": {"compute_type": "bfloat16"}})
+    with pytest.raises(ConfigError, match="add a `lora` section"):
+        load_config(cfg | {"quantize": {}})
+    with pytest.raises(ConfigError, match="only 4-bit"):
+        load_config(cfg | {"lora": {}, "quantize": {"bits": 8}})
+    want = "needs a CUDA GPU" if not torch.cuda.is_available() else "needs bitsandbytes"
+    with pytest.raises(ConfigError, match=want):
+        train(cfg | {"lora": {}, "quantize": {}, "device": "cpu" if want == "needs a CUDA GPU" else "auto"})
+    assert not (Path(cfg["out_dir"]) / "step-000003").exists()
+
+
+def test_schedule_and_data_order():
+    t = Trainer.__new__(Trainer)
+    t.cfg = load_config({"steps": 10, "lr": 1.0, "warmup": 0.2, "train_file": "x"})
+    t.total_steps, t.warmup_steps = 10, 2
+    lrs = [t.lr_at(s) for s in range(10)]
+    assert lrs[:3] == [0.5, 1.0, 1.0]  # warm-up, then cosine from step 2 of 10 down to 0 at step 10
+    assert lrs[-1] == pytest.approx(0.5 * (1 + math.cos(7 / 8 * math.pi)))
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    # One global batch whatever the number of ranks; ranks hold disjoint contiguous slices.
+    one = StepSampler(10, 4, 2, 0, 1, seed=3)
+    two = [StepSampler(10, 4, 1, r, 2, seed=3) for r in range(2)]
+    it1, it2 = iter(one), [iter(s) for s in two]
+    for step in range(6):
+        single = next(it1) + next(it1)
+        assert single == one.global_batch(step) == next(it2[0]) + next(it2[1])
+    seen = [i for s in range(5) for i in one.global_batch(s)]  # 20 positions = two epochs
+    assert sorted(seen[:10]) == sorted(seen[10:]) == list(range(10)) and seen[:10] != seen[10:]
+    resumed = iter(StepSampler(10, 4, 2, 0, 1, seed=3, start_step=4))
+    assert next(resumed) + next(resumed) == one.global_batch(4)
+
+
+# ---- what trains -----------------------------------------------------------------------------
+
+EXPECTED = {  # trainable preset -> the rule, written out independently of TRAINABLE's regexes
+    "all": lambda n: True,
+    "llm-only": lambda n: n.startswith("language_model."),
+    "attention-only": lambda n: n.startswith("language_model.layers.") and ".self_attn." in n,
+    "projector+llm": lambda n: n.startswith(("multi_modal_projector.", "language_model.")),
+}
+
+
+@pytest.mark.parametrize("preset", list(EXPECTED))
+def test_trainable_presets_train_exactly_their_parameters(cfg, preset):
+    trainer = Trainer(load_config(cfg | {"trainable": preset, "steps": 2}))
+    before = {n: p.detach().clone() for n, p in trainer.core.named_parameters()}
+    trainer.train()
+    trainer.cleanup()
+    want = {n for n in before if EXPECTED[preset](n)}
+    assert {n for n, p in trainer.core.named_parameters() if p.requires_grad} == want
+    changed = {n for n, p in trainer.core.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == want
+
+
+def test_lora_leaves_frozen_weights_bit_identical(cfg):
+    trainer = Trainer(load_config(cfg | {"lora": {"r": 4, "alpha": 8, "dropout": 0.1}, "steps": 3}))
+    model = trainer.loss_module.model
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    table = param_table(model)
+    trainer.train()
+    trainer.cleanup()
+    wrapped = {n.removeprefix("base_model.model.").rsplit(".lora_A", 1)[0]
+               for n, _ in model.named_parameters() if ".lora_A." in n}
+    expected = {f"language_model.layers.{i}.{m}" for i in range(3) for m in
+                ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]}
+    assert wrapped == expected  # nothing in vision_tower or the projector
+    for n, p in model.named_parameters():
+        if ".lora_" in n:
+            assert p.requires_grad
+        else:
+            assert not p.requires_grad and torch.equal(p, before[n]), n
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if ".lora_B." in n)
+    assert re.search(r"lora adapters\s+[\d,]+\s+[\d,]+\s+100\.00%", table)
+    assert re.search(r"vision_tower\s+[\d,]+\s+0\s+0\.00%", table)
+
+
+def test_lora_target_forms():
+    model = PaliGemma(PaliGemmaConfig.from_name("tiny-paligemma"))
+    # Tutorial lists ("q_proj", ...) would also hit SigLIP's q/k/v by name: kept to the LLM here.
+    peft_model = apply_lora(model, load_config({"steps": 1, "lora": {"targets": ["q_proj", "v_proj"]},
+                                                "train_file": "x"}).lora, None)
+    hit = {n for n, _ in peft_model.named_modules() if n.endswith(".lora_A")}
+    assert hit and all(".language_model.layers." in n and re.search(r"\.(q|v)_proj\.", n) for n in hit)
+    vision = [n for n, _ in PaliGemma(PaliGemmaConfig.from_name("tiny-paligemma")).named_modules()
+              if re.fullmatch(LORA_TARGETS["all-linear"], n) and n.startswith("vision_tower.")]
+    assert len(vision) == 2 * 6  # only when asked: q, k, v, out, fc1, fc2 in both layers
+    with pytest.raises(ConfigError, match="matches no module"):
+        apply_lora(model, load_config({"steps": 1, "lora": {"targets": "nothing"}, "train_file": "x"}).lora,
+                   None)
+
+
+# ---- learning ----------------------------------------------------------------------------------
+
+
+def test_tiny_model_overfits_eight_examples(cfg, data):
+    result = train(cfg | {"train_file": str(data["eight"]), "eval_file": str(data["eight"]), "steps": 150,
+                          "batch_size": 8, "lr": 3e-3, "warmup": 0.1, "eval_examples": 8})
+    losses = _losses(cfg["out_dir"])
+    assert losses[-1] < losses[0] / 10, losses[::10]
+    assert result["exact_match"] == 1.0  # greedy generation reproduces every suffix
+    pipe = palikit.load(Path(cfg["out_dir"]) / "final", dtype="float32")
+    rows = [json.loads(line) for line in data["eight"].read_text().splitlines()]
+    images = [str(data["eight"].parent / r["image"]) for r in rows]
+    texts = pipe.generate(images, [r["prefix"] for r in rows], max_new_tokens=40)
+    assert texts == [r["suffix"] for r in rows]
+
+
+# ---- checkpoints and resume ----------------------------------------------------------------------
+
+
+def _final_tensors(run_dir: Path, lora: bool) -> dict:
+    name = "adapter_model.safetensors" if lora else "model.safetensors"
+    return load_file(run_dir / "final" / name)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resume_is_exact(cfg, tmp_path, lora):
+    extra = {"steps": 6, "save_every": 2, "keep_last": 5}
+    if lora:  # dropout makes the restored RNG state matter
+        extra["lora"] = {"r": 4, "dropout": 0.2}
+    straight = cfg | extra | {"out_dir": str(tmp_path / "straight")}
+    _run(straight)
+    broken = cfg | extra | {"out_dir": str(tmp_path / "broken")}
+    _run(broken | {"stop_after": 3})  # ends after step 3; the newest checkpoint is step 2
+    out = tmp_path / "broken"
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000002"]
+    files = sorted(p.name for p in (out / "step-000002").rglob("*") if p.is_file())
+    assert not [f for f in files if f.endswith((".pt", ".bin", ".pkl"))], files  # no pickle anywhere
+    with pytest.raises(ConfigError, match="--resume"):
+        _run(broken)
+    _run(broken | {"resume": True})
+    a, b = _final_tensors(tmp_path / "straight", lora), _final_tensors(out, lora)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(tmp_path / "straight") == _losses(out)  # the killed run's extra row is dropped
+
+
+def test_resume_after_sigkill(cfg, tmp_path):
+    """A real kill -9 at an arbitrary moment (maybe mid-save) still resumes to identical weights."""
+    extra = {"steps": 40, "save_every": 1, "keep_last": 2}
+    _run(cfg | extra | {"out_dir": str(tmp_path / "straight")})
+    out = tmp_path / "killed"
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(cfg | extra | {"out_dir": str(out)}))
+    proc = subprocess.Popen([sys.executable, "-m", "palikit.finetune", str(path)], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not any(out.glob("step-00000[3-9]")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    alive = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert alive, "the run ended before it could be killed"
+    _run(cfg | extra | {"out_dir": str(out), "resume": True})
+    a, b = _final_tensors(tmp_path / "straight", False), _final_tensors(out, False)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(out.glob(".step-*"))  # a half-written checkpoint is cleaned up
+
+
+def test_merge_lora(cfg, tmp_path, tiny_model_dir):
+    """LoRA on a checkpoint, then merged: the merged model computes what base + adapters do."""
+    run = cfg | {"model": str(tiny_model_dir), "lora": {"r": 4, "alpha": 32, "targets": "llm+projector"},
+                 "steps": 3, "lr": 1e-2}
+    _run(run)
+    adapter = Path(run["out_dir"]) / "final"
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tiny_model_dir)
+    merged = merge(tiny_model_dir, adapter, tmp_path / "merged")
+    from peft import PeftModel
+
+    images = [str(Path(cfg["train_file"]).parent / "images" / "train_000000.png")]
+    args = (images, ["caption en"], ["a red circle"])
+    base = palikit.load(tiny_model_dir, dtype="float32")
+    plain = base.score(*args)
+    PeftModel.from_pretrained(base.model, str(adapter))  # injects the (unmerged) adapters into base.model
+    want = base.score(*args)
+    got = palikit.load(merged, dtype="float32").score(*args)
+    assert got == pytest.approx(want, abs=1e-4) and want != pytest.approx(plain, abs=1e-3)
+
+
+# ---- shipped configs ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_shipped_config_parses_and_smoke_runs(path, tmp_path, data, tokenizer_file):
+    """Every config parses; then the same recipe runs 2 steps, with a tiny model of its family in
+    place of a hub checkpoint and test files in place of data or tokenizers that are not here."""
+    header = path.read_text().split("\n\n")[0]
+    assert f"palikit train configs/{path.name}" in header  # the run command sits in the header
+    cfg = load_config(path)
+    overrides = [f"out_dir={tmp_path / 'run'}"]
+    model = dict(cfg.model) if isinstance(cfg.model, dict) else {"source": cfg.model}
+    if "source" in model and not Path(model["source"]).exists():
+        family = "tiny-paligemma2" if "paligemma2" in model.pop("source") else "tiny-paligemma"
+        model |= {"preset": family, "tokenizer": str(tokenizer_file)}
+    if model.get("tokenizer") not in (None, "train") and not Path(model["tokenizer"]).exists():
+        model["tokenizer"] = str(tokenizer_file)
+    overrides.append(f"model={json.dumps(model)}")
+    for key, test_file in (("train_file", data["train"]), ("eval_file", data["eight"])):
+        value = getattr(cfg, key)
+        if isinstance(value, str) and not Path(value).exists():
+            overrides.append(f"{key}={test_file}")
+    result = train(path, overrides, smoke=True)
+    assert result["step"] == 2 and result["loss"] > 0
+    assert (tmp_path / "run" / "final").is_dir()
+
+
+# ---- torchrun ------------------------------------------------------------------------------------
+
+
+def _torchrun(config: dict, path: Path, *args: str) -> None:
+    path.write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "palikit.finetune", str(path), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_matches_single_process(cfg, tmp_path, mode):
+    """2 ranks x 1 micro-batch of 2 == 1 rank x 2 micro-batches of 2: same global batch, same curve."""
+    base = cfg | {"steps": 4, "batch_size": 4, "clip_grad": 1.0}
+    _run(base | {"grad_accum": 2, "out_dir": str(tmp_path / "single")})
+    _torchrun(base | {"grad_accum": 1, "distributed": mode, "out_dir": str(tmp_path / "dist")},
+              tmp_path / "dist.yaml")
+    state = json.loads((tmp_path / "dist" / "step-000004" / "state.json").read_text())
+    assert state["world_size"] == 2
+    single, dist = _losses(tmp_path / "single"), _losses(tmp_path / "dist")
+    assert len(dist) == 4
+    assert dist == pytest.approx(single, abs=1e-5), [a - b for a, b in zip(dist, single)]
+    a, b = _final_tensors(tmp_path / "single", False), _final_tensors(tmp_path / "dist", False)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_fsdp_resume_is_exact(cfg, tmp_path):
+    """Sharded state (FSDP2 DTensors) gathered into the checkpoint and sharded again on resume."""
+    base = cfg | {"steps": 4, "batch_size": 4, "save_every": 2, "distributed": "fsdp"}
+    _torchrun(base | {"out_dir": str(tmp_path / "straight")}, tmp_path / "a.yaml")
+    broken = base | {"out_dir": str(tmp_path / "broken")}
+    _torchrun(broken | {"stop_after": 3}, tmp_path / "b.yaml")
+    _torchrun(broken, tmp_path / "c.yaml", "--resume")
+    a, b = _final_tensors(tmp_path / "straight", False), _final_tensors(tmp_path / "broken", False)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert _losses(tmp_path / "straight") == _losses(tmp_path / "broken")
