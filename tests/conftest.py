@@ -26,6 +26,16 @@ CORPUS = [
 ] * 20
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """The tiny models' tensors are too small for intra-op threads: on a busy 2-core machine the
+    OpenMP barriers spin against other processes and make the tests 10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_file(tmp_path_factory):
     path = train_tokenizer(CORPUS, tmp_path_factory.mktemp("tok") / "tokenizer.model", vocab_size=400)

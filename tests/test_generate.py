@@ -19,15 +19,6 @@ IMG = [synthetic_image(20), synthetic_image(21, size=(60, 20)), synthetic_image(
        synthetic_image(23, size=(90, 90))]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models' tensors are too small for intra-op threads: on a busy 2-core machine the
-    OpenMP barriers spin against other processes and make these tests 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["pg1", "pg2"])
 def pipe(request, tokenizer_file, tmp_path_factory):

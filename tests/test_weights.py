@@ -32,15 +32,6 @@ SUFFIXES = ["a red circle", "blue <seg003>"]
 IMAGES = [synthetic_image(10), synthetic_image(11, size=(25, 50))]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models' tensors are too small for intra-op threads: on a busy 2-core machine the
-    OpenMP barriers spin against other processes and make these tests 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def logits_of(pipe, vocab: int | None = None) -> torch.Tensor:
     """Teacher-forced logits (B, L, V) of two image + prefix + suffix rows (right-padded)."""
