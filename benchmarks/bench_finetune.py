@@ -7,8 +7,10 @@
 A random-init checkpoint of the preset is written once (bench_inference.make_checkpoint, bf16),
 then every (library, mode) pair trains on the same batches in its own subprocess, so peak RSS
 is that run's alone. The peak is reset after loading (Linux clear_refs): both libraries map the
-safetensors lazily, so the weights are paged in, and counted, during the first step. Same settings on both sides: bf16 weights, LoRA r=8 alpha=16 on the language
-model's q/k/v/o/gate/up/down (adapters in float32, peft's default), full fine-tuning in pure bf16,
+safetensors lazily, so the weights are paged in, and counted, during the first step.
+
+Same settings on both sides: bf16 weights, LoRA r=8 alpha=16 on the language model's
+q/k/v/o/gate/up/down (adapters in float32, peft's default), full fine-tuning in pure bf16,
 global-norm clipping 1.0, no activation checkpointing, batch of identical-length examples (so the
 per-example mean (palikit) and token mean (transformers) losses coincide; the first-step losses
 are printed as a check). transformers runs eager attention: its SDPA path drops Gemma 2's

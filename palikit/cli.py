@@ -85,7 +85,9 @@ def cmd_run(args) -> None:
 def cmd_train(args) -> None:
     from .finetune import train
 
-    print(json.dumps(train(args.config, args.overrides, resume=args.resume, smoke=args.smoke)))
+    result = train(args.config, args.overrides, resume=args.resume, smoke=args.smoke)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the result
+        print(json.dumps(result))
 
 
 def cmd_merge(args) -> None:
@@ -94,11 +96,13 @@ def cmd_merge(args) -> None:
     print(merge(args.base, args.adapter, args.out, dtype=args.dtype))
 
 
-def cmd_data_check(args) -> None:
+def cmd_data_check(args) -> int:
     from .data import check_dataset
 
-    report = check_dataset(args.file)
-    print(report if isinstance(report, str) else json.dumps(report, indent=2, default=str))
+    report = check_dataset(args.file, config=args.model, tokenizer=args.tokenizer,
+                           max_text_len=args.max_text_len, split=args.split, open_images=args.open_images)
+    print(json.dumps(report.to_dict(), ensure_ascii=False) if args.json else report.format())
+    return 0 if report.ok else 1  # warnings alone pass
 
 
 def cmd_eval(args) -> None:
@@ -233,8 +237,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("data", help="data set tools")
     data_verbs = p.add_subparsers(dest="data_verb", required=True)
-    p = data_verbs.add_parser("check", help="validate a JSONL / COCO / Roboflow data set")
-    p.add_argument("file")
+    p = data_verbs.add_parser("check", help="validate a fine-tuning data set (exit 1 on errors)")
+    p.add_argument("file", help=".jsonl, COCO .json, or a Roboflow / maestro dataset folder")
+    p.add_argument("--split", default="train", help="which split of a dataset folder")
+    p.add_argument("--model", help="preset name or model folder: image tokens and length limit "
+                                   "(a folder's tokenizer.model is used too)")
+    p.add_argument("--tokenizer", help="tokenizer.model: check sequence lengths")
+    p.add_argument("--max-text-len", type=int, help="warn about longer text (it would be truncated)")
+    p.add_argument("--open-images", action="store_true", help="also decode every image (slower)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=cmd_data_check)
 
     p = verbs.add_parser("serve", help="HTTP server: OpenAI-compatible chat completions, task endpoints, web demo")
@@ -256,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verb == "train" else logging.WARNING, format="palikit: %(message)s")
     try:
-        args.func(args)
+        rc = args.func(args)
     except (InputError, CheckpointError, FileNotFoundError, ValueError) as e:
         if os.environ.get("PALIKIT_DEBUG") == "1":
             raise
@@ -264,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ Layouts accepted (user-pitfalls §4.1), all with image paths relative to the ann
   `bv:jsonl`, maestro, Roboflow); `image` may also be a list of paths (several images, one prompt);
 - a Roboflow "paligemma" export: one folder with `_annotations.{train,valid,test}.jsonl`;
 - a maestro dataset: `{train,valid,test}/annotations.jsonl`, each beside its images;
+- a folder with `{train,valid,test}.jsonl` (what palikit.synthetic writes);
 - COCO detection/instances JSON (`_annotations.coco.json` in Roboflow's COCO export, or any file
   with images/annotations/categories), converted by `read_coco` to `detect` or `segment` examples.
 
@@ -69,6 +70,7 @@ def find_annotations(path: str | Path, split: str = "train") -> Path:
     candidates = [path / f"_annotations.{n}.jsonl" for n in names]  # Roboflow paligemma export
     candidates += [path / n / "annotations.jsonl" for n in names]  # maestro
     candidates += [path / n / "_annotations.coco.json" for n in names]  # Roboflow COCO export
+    candidates += [path / f"{n}.jsonl" for n in names]  # palikit.synthetic, big_vision-style files
     candidates += [path / "annotations.jsonl", path / "_annotations.coco.json"]  # a split folder
     for c in candidates:
         if c.is_file():

@@ -251,8 +251,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"batch_size={cfg.batch_size} is not a multiple of grad_accum={cfg.grad_accum}")
     if not 0 <= cfg.label_smoothing < 1:
         raise ConfigError(f"label_smoothing={cfg.label_smoothing} must be in [0, 1)")
-    if cfg.warmup < 0 or cfg.lr <= 0 or cfg.keep_last < 1 or cfg.max_text_len < 4:
-        raise ConfigError("warmup must be >= 0, lr > 0, keep_last >= 1, max_text_len >= 4")
+    if cfg.warmup < 0 or cfg.lr <= 0 or cfg.keep_last < 1 or cfg.max_text_len < 4 or cfg.stop_after == 0:
+        raise ConfigError("warmup must be >= 0, lr > 0, keep_last >= 1, max_text_len >= 4, stop_after > 0")
     if cfg.lora is not None:
         if cfg.lora.r < 1:
             raise ConfigError(f"lora.r={cfg.lora.r} must be >= 1")
@@ -676,8 +676,7 @@ class Trainer:
 
     def train(self) -> dict:
         cfg = self.cfg
-        end = self.total_steps if cfg.stop_after is None else min(self.total_steps,
-                                                                   self.step + cfg.stop_after)
+        end = min(self.total_steps, self.step + (cfg.stop_after or self.total_steps))
         batches = iter(self.loader)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, desc="train",
                    dynamic_ncols=True)
@@ -825,6 +824,12 @@ class Trainer:
         set_optimizer_state_dict(self.loss_module, self.optimizer, _load_optimizer(ckpt),
                                  options=StateDictOptions(full_state_dict=True))
         self.step = state["step"]
+        before, now = state["config"], dataclasses.asdict(self.cfg)
+        order = ("train_file", "batch_size", "seed", "steps", "epochs", "lr", "schedule", "warmup")
+        changed = [k for k in order if before.get(k) != now[k]]
+        if changed and self.rank == 0:
+            log.warning("resuming %s with changed %s: the run will not match an uninterrupted one", ckpt,
+                        ", ".join(f"{k} ({before.get(k)!r} -> {now[k]!r})" for k in changed))
         rng = ckpt / f"rng-rank{self.rank}.safetensors"
         if state["world_size"] == self.world and rng.exists():
             _load_rng(rng)
@@ -842,9 +847,11 @@ class Trainer:
         """out_dir/final: the model (or adapter) of the last step plus tokenizer, as hard links."""
         if self.rank == 0:
             src = self.out / f"step-{self.step:06d}" / ("adapter" if self.lora else "model")
-            def link(p):
-                shutil.copytree(src, p, copy_function=os.link)
-                shutil.copy(self.tokenizer.path, Path(p) / "tokenizer.model")
+
+            def link(folder: Path) -> None:
+                shutil.copytree(src, folder, copy_function=_link_or_copy)
+                shutil.copy(self.tokenizer.path, folder / "tokenizer.model")
+
             _save_folder(self.out / "final", link)
         barrier()
 
@@ -868,6 +875,13 @@ def _save_folder(path: Path, write) -> None:
     write(tmp)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # no second copy of the weights on disk
+    except OSError:  # file systems without hard links
+        shutil.copy2(src, dst)
 
 
 def _save_optimizer(state: dict, folder: Path) -> None:
