@@ -199,9 +199,7 @@ class Pipeline:
 
     def detect(self, image, labels: str | Sequence[str], max_new_tokens: int = 128, **sampling):
         """-> list[Detection] (boxes in the input image's pixels), or one list per image."""
-        results, _ = self._objects(image, tasks.detect_prompt(labels), tasks.parse_detections,
-                                   max_new_tokens, sampling)
-        return results if isinstance(image, list) else results[0]
+        return self._objects(image, "detect", tasks.detect_prompt(labels), None, max_new_tokens, sampling)
 
     def segment(self, image, label: str | Sequence[str], codec=None, max_new_tokens: int = 128, **sampling):
         """-> list[Segmentation] with full-size boolean masks, or one list per image.
@@ -209,11 +207,13 @@ class Pipeline:
         codec: a MaskCodec or the path of big_vision's vae-oid.npz; defaults to the codec saved
         beside the model (mask_codec.npz / vae-oid.npz), if any.
         """
-        codec = self._codec(codec)
-        results, images = self._objects(image, tasks.segment_prompt(label), tasks.parse_segmentations,
-                                        max_new_tokens, sampling)
-        results = [self.attach_masks(r, im, codec) for r, im in zip(results, images)]
-        return results if isinstance(image, list) else results[0]
+        codec = self._codec(codec)  # fails before generating when there is no codec
+        return self._objects(image, "segment", tasks.segment_prompt(label), codec, max_new_tokens, sampling)
+
+    def objects(self, task: str, text: str, generated: gen.Generated, image, codec=None) -> list:
+        """Parse a detect / segment output for `image` (segment: with masks pasted at its size)."""
+        objects = parse_objects(task, text, generated, self.tokenizer, image.width, image.height)
+        return self.attach_masks(objects, image, codec) if task == "segment" else objects
 
     def attach_masks(self, segmentations: list, image, codec=None) -> list:
         """Decode each Segmentation's 16 codes and paste the mask into its box at the image size."""
@@ -230,15 +230,12 @@ class Pipeline:
         out = self.generate(images, [prompt] * len(images), max_new_tokens=max_new_tokens, **sampling)
         return out if batch else out[0]
 
-    def _objects(self, image, prompt: str, parse, max_new_tokens: int, sampling: dict):
-        """Generate for one image or a list, parse each output -> (lists of objects, PIL images)."""
+    def _objects(self, image, task: str, prompt: str, codec, max_new_tokens: int, sampling: dict):
+        """Generate for one image or a list and parse each output."""
         images = [load_image(im) for im in (image if isinstance(image, list) else [image])]
         outs = self.generate_details(images, [prompt] * len(images), max_new_tokens=max_new_tokens, **sampling)
-        results = []
-        for im, (text, g) in zip(images, outs):
-            pieces = self.tokenizer.decode_pieces(g.tokens)
-            results.append(parse(text, im.width, im.height, pieces=pieces, logprobs=g.logprobs).objects)
-        return results, images
+        results = [self.objects(task, text, g, im, codec) for im, (text, g) in zip(images, outs)]
+        return results if isinstance(image, list) else results[0]
 
     def _codec(self, codec):
         from .maskcodec import MaskCodec
@@ -258,6 +255,16 @@ class Pipeline:
         save_hf_folder(self.model, folder)
         data = self.tokenizer.path.read_bytes()
         (Path(folder) / "tokenizer.model").write_bytes(data)
+
+
+def parse_objects(task: str, text: str, generated: gen.Generated, tokenizer, width: int, height: int) -> list:
+    """detect / segment output -> objects, each scored by the mean log-prob of its tokens (when the
+    tokens and log-probs describe `text`; unscored otherwise). Masks are not attached."""
+    pieces = tokenizer.decode_pieces(generated.tokens)
+    scored = len(generated.logprobs) == len(generated.tokens) and "".join(pieces) == text
+    parse = tasks.parse_detections if task == "detect" else tasks.parse_segmentations
+    return parse(text, width, height, pieces=pieces if scored else None,
+                 logprobs=generated.logprobs if scored else None).objects
 
 
 def collate(examples, pad_id: int, device="cpu") -> dict[str, torch.Tensor]:

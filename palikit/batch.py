@@ -102,11 +102,6 @@ def _run_batch(pipe, lines, idx, base: Path, max_new_tokens: int, codec) -> list
         for (i, job, prompt, task, image), (text, g) in zip(ready, outs):
             rec = {"line": i, "id": job.get("id"), "prompt": prompt, "text": text}
             if task in ("detect", "segment"):
-                pieces = pipe.tokenizer.decode_pieces(g.tokens)
-                parse = tasks.parse_detections if task == "detect" else tasks.parse_segmentations
-                objects = parse(text, image.width, image.height, pieces=pieces, logprobs=g.logprobs).objects
-                if task == "segment" and objects:
-                    objects = pipe.attach_masks(objects, image, codec)
-                rec["objects"] = [o.to_dict() for o in objects]
+                rec["objects"] = [o.to_dict() for o in pipe.objects(task, text, g, image, codec)]
             records[i] = rec
     return [records[i] for i in idx]

@@ -73,14 +73,13 @@ def evaluate_synthetic(pipe, n_images: int = 200, seed: int = 12345, size: int |
         outs = pipe.generate_details([j[1] for j in chunk], [j[2] for j in chunk], max_new_tokens=64)
         for (task, image, prompt, truth), (text, g) in zip(chunk, outs):
             if task == "detect":
-                pred = tasks.parse_detections(text, *image.size).objects
+                pred = pipe.objects(task, text, g, image)
                 m, d = match_boxes(pred, truth)
                 scores["detect_matched"].append(m)
                 scores["detect_total"].append(d)
             elif task == "segment":
-                segs = tasks.parse_segmentations(text, *image.size).objects
                 pred = np.zeros(truth.shape, bool)
-                for seg in pipe.attach_masks(segs, image) if segs else []:
+                for seg in pipe.objects(task, text, g, image):
                     pred |= seg.mask
                 scores["segment"].append(mask_iou(pred, truth))
             else:

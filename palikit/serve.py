@@ -52,7 +52,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import torch
 from fastapi import APIRouter, FastAPI, HTTPException, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
@@ -64,7 +63,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import generate as gen
 from . import tasks
-from .api import Pipeline
+from .api import Pipeline, parse_objects
 from .processor import _RESAMPLE, InputError, encode_example, load_image
 
 log = logging.getLogger(__name__)
@@ -451,11 +450,8 @@ class Batcher:
         out = {"text": text, "completion_tokens": len(tokens),
                "finish_reason": "length" if len(tokens) >= job.max_new_tokens else "stop"}
         if job.parse:
-            pieces = self.pipe.tokenizer.decode_pieces(tokens)
-            scored = len(logprobs) == len(tokens) and "".join(pieces) == text
-            parse = tasks.parse_detections if job.parse == "detect" else tasks.parse_segmentations
-            objects = parse(text, job.size.width, job.size.height,
-                            pieces=pieces if scored else None, logprobs=logprobs if scored else None).objects
+            objects = parse_objects(job.parse, text, gen.Generated(tokens, logprobs), self.pipe.tokenizer,
+                                    job.size.width, job.size.height)
             if job.parse == "segment" and objects:
                 objects = self.pipe.attach_masks(objects, job.size)
             out["objects"] = [o.to_dict() for o in objects]
