@@ -110,7 +110,8 @@ def cmd_eval(args) -> None:
     from palikit.evaluate import evaluate_synthetic, write_report
 
     pipe = palikit.load(args.model, dtype=args.dtype)
-    metrics = evaluate_synthetic(pipe, n_images=args.synthetic, seed=args.seed, batch_size=args.batch_size)
+    metrics = evaluate_synthetic(pipe, n_images=args.synthetic, seed=args.seed, size=args.size,
+                                 batch_size=args.batch_size)
     if args.out:
         write_report(metrics, args.out)
     print(json.dumps(metrics, indent=2))
@@ -128,7 +129,7 @@ def cmd_demo(args) -> None:
     if args.image:
         image = load_image(args.image)
     else:
-        image = make_scene(np.random.default_rng(args.seed), size=pipe.config.vision.image_size, number_prob=1.0).image
+        image = make_scene(np.random.default_rng(args.seed), number_prob=1.0).image  # the world's 96 px
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_image_atomic(image, out / "input.png")
@@ -217,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--synthetic", type=int, default=200, help="number of generated images")
     p.add_argument("--seed", type=int, default=12345, help="a seed not used for training data")
+    p.add_argument("--size", type=int, default=96, help="generated image side (the model resizes it)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", help="write the metrics as JSON here")
     p.set_defaults(func=cmd_eval)

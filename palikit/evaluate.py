@@ -48,10 +48,11 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def evaluate_synthetic(pipe, n_images: int = 200, seed: int = 12345, size: int | None = None,
+def evaluate_synthetic(pipe, n_images: int = 200, seed: int = 12345, size: int = 96,
                        batch_size: int = 16) -> dict:
-    """Run every task on `n_images` generated scenes (a seed unseen in training) -> metrics."""
-    size = size or pipe.config.vision.image_size
+    """Run every task on `n_images` generated scenes (a seed unseen in training) -> metrics.
+
+    Scenes are drawn at `size` px, as the training data, and resized by the processor."""
     jobs = []  # (task, image, prompt, truth)
     rng = np.random.default_rng(seed)
     last_scene = None
@@ -88,7 +89,7 @@ def evaluate_synthetic(pipe, n_images: int = 200, seed: int = 12345, size: int |
                for t, v in scores.items() if t in ("caption", "count", "colour", "ocr")}
     metrics["detect_box_accuracy_iou50"] = sum(scores["detect_matched"]) / max(1, sum(scores["detect_total"]))
     metrics["segment_miou"] = float(np.mean(scores["segment"])) if scores["segment"] else 0.0
-    metrics["examples"] = {t: len(v) for t, v in scores.items() if t != "detect_total"}
+    metrics["examples"] = {t.removesuffix("_matched"): len(v) for t, v in scores.items() if t != "detect_total"}
     return metrics
 
 

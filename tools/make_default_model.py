@@ -1,6 +1,10 @@
 """Build palikit's bundled default model from nothing, reproducibly from the seeds below.
 
-    .venv/bin/python tools/make_default_model.py --work runs/default_model [--steps N]
+    .venv/bin/python tools/make_default_model.py [--work runs/default_model] [--set steps=N] [--export]
+
+On this project's 2-core CPU the data takes about 12 minutes and training (14000 steps of 32,
+bfloat16 autocast) about 100. Each stage is skipped when its output exists in --work, and an
+interrupted training run resumes.
 
 1. a mask codec (the big_vision VQ-VAE architecture, "tiny" widths) trained on the synthetic
    world's shape masks;
@@ -8,7 +12,7 @@
 3. a small SentencePiece tokenizer (+ the 1024 loc and 128 seg pieces) fitted on its texts;
 4. `palikit train configs/default_model.yaml` (the preset "palikit-tiny-shapes" from scratch);
 5. the last checkpoint + tokenizer + codec copied to palikit/assets/default;
-6. `palikit eval` on held-out generated images; the scores go into the model card.
+6. `palikit eval` on held-out generated images, and MODEL_CARD.md written from its scores.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "palikit" / "assets" / "default"
@@ -63,10 +68,20 @@ def build_tokenizer(work: Path) -> Path:
     return path
 
 
+# (train until step, peak lr of the cosine schedule). At 2e-3 throughout, every 500 steps moved
+# the weights by a third of their size and counting and OCR stayed at chance after 4000 steps; the
+# run then resumes from step 4000 at 6e-4 (the cosine continues from there).
+LR_PHASES = ((4000, 0.002), (None, 0.0006))
+
+
+def _newest_step(run: Path) -> int:
+    return max((int(p.name.removeprefix("step-")) for p in run.glob("step-*")), default=0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", default="runs/default_model")
-    ap.add_argument("--images", type=int, default=8000, help="training images")
+    ap.add_argument("--images", type=int, default=40000, help="training images")
     ap.add_argument("--set", action="append", default=[], help="extra key=value for palikit train")
     ap.add_argument("--export", action="store_true", help="only copy the newest checkpoint and evaluate")
     args = ap.parse_args()
@@ -82,12 +97,16 @@ def main() -> None:
     if not args.export:
         sets = [f"model.tokenizer={tok}", f"train_file={work / 'data' / 'train.jsonl'}",
                 f"eval_file={work / 'data' / 'val.jsonl'}", f"out_dir={work / 'run'}", *args.set]
-        cmd = palikit + ["train", str(ROOT / "configs" / "default_model.yaml")]
-        for s in sets:
-            cmd += ["--set", s]
-        if (work / "run").exists():
-            cmd.append("--resume")
-        subprocess.run(cmd, check=True, cwd=ROOT)
+        for until, lr in LR_PHASES:
+            done = _newest_step(work / "run")
+            if until is not None and done >= until:
+                continue
+            cmd = palikit + ["train", str(ROOT / "configs" / "default_model.yaml")]
+            for s in [*sets, f"lr={lr}", *([f"stop_after={until - done}"] if until else [])]:
+                cmd += ["--set", s]
+            if (work / "run").exists():
+                cmd.append("--resume")
+            subprocess.run(cmd, check=True, cwd=ROOT)
 
     ckpt = work / "run" / "final"  # the trainer's last weights, in the released HF layout
     ASSETS.mkdir(parents=True, exist_ok=True)
@@ -95,9 +114,99 @@ def main() -> None:
         shutil.copy(ckpt / f, ASSETS / f)
     shutil.copy(tok, ASSETS / "tokenizer.model")
     shutil.copy(work / "mask_codec.npz", ASSETS / "mask_codec.npz")
-    (ASSETS / "preprocessor_config.json").write_text(json.dumps({"resample": 2, "size": {"height": 96, "width": 96}}))
-    subprocess.run(palikit + ["eval", "--model", "default", "--synthetic", "100", "--seed", "12345",
+    side = json.loads((ckpt / "config.json").read_text())["vision_config"]["image_size"]
+    (ASSETS / "preprocessor_config.json").write_text(json.dumps({"resample": 2, "size": {"height": side, "width": side}}))
+    subprocess.run(palikit + ["eval", "--model", "default", "--synthetic", "200", "--seed", "12345",
+                              "--dtype", "float32",
                               "--out", str(work / "eval.json")], check=True, cwd=ROOT)
+    write_model_card(work)
+
+
+TARGETS = {  # issue 5: metric -> (task, what it measures, target)
+    "caption_exact_match": ("caption", "exact match", 0.80),
+    "count_accuracy": ("count", "accuracy", 0.90),
+    "colour_accuracy": ("colour", "accuracy", 0.90),
+    "ocr_exact_match": ("ocr (4 digits)", "exact match", 0.80),
+    "detect_box_accuracy_iou50": ("detect", "box accuracy @ IoU 0.5", 0.85),
+    "segment_miou": ("segment", "mIoU", 0.60),
+}
+
+
+def write_model_card(work: Path) -> None:
+    """MODEL_CARD.md from the exported files, the training log and eval.json: no hand-copied numbers."""
+    from palikit.atomic import write_text_atomic
+    from palikit.config import PaliGemmaConfig
+
+    metrics = json.loads((work / "eval.json").read_text())
+    log = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_log = [r for r in log if "loss" in r]
+    run = yaml.safe_load((work / "run" / "config.yaml").read_text())
+    images = [json.loads(line)["image"] for line in (work / "data" / "train.jsonl").read_text().splitlines()]
+    config = PaliGemmaConfig.from_hf_config(json.loads((ASSETS / "config.json").read_text()), "palikit-tiny-shapes")
+    v, t = config.vision, config.text
+    n_params = sum(int(np.prod(shape)) for shape in _safetensors_shapes(ASSETS / "model.safetensors"))
+    mib = sum((ASSETS / f).stat().st_size for f in ("model.safetensors", "mask_codec.npz")) / 2**20
+    rows = "\n".join(f"| {task} | {what} | {metrics[k]:.3f} | ≥ {target:.2f} | {'yes' if metrics[k] >= target else 'NO'} |"
+                     for k, (task, what, target) in TARGETS.items())
+    all_met = all(metrics[k] >= target for k, (_, _, target) in TARGETS.items())
+    counts = ", ".join(f"{k} {n}" for k, n in metrics["examples"].items())
+    examples_per_s = np.median([r["examples_per_s"] for r in train_log])
+    card = f"""# palikit default model: palikit-tiny-shapes
+
+A tiny PaliGemma 2 trained from scratch on palikit's synthetic shapes world
+(`palikit.synthetic`): flat circles, squares, triangles and stars in red, green, blue and yellow
+on light textured backgrounds, sometimes with a black 4-digit number. It answers every task
+prefix on such images{"" if all_met else ", with the scores measured below: some are still under issue 5's targets"}.
+It knows nothing else: it is the model `make demo`, the tests and
+`palikit.load("default")` use on a machine without network, and the end-to-end proof that the
+architecture, training, decoding and task parsing of palikit work together.
+
+- Architecture: preset `palikit-tiny-shapes` (palikit/config.py), the PaliGemma 2 code path:
+  {v.image_size} px input, {v.patch_size} px patches ({(v.image_size // v.patch_size) ** 2} image tokens),
+  a {v.num_layers}-layer SigLIP-style encoder (width {v.hidden_size}), a linear projector, a {t.num_layers}-layer Gemma 2
+  decoder (width {t.hidden_size}, {t.num_heads} heads / {t.num_kv_heads} kv heads, soft-capped attention, sandwich norms);
+  {n_params / 1e6:.2f} M parameters in float32. Weights + mask codec: {mib:.1f} MiB.
+- Tokenizer: SentencePiece (byte fallback, digits split) fitted on the training texts, plus the
+  1024 `<loc>` and 128 `<seg>` pieces.
+- Mask codec (`mask_codec.npz`): big_vision's VQ-VAE architecture with "tiny" widths, trained on
+  the synthetic world's shape masks.
+- Data: `palikit.synthetic` at 96 px (the model resizes to {v.image_size} px): {len(set(images))} training scenes
+  (seed 0) giving {len(images)} examples of every task, 200 validation scenes (seed 1).
+- Training: `configs/default_model.yaml`, AdamW, bfloat16 autocast with float32 weights, cosine
+  learning rate with a peak of 2e-3 until step 4000, then resumed at a peak of 6e-4 (`LR_PHASES`);
+  {train_log[-1]["step"]} steps of {run["batch_size"]} examples, final training loss {np.mean([r["loss"] for r in train_log[-100:]]):.3f} (mean of the
+  last 100 steps), median {examples_per_s:.0f} examples/s on a 2-core CPU.
+- Made by: `.venv/bin/python tools/make_default_model.py` (reproducible from the seeds; it
+  also writes this card).
+
+## Measured
+
+`palikit eval --model default --synthetic 200 --seed 12345 --dtype float32`: 200 held-out
+scenes (a seed not used for training), {counts} examples.
+
+| task | metric | score | issue-5 target | met |
+|---|---|---|---|---|
+{rows}
+
+Detection box accuracy: true boxes matched one-to-one by a predicted box of the same label
+at IoU ≥ 0.5, divided by true boxes plus unmatched predictions. Segmentation mIoU: the union
+of predicted masks of the asked kind against the union of its true masks, averaged over scenes.
+`tests/test_default_model.py` checks 48 other held-out scenes in CI against regression floors
+a little under this model's scores.
+
+## Limits
+
+Only this synthetic world: real photos get confident nonsense. English prompts only, the six
+task forms above, up to three shapes per image.
+"""
+    write_text_atomic(ASSETS / "MODEL_CARD.md", card)
+
+
+def _safetensors_shapes(path: Path):
+    from safetensors import safe_open
+
+    with safe_open(path, "np") as f:
+        return [f.get_slice(k).get_shape() for k in f.keys()]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,103 @@
+"""The bundled default model (palikit/assets/default) and the metrics of `palikit eval`.
+
+The quality test runs every task on held-out generated scenes (a seed used neither for the
+training data, 0, its validation split, 1, nor the model card's evaluation, 12345) and checks
+floors a little under what the bundled model scores there: a regression anywhere in the stack
+(image processing, prompt layout, attention masks, decoding, loc/seg parsing, the mask codec)
+fails it. A random-init model scores 0 on all but counting (about 0.3).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import palikit
+from palikit.api import BUNDLED
+from palikit.config import PRESETS
+from palikit.evaluate import box_iou, evaluate_synthetic, mask_iou, match_boxes
+from palikit.tasks import Detection
+
+# Issue 5's targets (0.8 / 0.9 / 0.9 / 0.8 / 0.85 / 0.6 on 200 scenes) are not met yet; these
+# floors sit under this model's scores on these 48 scenes (0.29 / 0.52 / 0.79 / 0.30 / 0.44).
+# OCR scores 0 and so has no floor. Raise them with the model.
+REGRESSION_FLOORS = {
+    "caption_exact_match": 0.2,
+    "count_accuracy": 0.4,
+    "colour_accuracy": 0.65,
+    "detect_box_accuracy_iou50": 0.2,
+    "segment_miou": 0.3,
+}
+
+
+@pytest.fixture(scope="module")
+def default_pipe():
+    return palikit.load("default", dtype="float32")
+
+
+def test_bundled_files_fit_the_budget():
+    size = sum((BUNDLED / f).stat().st_size for f in ("model.safetensors", "mask_codec.npz"))
+    assert size <= 30 * 2**20, f"weights + codec are {size / 2**20:.1f} MiB, over the 30 MiB budget"
+    assert (BUNDLED / "MODEL_CARD.md").is_file()
+
+
+def test_default_resolves_to_the_bundled_model(default_pipe):
+    preset = PRESETS["palikit-tiny-shapes"]
+    assert (default_pipe.config.vision, default_pipe.config.text) == (preset.vision, preset.text)
+    assert default_pipe.codec_path == BUNDLED / "mask_codec.npz", "segment needs the bundled mask codec"
+
+
+def test_default_model_quality_on_held_out_scenes(default_pipe):
+    metrics = evaluate_synthetic(default_pipe, n_images=48, seed=424242, batch_size=32)
+    assert min(metrics["examples"].values()) >= 15, metrics["examples"]
+    low = {k: (round(metrics[k], 3), t) for k, t in REGRESSION_FLOORS.items() if metrics[k] < t}
+    assert not low, f"below the regression floors (score, floor): {low}"
+
+
+# ---- the metrics themselves, against hand-computed values
+
+
+def test_box_iou():
+    assert box_iou((0, 0, 10, 10), (0, 0, 10, 10)) == 1.0
+    assert box_iou((0, 0, 10, 10), (5, 0, 15, 10)) == pytest.approx(50 / 150)
+    assert box_iou((0, 0, 10, 10), (20, 20, 30, 30)) == 0.0
+    assert box_iou((0, 0, 0, 0), (0, 0, 0, 0)) == 0.0  # degenerate boxes never match
+
+
+def test_match_boxes_counts_misses_and_false_detections():
+    def det(label, box):
+        return Detection(label=label, box=box)
+
+    true = [det("circle", (0, 0, 10, 10)), det("square", (20, 20, 30, 30))]
+    # one hit, one wrong label at the right place (a miss and a false detection), one extra box
+    pred = [det("circle", (1, 0, 10, 10)), det("star", (20, 20, 30, 30)), det("circle", (50, 50, 60, 60))]
+    assert match_boxes(pred, true) == (1, 4)
+    assert match_boxes(true, true) == (2, 2)
+    assert match_boxes([], true) == (0, 2)
+    # a box is matched once: two true boxes at one place need two predictions
+    assert match_boxes([det("circle", (0, 0, 10, 10))], [true[0], true[0]]) == (1, 2)
+    # IoU 0.45 < 0.5 is a miss
+    assert match_boxes([det("circle", (0, 0, 10, 4.5))], true[:1]) == (0, 2)
+
+
+def test_mask_iou():
+    a = np.zeros((4, 4), bool)
+    b = np.zeros((4, 4), bool)
+    a[:2] = True
+    b[1:3] = True
+    assert mask_iou(a, b) == pytest.approx(4 / 12)
+    assert mask_iou(a, a) == 1.0
+    assert mask_iou(np.zeros((4, 4), bool), np.zeros((4, 4), bool)) == 1.0  # nothing to find, nothing found
+
+
+def test_demo_writes_answers_and_an_overlay(tmp_path, capsys):
+    from PIL import Image
+
+    from palikit.cli import main
+
+    main(["demo", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    for line_start in ("caption en", "ocr", "detect", "segment"):
+        assert line_start in printed
+    overlay = Image.open(tmp_path / "overlay.png")
+    assert overlay.size == Image.open(tmp_path / "input.png").size
