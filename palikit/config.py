@@ -273,7 +273,8 @@ def _presets() -> dict[str, PaliGemmaConfig]:
                          final_logit_softcap=30.0, post_norms=True),
     )
     # The bundled default model (palikit/assets/default): a small PaliGemma 2 trained from scratch
-    # on palikit.synthetic's shapes world by tools/make_default_model.py. 96 px, 8 px patches.
+    # on palikit.synthetic's shapes world by tools/make_default_model.py. 64 px input (the scenes are
+    # drawn at 96 px and resized), 8 px patches: 64 image tokens.
     out["palikit-tiny-shapes"] = PaliGemmaConfig(
         name="palikit-tiny-shapes", image_token_id=1552, resample="bilinear",
         vision=SiglipConfig(image_size=64, patch_size=8, hidden_size=128, intermediate_size=256, num_layers=4,

@@ -68,16 +68,14 @@ def evaluate_synthetic(pipe, n_images: int = 200, seed: int = 12345, size: int =
                     mask |= shape.mask
             jobs.append(("segment", image, f"segment {kind}", mask))
 
-    scores: dict[str, list[float]] = defaultdict(list)
+    scores: dict[str, list] = defaultdict(list)  # detect: (matched, denominator) per example
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
         outs = pipe.generate_details([j[1] for j in chunk], [j[2] for j in chunk], max_new_tokens=64)
         for (task, image, prompt, truth), (text, g) in zip(chunk, outs):
             if task == "detect":
                 pred = pipe.objects(task, text, g, image)
-                m, d = match_boxes(pred, truth)
-                scores["detect_matched"].append(m)
-                scores["detect_total"].append(d)
+                scores["detect"].append(match_boxes(pred, truth))
             elif task == "segment":
                 pred = np.zeros(truth.shape, bool)
                 for seg in pipe.objects(task, text, g, image):
@@ -87,9 +85,10 @@ def evaluate_synthetic(pipe, n_images: int = 200, seed: int = 12345, size: int =
                 scores[task].append(float(text.strip() == truth))
     metrics = {f"{t}_accuracy" if t in ("count", "colour") else f"{t}_exact_match": float(np.mean(v))
                for t, v in scores.items() if t in ("caption", "count", "colour", "ocr")}
-    metrics["detect_box_accuracy_iou50"] = sum(scores["detect_matched"]) / max(1, sum(scores["detect_total"]))
+    matched, total = np.sum(scores["detect"], axis=0) if scores["detect"] else (0, 0)
+    metrics["detect_box_accuracy_iou50"] = float(matched / max(1, total))
     metrics["segment_miou"] = float(np.mean(scores["segment"])) if scores["segment"] else 0.0
-    metrics["examples"] = {t.removesuffix("_matched"): len(v) for t, v in scores.items() if t != "detect_total"}
+    metrics["examples"] = {t: len(v) for t, v in scores.items()}
     return metrics
 
 

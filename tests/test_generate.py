@@ -51,36 +51,34 @@ def no_eos(pipe, monkeypatch):
     return pipe
 
 
-def sequence_logprob(pipe, images, prompt: str, tokens: list[int], eos: bool = False) -> float:
-    """Teacher-forced log-likelihood of `tokens` (+ <eos>) after image + prompt, in one forward pass."""
-    n = pipe.config.num_image_tokens * len(images)
-    enc = encode_example(pipe.tokenizer, n, prompt)
-    tail = tokens + ([pipe.tokenizer.eos_id] if eos else [])
-    enc.ids += tail
-    enc.mask_ar += [1] * len(tail)
-    enc.loss_mask += [1] * len(tail)
+def teacher_forced(pipe, images, prompt: str, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward pass over image + prompt + `tokens` (as suffix) -> ids (L,), hidden states (L, D)."""
+    enc = encode_example(pipe.tokenizer, pipe.config.num_image_tokens * len(images), prompt)
+    enc.ids += tokens
+    enc.mask_ar += [1] * len(tokens)
+    enc.loss_mask += [1] * len(tokens)
     batch = collate([enc], pipe.tokenizer.pad_id)
     with torch.no_grad():
         hidden = pipe.model(batch["ids"], preprocess(images, pipe.config.vision.image_size),
                             batch["input_mask"], batch["mask_ar"])
-        logprobs = pipe.model.logits(hidden[0, :-1]).log_softmax(-1)
-    targets = batch["ids"][0, 1:]
-    picked = logprobs.gather(-1, targets[:, None])[:, 0]
+    return batch["ids"][0], hidden[0]
+
+
+def sequence_logprob(pipe, images, prompt: str, tokens: list[int], eos: bool = False) -> float:
+    """Teacher-forced log-likelihood of `tokens` (+ <eos>) after image + prompt, in one forward pass."""
+    tail = tokens + ([pipe.tokenizer.eos_id] if eos else [])
+    ids, hidden = teacher_forced(pipe, images, prompt, tail)
+    with torch.no_grad():
+        logprobs = pipe.model.logits(hidden[:-1]).log_softmax(-1)
+    picked = logprobs.gather(-1, ids[1:, None])[:, 0]
     return float(picked[-len(tail):].sum()) if tail else 0.0
 
 
 def next_token_logprobs(pipe, images, prompt: str, tokens: list[int]) -> torch.Tensor:
     """Log-probs (V,) of the token after image + prompt + tokens."""
-    n = pipe.config.num_image_tokens * len(images)
-    enc = encode_example(pipe.tokenizer, n, prompt)
-    enc.ids += tokens
-    enc.mask_ar += [1] * len(tokens)
-    enc.loss_mask += [0] * len(tokens)
-    batch = collate([enc], pipe.tokenizer.pad_id)
+    _, hidden = teacher_forced(pipe, images, prompt, tokens)
     with torch.no_grad():
-        hidden = pipe.model(batch["ids"], preprocess(images, pipe.config.vision.image_size),
-                            batch["input_mask"], batch["mask_ar"])
-        return pipe.model.logits(hidden[0, -1]).log_softmax(-1)
+        return pipe.model.logits(hidden[-1]).log_softmax(-1)
 
 
 # ---- batching -------------------------------------------------------------------------------

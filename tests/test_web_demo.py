@@ -54,6 +54,17 @@ def canvas_pixel(page, x: int, y: int) -> list[int]:
                          ".getContext('2d').getImageData(x, y, 1, 1).data)", [x, y])
 
 
+def run_task(page, image_path, task: str, arg: str) -> None:
+    """Upload an image, pick a task and its argument, run it and wait until the page says done."""
+    page.fill("#key", KEY)
+    page.set_input_files("#file", str(image_path))
+    page.wait_for_selector("#run:not([disabled])")
+    page.select_option("#task", task)
+    page.fill("#arg", arg)
+    page.click("#run")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=30_000)
+
+
 def test_detect_draws_the_box(page, tmp_path):
     W, H = 200, 150
     image = synthetic_image(3, size=(W, H))
@@ -61,13 +72,7 @@ def test_detect_draws_the_box(page, tmp_path):
     image.save(path)
 
     page.wait_for_selector("#key-row:not([hidden])")  # the server requires a key: the field shows
-    page.fill("#key", KEY)
-    page.set_input_files("#file", str(path))
-    page.wait_for_selector("#run:not([disabled])")
-    page.select_option("#task", "detect")
-    page.fill("#arg", "circle")
-    page.click("#run")
-    page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=30_000)
+    run_task(page, path, "detect", "circle")
     assert page.text_content("#text") == DETECTION
 
     items = page.query_selector_all("#objects li")
@@ -93,13 +98,7 @@ def test_detect_draws_the_box(page, tmp_path):
 def test_segment_draws_a_mask(page, tmp_path):
     path = tmp_path / "input.png"
     synthetic_image(4, size=(64, 48)).save(path)
-    page.fill("#key", KEY)
-    page.set_input_files("#file", str(path))
-    page.wait_for_selector("#run:not([disabled])")
-    page.select_option("#task", "segment")
-    page.fill("#arg", "triangle")
-    page.click("#run")
-    page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=30_000)
+    run_task(page, path, "segment", "triangle")
     assert "+ mask" in page.text_content("#objects li")
 
 

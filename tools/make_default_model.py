@@ -134,23 +134,24 @@ TARGETS = {  # issue 5: metric -> (task, what it measures, target)
 
 def write_model_card(work: Path) -> None:
     """MODEL_CARD.md from the exported files, the training log and eval.json: no hand-copied numbers."""
+    import palikit
     from palikit.atomic import write_text_atomic
-    from palikit.config import PaliGemmaConfig
 
     metrics = json.loads((work / "eval.json").read_text())
     log = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     train_log = [r for r in log if "loss" in r]
     run = yaml.safe_load((work / "run" / "config.yaml").read_text())
     images = [json.loads(line)["image"] for line in (work / "data" / "train.jsonl").read_text().splitlines()]
-    config = PaliGemmaConfig.from_hf_config(json.loads((ASSETS / "config.json").read_text()), "palikit-tiny-shapes")
-    v, t = config.vision, config.text
-    n_params = sum(int(np.prod(shape)) for shape in _safetensors_shapes(ASSETS / "model.safetensors"))
+    model = palikit.load("default", dtype="float32").model
+    v, t = model.config.vision, model.config.text
+    n_params = sum(p.numel() for p in model.parameters())
     mib = sum((ASSETS / f).stat().st_size for f in ("model.safetensors", "mask_codec.npz")) / 2**20
     rows = "\n".join(f"| {task} | {what} | {metrics[k]:.3f} | ≥ {target:.2f} | {'yes' if metrics[k] >= target else 'NO'} |"
                      for k, (task, what, target) in TARGETS.items())
     all_met = all(metrics[k] >= target for k, (_, _, target) in TARGETS.items())
     counts = ", ".join(f"{k} {n}" for k, n in metrics["examples"].items())
     examples_per_s = np.median([r["examples_per_s"] for r in train_log])
+    (first_until, first_lr), (_, then_lr) = LR_PHASES
     card = f"""# palikit default model: palikit-tiny-shapes
 
 A tiny PaliGemma 2 trained from scratch on palikit's synthetic shapes world
@@ -173,7 +174,7 @@ architecture, training, decoding and task parsing of palikit work together.
 - Data: `palikit.synthetic` at 96 px (the model resizes to {v.image_size} px): {len(set(images))} training scenes
   (seed 0) giving {len(images)} examples of every task, 200 validation scenes (seed 1).
 - Training: `configs/default_model.yaml`, AdamW, bfloat16 autocast with float32 weights, cosine
-  learning rate with a peak of 2e-3 until step 4000, then resumed at a peak of 6e-4 (`LR_PHASES`);
+  learning rate with a peak of {first_lr:g} until step {first_until}, then resumed at a peak of {then_lr:g} (`LR_PHASES`);
   {train_log[-1]["step"]} steps of {run["batch_size"]} examples, final training loss {np.mean([r["loss"] for r in train_log[-100:]]):.3f} (mean of the
   last 100 steps), median {examples_per_s:.0f} examples/s on a 2-core CPU.
 - Made by: `.venv/bin/python tools/make_default_model.py` (reproducible from the seeds; it
@@ -200,13 +201,6 @@ Only this synthetic world: real photos get confident nonsense. English prompts o
 task forms above, up to three shapes per image.
 """
     write_text_atomic(ASSETS / "MODEL_CARD.md", card)
-
-
-def _safetensors_shapes(path: Path):
-    from safetensors import safe_open
-
-    with safe_open(path, "np") as f:
-        return [f.get_slice(k).get_shape() for k in f.keys()]
 
 
 if __name__ == "__main__":
