@@ -273,11 +273,11 @@ def _presets() -> dict[str, PaliGemmaConfig]:
                          final_logit_softcap=30.0, post_norms=True),
     )
     # The bundled default model (palikit/assets/default): a small PaliGemma 2 trained from scratch
-    # on palikit.synthetic's shapes world by tools/make_default_model.py. 64 px input (the scenes are
-    # drawn at 96 px and resized), 8 px patches: 64 image tokens.
+    # on palikit.synthetic's shapes world by tools/make_default_model.py. 96 px input, the size the
+    # scenes are drawn at, and 8 px patches: 144 image tokens, digits about 2 patches tall.
     out["palikit-tiny-shapes"] = PaliGemmaConfig(
         name="palikit-tiny-shapes", image_token_id=1552, resample="bilinear",
-        vision=SiglipConfig(image_size=64, patch_size=8, hidden_size=128, intermediate_size=256, num_layers=4,
+        vision=SiglipConfig(image_size=96, patch_size=8, hidden_size=128, intermediate_size=256, num_layers=4,
                             num_heads=4),
         text=GemmaConfig(vocab_size=1600, hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4,
                          num_kv_heads=2, head_dim=64, query_pre_attn_scalar=64, attn_logit_softcap=50.0,

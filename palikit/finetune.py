@@ -754,8 +754,13 @@ class Trainer:
                 texts = pipe.generate([list(ex.images) for ex in examples], [ex.prefix for ex in examples],
                                       max_new_tokens=min(longest, cfg.eval_max_new_tokens),
                                       batch_size=cfg.eval_batch_size)
-            hits = sum(t.strip() == ex.suffix.strip() for t, ex in zip(texts, examples))
-            out["exact_match"] = hits / len(examples)
+            hits = [t.strip() == ex.suffix.strip() for t, ex in zip(texts, examples)]
+            out["exact_match"] = sum(hits) / len(examples)
+            by_task = {}  # by the prefix's first word (caption, answer, ocr, detect, ...)
+            for hit, ex in zip(hits, examples):
+                by_task.setdefault(ex.prefix.split(maxsplit=1)[0] if ex.prefix.strip() else "-", []).append(hit)
+            if len(by_task) > 1:
+                out |= {f"exact_match/{task}": sum(h) / len(h) for task, h in sorted(by_task.items())}
         barrier()
         module.train()
         if self.metrics:

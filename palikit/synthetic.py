@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -342,26 +343,53 @@ def generate_dataset(
     encode_mask: MaskEncoder | None = None,
     split_name: str = "train",
     number_prob: float = 0.5,
+    workers: int = 1,
 ) -> Path:
     """Write `out_dir/images/{split}_{i:06d}.png` and `out_dir/{split}.jsonl`; return the JSONL.
 
     Each JSONL line is {"image", "prefix", "suffix", "task"} with the image path relative to
     the JSONL. Image names carry the split so several splits can share `out_dir`. Every
     file is written to a temporary name and renamed, and the JSONL comes last, so a JSONL
-    that exists always points at complete images.
+    that exists always points at complete images. `workers` > 1 draws images in forked
+    processes; the files are the same bytes whatever the number of workers.
     """
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i in range(n_images):
-        scene, examples = _scene_and_examples(seed, i, size, encode_mask, number_prob)
-        rel = f"images/{split_name}_{i:06d}.png"
-        atomic_write(out_dir / rel, lambda p, im=scene.image: im.save(p, format="PNG"))
-        lines.extend(json.dumps({"image": rel, **ex}) for ex in examples)
+    job = (out_dir, seed, size, encode_mask, split_name, number_prob)
+    step = max(1, min(200, -(-n_images // (4 * workers))))  # about 4 chunks per worker
+    chunks = [range(i, min(i + step, n_images)) for i in range(0, n_images, step)]
+    if workers > 1 and len(chunks) > 1:
+        import multiprocessing
+
+        _FORKED_JOB[:] = [job]  # the encoder may be a closure over a model: fork shares it, pickle could not
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_one_thread) as pool:
+            lines = [line for part in pool.map(_write_images, chunks) for line in part]
+    else:
+        lines = [line for chunk in chunks for line in _write_images(chunk, job)]
     jsonl = out_dir / f"{split_name}.jsonl"
     text = "".join(line + "\n" for line in lines)
     atomic_write(jsonl, lambda p: p.write_text(text, encoding="utf-8"))
     return jsonl
+
+
+_FORKED_JOB: list = []
+
+
+def _one_thread() -> None:
+    if "torch" in sys.modules:  # an encoder that runs torch: one thread per worker process
+        sys.modules["torch"].set_num_threads(1)
+
+
+def _write_images(indices: range, job: tuple | None = None) -> list[str]:
+    """Draw and write images `indices` of a dataset; return their JSONL lines."""
+    out_dir, seed, size, encode_mask, split_name, number_prob = job or _FORKED_JOB[0]
+    lines = []
+    for i in indices:
+        scene, examples = _scene_and_examples(seed, i, size, encode_mask, number_prob)
+        rel = f"images/{split_name}_{i:06d}.png"
+        atomic_write(out_dir / rel, lambda p, im=scene.image: im.save(p, format="PNG"))
+        lines.extend(json.dumps({"image": rel, **ex}) for ex in examples)
+    return lines
 
 
 def shape_masks(n: int, seed: int, mask_size: int = 64, size: int = 96) -> np.ndarray:

@@ -192,8 +192,10 @@ def test_tiny_model_overfits_eight_examples(cfg, data):
     losses = _losses(cfg["out_dir"])
     assert losses[-1] < losses[0] / 10, losses[::10]
     assert result["exact_match"] == 1.0  # greedy generation reproduces every suffix
-    pipe = palikit.load(Path(cfg["out_dir"]) / "final", dtype="float32")
     rows = [json.loads(line) for line in data["eight"].read_text().splitlines()]
+    tasks = {r["prefix"].split()[0] for r in rows}  # caption, answer, ocr, detect
+    assert len(tasks) > 1 and {k: result[f"exact_match/{k}"] for k in tasks} == dict.fromkeys(tasks, 1.0)
+    pipe = palikit.load(Path(cfg["out_dir"]) / "final", dtype="float32")
     images = [str(data["eight"].parent / r["image"]) for r in rows]
     texts = pipe.generate(images, [r["prefix"] for r in rows], max_new_tokens=40)
     assert texts == [r["suffix"] for r in rows]
