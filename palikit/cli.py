@@ -122,7 +122,7 @@ def cmd_demo(args) -> None:
     import numpy as np
 
     import palikit
-    from palikit.synthetic import make_scene
+    from palikit.synthetic import KINDS, make_scene
     from palikit.tasks import draw
 
     pipe = palikit.load(args.model, dtype="float32")
@@ -134,16 +134,25 @@ def cmd_demo(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_image_atomic(image, out / "input.png")
     print(f"model: {pipe.config.name} ({args.model}); image: {args.image or out / 'input.png'}")
-    print(f"caption en                         -> {pipe.caption(image)}")
-    for kind in ("circle", "square"):
-        print(f"answer en how many {kind}s?".ljust(35) + f"-> {pipe.ask(image, f'how many {kind}s?')}")
-    print(f"answer en what colour is the star? -> {pipe.ask(image, 'what colour is the star?')}")
-    print(f"ocr                                -> {pipe.ocr(image)}")
-    dets = pipe.detect(image, ["circle", "square", "triangle", "star"])
-    print("detect circle ; square ; triangle ; star ->", [d.to_dict() for d in dets] or "(nothing)")
-    segs = pipe.segment(image, dets[0].label if dets else "circle") if pipe.codec_path else []
-    print(f"segment {segs[0].label if segs else '-'} ->", [(s.label, [round(v) for v in s.box]) for s in segs]
-          or "(nothing)")
+    caption = pipe.caption(image)
+    print(f"caption en".ljust(40) + f"-> {caption}")
+    # Ask about the kinds the caption names, one kind per detect/segment prompt as in training.
+    kinds = sorted((k for k in KINDS if k in caption), key=caption.index) or ["circle", "square"]
+    for kind in kinds:
+        print(f"answer en how many {kind}s?".ljust(40) + f"-> {pipe.ask(image, f'how many {kind}s?')}")
+    for kind in [k for k in kinds if caption.count(k) == 1][:1]:  # "the X" needs exactly one X
+        print(f"answer en what colour is the {kind}?".ljust(40) + f"-> {pipe.ask(image, f'what colour is the {kind}?')}")
+    print(f"ocr".ljust(40) + f"-> {pipe.ocr(image)}")
+    dets, segs = [], []
+    for kind in kinds:
+        found = pipe.detect(image, [kind])
+        print(f"detect {kind}".ljust(40) + "->", [(d.label, [round(v) for v in d.box]) for d in found] or "(nothing)")
+        dets += found
+    for kind in kinds if pipe.codec_path else []:
+        found = pipe.segment(image, kind)
+        print(f"segment {kind}".ljust(40) + "->",
+              [(m.label, [round(v) for v in m.box], f"{0 if m.mask is None else int(m.mask.sum())} mask px") for m in found] or "(nothing)")
+        segs += found
     write_image_atomic(draw(image, [*dets, *segs]), out / "overlay.png")
     print(f"overlay with boxes and masks: {out / 'overlay.png'}")
 
@@ -210,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("demo", help="run every task on a generated image with the bundled model")
     p.add_argument("--model", default="default")
     p.add_argument("--image", help="your own image instead of a generated one")
-    p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--seed", type=int, default=1, help="which generated scene (1: two kinds and a number)")
     p.add_argument("--out", default="demo_out")
     p.set_defaults(func=cmd_demo)
 
