@@ -38,7 +38,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_inference import make_checkpoint  # noqa: E402
 
-LLM_LINEAR = r"language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 SUFFIX = "a photo of a cat sitting on a red chair next to a window"
 
 
@@ -106,6 +105,7 @@ def run_transformers(ckpt: str, data: str, mode: str, args) -> dict:
 
     from palikit.api import collate
     from palikit.data import read_jsonl
+    from palikit.finetune import LORA_TARGETS  # the same modules as palikit's `targets: llm`
     from palikit.processor import Tokenizer, encode_example, preprocess
 
     t0 = time.perf_counter()
@@ -113,7 +113,7 @@ def run_transformers(ckpt: str, data: str, mode: str, args) -> dict:
                                                               attn_implementation="eager").train()
     if mode == "lora":
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                 target_modules=rf".*{LLM_LINEAR}"))
+                                                 target_modules=rf".*{LORA_TARGETS['llm']}"))
     else:
         model.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]

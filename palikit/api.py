@@ -211,8 +211,14 @@ class Pipeline:
         return self._objects(image, "segment", tasks.segment_prompt(label), codec, max_new_tokens, sampling)
 
     def objects(self, task: str, text: str, generated: gen.Generated, image, codec=None) -> list:
-        """Parse a detect / segment output for `image` (segment: with masks pasted at its size)."""
-        objects = parse_objects(task, text, generated, self.tokenizer, image.width, image.height)
+        """Parse a detect / segment output for `image` (anything with .width and .height): each
+        object is scored by the mean log-prob of its tokens when the tokens and log-probs describe
+        `text` (unscored otherwise), and segment masks are pasted at the image's size."""
+        pieces = self.tokenizer.decode_pieces(generated.tokens)
+        scored = len(generated.logprobs) == len(generated.tokens) and "".join(pieces) == text
+        parse = tasks.parse_detections if task == "detect" else tasks.parse_segmentations
+        objects = parse(text, image.width, image.height, pieces=pieces if scored else None,
+                        logprobs=generated.logprobs if scored else None).objects
         return self.attach_masks(objects, image, codec) if task == "segment" else objects
 
     def attach_masks(self, segmentations: list, image, codec=None) -> list:
@@ -255,16 +261,6 @@ class Pipeline:
         save_hf_folder(self.model, folder)
         data = self.tokenizer.path.read_bytes()
         (Path(folder) / "tokenizer.model").write_bytes(data)
-
-
-def parse_objects(task: str, text: str, generated: gen.Generated, tokenizer, width: int, height: int) -> list:
-    """detect / segment output -> objects, each scored by the mean log-prob of its tokens (when the
-    tokens and log-probs describe `text`; unscored otherwise). Masks are not attached."""
-    pieces = tokenizer.decode_pieces(generated.tokens)
-    scored = len(generated.logprobs) == len(generated.tokens) and "".join(pieces) == text
-    parse = tasks.parse_detections if task == "detect" else tasks.parse_segmentations
-    return parse(text, width, height, pieces=pieces if scored else None,
-                 logprobs=generated.logprobs if scored else None).objects
 
 
 def collate(examples, pad_id: int, device="cpu") -> dict[str, torch.Tensor]:

@@ -135,14 +135,14 @@ def cmd_demo(args) -> None:
     write_image_atomic(image, out / "input.png")
     print(f"model: {pipe.config.name} ({args.model}); image: {args.image or out / 'input.png'}")
     caption = pipe.caption(image)
-    print(f"caption en".ljust(40) + f"-> {caption}")
+    print("caption en".ljust(40) + f"-> {caption}")
     # Ask about the kinds the caption names, one kind per detect/segment prompt as in training.
     kinds = sorted((k for k in KINDS if k in caption), key=caption.index) or ["circle", "square"]
     for kind in kinds:
         print(f"answer en how many {kind}s?".ljust(40) + f"-> {pipe.ask(image, f'how many {kind}s?')}")
     for kind in [k for k in kinds if caption.count(k) == 1][:1]:  # "the X" needs exactly one X
         print(f"answer en what colour is the {kind}?".ljust(40) + f"-> {pipe.ask(image, f'what colour is the {kind}?')}")
-    print(f"ocr".ljust(40) + f"-> {pipe.ocr(image)}")
+    print("ocr".ljust(40) + f"-> {pipe.ocr(image)}")
     dets, segs = [], []
     for kind in kinds:
         found = pipe.detect(image, [kind])
@@ -150,8 +150,8 @@ def cmd_demo(args) -> None:
         dets += found
     for kind in kinds if pipe.codec_path else []:
         found = pipe.segment(image, kind)
-        print(f"segment {kind}".ljust(40) + "->",
-              [(m.label, [round(v) for v in m.box], f"{0 if m.mask is None else int(m.mask.sum())} mask px") for m in found] or "(nothing)")
+        shown = [(m.label, [round(v) for v in m.box], f"{int(m.mask.sum())} mask px") for m in found]
+        print(f"segment {kind}".ljust(40) + "->", shown or "(nothing)")
         segs += found
     write_image_atomic(draw(image, [*dets, *segs]), out / "overlay.png")
     print(f"overlay with boxes and masks: {out / 'overlay.png'}")

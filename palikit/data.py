@@ -284,7 +284,7 @@ def check_dataset(path: str | Path, config=None, tokenizer=None, max_text_len: i
     limit = config.text.max_position_embeddings if config else None
     for ex in examples:
         report.problems += _check_example(ex, open_images)
-        task = _task_word(ex.prefix)
+        task = task_word(ex.prefix)
         report.tasks[task if task in TASK_PREFIXES else "other"] += 1
         if tokenizer is None:
             continue
@@ -305,7 +305,7 @@ def check_dataset(path: str | Path, config=None, tokenizer=None, max_text_len: i
     return report
 
 
-def _task_word(prefix: str) -> str:
+def task_word(prefix: str) -> str:
     words = re.sub(r"^(\s*<image>)+\s*", "", prefix).removeprefix("<bos>").split(maxsplit=1)
     return words[0] if words else ""
 
@@ -321,7 +321,7 @@ def _check_example(ex: Example, open_images: bool) -> list[Problem]:
                     im.verify()
             except Exception as e:  # PIL raises many types for broken files
                 out.append(Problem(ex.where, "unreadable-image", f"{image}: {e}"))
-    task = _task_word(ex.prefix)
+    task = task_word(ex.prefix)
     if task not in TASK_PREFIXES:
         out.append(Problem(ex.where, "unknown-task", f"prompt {ex.prefix!r} starts with no known task "
                            f"({' '.join(TASK_PREFIXES)})", error=False))

@@ -59,7 +59,7 @@ from tqdm import tqdm
 from .api import DTYPES, Pipeline, load
 from .atomic import write_text_atomic
 from .config import PaliGemmaConfig
-from .data import Example, PaliGemmaDataset, StepSampler, load_examples, make_collate
+from .data import Example, PaliGemmaDataset, StepSampler, load_examples, make_collate, task_word
 from .gemma import RMSNorm
 from .paligemma import PaliGemma
 from .processor import Tokenizer, train_tokenizer
@@ -492,7 +492,8 @@ def init_distributed(device: str) -> tuple[int, int, torch.device]:
         raise ConfigError("device=cuda but no CUDA GPU is available")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
+            # gloo beside nccl: all_sum reduces small CPU tensors (losses, counts), which nccl cannot.
+            dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
         local = int(os.environ.get("LOCAL_RANK", "0"))
         dev = torch.device("cuda", local) if cuda else torch.device("cpu")
         if cuda:
@@ -756,9 +757,9 @@ class Trainer:
                                       batch_size=cfg.eval_batch_size)
             hits = [t.strip() == ex.suffix.strip() for t, ex in zip(texts, examples)]
             out["exact_match"] = sum(hits) / len(examples)
-            by_task = {}  # by the prefix's first word (caption, answer, ocr, detect, ...)
+            by_task = {}  # by the prompt's first word (caption, answer, ocr, detect, ...)
             for hit, ex in zip(hits, examples):
-                by_task.setdefault(ex.prefix.split(maxsplit=1)[0] if ex.prefix.strip() else "-", []).append(hit)
+                by_task.setdefault(task_word(ex.prefix) or "-", []).append(hit)
             if len(by_task) > 1:
                 out |= {f"exact_match/{task}": sum(h) / len(h) for task, h in sorted(by_task.items())}
         barrier()

@@ -63,7 +63,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import generate as gen
 from . import tasks
-from .api import Pipeline, parse_objects
+from .api import Pipeline
 from .processor import _RESAMPLE, InputError, encode_example, load_image
 
 log = logging.getLogger(__name__)
@@ -450,10 +450,7 @@ class Batcher:
         out = {"text": text, "completion_tokens": len(tokens),
                "finish_reason": "length" if len(tokens) >= job.max_new_tokens else "stop"}
         if job.parse:
-            objects = parse_objects(job.parse, text, gen.Generated(tokens, logprobs), self.pipe.tokenizer,
-                                    job.size.width, job.size.height)
-            if job.parse == "segment" and objects:
-                objects = self.pipe.attach_masks(objects, job.size)
+            objects = self.pipe.objects(job.parse, text, gen.Generated(tokens, logprobs), job.size)
             out["objects"] = [o.to_dict() for o in objects]
         return out
 

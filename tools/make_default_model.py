@@ -89,7 +89,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=80000, help="training images")
     ap.add_argument("--workers", type=int, default=os.cpu_count(), help="processes drawing the data")
     ap.add_argument("--set", action="append", default=[], help="extra key=value for palikit train")
-    ap.add_argument("--export", action="store_true", help="only copy the newest checkpoint and evaluate")
+    ap.add_argument("--export", action="store_true", help="only copy the finished run (run/final) and evaluate it")
     args = ap.parse_args()
     work = (ROOT / args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
