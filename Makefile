@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test setup setup-test bench clean
+.PHONY: demo test mutants setup setup-test bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: setup
 
 test: setup-test
 	$(BIN)/python -m pytest
+
+# Each known bug, put in on purpose, must make its tests fail (tools/mutants.py); about 6 minutes.
+mutants: setup-test
+	$(BIN)/python tools/mutants.py
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -93,9 +93,12 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 def iter_safetensors(files: list[Path], version: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """(palikit name, tensor) of every tensor, read one at a time with pread(2), not mmap: the pages
+    of a memory-mapped file stay resident (and in RSS) until it is closed, so converting a float32
+    file to bfloat16 through mmap peaks at the whole file plus the converted model."""
     for path in files:
         try:
-            with safe_open(path, framework="pt") as f:
+            with safe_open(path, framework="pt", backend="pread") as f:
                 for key in f.keys():
                     name = hf_to_palikit(key, version)
                     if name is not None:
@@ -303,9 +306,14 @@ def load_npz(path: Path, dtype=torch.bfloat16, device="cpu") -> PaliGemma:
         npz = np.load(path, allow_pickle=False)
         # Strip the optional "params/" prefix; remember each array's shape without reading it.
         arrays = {k.removeprefix("params/"): k for k in npz.files}
-        shapes = {k: _npz_shape(npz, v) for k, v in arrays.items()}
+        headers = {k: _npz_header(npz, v) for k, v in arrays.items()}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # not a zip / empty / bad header
         raise CheckpointError(f"cannot read {path} as a big_vision npz: {e}") from e
+    # Object arrays are pickles: reading one runs code from the file. Refuse them before any read.
+    if pickled := [arrays[k] for k, (_, dtype) in headers.items() if dtype.hasobject]:
+        raise CheckpointError(f"{path} holds Python objects (pickle) in {', '.join(pickled[:3])}: palikit reads "
+                              "numeric arrays only and never unpickles")
+    shapes = {k: shape for k, (shape, _) in headers.items()}
     required = ["llm/layers/attn/q_einsum/w", "img/pos_embedding", "llm/embedder/input_embedding"]
     if missing := [k for k in required if k not in shapes]:
         raise CheckpointError(f"{path} is not a PaliGemma big_vision checkpoint: no {', '.join(missing)}")
@@ -318,14 +326,15 @@ def load_npz(path: Path, dtype=torch.bfloat16, device="cpu") -> PaliGemma:
     return load_tensors(build_on_meta(config), iter_npz(_View(), shapes, config), dtype, device, path)
 
 
-def _npz_shape(npz, key: str) -> tuple:
-    # NpzFile has no shape query; reading the header through the zip member avoids loading the array.
+def _npz_header(npz, key: str) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) of an array from its .npy header, without reading (or unpickling) the data."""
+    # NpzFile has no header query; the zip member's header says it. Public readers only: numpy 2
+    # removed the private _read_array_header.
     with npz.zip.open(key + ".npy") as f:
         version = np.lib.format.read_magic(f)
-        # Public readers only: numpy 2 removed the private _read_array_header.
         fmt = np.lib.format
         read = {(1, 0): fmt.read_array_header_1_0, (2, 0): fmt.read_array_header_2_0}.get(version)
-        if read is not None:
-            shape, _, _ = read(f)
-            return shape
-    return npz[key].shape  # format 3.0 (utf-8 header): read the array
+        if read is None:
+            raise ValueError(f"{key}: .npy format {version} is not supported (expected 1.0 or 2.0)")
+        shape, _, dtype = read(f)
+        return shape, dtype

@@ -4,6 +4,7 @@ checkpoints written by transformers' save_pretrained and by palikit, synthetic i
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import numpy as np
@@ -66,6 +67,18 @@ def hf_config(config: PaliGemmaConfig):
     return hf
 
 
+def sharpen(model: torch.nn.Module, scores: float = 3.0, logits: float = 2.0) -> None:
+    """Scale the decoder's q and k by `scores` (attention scores x9: up to about 25 instead of 3) and
+    the tied embedding by `logits` (logits up to about 10) of a transformers PaliGemma, so that
+    Gemma 2's soft-caps (50 on scores, 30 on logits) each move logits by 0.3 or more, thousands of
+    times the tests' tolerance."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if re.search(r"language_model\.layers\.\d+\.self_attn\.[qk]_proj\.weight$", name):
+                p.mul_(scores)
+        model.get_input_embeddings().weight.mul_(logits)
+
+
 def make_hf_checkpoint(folder, config: PaliGemmaConfig, tokenizer_file, seed=0):
     """Random-init transformers model saved with save_pretrained (+ our tokenizer.model)."""
     from transformers import PaliGemmaForConditionalGeneration
@@ -73,6 +86,7 @@ def make_hf_checkpoint(folder, config: PaliGemmaConfig, tokenizer_file, seed=0):
     torch.manual_seed(seed)
     model = PaliGemmaForConditionalGeneration(hf_config(config)).eval()
     randomize(model, seed)
+    sharpen(model)
     model.save_pretrained(folder)
     shutil.copy(tokenizer_file, folder / "tokenizer.model")
     return model
@@ -104,7 +118,8 @@ def synthetic_image(seed: int, size=(40, 30)) -> Image.Image:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer_file):
-    """A palikit-written random tiny PaliGemma 2 folder with tokenizer and a random mask codec."""
+    """A palikit-written random tiny PaliGemma 2 folder with tokenizer and a random mask codec whose
+    masks are not empty."""
     from palikit.api import Pipeline
     from palikit.maskcodec import MASK_CODEC_PRESETS, MaskCodec
     from palikit.paligemma import PaliGemma
@@ -116,5 +131,8 @@ def tiny_model_dir(tmp_path_factory, tokenizer_file):
     randomize(model, 7)
     Pipeline(model, Tokenizer(tokenizer_file, image_token_id=1552)).save(folder)
     torch.manual_seed(0)
-    MaskCodec(MASK_CODEC_PRESETS["tiny"]).save_npz(folder / "mask_codec.npz")
+    codec = MaskCodec(MASK_CODEC_PRESETS["tiny"])
+    with torch.no_grad():  # random weights decode to about -0.2 everywhere: every mask would be empty
+        codec.decoder[-1].bias += 1.0  # a positive logit everywhere: each mask fills its box
+    codec.save_npz(folder / "mask_codec.npz")
     return folder

@@ -1,18 +1,18 @@
-"""The task API, CLI and `palikit run` on a tiny random checkpoint."""
+"""The task API and `palikit run` on a tiny random checkpoint."""
 
 from __future__ import annotations
 
 import json
+import select
 import subprocess
 import sys
-import time
+import textwrap
 
 import numpy as np
 import pytest
 import torch
 
 import palikit
-from palikit.cli import main
 from palikit.generate import Generated
 
 from .conftest import synthetic_image
@@ -23,13 +23,33 @@ def pipe(tiny_model_dir):
     return palikit.load(tiny_model_dir, dtype="float32")
 
 
-def test_text_tasks_return_strings(pipe):
-    img = synthetic_image(0)
-    assert isinstance(pipe.caption(img, max_new_tokens=4), str)
-    assert isinstance(pipe.ask(img, "how many circles?", max_new_tokens=4), str)
-    assert isinstance(pipe.ocr(img, max_new_tokens=4), str)
-    batch = pipe.caption([img, synthetic_image(1)], lang="fr", max_new_tokens=4)
-    assert isinstance(batch, list) and len(batch) == 2
+def test_text_tasks_send_their_prompts(pipe, monkeypatch):
+    """caption / ask / ocr answer with exactly what generate gives for their task prefix, and `lang`,
+    `style` and the question reach the prompt. Catches a task helper that drops an argument."""
+    img, other = synthetic_image(0), synthetic_image(1)
+    prompts = []
+    generate = pipe.generate_details
+
+    def spy(images, batch_prompts, **kw):
+        prompts.append(list(batch_prompts) if isinstance(batch_prompts, list) else [batch_prompts])
+        return generate(images, batch_prompts, **kw)
+
+    monkeypatch.setattr(pipe, "generate_details", spy)
+    cases = [
+        (lambda: pipe.caption(img, lang="fr", max_new_tokens=4), "caption fr"),
+        (lambda: pipe.caption(img, lang="de", style="describe", max_new_tokens=4), "describe de"),
+        (lambda: pipe.ask(img, "how many circles?", lang="es", max_new_tokens=4), "answer es how many circles?"),
+        (lambda: pipe.ocr(img, max_new_tokens=4), "ocr"),
+    ]
+    for call, prompt in cases:
+        prompts.clear()
+        got = call()
+        assert prompts == [[prompt]]
+        assert isinstance(got, str) and got == pipe.generate(img, prompt, max_new_tokens=4)
+    prompts.clear()
+    batch = pipe.caption([img, other], lang="fr", max_new_tokens=4)
+    assert prompts == [["caption fr", "caption fr"]]
+    assert batch == pipe.generate([img, other], ["caption fr"] * 2, max_new_tokens=4)
     with pytest.raises(ValueError, match="xx"):
         pipe.caption(img, lang="xx")
 
@@ -57,21 +77,33 @@ def test_detect_parses_boxes_in_pixels(pipe, monkeypatch):
     assert len(pipe.detect([img, img], "red circle")) == 2
 
 
+def box_pixels(box, height: int, width: int) -> np.ndarray:
+    """The pixels of a box as paste_mask fills them (corners truncated, as big_vision's evaluator)."""
+    x1, y1, x2, y2 = (int(v) for v in box)
+    out = np.zeros((height, width), bool)
+    out[y1:y2, x1:x2] = True
+    return out
+
+
 def test_segment_pastes_masks(pipe, monkeypatch):
+    """The fixture's codec decodes every code to a positive logit, so each mask is its whole box.
+    Catches a mask pasted at the wrong place or size, or not at all."""
     codes = "".join(f"<seg{i:03d}>" for i in range(16))
-    scripted(pipe, monkeypatch, f"<loc0100><loc0100><loc0900><loc0900>{codes} triangle")
+    scripted(pipe, monkeypatch, f"<loc0100><loc0200><loc0900><loc0800>{codes} triangle")
     img = synthetic_image(0, size=(64, 48))
     segs = pipe.segment(img, "triangle")
     assert len(segs) == 1 and segs[0].codes == list(range(16))
     assert segs[0].mask.shape == (48, 64) and segs[0].mask.dtype == bool
-    ys, xs = np.nonzero(segs[0].mask)
-    if len(xs):  # all mask pixels lie inside the box
-        x1, y1, x2, y2 = segs[0].box
-        assert xs.min() >= int(x1) and xs.max() < int(x2) + 1 and ys.min() >= int(y1) and ys.max() < int(y2) + 1
+    x1, y1, x2, y2 = segs[0].box
+    assert (x1, y1) == pytest.approx((200 / 1023 * 64, 100 / 1023 * 48))
+    assert segs[0].mask.any() and np.array_equal(segs[0].mask, box_pixels(segs[0].box, 48, 64))
     d = segs[0].to_dict()
     assert d["mask"]["size"] == [48, 64]
-    overlay = palikit.draw(img, segs)
-    assert overlay.size == img.size
+    overlay = np.asarray(palikit.draw(img, segs)).astype(int)
+    tint = np.abs(overlay - np.asarray(img).astype(int)).sum(-1) > 0
+    inner = box_pixels((x1 + 3, y1 + 14, x2 - 3, y2 - 3), 48, 64)  # clear of the outline and label
+    assert tint[inner].all()  # the mask is drawn...
+    assert not tint[int(y2) + 3:].any() and not tint[:, :int(x1) - 2].any()  # ...and nothing below or left
 
 
 def test_segment_without_codec_is_a_clear_error(tiny_model_dir, tmp_path):
@@ -82,38 +114,6 @@ def test_segment_without_codec_is_a_clear_error(tiny_model_dir, tmp_path):
     p = palikit.load(tmp_path, dtype="float32")
     with pytest.raises(palikit.InputError, match="codec"):
         p.segment(synthetic_image(0), "cat")
-
-
-def test_cli_generate_and_tasks(tiny_model_dir, tmp_path, capsys):
-    img = tmp_path / "img.png"
-    synthetic_image(0).save(img)
-    assert main(["generate", "--model", str(tiny_model_dir), "--image", str(img), "--prompt", "caption en",
-                 "--max-new-tokens", "3", "--json", "--dtype", "float32"]) == 0
-    out = json.loads(capsys.readouterr().out)
-    assert set(out) >= {"text", "tokens"} and len(out["tokens"]) <= 3
-    assert main(["detect", str(img), "circle", "square", "--model", str(tiny_model_dir), "--json",
-                 "--out", str(tmp_path / "o.png")]) == 0
-    assert isinstance(json.loads(capsys.readouterr().out), list)
-    assert (tmp_path / "o.png").exists()
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["generate", "--model", "/nonexistent/model", "--image", "x.png", "--prompt", "caption en"], "not found"),
-    (["caption", "missing.png"], "not found"),
-])
-def test_cli_errors_are_one_line(argv, message, tiny_model_dir, capsys):
-    if argv[0] == "caption":
-        argv = argv + ["--model", str(tiny_model_dir)]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
-
-
-def test_cli_corrupt_image(tiny_model_dir, tmp_path, capsys):
-    bad = tmp_path / "bad.png"
-    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    assert main(["caption", str(bad), "--model", str(tiny_model_dir)]) == 2
-    assert "not a readable image" in capsys.readouterr().err
 
 
 def write_jobs(folder, n):
@@ -145,44 +145,94 @@ def test_run_reports_bad_lines_and_goes_on(tiny_model_dir, tmp_path):
     assert all("text" in r for i, r in enumerate(recs) if i not in (5, 7))
 
 
-def test_run_resumes_after_kill(tiny_model_dir, tmp_path):
-    n = 80
+# `palikit run` that hangs before its model call number `after` (0-based), once it has said so on
+# stdout: the parent kills it there, with `after` batches written and the next one in flight.
+HANG_BEFORE_BATCH = textwrap.dedent("""
+    import sys
+
+    import torch
+
+    from palikit import cli
+    from palikit.api import Pipeline
+
+    torch.set_num_threads(1)
+    after, calls = int(sys.argv[1]), []
+    generate = Pipeline.generate_details
+
+    def generate_or_hang(self, *args, **kwargs):
+        if len(calls) == after:
+            print("hanging", flush=True)
+            sys.stdin.read()  # until killed
+        calls.append(1)
+        return generate(self, *args, **kwargs)
+
+    Pipeline.generate_details = generate_or_hang
+    cli.main(sys.argv[2:])
+""")
+
+
+def test_run_resumes_after_kill(tiny_model_dir, tmp_path, pipe, monkeypatch):
+    """kill -9 mid-run, a torn last line, then a rerun: every line answered once, as an uninterrupted
+    run answers it, and no finished job runs again. Catches a rerun that starts over (the planted
+    record would be rewritten and every job generated again) or that loses or repeats lines."""
+    from palikit.batch import run_jobs
+
+    n = 40
     write_jobs(tmp_path, n)
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "palikit.cli", "run", "--model", str(tiny_model_dir), "--input",
-           str(tmp_path / "jobs.jsonl"), "--output", str(out), "--batch-size", "2", "--max-new-tokens", "6",
-           "--dtype", "float32"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 4):
-        time.sleep(0.05)
-    proc.kill()
-    proc.wait()
-    partial = len(read_output_lenient(out))
-    assert 0 < partial < n, "the run should have been killed mid-way"
-    with open(out, "a") as f:
-        f.write('{"line": 999, "text": "torn')  # a half-written record, as a crash can leave
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ["run", "--model", str(tiny_model_dir), "--input", str(tmp_path / "jobs.jsonl"), "--output",
+            str(out), "--batch-size", "2", "--max-new-tokens", "6", "--dtype", "float32"]
+    proc = subprocess.Popen([sys.executable, "-c", HANG_BEFORE_BATCH, "3", *args], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        assert ready and proc.stdout.readline() == "hanging\n", "the run never reached its 4th batch"
+    finally:
+        proc.kill()
+        proc.wait()
+    before = read_output(out)
+    assert [r["line"] for r in before] == list(range(6))  # 3 batches of 2 lines (line 5 is an error)
+    before[0]["text"] = "written before the kill"  # a rerun that starts over would lose this
+    out.write_text("".join(json.dumps(r) + "\n" for r in before) + '{"line": 999, "text": "torn')
+
+    generated = []
+    generate = pipe.generate_details
+
+    def counting(images, prompts, **kw):
+        generated.extend(prompts)
+        return generate(images, prompts, **kw)
+
+    monkeypatch.setattr(pipe, "generate_details", counting)
+    run_jobs(pipe, tmp_path / "jobs.jsonl", out, batch_size=2, max_new_tokens=6)
     recs = read_output(out)
     assert sorted(r["line"] for r in recs) == list(range(n))  # nothing lost, nothing duplicated
-    # Resumed results equal an uninterrupted run.
-    ref_cmd = [str(tmp_path / "ref.jsonl") if c == str(out) else c for c in cmd]
-    subprocess.run(ref_cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert recs[0] == before[0]
+    assert len(generated) == n - 6 - 1  # only the unfinished jobs ran (line 7 is not JSON)
+    monkeypatch.undo()
+    run_jobs(pipe, tmp_path / "jobs.jsonl", tmp_path / "ref.jsonl", batch_size=2, max_new_tokens=6)
     ref = {r["line"]: r for r in read_output(tmp_path / "ref.jsonl")}
-    assert all(r == ref[r["line"]] for r in recs)
+    assert all(r == ref[r["line"]] for r in recs[1:])  # resumed results equal an uninterrupted run
 
 
-def read_output_lenient(path):
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:
-            pass
-    return out
-
-
-def test_score_prefers_the_suffix_the_model_generates(pipe):
+def test_score_prefers_the_suffix_the_model_generates(pipe, monkeypatch):
+    """score(text) is the log-likelihood of the text's tokens and <eos>: the sum of the log-probs that
+    generation gave those tokens plus log p(<eos>) after them (from generation's own next step), and
+    the model's greedy text outscores other texts. Catches a score over shifted positions, without
+    the <eos> term, or with the wrong tokens."""
     img = synthetic_image(3)
-    text, g = pipe.generate_details(img, "caption en", max_new_tokens=5)[0]
-    assert torch.isfinite(torch.tensor(pipe.score([img], ["caption en"], [text])))
+    step_logits = []
+    logits = pipe.model.logits
+    monkeypatch.setattr(pipe.model, "logits", lambda h: step_logits.append(logits(h)) or step_logits[-1])
+    (_, g), = pipe.generate_details(img, "caption en", max_new_tokens=6)
+    monkeypatch.undo()
+    tokens = g.tokens[:5]
+    text = pipe.tokenizer.decode(tokens)
+    assert len(g.tokens) == 6 and pipe.tokenizer.encode(text) == tokens  # the text is these tokens
+    log_p_eos = float(step_logits[5][0].log_softmax(-1)[pipe.tokenizer.eos_id])
+    (score,) = pipe.score([img], ["caption en"], [text])
+    assert score == pytest.approx(sum(g.logprobs[:5]) + log_p_eos, abs=1e-4)
+    # Other texts: another repeated token, these tokens after another first one, plain words.
+    others = [pipe.generate(img, "ocr", max_new_tokens=5), pipe.tokenizer.decode([tokens[0] + 1] + tokens[1:]),
+              "a red circle"]
+    assert len({text, *others}) == 4
+    assert all(score > s for s in pipe.score([img] * 3, ["caption en"] * 3, others)), others

@@ -5,10 +5,11 @@ import json
 import math
 import os
 import re
-import signal
+import select
+import shutil
 import subprocess
 import sys
-import time
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -54,9 +55,11 @@ def cfg(tmp_path, data, tokenizer_file):
             "lr": 1e-3, "warmup": 0, "max_text_len": 64, "seed": 0}
 
 
-def _run(config: dict) -> Trainer:
+def _run(config: dict, starts_at: int = 0) -> Trainer:
+    """Train `config` to its end; the trainer must start at step `starts_at` (a resumed checkpoint's)."""
     trainer = Trainer(load_config(config))
     try:
+        assert trainer.step == starts_at, f"the run starts at step {trainer.step}, not {starts_at}"
         trainer.train()
     finally:
         trainer.cleanup()
@@ -209,8 +212,29 @@ def _final_tensors(run_dir: Path, lora: bool) -> dict:
     return load_file(run_dir / "final" / name)
 
 
+SENTINEL = 12345.0  # a loss no run logs
+
+
+def _plant_sentinel(run_dir: Path) -> None:
+    """Overwrite the loss logged at step 1 (before the checkpoint a resume starts from): a resume
+    that restarts at step 0 rewrites the row, a real one keeps it."""
+    path = Path(run_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    first = next(r for r in rows if r["step"] == 1 and "loss" in r)
+    first["loss"] = SENTINEL
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _with_sentinel(losses: list[float]) -> list[float]:
+    return [SENTINEL, *losses[1:]]
+
+
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_resume_is_exact(cfg, tmp_path, lora):
+    """Stopped after step 3, resumed from the step-2 checkpoint: the same weights and losses as an
+    uninterrupted run. Catches a --resume that restarts at step 0 (the trainer's first step and the
+    kept step-1 row), and one that misses weights, optimizer state, RNG (LoRA dropout) or data
+    position (the final weights)."""
     extra = {"steps": 6, "save_every": 2, "keep_last": 5}
     if lora:  # dropout makes the restored RNG state matter
         extra["lora"] = {"r": 4, "dropout": 0.2}
@@ -224,33 +248,67 @@ def test_resume_is_exact(cfg, tmp_path, lora):
     assert not [f for f in files if f.endswith((".pt", ".bin", ".pkl"))], files  # no pickle anywhere
     with pytest.raises(ConfigError, match="--resume"):
         _run(broken)
-    _run(broken | {"resume": True})
+    _plant_sentinel(out)
+    _run(broken | {"resume": True}, starts_at=2)
     a, b = _final_tensors(tmp_path / "straight", lora), _final_tensors(out, lora)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert _losses(tmp_path / "straight") == _losses(out)  # the killed run's extra row is dropped
+    # The rows up to the checkpoint are kept, the killed run's row of step 3 is dropped.
+    assert _losses(out) == _with_sentinel(_losses(tmp_path / "straight"))
+
+
+# A training run that hangs inside the optimizer save of step `stop_at`, once it has said so on
+# stdout: the parent kills it there, so the kill always lands mid-save (no timing window).
+HANG_IN_SAVE = textwrap.dedent("""
+    import sys
+    import palikit.finetune as ft
+
+    config, stop_at = sys.argv[1], int(sys.argv[2])
+    save = ft._save_optimizer
+
+    def save_then_hang(state, folder):
+        save(state, folder)
+        if folder.name == f".step-{stop_at:06d}.tmp":
+            print("saving", flush=True)
+            sys.stdin.read()  # until killed
+
+    ft._save_optimizer = save_then_hang
+    ft.main([config])
+""")
+
+
+def wait_for_line(proc: subprocess.Popen, timeout: float) -> str:
+    """The child's next stdout line, or '' if it exits or stays silent for `timeout` seconds."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline() if ready else ""
 
 
 def test_resume_after_sigkill(cfg, tmp_path):
-    """A real kill -9 at an arbitrary moment (maybe mid-save) still resumes to identical weights."""
-    extra = {"steps": 40, "save_every": 1, "keep_last": 2}
+    """A real kill -9 inside a checkpoint save (step 3's, half-written) still resumes to identical
+    weights from step 2. Catches a resume that leaves the half-written .step-*.tmp folder behind,
+    and one that restarts at step 0 (the kept step-1 row)."""
+    extra = {"steps": 6, "save_every": 1, "keep_last": 2}
     _run(cfg | extra | {"out_dir": str(tmp_path / "straight")})
     out = tmp_path / "killed"
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(cfg | extra | {"out_dir": str(out)}))
-    proc = subprocess.Popen([sys.executable, "-m", "palikit.finetune", str(path)], cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not any(out.glob("step-00000[3-9]")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    alive = proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert alive, "the run ended before it could be killed"
-    _run(cfg | extra | {"out_dir": str(out), "resume": True})
+    proc = subprocess.Popen([sys.executable, "-c", HANG_IN_SAVE, str(path), "3"], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert wait_for_line(proc, 120) == "saving\n", "the run never reached step 3's save"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert (out / ".step-000003.tmp" / "optimizer.safetensors").exists()  # the half-written save
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000001", "step-000002"]
+    # And one this run would never write again (as a killed run with more steps leaves).
+    shutil.copytree(out / ".step-000003.tmp", out / ".step-000009.tmp")
+    _plant_sentinel(out)
+    _run(cfg | extra | {"out_dir": str(out), "resume": True}, starts_at=2)
     a, b = _final_tensors(tmp_path / "straight", False), _final_tensors(out, False)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not list(out.glob(".step-*"))  # a half-written checkpoint is cleaned up
+    assert not list(out.glob(".step-*"))  # both half-written folders are gone
+    assert _losses(out) == _with_sentinel(_losses(tmp_path / "straight"))
 
 
 def test_merge_lora(cfg, tmp_path, tiny_model_dir):
@@ -305,18 +363,29 @@ def test_shipped_config_parses_and_smoke_runs(path, tmp_path, data, tokenizer_fi
 
 
 def _torchrun(config: dict, path: Path, *args: str) -> None:
+    """Two ranks on gloo. --standalone binds its store to a free port of this run; --local-addr
+    names loopback so the ranks do not depend on how this host's name resolves."""
     path.write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "palikit.finetune", str(path), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1",
+           "--nproc_per_node", "2", "-m", "palikit.finetune", str(path), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # A failing rank's traceback comes before torchrun's summary: show it, not only the summary.
+    first = proc.stderr.find("Traceback")
+    assert proc.returncode == 0, proc.stderr[max(first, 0):][:4000] + "\n...\n" + proc.stderr[-1500:]
 
 
+# SGD without clipping: AdamW's normalised steps and clipping hide a wrong 1/world or 1/grad_accum
+# gradient factor; plain SGD turns it into a 2x larger or smaller update (lr high enough to see it).
+OPTIMIZERS = {"adamw": {"clip_grad": 1.0}, "sgd": {"optimizer": "sgd", "clip_grad": None, "lr": 0.5}}
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_torchrun_matches_single_process(cfg, tmp_path, mode):
-    """2 ranks x 1 micro-batch of 2 == 1 rank x 2 micro-batches of 2: same global batch, same curve."""
-    base = cfg | {"steps": 4, "batch_size": 4, "clip_grad": 1.0}
+def test_torchrun_matches_single_process(cfg, tmp_path, mode, optimizer):
+    """2 ranks x 1 micro-batch of 2 == 1 rank x 2 micro-batches of 2: same global batch, same curve.
+    Catches a gradient averaged over ranks or micro-batches with the wrong factor (the sgd case)."""
+    base = cfg | {"steps": 4, "batch_size": 4} | OPTIMIZERS[optimizer]
     _run(base | {"grad_accum": 2, "out_dir": str(tmp_path / "single")})
     _torchrun(base | {"grad_accum": 1, "distributed": mode, "out_dir": str(tmp_path / "dist")},
               tmp_path / "dist.yaml")
@@ -330,12 +399,14 @@ def test_torchrun_matches_single_process(cfg, tmp_path, mode):
 
 
 def test_fsdp_resume_is_exact(cfg, tmp_path):
-    """Sharded state (FSDP2 DTensors) gathered into the checkpoint and sharded again on resume."""
+    """Sharded state (FSDP2 DTensors) gathered into the checkpoint and sharded again on resume.
+    Catches a resume that restarts at step 0 (the kept step-1 row) or misses the sharded state."""
     base = cfg | {"steps": 4, "batch_size": 4, "save_every": 2, "distributed": "fsdp"}
     _torchrun(base | {"out_dir": str(tmp_path / "straight")}, tmp_path / "a.yaml")
     broken = base | {"out_dir": str(tmp_path / "broken")}
     _torchrun(broken | {"stop_after": 3}, tmp_path / "b.yaml")
+    _plant_sentinel(tmp_path / "broken")
     _torchrun(broken, tmp_path / "c.yaml", "--resume")
     a, b = _final_tensors(tmp_path / "straight", False), _final_tensors(tmp_path / "broken", False)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert _losses(tmp_path / "straight") == _losses(tmp_path / "broken")
+    assert _losses(tmp_path / "broken") == _with_sentinel(_losses(tmp_path / "straight"))

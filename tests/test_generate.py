@@ -320,22 +320,41 @@ def test_unknown_sampling_argument(pipe):
 # ---- several images per prompt --------------------------------------------------------------
 
 
-def test_two_images_in_one_prompt(pipe):
+def test_two_images_in_one_prompt(hf_pair):
+    """Two images in one prompt: the logits equal transformers' given the same two images, greedy
+    tokens too, and the second image matters ([A, B] differs from [A, C]). Catches images embedded
+    in the wrong order, one image used for both, or the second one dropped."""
+    _, hf, folder = hf_pair
+    pipe = palikit.load(folder, dtype="float32", sliding_window=True)  # transformers applies the window
     n = pipe.config.num_image_tokens
-    enc = encode_example(pipe.tokenizer, 2 * n, "answer en which is bigger?")
+    prompt = "answer en which is bigger?"
+    enc = encode_example(pipe.tokenizer, 2 * n, prompt)
     image_id = pipe.tokenizer.image_token_id
     assert enc.ids[: 2 * n] == [image_id] * (2 * n) and enc.ids.count(image_id) == 2 * n
     assert enc.ids[2 * n] == pipe.tokenizer.bos_id
 
-    prompt = "answer en which is bigger?"
-    both = details(pipe, [[IMG[0], IMG[1]]], [prompt], max_new_tokens=6)[0]
-    first = details(pipe, [IMG[0]], [prompt], max_new_tokens=6)[0]
-    swapped = details(pipe, [[IMG[1], IMG[0]]], [prompt], max_new_tokens=6)[0]
-    assert both.tokens
-    assert (both.tokens, both.logprobs) != (first.tokens, first.logprobs)
-    assert (both.tokens, both.logprobs) != (swapped.tokens, swapped.logprobs)  # image order matters
+    def logits(images):
+        _, hidden = teacher_forced(pipe, images, prompt, [])
+        with torch.no_grad():
+            return pipe.model.logits(hidden)
+
+    ids = torch.tensor([enc.ids])
+    a_b, a_c = [IMG[0], IMG[1]], [IMG[0], IMG[2]]
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids),
+                 pixel_values=preprocess(a_b, pipe.config.vision.image_size)).logits[0]
+    ours = logits(a_b)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-4)
+    for other in (a_c, a_b[::-1]):  # another second image, the same two swapped
+        assert (logits(other) - ours)[2 * n:].abs().max() > 1e-2
+    with torch.no_grad():
+        hf_tokens = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                token_type_ids=torch.zeros_like(ids), max_new_tokens=6, do_sample=False,
+                                pixel_values=preprocess(a_b, pipe.config.vision.image_size), pad_token_id=0,
+                                eos_token_id=1)[0, ids.shape[1]:].tolist()
+    both = details(pipe, [a_b], [prompt], max_new_tokens=6)[0]
+    assert both.tokens == (hf_tokens[: hf_tokens.index(1)] if 1 in hf_tokens else hf_tokens)
     # The single-prompt form takes the list of images directly.
-    (_, alone), = pipe.generate_details([IMG[0], IMG[1]], prompt, max_new_tokens=6)
+    (_, alone), = pipe.generate_details(a_b, prompt, max_new_tokens=6)
     assert alone.tokens == both.tokens
-    want = sequence_logprob(pipe, [IMG[0], IMG[1]], prompt, both.tokens)
-    assert sum(both.logprobs) == pytest.approx(want, abs=1e-4)
+    assert sum(both.logprobs) == pytest.approx(sequence_logprob(pipe, a_b, prompt, both.tokens), abs=1e-4)

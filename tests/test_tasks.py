@@ -435,7 +435,11 @@ def test_draw():
     assert out.getpixel((10, 25)) != (128, 128, 128)  # left edge of the box
     assert out.getpixel((52, 37)) != (128, 128, 128)  # inside the mask
     assert out.getpixel((2, 46)) == (128, 128, 128)  # far from everything
-    # Colours are stable per label: the same label draws the same pixels.
-    assert np.array_equal(np.asarray(draw(image, results[:1])), np.asarray(draw(image, results[:1])))
+    # Colours are stable per label, not per position: "cat" after another label is drawn as alone.
+    cat = Detection("cat", (10.0, 10.0, 30.0, 30.0))
+    other = Detection("dog", (40.0, 5.0, 60.0, 20.0))
+    alone, second = np.asarray(draw(image, [cat])), np.asarray(draw(image, [other, cat]))
+    assert np.array_equal(alone[8:33, 8:33], second[8:33, 8:33])
+    assert not np.array_equal(second[8:33, 8:33], np.asarray(draw(image, [Detection("owl", cat.box)]))[8:33, 8:33])
     with pytest.raises(ValueError, match="does not match"):
         draw(image, [Segmentation("x", (0.0, 0.0, 1.0, 1.0), mask=np.zeros((4, 4), bool))])

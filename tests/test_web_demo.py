@@ -40,13 +40,20 @@ def server(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser():
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        page = browser.new_page()
-        page.goto(server + "/")
-        yield page
+        yield browser
         browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    """A fresh page per test: no test sees what another one typed or drew."""
+    page = browser.new_page()
+    page.goto(server + "/")
+    yield page
+    page.close()
 
 
 def canvas_pixel(page, x: int, y: int) -> list[int]:
@@ -96,10 +103,26 @@ def test_detect_draws_the_box(page, tmp_path):
 
 
 def test_segment_draws_a_mask(page, tmp_path):
+    """The fixture codec's mask fills the box: pixels inside it are tinted with the object's colour,
+    pixels outside are the image's. Catches a mask that is not drawn, or drawn in the wrong place."""
+    W, H = 200, 150
+    image = synthetic_image(4, size=(W, H))
     path = tmp_path / "input.png"
-    synthetic_image(4, size=(64, 48)).save(path)
+    image.save(path)
     run_task(page, path, "segment", "triangle")
-    assert "+ mask" in page.text_content("#objects li")
+    (item,) = page.query_selector_all("#objects li")
+    assert "+ mask" in item.text_content()
+    x1, y1, x2, y2 = map(int, item.get_attribute("data-box").split(","))
+    colour = item.get_attribute("data-color")
+    rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+    original = np.asarray(image).astype(int)
+    alpha = 115 / 255  # maskLayer's alpha
+    # Inside: below the label, clear of the outline. Outside: below and right of the box.
+    for x, y in [(x1 + 6, y2 - 6), ((x1 + x2) // 2, (y1 + y2) // 2 + 10), (x2 - 6, y2 - 6)]:
+        want = (1 - alpha) * original[y, x] + alpha * rgb
+        assert np.abs(np.array(canvas_pixel(page, x, y)[:3]) - want).max() <= 3, (x, y)
+    for x, y in [(x1 + 6, y2 + 6), (x2 + 6, (y1 + y2) // 2), (W - 2, H - 2)]:
+        assert np.abs(np.array(canvas_pixel(page, x, y)[:3]) - original[y, x]).max() <= 2, (x, y)
 
 
 def test_js_rle_decoder_matches_python(page):

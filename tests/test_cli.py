@@ -1,0 +1,181 @@
+"""Every `palikit` verb through the command line, against what the Python API gives for the same
+request: generate, the task verbs, train (with --set, --resume, --smoke), merge, data check, eval
+and serve (its defaults: 127.0.0.1, no key). Errors are one line and exit status 2."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+from safetensors.torch import load_file
+
+import palikit
+from palikit.cli import main
+from palikit.synthetic import generate_dataset
+
+from .conftest import synthetic_image
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    return palikit.load(tiny_model_dir, dtype="float32")
+
+
+def printed_json(capsys):
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_generate_and_task_verbs_print_what_the_api_returns(pipe, tiny_model_dir, tmp_path, capsys):
+    img = tmp_path / "img.png"
+    synthetic_image(0).save(img)
+    model = ["--model", str(tiny_model_dir), "--dtype", "float32"]
+    assert main(["generate", *model, "--image", str(img), "--prompt", "caption en", "--max-new-tokens", "3",
+                 "--json"]) == 0
+    (text, g), = pipe.generate_details(str(img), "caption en", max_new_tokens=3)
+    assert printed_json(capsys) == {"prompt": "caption en", "text": text, "tokens": g.tokens,
+                                    "logprob": pytest.approx(sum(g.logprobs))}
+    assert main(["caption", str(img), *model, "--lang", "fr", "--json"]) == 0
+    assert printed_json(capsys) == {"text": pipe.caption(str(img), lang="fr")}
+    assert main(["segment", str(img), "circle", *model, "--json", "--out", str(tmp_path / "o.png")]) == 0
+    assert printed_json(capsys) == [s.to_dict() for s in pipe.segment(str(img), "circle")]
+    assert (tmp_path / "o.png").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--model", "/nonexistent/model", "--image", "x.png", "--prompt", "caption en"], "not found"),
+    (["caption", "missing.png"], "not found"),
+])
+def test_cli_errors_are_one_line(argv, message, tiny_model_dir, capsys):
+    if argv[0] == "caption":
+        argv = argv + ["--model", str(tiny_model_dir)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_corrupt_image(tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    assert main(["caption", str(bad), "--model", str(tiny_model_dir)]) == 2
+    assert "not a readable image" in capsys.readouterr().err
+
+
+# ---- train, merge, data check ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory):
+    return generate_dataset(tmp_path_factory.mktemp("synth"), 2, seed=0, size=64)
+
+
+def write_config(path: Path, **fields) -> Path:
+    path.write_text(yaml.safe_dump(fields))
+    return path
+
+
+def test_train_verb_takes_overrides_resume_and_smoke(train_file, tokenizer_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", model={"preset": "tiny-paligemma2", "tokenizer": str(tokenizer_file)},
+                          train_file=str(train_file), out_dir=str(out), steps=50, batch_size=2, lr=1e-3,
+                          max_text_len=64, save_every=1)
+    assert main(["train", str(config), "--set", "steps=2"]) == 0  # --set wins over the file
+    assert printed_json(capsys)["step"] == 2 and (out / "final" / "model.safetensors").exists()
+    assert main(["train", str(config), "--set", "steps=2"]) == 2  # a finished run is not overwritten
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", str(config), "--set", "steps=3", "--resume"]) == 0
+    assert printed_json(capsys)["step"] == 3
+    assert json.loads((out / "step-000003" / "state.json").read_text())["step"] == 3
+    assert main(["train", str(config), "--set", f"out_dir={tmp_path / 'smoke'}", "--smoke"]) == 0
+    assert printed_json(capsys)["step"] == 2  # a smoke run is 2 steps whatever the config says
+
+
+def test_merge_verb_writes_what_merge_writes(tiny_model_dir, train_file, tmp_path, capsys):
+    from palikit.finetune import merge
+
+    out = tmp_path / "run"
+    config = write_config(tmp_path / "c.yaml", model=str(tiny_model_dir), train_file=str(train_file),
+                          out_dir=str(out), steps=2, batch_size=2, lr=1e-2, max_text_len=64, lora={"r": 4})
+    assert main(["train", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["merge", "--base", str(tiny_model_dir), "--adapter", str(out / "final"), "--out",
+                 str(tmp_path / "merged")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "merged")
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    direct = load_file(merge(tiny_model_dir, out / "final", tmp_path / "direct") / "model.safetensors")
+    base = load_file(tiny_model_dir / "model.safetensors")
+    assert merged.keys() == direct.keys() and all((merged[k] == direct[k]).all() for k in merged)
+    assert any(not (merged[k] == base[k]).all() for k in merged)  # the adapters are in it
+
+
+def test_data_check_verb_exit_status_and_report(train_file, tokenizer_file, tmp_path, capsys):
+    assert main(["data", "check", str(train_file), "--model", "tiny-paligemma2", "--tokenizer",
+                 str(tokenizer_file), "--json"]) == 0
+    report = printed_json(capsys)
+    assert report["ok"] and report["examples"] == len(train_file.read_text().splitlines())
+    assert report["text_tokens"]["max"] > 0  # lengths were checked with the tokenizer
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": "gone.png", "prefix": "caption en", "suffix": "x"}) + "\n")
+    assert main(["data", "check", str(bad)]) == 1
+    assert "missing-image" in capsys.readouterr().out
+    assert main(["data", "check", str(tmp_path / "nothing.jsonl")]) == 2
+
+
+def test_eval_verb_writes_the_metrics_of_evaluate_synthetic(tmp_path, capsys):
+    from palikit.evaluate import evaluate_synthetic
+
+    path = tmp_path / "m.json"
+    assert main(["eval", "--model", "default", "--dtype", "float32", "--synthetic", "4", "--seed", "7",
+                 "--out", str(path)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(path.read_text())
+    assert printed == evaluate_synthetic(palikit.load("default", dtype="float32"), n_images=4, seed=7)
+
+
+# ---- serve -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """Run `palikit serve` up to uvicorn.run, which records what it was given instead of serving."""
+    import uvicorn
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    monkeypatch.delenv("PALIKIT_API_KEY", raising=False)
+    return calls
+
+
+def test_serve_verb_binds_localhost_without_a_key_by_default(served, tiny_model_dir):
+    assert main(["serve", "--model", str(tiny_model_dir), "--dtype", "float32"]) == 0
+    (app, kw), = served
+    assert (kw["host"], kw["port"]) == ("127.0.0.1", 8000)
+    with TestClient(app) as c:
+        health = c.get("/health").json()
+        assert health["auth"] is False and health["model"] == tiny_model_dir.name
+        r = c.post("/v1/ocr", json={"image": "/etc/hostname"})  # no server-side paths by default
+        assert r.status_code == 400 and "disabled" in r.json()["error"]["message"]
+
+
+def test_serve_verb_options(served, tiny_model_dir, monkeypatch, caplog):
+    monkeypatch.setenv("PALIKIT_API_KEY", "from-env")
+    assert main(["serve", "--model", str(tiny_model_dir), "--host", "0.0.0.0", "--port", "9123",
+                 "--max-batch", "3", "--max-queue", "5"]) == 0
+    with caplog.at_level(logging.WARNING, logger="palikit.serve"):
+        assert main(["serve", "--model", str(tiny_model_dir), "--host", "0.0.0.0"]) == 0
+    assert "without an API key" not in caplog.text  # the key came from the environment
+    (app, kw), _ = served
+    assert (kw["host"], kw["port"]) == ("0.0.0.0", 9123)
+    with TestClient(app) as c:
+        assert c.get("/health").json() | {"model": None} == {"status": "ok", "model": None, "auth": True,
+                                                              "queue_depth": 0, "max_batch": 3}
+        assert c.get("/v1/models").status_code == 401
+        assert c.get("/v1/models", headers={"Authorization": "Bearer from-env"}).status_code == 200
+    assert app.state.palikit.batcher.max_queue == 5
+    monkeypatch.delenv("PALIKIT_API_KEY")
+    with caplog.at_level(logging.WARNING, logger="palikit.serve"):
+        assert main(["serve", "--model", str(tiny_model_dir), "--host", "0.0.0.0"]) == 0
+    assert "without an API key" in caplog.text
