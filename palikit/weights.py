@@ -92,19 +92,32 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(files: list[Path], version: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """(palikit name, tensor) of every tensor, read one at a time with pread(2), not mmap: the pages
-    of a memory-mapped file stay resident (and in RSS) until it is closed, so converting a float32
-    file to bfloat16 through mmap peaks at the whole file plus the converted model."""
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def iter_safetensors(files: list[Path], version: int, dtype: torch.dtype | None = None
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(palikit name, tensor) of every tensor. A file whose tensors all are `dtype` already is
+    memory-mapped: the weights are its own pages, no copy. A file that converts is read tensor by
+    tensor with pread(2): a mapped file's pages stay resident (in RSS) until it is closed, so
+    converting float32 to bfloat16 through mmap would peak at the whole file plus the new model."""
     for path in files:
         try:
-            with safe_open(path, framework="pt", backend="pread") as f:
+            with safe_open(path, framework="pt", backend=_backend(path, dtype)) as f:
                 for key in f.keys():
                     name = hf_to_palikit(key, version)
                     if name is not None:
                         yield name, f.get_tensor(key)
         except (OSError, RuntimeError, SafetensorError) as e:  # truncated/corrupt files
             raise CheckpointError(f"cannot read {path}: {e}") from e
+
+
+def _backend(path: Path, dtype: torch.dtype | None) -> str:
+    if dtype is None:
+        return "mmap"
+    with safe_open(path, framework="pt") as f:  # reads the header only
+        same = all(f.get_slice(k).get_dtype() == _SAFETENSORS_DTYPES.get(dtype) for k in f.keys())
+    return "mmap" if same else "pread"
 
 
 @contextlib.contextmanager
@@ -172,7 +185,7 @@ def load_hf_folder(folder: Path, dtype=torch.bfloat16, device="cpu", sliding_win
         raise CheckpointError(f"{config_path}: {e}") from e
     files = weight_files(folder)
     model = build_on_meta(config)
-    return load_tensors(model, iter_safetensors(files, config.version), dtype, device, folder)
+    return load_tensors(model, iter_safetensors(files, config.version, dtype), dtype, device, folder)
 
 
 def save_hf_folder(model: PaliGemma, folder: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:

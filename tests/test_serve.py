@@ -66,7 +66,7 @@ class Scripted:
     def generate_details(self, images, prompts, max_new_tokens=32, batch_size=8, **sampling):
         self.calls.append(list(prompts))
         self.entered.set()
-        assert self.gate.wait(60), "the test never opened the gate"
+        assert self.gate.wait(30), "the test never opened the gate"
         out = []
         for ims, p in zip(images, prompts):
             answer = self.answers(ims, p) if callable(self.answers) else self.answers[p.split()[0]]

@@ -587,11 +587,12 @@ MEASURE = textwrap.dedent("""
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
-@pytest.mark.parametrize("shard", [None, 120_000_000], ids=["single", "sharded"])
-def test_bf16_load_peak_memory(tmp_path, shard):
-    """A float32 checkpoint loaded as bfloat16 converts tensor by tensor: the peak is the bfloat16
-    model plus one float32 tensor. Catches a loader that holds the float32 weights (or the whole
-    memory-mapped file) while it converts."""
+@pytest.mark.parametrize("saved, shard", [(torch.float32, None), (torch.float32, 120_000_000),
+                                          (torch.bfloat16, None)], ids=["f32-single", "f32-sharded", "bf16"])
+def test_bf16_load_peak_memory(tmp_path, saved, shard):
+    """Loading as bfloat16 peaks at the bfloat16 model plus one float32 tensor: a float32 checkpoint
+    converts tensor by tensor, a bfloat16 one is used as it is. Catches a loader that holds the
+    float32 weights (or the whole memory-mapped file) while it converts, or copies a bf16 file twice."""
     from palikit.config import PaliGemmaConfig
     from palikit.paligemma import PaliGemma
 
@@ -601,10 +602,10 @@ def test_bf16_load_peak_memory(tmp_path, shard):
                   num_kv_heads=2, head_dim=128, query_pre_attn_scalar=128),
         vision=dict(hidden_size=256, intermediate_size=1024, num_layers=2, num_heads=4),
     )
-    model = PaliGemma(config)  # float32
+    model = PaliGemma(config).to(saved)
     tensors = model.state_dict().values()
     bf16_bytes = sum(t.numel() * 2 for t in tensors)
-    largest = max(t.numel() * t.element_size() for t in tensors)
+    largest = max(t.numel() * 4 for t in tensors)  # in float32
     assert 150e6 < bf16_bytes < 300e6 and largest < bf16_bytes / 3
     save_hf_folder(model, tmp_path, **({"max_shard_bytes": shard} if shard else {}))
     del model, tensors

@@ -153,8 +153,9 @@ MUTANTS = [
            ("tests/test_parity.py::test_logits_match_transformers[pg2]",
             "tests/test_parity.py::test_score_matches_transformers_loglikelihood[pg2]")),
     # ---- checkpoints ----
-    Mutant("safetensors read through mmap", "palikit/weights.py", 'backend="pread"', 'backend="mmap"',
-           (WEIGHTS + "test_bf16_load_peak_memory[single]",)),
+    Mutant("converting safetensors read through mmap", "palikit/weights.py",
+           'return "mmap" if same else "pread"', 'return "mmap"',
+           (WEIGHTS + "test_bf16_load_peak_memory[f32-single]", WEIGHTS + "test_bf16_load_peak_memory[f32-sharded]")),
     Mutant("npz object arrays not refused", "palikit/weights.py",
            "if pickled := [arrays[k] for k, (_, dtype) in headers.items() if dtype.hasobject]:", "if pickled := []:",
            (WEIGHTS + "test_npz_with_object_arrays_is_refused_unread[pg1-extra array]",
