@@ -788,6 +788,7 @@ class Trainer:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.lora)
         model_state = get_model_state_dict(self.loss_module, options=options)
         optim_state = get_optimizer_state_dict(self.loss_module, self.optimizer, options=options)
+        barrier()  # every rank's RNG file is in tmp before rank 0 renames it (DDP has no collective above)
         if self.rank == 0:
             state = {k.removeprefix("model."): v for k, v in model_state.items()}
             if self.lora:

@@ -320,12 +320,13 @@ def load_npz(path: Path, dtype=torch.bfloat16, device="cpu") -> PaliGemma:
         # Strip the optional "params/" prefix; remember each array's shape without reading it.
         arrays = {k.removeprefix("params/"): k for k in npz.files}
         headers = {k: _npz_header(npz, v) for k, v in arrays.items()}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # not a zip / empty / bad header
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:  # not a zip / bad header
         raise CheckpointError(f"cannot read {path} as a big_vision npz: {e}") from e
-    # Object arrays are pickles: reading one runs code from the file. Refuse them before any read.
+    # Object arrays are pickles. allow_pickle=False makes numpy refuse one only when it is read (an
+    # unused one passes unseen); the headers name them all, so refuse the file up front, clearly.
     if pickled := [arrays[k] for k, (_, dtype) in headers.items() if dtype.hasobject]:
-        raise CheckpointError(f"{path} holds Python objects (pickle) in {', '.join(pickled[:3])}: palikit reads "
-                              "numeric arrays only and never unpickles")
+        raise CheckpointError(f"{path} holds Python objects (pickle) in {', '.join(pickled[:3])}: palikit "
+                              "reads numeric arrays only and never unpickles")
     shapes = {k: shape for k, (shape, _) in headers.items()}
     required = ["llm/layers/attn/q_einsum/w", "img/pos_embedding", "llm/embedder/input_embedding"]
     if missing := [k for k in required if k not in shapes]:

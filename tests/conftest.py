@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -109,6 +111,32 @@ def hf_pair(request, tmp_path_factory, tokenizer_file, tiny_configs):
     model.config._attn_implementation = "eager"  # SDPA drops Gemma 2's attention soft-cap
     model.config.text_config._attn_implementation = "eager"
     return config, model, folder
+
+
+def box_pixels(box, height: int, width: int) -> np.ndarray:
+    """The pixels of a box as a pasted mask fills them: corners truncated, as big_vision's evaluator."""
+    x1, y1, x2, y2 = (int(v) for v in box)
+    out = np.zeros((height, width), bool)
+    out[y1:y2, x1:x2] = True
+    return out
+
+
+def wait_for_line(proc: subprocess.Popen, timeout: float) -> str:
+    """A child's next stdout line, or '' if it exits or stays silent for `timeout` seconds."""
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    return proc.stdout.readline() if ready else ""
+
+
+def hf_greedy(hf_model, ids: torch.Tensor, pixels: torch.Tensor, max_new_tokens: int):
+    """transformers' greedy continuation of one all-prefix row: (tokens before <eos>, the raw logits
+    (1, V) of each step)."""
+    with torch.no_grad():
+        out = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                token_type_ids=torch.zeros_like(ids), pixel_values=pixels,
+                                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+                                eos_token_id=1, return_dict_in_generate=True, output_logits=True)
+    tokens = out.sequences[0, ids.shape[1]:].tolist()
+    return (tokens[: tokens.index(1)] if 1 in tokens else tokens), out.logits
 
 
 def synthetic_image(seed: int, size=(40, 30)) -> Image.Image:

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import json
-import select
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
 import pytest
-import torch
 
 import palikit
 from palikit.generate import Generated
 
-from .conftest import synthetic_image
+from .conftest import box_pixels, synthetic_image, wait_for_line
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +36,8 @@ def test_text_tasks_send_their_prompts(pipe, monkeypatch):
     cases = [
         (lambda: pipe.caption(img, lang="fr", max_new_tokens=4), "caption fr"),
         (lambda: pipe.caption(img, lang="de", style="describe", max_new_tokens=4), "describe de"),
-        (lambda: pipe.ask(img, "how many circles?", lang="es", max_new_tokens=4), "answer es how many circles?"),
+        (lambda: pipe.ask(img, "how many circles?", lang="es", max_new_tokens=4),
+         "answer es how many circles?"),
         (lambda: pipe.ocr(img, max_new_tokens=4), "ocr"),
     ]
     for call, prompt in cases:
@@ -77,14 +76,6 @@ def test_detect_parses_boxes_in_pixels(pipe, monkeypatch):
     assert len(pipe.detect([img, img], "red circle")) == 2
 
 
-def box_pixels(box, height: int, width: int) -> np.ndarray:
-    """The pixels of a box as paste_mask fills them (corners truncated, as big_vision's evaluator)."""
-    x1, y1, x2, y2 = (int(v) for v in box)
-    out = np.zeros((height, width), bool)
-    out[y1:y2, x1:x2] = True
-    return out
-
-
 def test_segment_pastes_masks(pipe, monkeypatch):
     """The fixture's codec decodes every code to a positive logit, so each mask is its whole box.
     Catches a mask pasted at the wrong place or size, or not at all."""
@@ -94,8 +85,8 @@ def test_segment_pastes_masks(pipe, monkeypatch):
     segs = pipe.segment(img, "triangle")
     assert len(segs) == 1 and segs[0].codes == list(range(16))
     assert segs[0].mask.shape == (48, 64) and segs[0].mask.dtype == bool
-    x1, y1, x2, y2 = segs[0].box
-    assert (x1, y1) == pytest.approx((200 / 1023 * 64, 100 / 1023 * 48))
+    x1, y1, x2, y2 = segs[0].box  # <locY1><locX1><locY2><locX2>, /1023, in pixels
+    assert segs[0].box == pytest.approx((200 / 1023 * 64, 100 / 1023 * 48, 800 / 1023 * 64, 900 / 1023 * 48))
     assert segs[0].mask.any() and np.array_equal(segs[0].mask, box_pixels(segs[0].box, 48, 64))
     d = segs[0].to_dict()
     assert d["mask"]["size"] == [48, 64]
@@ -172,9 +163,10 @@ HANG_BEFORE_BATCH = textwrap.dedent("""
 
 
 def test_run_resumes_after_kill(tiny_model_dir, tmp_path, pipe, monkeypatch):
-    """kill -9 mid-run, a torn last line, then a rerun: every line answered once, as an uninterrupted
-    run answers it, and no finished job runs again. Catches a rerun that starts over (the planted
-    record would be rewritten and every job generated again) or that loses or repeats lines."""
+    """kill -9 while a batch is in flight, a torn last line added (as a crash inside a write leaves),
+    then a rerun: every line answered once, as an uninterrupted run answers it, and no finished job
+    runs again. Catches a rerun that starts over (the planted record would be rewritten and every
+    job generated again) or that loses or repeats lines."""
     from palikit.batch import run_jobs
 
     n = 40
@@ -185,8 +177,7 @@ def test_run_resumes_after_kill(tiny_model_dir, tmp_path, pipe, monkeypatch):
     proc = subprocess.Popen([sys.executable, "-c", HANG_BEFORE_BATCH, "3", *args], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        ready, _, _ = select.select([proc.stdout], [], [], 120)
-        assert ready and proc.stdout.readline() == "hanging\n", "the run never reached its 4th batch"
+        assert wait_for_line(proc, 120) == "hanging\n", "the run never reached its 4th batch"
     finally:
         proc.kill()
         proc.wait()
@@ -232,7 +223,7 @@ def test_score_prefers_the_suffix_the_model_generates(pipe, monkeypatch):
     (score,) = pipe.score([img], ["caption en"], [text])
     assert score == pytest.approx(sum(g.logprobs[:5]) + log_p_eos, abs=1e-4)
     # Other texts: another repeated token, these tokens after another first one, plain words.
-    others = [pipe.generate(img, "ocr", max_new_tokens=5), pipe.tokenizer.decode([tokens[0] + 1] + tokens[1:]),
-              "a red circle"]
+    others = [pipe.generate(img, "ocr", max_new_tokens=5),
+              pipe.tokenizer.decode([tokens[0] + 1] + tokens[1:]), "a red circle"]
     assert len({text, *others}) == 4
     assert all(score > s for s in pipe.score([img] * 3, ["caption en"] * 3, others)), others

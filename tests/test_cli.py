@@ -46,7 +46,8 @@ def test_generate_and_task_verbs_print_what_the_api_returns(pipe, tiny_model_dir
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["generate", "--model", "/nonexistent/model", "--image", "x.png", "--prompt", "caption en"], "not found"),
+    (["generate", "--model", "/nonexistent/model", "--image", "x.png", "--prompt", "caption en"],
+     "not found"),
     (["caption", "missing.png"], "not found"),
 ])
 def test_cli_errors_are_one_line(argv, message, tiny_model_dir, capsys):
@@ -79,7 +80,8 @@ def write_config(path: Path, **fields) -> Path:
 
 def test_train_verb_takes_overrides_resume_and_smoke(train_file, tokenizer_file, tmp_path, capsys):
     out = tmp_path / "run"
-    config = write_config(tmp_path / "c.yaml", model={"preset": "tiny-paligemma2", "tokenizer": str(tokenizer_file)},
+    config = write_config(tmp_path / "c.yaml",
+                          model={"preset": "tiny-paligemma2", "tokenizer": str(tokenizer_file)},
                           train_file=str(train_file), out_dir=str(out), steps=50, batch_size=2, lr=1e-3,
                           max_text_len=64, save_every=1)
     assert main(["train", str(config), "--set", "steps=2"]) == 0  # --set wins over the file
@@ -124,15 +126,24 @@ def test_data_check_verb_exit_status_and_report(train_file, tokenizer_file, tmp_
     assert main(["data", "check", str(tmp_path / "nothing.jsonl")]) == 2
 
 
-def test_eval_verb_writes_the_metrics_of_evaluate_synthetic(tmp_path, capsys):
-    from palikit.evaluate import evaluate_synthetic
+def test_eval_verb_writes_the_metrics_of_evaluate_synthetic(tmp_path, capsys, monkeypatch):
+    from palikit import evaluate
 
+    calls = []
+    evaluate_synthetic = evaluate.evaluate_synthetic
+
+    def spy(pipe, **kw):
+        calls.append(kw)
+        calls.append(evaluate_synthetic(pipe, **kw))
+        return calls[-1]
+
+    monkeypatch.setattr(evaluate, "evaluate_synthetic", spy)
     path = tmp_path / "m.json"
     assert main(["eval", "--model", "default", "--dtype", "float32", "--synthetic", "4", "--seed", "7",
-                 "--out", str(path)]) == 0
+                 "--size", "80", "--batch-size", "3", "--out", str(path)]) == 0
+    assert calls[0] == {"n_images": 4, "seed": 7, "size": 80, "batch_size": 3}
     printed = json.loads(capsys.readouterr().out)
-    assert printed == json.loads(path.read_text())
-    assert printed == evaluate_synthetic(palikit.load("default", dtype="float32"), n_images=4, seed=7)
+    assert printed == json.loads(path.read_text()) == calls[1] and printed["examples"]["caption"] == 4
 
 
 # ---- serve -----------------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ import json
 import math
 import os
 import re
-import select
 import shutil
 import subprocess
 import sys
@@ -32,6 +31,8 @@ from palikit.config import PaliGemmaConfig
 from palikit.data import StepSampler
 from palikit.paligemma import PaliGemma
 from palikit.synthetic import generate_dataset
+
+from .conftest import wait_for_line
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -276,12 +277,6 @@ HANG_IN_SAVE = textwrap.dedent("""
 """)
 
 
-def wait_for_line(proc: subprocess.Popen, timeout: float) -> str:
-    """The child's next stdout line, or '' if it exits or stays silent for `timeout` seconds."""
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    return proc.stdout.readline() if ready else ""
-
-
 def test_resume_after_sigkill(cfg, tmp_path):
     """A real kill -9 inside a checkpoint save (step 3's, half-written) still resumes to identical
     weights from step 2. Catches a resume that leaves the half-written .step-*.tmp folder behind,
@@ -362,12 +357,14 @@ def test_shipped_config_parses_and_smoke_runs(path, tmp_path, data, tokenizer_fi
 # ---- torchrun ------------------------------------------------------------------------------------
 
 
-def _torchrun(config: dict, path: Path, *args: str) -> None:
-    """Two ranks on gloo. --standalone binds its store to a free port of this run; --local-addr
-    names loopback so the ranks do not depend on how this host's name resolves."""
+def _torchrun(config: dict, path: Path, *args: str, script: Path | None = None) -> None:
+    """Two ranks on gloo, running palikit.finetune (or `script`). --standalone binds its store to a
+    free port of this run; --local-addr names loopback so the ranks do not depend on how this
+    host's name resolves."""
     path.write_text(yaml.safe_dump(config))
+    entry = [str(script)] if script else ["-m", "palikit.finetune"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1",
-           "--nproc_per_node", "2", "-m", "palikit.finetune", str(path), *args]
+           "--nproc_per_node", "2", *entry, str(path), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=300)
     # A failing rank's traceback comes before torchrun's summary: show it, not only the summary.
@@ -396,6 +393,49 @@ def test_torchrun_matches_single_process(cfg, tmp_path, mode, optimizer):
     assert dist == pytest.approx(single, abs=1e-5), [a - b for a, b in zip(dist, single)]
     a, b = _final_tensors(tmp_path / "single", False), _final_tensors(tmp_path / "dist", False)
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+# Rank 1 writes its RNG file only once rank 0, having written its own, waits in a barrier: a rank 0
+# that renames the checkpoint folder without waiting for the other ranks has renamed it by then.
+SLOW_RANK_1 = textwrap.dedent("""
+    import os
+    import sys
+    import time
+    from pathlib import Path
+
+    import palikit.finetune as ft
+
+    rank, waiting = int(os.environ["RANK"]), Path(sys.argv[1]).with_suffix(".rank0-waits")
+    save_rng, barrier, saved = ft._save_rng, ft.barrier, []
+
+    def late_save_rng(path):
+        while rank == 1 and not waiting.exists():
+            time.sleep(0.01)
+        save_rng(path)
+        saved.append(path)
+
+    def barrier_after_save():
+        if rank == 0 and saved:
+            waiting.touch()
+        barrier()
+
+    ft._save_rng, ft.barrier = late_save_rng, barrier_after_save
+    ft.main(sys.argv[1:])
+""")
+
+
+def test_ddp_checkpoint_waits_for_every_rank(cfg, tmp_path):
+    """Under DDP, rank 0 publishes a checkpoint only after every rank has written into it. Catches a
+    save that renames the folder while another rank is still writing its RNG state (seen as a
+    'No such file or directory' in rank 1 on a busy machine)."""
+    script = tmp_path / "slow_rank_1.py"
+    script.write_text(SLOW_RANK_1)
+    config = cfg | {"steps": 2, "batch_size": 4, "save_every": 1, "distributed": "ddp",
+                    "out_dir": str(tmp_path / "run")}
+    _torchrun(config, tmp_path / "ddp.yaml", script=script)
+    for step in ("step-000001", "step-000002"):
+        assert {p.name for p in (tmp_path / "run" / step).glob("rng-rank*")} == {"rng-rank0.safetensors",
+                                                                                "rng-rank1.safetensors"}
 
 
 def test_fsdp_resume_is_exact(cfg, tmp_path):

@@ -10,7 +10,6 @@ import re
 import socket
 import struct
 import threading
-import time
 import zlib
 
 import httpx
@@ -26,7 +25,7 @@ from palikit.processor import encode_example
 from palikit.serve import background, create_app
 from palikit.tasks import rle_decode
 
-from .conftest import synthetic_image
+from .conftest import box_pixels, synthetic_image
 
 KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -51,12 +50,13 @@ class Scripted:
     """The real pipeline (tokenizer, config, mask codec) with generation replaced by fixed answers:
     the first word of the prompt picks the answer, or `answers(images, prompt)` makes it; every token
     gets log-prob -0.5. Each call waits until `gate` is set (open by default), so a test can hold
-    the model busy while it queues requests; `entered` is set once a call has started."""
+    the model busy while it queues requests; `entered` is set once a call has started, `exited`
+    once one has returned."""
 
     def __init__(self, pipe, answers, gate_open: bool = True):
         self.pipe, self.answers = pipe, answers
         self.calls: list[list[str]] = []
-        self.gate, self.entered = threading.Event(), threading.Event()
+        self.gate, self.entered, self.exited = threading.Event(), threading.Event(), threading.Event()
         if gate_open:
             self.gate.set()
 
@@ -72,6 +72,7 @@ class Scripted:
             answer = self.answers(ims, p) if callable(self.answers) else self.answers[p.split()[0]]
             ids = self.pipe.tokenizer.encode(answer)[:max_new_tokens]
             out.append((self.pipe.tokenizer.decode(ids), Generated(ids, [-0.5] * len(ids))))
+        self.exited.set()
         return out
 
 
@@ -205,7 +206,8 @@ def test_concurrent_requests_are_batched_and_correct(pipe):
     queued = when_queued(app, 64)
     prompts = ["caption en", "answer en what colour is the star?", "detect circle ; square", "ocr"]
     cases = [(i % 16, i // 16, 20 + i % 3) for i in range(64)]  # (image, prompt, max_tokens)
-    want = [pipe.tokenizer.decode(pipe.tokenizer.encode(echo([solid(im)], prompts[p]))[:n]) for im, p, n in cases]
+    tok = pipe.tokenizer
+    want = [tok.decode(tok.encode(echo([solid(im)], prompts[p]))[:n]) for im, p, n in cases]
     assert len(set(want)) == 64
 
     async def fire(url):
@@ -264,11 +266,10 @@ def test_detect_and_segment_give_pixel_boxes_and_masks(pipe):
         assert r.status_code == 200, r.text
         (seg,) = r.json()["objects"]
         assert seg["codes"] == list(range(16)) and seg["mask"]["size"] == [100, 200]
+        np.testing.assert_allclose(seg["box"], [200 * 100 / 1023, 100 * 100 / 1023, 200 * 900 / 1023,
+                                                100 * 900 / 1023], atol=1e-6)
         mask = rle_decode(seg["mask"])  # the fixture codec's mask fills its box
-        x1, y1, x2, y2 = (int(v) for v in seg["box"])
-        expected = np.zeros((100, 200), bool)
-        expected[y1:y2, x1:x2] = True
-        assert mask.any() and np.array_equal(mask, expected)
+        assert mask.any() and np.array_equal(mask, box_pixels(seg["box"], 100, 200))
         # The free prompt endpoint parses objects too.
         r = c.post("/v1/predict", json={"image": data_url(img), "prompt": "detect circle"})
         assert r.json()["task"] == "detect" and len(r.json()["objects"]) == 2
@@ -383,6 +384,7 @@ def test_client_disconnect_mid_stream(live, client, monkeypatch):
         calls.append(1)
         return decode(*args, **kwargs)
 
+    # Starlette notices the hang-up through its disconnect listener (uvicorn's ASGI spec 2.3).
     async def watched_sse(*args, **kwargs):  # closed once the server has let go of the stream
         events = sse(*args, **kwargs)
         try:
@@ -437,7 +439,8 @@ def test_full_queue_answers_503_with_retry_after(pipe):
     with background(app) as url:
         served, refused = asyncio.run(fire(url))
         assert [r.status_code for r in served] == [200, 200] and [r.status_code for r in refused] == [503] * 3
-        assert all(r.headers["Retry-After"] == "1" and r.json()["error"]["type"] == "server_busy" for r in refused)
+        for r in refused:
+            assert r.headers["Retry-After"] == "1" and r.json()["error"]["type"] == "server_busy"
         assert httpx.post(url + "/v1/caption", json=body, timeout=30).status_code == 200
 
 
@@ -464,17 +467,23 @@ def test_slow_request_body_is_408(live, client, monkeypatch):
 
 
 def test_request_timeout_is_504(pipe):
-    """The model is held past request_timeout_s: 504; once it finishes, the server is still fine."""
+    """The model holds a request past request_timeout_s: 504; once it finishes, the server is fine."""
     scripted = Scripted(pipe, {"caption": "a cat"}, gate_open=False)
-    done = threading.Event()
-    generate = scripted.generate_details
-    scripted.generate_details = lambda *a, **kw: (generate(*a, **kw), done.set())[0]
     app = create_app(scripted, request_timeout_s=0.2)
+    server = app.state.palikit
+    submit = server.batcher.submit
+
+    def submit_until_running(job):  # the model takes the request before its deadline can pass
+        submit(job)
+        assert scripted.entered.wait(30)
+
+    server.batcher.submit = submit_until_running
     with TestClient(app) as c:
         r = c.post("/v1/caption", json={"image": data_url(synthetic_image(0))})
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
         scripted.gate.set()
-        assert done.wait(30)  # the abandoned call finishes
+        assert scripted.exited.wait(30)  # the abandoned call finishes
+        server.request_timeout_s = 300
         r = c.post("/v1/caption", json={"image": data_url(synthetic_image(0))})
         assert r.status_code == 200 and r.json()["text"] == "a cat"
 

@@ -440,6 +440,7 @@ def test_draw():
     other = Detection("dog", (40.0, 5.0, 60.0, 20.0))
     alone, second = np.asarray(draw(image, [cat])), np.asarray(draw(image, [other, cat]))
     assert np.array_equal(alone[8:33, 8:33], second[8:33, 8:33])
-    assert not np.array_equal(second[8:33, 8:33], np.asarray(draw(image, [Detection("owl", cat.box)]))[8:33, 8:33])
+    owl = np.asarray(draw(image, [Detection("owl", cat.box)]))
+    assert not np.array_equal(second[8:33, 8:33], owl[8:33, 8:33])  # another label, another colour
     with pytest.raises(ValueError, match="does not match"):
         draw(image, [Segmentation("x", (0.0, 0.0, 1.0, 1.0), mask=np.zeros((4, 4), bool))])

@@ -117,11 +117,12 @@ def test_segment_draws_a_mask(page, tmp_path):
     rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
     original = np.asarray(image).astype(int)
     alpha = 115 / 255  # maskLayer's alpha
-    # Inside: below the label, clear of the outline. Outside: below and right of the box.
-    for x, y in [(x1 + 6, y2 - 6), ((x1 + x2) // 2, (y1 + y2) // 2 + 10), (x2 - 6, y2 - 6)]:
+    xm, ym = (x1 + x2) // 2, (y1 + y2) // 2
+    # Inside, 3 px in from each side (below the label at the top). Outside, 3 px out from each side.
+    for x, y in [(x1 + 3, ym), (x2 - 4, ym), (xm, y2 - 4), (xm, ym + 10)]:
         want = (1 - alpha) * original[y, x] + alpha * rgb
         assert np.abs(np.array(canvas_pixel(page, x, y)[:3]) - want).max() <= 3, (x, y)
-    for x, y in [(x1 + 6, y2 + 6), (x2 + 6, (y1 + y2) // 2), (W - 2, H - 2)]:
+    for x, y in [(x1 - 3, ym), (x2 + 3, ym), (xm, y2 + 3), (xm, y1 - 3), (W - 2, H - 2)]:
         assert np.abs(np.array(canvas_pixel(page, x, y)[:3]) - original[y, x]).max() <= 2, (x, y)
 
 

@@ -1,237 +1,506 @@
 """Break palikit on purpose and check that the tests guarding each behaviour fail.
 
 A test that passes whatever the code does guards nothing. Each entry of MUTANTS is one deliberate
-breakage: a piece of a source file, what to put in its place, and the tests that must fail on it.
-The tool copies the working tree to a temporary folder, applies one mutant there, runs its tests
-(the copy's palikit first on the path, also in the subprocesses the tests start) and reports:
+breakage: pieces of a source file, what to put in their place, and the tests that must fail on it.
+The tool copies the working tree to a temporary folder, first runs every listed test there on the
+unmutated code (they must pass, or a failure would prove nothing), then applies one mutant at a
+time to a fresh copy, runs its tests (the copy's palikit first on the path, also in the
+subprocesses the tests start) and reports:
 
     killed     every listed test failed: the tests see the breakage
-    SURVIVED   a listed test passed on broken code: that test cannot fail on it
-    STALE      the source no longer holds the mutant's text (the code moved: update the entry)
+    SURVIVED   a listed test passed (or was skipped) on broken code: it cannot fail on this
+    STALE      the source no longer holds the mutant's text once (the code moved: update the entry)
     ERROR      pytest could not run the tests (collection error, missing test id)
+    HUNG       the tests ran past the time limit instead of failing
 
-    .venv/bin/python tools/mutants.py                 # every mutant (about 10 minutes on 2 cores)
+    .venv/bin/python tools/mutants.py                 # every mutant (about 8 minutes on 2 cores)
     .venv/bin/python tools/mutants.py resume masks    # those whose name contains a word
     .venv/bin/python tools/mutants.py --list
     .venv/bin/python tools/mutants.py --tests-from HEAD~3   # would an older tests/ have caught them?
 
-Exit status 1 when any mutant survived or is stale. This is mutation testing done by hand (as
-mutmut / cosmic-ray automate it): the mutants are the bugs the tests were written against.
+Exit status 1 when the baseline fails or any mutant is not killed. This is mutation testing done
+by hand (as mutmut / cosmic-ray automate it): the mutants are the bugs the tests were written
+against, so each new behaviour gets a test and a mutant that the test kills.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+TIME_LIMIT_S = 600  # per pytest run; a mutant that makes a test hang must not stall CI
 
 
 @dataclass(frozen=True)
 class Mutant:
     name: str
     path: str  # relative to the repository root
-    old: str  # must occur exactly once in the file
-    new: str
+    old: str | tuple[str, ...]  # each must occur exactly once in the file
+    new: str | tuple[str, ...]  # what replaces each
     tests: tuple[str, ...]  # pytest node ids; every one must fail
 
+    def apply(self, source: str) -> str | None:
+        """The mutated source, or None when an `old` text does not occur exactly once."""
+        olds, news = ((self.old,), (self.new,)) if isinstance(self.old, str) else (self.old, self.new)
+        for old, new in zip(olds, news, strict=True):
+            if source.count(old) != 1:
+                return None
+            source = source.replace(old, new)
+        return source
 
-FT, API, SERVE, WEB = "tests/test_finetune.py::", "tests/test_api.py::", "tests/test_serve.py::", "tests/test_web_demo.py::"
+
+FT, API, SERVE, WEB = (
+    "tests/test_finetune.py::",
+    "tests/test_api.py::",
+    "tests/test_serve.py::",
+    "tests/test_web_demo.py::",
+)
 WEIGHTS, CLI = "tests/test_weights.py::", "tests/test_cli.py::"
 
 MUTANTS = [
     # ---- fine-tuning: resume, distributed gradients ----
-    Mutant("resume restarts at step 0", "palikit/finetune.py",
-           "        if cfg.resume and ckpt is not None:\n            self.load_checkpoint(ckpt)",
-           "        if False:\n            self.load_checkpoint(ckpt)",
-           (FT + "test_resume_is_exact[full]", FT + "test_resume_is_exact[lora]", FT + "test_resume_after_sigkill",
-            FT + "test_fsdp_resume_is_exact")),
-    Mutant("resume leaves a half-written checkpoint", "palikit/finetune.py",
-           'for tmp in self.out.glob(".step-*.tmp"):', "for tmp in []:", (FT + "test_resume_after_sigkill",)),
-    Mutant("loss not scaled by the number of ranks", "palikit/finetune.py",
-           "loss = per_example.sum() * (self.world / cfg.batch_size)", "loss = per_example.sum() / cfg.batch_size",
-           (FT + "test_torchrun_matches_single_process[ddp-sgd]", FT + "test_torchrun_matches_single_process[fsdp-sgd]")),
-    Mutant("loss averaged per micro-batch", "palikit/finetune.py",
-           "loss = per_example.sum() * (self.world / cfg.batch_size)", "loss = per_example.mean()",
-           (FT + "test_torchrun_matches_single_process[ddp-sgd]", FT + "test_torchrun_matches_single_process[fsdp-sgd]")),
+    Mutant(
+        "resume restarts at step 0",
+        "palikit/finetune.py",
+        "        if cfg.resume and ckpt is not None:\n            self.load_checkpoint(ckpt)",
+        "        if False:\n            self.load_checkpoint(ckpt)",
+        (
+            FT + "test_resume_is_exact[full]",
+            FT + "test_resume_is_exact[lora]",
+            FT + "test_resume_after_sigkill",
+            FT + "test_fsdp_resume_is_exact",
+        ),
+    ),
+    Mutant(
+        "resume leaves a half-written checkpoint",
+        "palikit/finetune.py",
+        'for tmp in self.out.glob(".step-*.tmp"):',
+        "for tmp in []:",
+        (FT + "test_resume_after_sigkill",),
+    ),
+    Mutant(
+        "checkpoint renamed before every rank wrote to it",
+        "palikit/finetune.py",
+        "        barrier()  # every rank's RNG file is in tmp before rank 0 renames it",
+        "        # (no barrier)",
+        (FT + "test_ddp_checkpoint_waits_for_every_rank",),
+    ),
+    Mutant(
+        "loss not scaled by the number of ranks",
+        "palikit/finetune.py",
+        "loss = per_example.sum() * (self.world / cfg.batch_size)",
+        "loss = per_example.sum() / cfg.batch_size",
+        (
+            FT + "test_torchrun_matches_single_process[ddp-sgd]",
+            FT + "test_torchrun_matches_single_process[fsdp-sgd]",
+        ),
+    ),
+    Mutant(
+        "loss averaged per micro-batch",
+        "palikit/finetune.py",
+        "loss = per_example.sum() * (self.world / cfg.batch_size)",
+        "loss = per_example.mean()",
+        (
+            FT + "test_torchrun_matches_single_process[ddp-sgd]",
+            FT + "test_torchrun_matches_single_process[fsdp-sgd]",
+        ),
+    ),
     # ---- palikit run ----
-    Mutant("run restarts from scratch", "palikit/batch.py",
-           "    done = finished_lines(output_path)\n",
-           "    finished_lines(output_path)\n    output_path.unlink(missing_ok=True)\n    done = set()\n",
-           (API + "test_run_resumes_after_kill",)),
+    Mutant(
+        "run restarts from scratch",
+        "palikit/batch.py",
+        "    done = finished_lines(output_path)\n",
+        "    finished_lines(output_path)\n    output_path.unlink(missing_ok=True)\n    done = set()\n",
+        (API + "test_run_resumes_after_kill",),
+    ),
     # ---- scoring, task helpers ----
-    Mutant("score without the <eos> term", "palikit/api.py",
-           'targets = batch["loss_mask"][:, 1:].bool()',
-           'targets = batch["loss_mask"][:, 1:].bool() & (batch["ids"][:, 1:] != self.tokenizer.eos_id)',
-           (API + "test_score_prefers_the_suffix_the_model_generates",)),
-    Mutant("caption ignores lang", "palikit/api.py",
-           "tasks.caption_prompt(lang, style)", 'tasks.caption_prompt("en", style)',
-           (API + "test_text_tasks_send_their_prompts",)),
-    Mutant("ask ignores lang", "palikit/api.py",
-           "tasks.ask_prompt(question, lang)", "tasks.ask_prompt(question)", (API + "test_text_tasks_send_their_prompts",)),
-    Mutant("demo prints the caption as the OCR answer", "palikit/cli.py",
-           'print("ocr".ljust(40) + f"-> {pipe.ocr(image)}")', 'print("ocr".ljust(40) + f"-> {pipe.caption(image)}")',
-           ("tests/test_default_model.py::test_demo_writes_answers_and_an_overlay",)),
+    Mutant(
+        "score without the <eos> term",
+        "palikit/api.py",
+        'targets = batch["loss_mask"][:, 1:].bool()',
+        'targets = batch["loss_mask"][:, 1:].bool() & (batch["ids"][:, 1:] != self.tokenizer.eos_id)',
+        (API + "test_score_prefers_the_suffix_the_model_generates",),
+    ),
+    Mutant(
+        "caption ignores lang",
+        "palikit/api.py",
+        "tasks.caption_prompt(lang, style)",
+        'tasks.caption_prompt("en", style)',
+        (API + "test_text_tasks_send_their_prompts",),
+    ),
+    Mutant(
+        "ask ignores lang",
+        "palikit/api.py",
+        "tasks.ask_prompt(question, lang)",
+        "tasks.ask_prompt(question)",
+        (API + "test_text_tasks_send_their_prompts",),
+    ),
+    Mutant(
+        "demo prints the caption as the OCR answer",
+        "palikit/cli.py",
+        'print("ocr".ljust(40) + f"-> {pipe.ocr(image)}")',
+        'print("ocr".ljust(40) + f"-> {pipe.caption(image)}")',
+        ("tests/test_default_model.py::test_demo_writes_answers_and_an_overlay",),
+    ),
     # ---- masks, drawing ----
-    Mutant("masks pasted at the image origin", "palikit/maskcodec.py",
-           "    out[y1:y2, x1:x2] = np.asarray(resized) > 0.0",
-           "    out[: y2 - y1, : x2 - x1] = np.asarray(resized) > 0.0",
-           (API + "test_segment_pastes_masks", SERVE + "test_detect_and_segment_give_pixel_boxes_and_masks")),
-    Mutant("web demo draws no mask", "palikit/static/app.js",
-           "    if (o.mask) ctx.drawImage(maskLayer(o.mask, colour), 0, 0);\n", "", (WEB + "test_segment_draws_a_mask",)),
-    Mutant("web demo draws masks 8 pixels too low", "palikit/static/app.js",
-           "ctx.drawImage(maskLayer(o.mask, colour), 0, 0)", "ctx.drawImage(maskLayer(o.mask, colour), 0, 8)",
-           (WEB + "test_segment_draws_a_mask",)),
-    Mutant("draw colours by position, not label", "palikit/tasks.py",
-           "    for r in results:\n        colour = _colour(r.label)",
-           "    for i, r in enumerate(results):\n        colour = _PALETTE[i % len(_PALETTE)]",
-           ("tests/test_tasks.py::test_draw",)),
+    Mutant(
+        "masks pasted at the image origin",
+        "palikit/maskcodec.py",
+        "    out[y1:y2, x1:x2] = np.asarray(resized) > 0.0",
+        "    out[: y2 - y1, : x2 - x1] = np.asarray(resized) > 0.0",
+        (API + "test_segment_pastes_masks", SERVE + "test_detect_and_segment_give_pixel_boxes_and_masks"),
+    ),
+    Mutant(
+        "web demo draws no mask",
+        "palikit/static/app.js",
+        "    if (o.mask) ctx.drawImage(maskLayer(o.mask, colour), 0, 0);\n",
+        "",
+        (WEB + "test_segment_draws_a_mask",),
+    ),
+    Mutant(
+        "web demo draws masks 8 pixels too low",
+        "palikit/static/app.js",
+        "ctx.drawImage(maskLayer(o.mask, colour), 0, 0)",
+        "ctx.drawImage(maskLayer(o.mask, colour), 0, 8)",
+        (WEB + "test_segment_draws_a_mask",),
+    ),
+    Mutant(
+        "draw colours by position, not label",
+        "palikit/tasks.py",
+        "    for r in results:\n        colour = _colour(r.label)",
+        "    for i, r in enumerate(results):\n        colour = _PALETTE[i % len(_PALETTE)]",
+        ("tests/test_tasks.py::test_draw",),
+    ),
     # ---- the server ----
-    Mutant("server rotates answers within a batch", "palikit/serve.py",
-           "for job, (text, g) in zip(jobs, outs):", "for job, (text, g) in zip(jobs, outs[1:] + outs[:1]):",
-           (SERVE + "test_concurrent_requests_are_batched_and_correct",)),
-    Mutant("server runs a batch on its first request's image", "palikit/serve.py",
-           "generate_details([j.images for j in jobs]", "generate_details([jobs[0].images for j in jobs]",
-           (SERVE + "test_concurrent_requests_are_batched_and_correct",)),
-    Mutant("server ignores temperature", "palikit/serve.py",
-           "    if not temperature:\n", "    if True:\n", (SERVE + "test_openai_client",)),
-    Mutant("server ignores top_p", "palikit/serve.py", '"top_p": top_p or 1.0', '"top_p": 1.0',
-           (SERVE + "test_openai_client",)),
-    Mutant("server ignores seed", "palikit/serve.py", '            "seed": seed}', '            "seed": None}',
-           (SERVE + "test_openai_client",)),
-    Mutant("finish_reason is always stop", "palikit/serve.py",
-           '"finish_reason": "length" if len(tokens) >= job.max_new_tokens else "stop"}\n        if job.parse:',
-           '"finish_reason": "stop"}\n        if job.parse:',
-           (SERVE + "test_openai_client", SERVE + "test_finish_reason_stop_and_length")),
-    Mutant("stream goes on for a gone client", "palikit/serve.py",
-           "        if job.cancelled:\n            return", "        if False:\n            return",
-           (SERVE + "test_client_disconnect_mid_stream",)),
-    Mutant("queue without a limit", "palikit/serve.py",
-           "if len(self.waiting) >= self.max_queue:", "if False:", (SERVE + "test_full_queue_answers_503_with_retry_after",)),
-    Mutant("one failing request fails its batch", "palikit/serve.py",
-           "            if len(jobs) == 1:\n                raise", "            if True:\n                raise",
-           (SERVE + "test_a_failing_request_does_not_fail_its_batch",)),
-    Mutant("no request-body timeout", "palikit/serve.py",
-           "await asyncio.wait_for(receive(), start + BODY_TIMEOUT_S - time.perf_counter())", "await receive()",
-           (SERVE + "test_slow_request_body_is_408",)),
-    Mutant("no request timeout", "palikit/serve.py",
-           "asyncio.wait_for(job.out.get(), max(0.0, job.deadline - time.monotonic()))",
-           "asyncio.wait_for(job.out.get(), None)", (SERVE + "test_request_timeout_is_504",)),
+    Mutant(
+        "server rotates answers within a batch",
+        "palikit/serve.py",
+        "for job, (text, g) in zip(jobs, outs):",
+        "for job, (text, g) in zip(jobs, outs[1:] + outs[:1]):",
+        (SERVE + "test_concurrent_requests_are_batched_and_correct",),
+    ),
+    Mutant(
+        "server runs a batch on its first request's image",
+        "palikit/serve.py",
+        "generate_details([j.images for j in jobs]",
+        "generate_details([jobs[0].images for j in jobs]",
+        (SERVE + "test_concurrent_requests_are_batched_and_correct",),
+    ),
+    Mutant(
+        "server ignores temperature",
+        "palikit/serve.py",
+        "    if not temperature:\n",
+        "    if True:\n",
+        (SERVE + "test_openai_client",),
+    ),
+    Mutant(
+        "server ignores top_p",
+        "palikit/serve.py",
+        '"top_p": top_p or 1.0',
+        '"top_p": 1.0',
+        (SERVE + "test_openai_client",),
+    ),
+    Mutant(
+        "server ignores seed",
+        "palikit/serve.py",
+        '            "seed": seed}',
+        '            "seed": None}',
+        (SERVE + "test_openai_client",),
+    ),
+    Mutant(
+        "finish_reason is always stop",
+        "palikit/serve.py",
+        '"finish_reason": "length" if len(tokens) >= job.max_new_tokens else "stop"}\n        if job.parse:',
+        '"finish_reason": "stop"}\n        if job.parse:',
+        (SERVE + "test_openai_client", SERVE + "test_finish_reason_stop_and_length"),
+    ),
+    Mutant(
+        "stream goes on for a gone client",
+        "palikit/serve.py",
+        "        if job.cancelled:\n            return",
+        "        if False:\n            return",
+        (SERVE + "test_client_disconnect_mid_stream",),
+    ),
+    Mutant(
+        "queue without a limit",
+        "palikit/serve.py",
+        "if len(self.waiting) >= self.max_queue:",
+        "if False:",
+        (SERVE + "test_full_queue_answers_503_with_retry_after",),
+    ),
+    Mutant(
+        "one failing request fails its batch",
+        "palikit/serve.py",
+        "            if len(jobs) == 1:\n                raise",
+        "            if True:\n                raise",
+        (SERVE + "test_a_failing_request_does_not_fail_its_batch",),
+    ),
+    Mutant(
+        "no request-body timeout",
+        "palikit/serve.py",
+        "await asyncio.wait_for(receive(), start + BODY_TIMEOUT_S - time.perf_counter())",
+        "await receive()",
+        (SERVE + "test_slow_request_body_is_408",),
+    ),
+    Mutant(
+        "no request timeout",
+        "palikit/serve.py",
+        "asyncio.wait_for(job.out.get(), max(0.0, job.deadline - time.monotonic()))",
+        "asyncio.wait_for(job.out.get(), None)",
+        (SERVE + "test_request_timeout_is_504",),
+    ),
     # ---- the model ----
-    Mutant("every <image> slot gets the first image", "palikit/paligemma.py",
-           "image_tokens.to(x.dtype))", "image_tokens[:1].expand_as(image_tokens).to(x.dtype))",
-           ("tests/test_generate.py::test_two_images_in_one_prompt[pg1]",
-            "tests/test_generate.py::test_two_images_in_one_prompt[pg2]")),
-    Mutant("images embedded in reverse order", "palikit/paligemma.py",
-           "image_tokens.to(x.dtype))", "image_tokens.flip(0).to(x.dtype))",
-           ("tests/test_generate.py::test_two_images_in_one_prompt[pg1]",
-            "tests/test_generate.py::test_two_images_in_one_prompt[pg2]")),
-    Mutant("RMSNorm statistics in bfloat16", "palikit/gemma.py",
-           "        h = x.float()  # statistics in float32 whatever the model dtype", "        h = x",
-           (WEIGHTS + "test_bfloat16_load[pg1]", WEIGHTS + "test_bfloat16_load[pg2]")),
-    Mutant("sqrt(D) not rounded to the weight dtype", "palikit/gemma.py",
-           "torch.tensor(self.config.hidden_size**0.5, dtype=table.dtype)", "self.config.hidden_size**0.5",
-           (WEIGHTS + "test_bfloat16_load[pg1]", WEIGHTS + "test_bfloat16_load[pg2]")),
-    Mutant("decoding at the wrong position", "palikit/generate.py",
-           "hidden = model.language_model(x, batch.pos[:, q], masks, cache, start=slot)",
-           "hidden = model.language_model(x, batch.pos[:, q] + 1, masks, cache, start=slot)",
-           (WEIGHTS + "test_big_vision_npz[pg1-f32]", WEIGHTS + "test_big_vision_npz[pg2-f32]")),
-    Mutant("no attention soft-cap", "palikit/gemma.py",
-           "            scores = cap * torch.tanh(scores / cap)  # before masking, as in big_vision and HF\n", "",
-           ("tests/test_parity.py::test_logits_match_transformers[pg2]",
-            "tests/test_parity.py::test_score_matches_transformers_loglikelihood[pg2]")),
-    Mutant("no final logit soft-cap", "palikit/gemma.py",
-           "        return cap * torch.tanh(logits / cap) if cap else logits", "        return logits",
-           ("tests/test_parity.py::test_logits_match_transformers[pg2]",
-            "tests/test_parity.py::test_score_matches_transformers_loglikelihood[pg2]")),
+    Mutant(
+        "every <image> slot gets the first image",
+        "palikit/paligemma.py",
+        "image_tokens.to(x.dtype))",
+        "image_tokens[:1].expand_as(image_tokens).to(x.dtype))",
+        (
+            "tests/test_generate.py::test_two_images_in_one_prompt[pg1]",
+            "tests/test_generate.py::test_two_images_in_one_prompt[pg2]",
+        ),
+    ),
+    Mutant(
+        "images embedded in reverse order",
+        "palikit/paligemma.py",
+        "image_tokens.to(x.dtype))",
+        "image_tokens.flip(0).to(x.dtype))",
+        (
+            "tests/test_generate.py::test_two_images_in_one_prompt[pg1]",
+            "tests/test_generate.py::test_two_images_in_one_prompt[pg2]",
+        ),
+    ),
+    Mutant(
+        "RMSNorm statistics in bfloat16",
+        "palikit/gemma.py",
+        "        h = x.float()  # statistics in float32 whatever the model dtype",
+        "        h = x",
+        (WEIGHTS + "test_bfloat16_load[pg1]", WEIGHTS + "test_bfloat16_load[pg2]"),
+    ),
+    Mutant(
+        "sqrt(D) not rounded to the weight dtype",
+        "palikit/gemma.py",
+        "torch.tensor(self.config.hidden_size**0.5, dtype=table.dtype)",
+        "self.config.hidden_size**0.5",
+        (WEIGHTS + "test_bfloat16_load[pg1]", WEIGHTS + "test_bfloat16_load[pg2]"),
+    ),
+    Mutant(
+        "decoding at the wrong position",
+        "palikit/generate.py",
+        "hidden = model.language_model(x, batch.pos[:, q], masks, cache, start=slot)",
+        "hidden = model.language_model(x, batch.pos[:, q] + 1, masks, cache, start=slot)",
+        (WEIGHTS + "test_big_vision_npz[pg1-f32]", WEIGHTS + "test_big_vision_npz[pg2-f32]"),
+    ),
+    Mutant(
+        "no attention soft-cap",
+        "palikit/gemma.py",
+        "            scores = cap * torch.tanh(scores / cap)  # before masking, as in big_vision and HF\n",
+        "",
+        (
+            "tests/test_parity.py::test_logits_match_transformers[pg2]",
+            "tests/test_parity.py::test_score_matches_transformers_loglikelihood[pg2]",
+        ),
+    ),
+    Mutant(
+        "no final logit soft-cap",
+        "palikit/gemma.py",
+        "        return cap * torch.tanh(logits / cap) if cap else logits",
+        "        return logits",
+        (
+            "tests/test_parity.py::test_logits_match_transformers[pg2]",
+            "tests/test_parity.py::test_score_matches_transformers_loglikelihood[pg2]",
+        ),
+    ),
     # ---- checkpoints ----
-    Mutant("converting safetensors read through mmap", "palikit/weights.py",
-           'return "mmap" if same else "pread"', 'return "mmap"',
-           (WEIGHTS + "test_bf16_load_peak_memory[f32-single]", WEIGHTS + "test_bf16_load_peak_memory[f32-sharded]")),
-    Mutant("npz object arrays not refused", "palikit/weights.py",
-           "if pickled := [arrays[k] for k, (_, dtype) in headers.items() if dtype.hasobject]:", "if pickled := []:",
-           (WEIGHTS + "test_npz_with_object_arrays_is_refused_unread[pg1-extra array]",
-            WEIGHTS + "test_npz_with_object_arrays_is_refused_unread[pg1-weight]")),
-    Mutant("hub ids skip the cache", "palikit/api.py",
-           "    try:  # the local cache first: works offline and costs no request\n"
-           "        return Path(snapshot_download(str(source), allow_patterns=patterns, local_files_only=True))\n"
-           "    except LocalEntryNotFoundError:\n        pass\n", "",
-           (WEIGHTS + "test_hub_id_loads_from_the_cache_offline", WEIGHTS + "test_hub_id_downloads_only_when_online")),
-    Mutant("preprocessor_config.json ignored", "palikit/api.py", "        if pre.exists():", "        if False:",
-           (WEIGHTS + "test_resize_filter_comes_from_the_preprocessor_config[2-bilinear]",
-            WEIGHTS + "test_resize_filter_comes_from_the_preprocessor_config[0-nearest]")),
+    Mutant(
+        "converting safetensors read through mmap",
+        "palikit/weights.py",
+        'return "mmap" if same else "pread"',
+        'return "mmap"',
+        (
+            WEIGHTS + "test_bf16_load_peak_memory[f32-single]",
+            WEIGHTS + "test_bf16_load_peak_memory[f32-sharded]",
+        ),
+    ),
+    Mutant(
+        "npz object arrays not refused",
+        "palikit/weights.py",
+        "if pickled := [arrays[k] for k, (_, dtype) in headers.items() if dtype.hasobject]:",
+        "if pickled := []:",
+        (
+            WEIGHTS + "test_npz_with_object_arrays_is_refused_unread[pg1-extra array]",
+            WEIGHTS + "test_npz_with_object_arrays_is_refused_unread[pg1-weight]",
+        ),
+    ),
+    Mutant(
+        "npz object arrays unpickled",
+        "palikit/weights.py",
+        (
+            "if pickled := [arrays[k] for k, (_, dtype) in headers.items() if dtype.hasobject]:",
+            "np.load(path, allow_pickle=False)",
+        ),
+        ("if pickled := []:", "np.load(path, allow_pickle=True)"),
+        (
+            WEIGHTS + "test_npz_with_object_arrays_is_refused_unread[pg1-extra array]",
+            WEIGHTS + "test_npz_with_object_arrays_is_refused_unread[pg1-weight]",
+        ),
+    ),
+    Mutant(
+        "a bfloat16 file copied instead of mapped",
+        "palikit/weights.py",
+        'return "mmap" if same else "pread"',
+        'return "pread"',
+        (WEIGHTS + "test_bf16_load_peak_memory[bf16]",),
+    ),
+    Mutant(
+        "hub ids skip the cache",
+        "palikit/api.py",
+        "    try:  # the local cache first: works offline and costs no request\n"
+        "        return Path(snapshot_download(str(source), allow_patterns=patterns, "
+        "local_files_only=True))\n"
+        "    except LocalEntryNotFoundError:\n        pass\n",
+        "",
+        (
+            WEIGHTS + "test_hub_id_loads_from_the_cache_offline",
+            WEIGHTS + "test_hub_id_downloads_only_when_online",
+        ),
+    ),
+    Mutant(
+        "preprocessor_config.json ignored",
+        "palikit/api.py",
+        "        if pre.exists():",
+        "        if False:",
+        (
+            WEIGHTS + "test_resize_filter_comes_from_the_preprocessor_config[2-bilinear]",
+            WEIGHTS + "test_resize_filter_comes_from_the_preprocessor_config[0-nearest]",
+        ),
+    ),
     # ---- the command line ----
-    Mutant("serve binds every interface by default", "palikit/cli.py",
-           'p.add_argument("--host", default="127.0.0.1"', 'p.add_argument("--host", default="0.0.0.0"',
-           (CLI + "test_serve_verb_binds_localhost_without_a_key_by_default",)),
-    Mutant("train ignores --set", "palikit/cli.py",
-           "result = train(args.config, args.overrides, resume=", "result = train(args.config, [], resume=",
-           (CLI + "test_train_verb_takes_overrides_resume_and_smoke",)),
-    Mutant("eval ignores --seed", "palikit/cli.py", "n_images=args.synthetic, seed=args.seed",
-           "n_images=args.synthetic, seed=12345", (CLI + "test_eval_verb_writes_the_metrics_of_evaluate_synthetic",)),
-    Mutant("data check always exits 0", "palikit/cli.py", "return 0 if report.ok else 1", "return 0",
-           (CLI + "test_data_check_verb_exit_status_and_report",)),
+    Mutant(
+        "serve binds every interface by default",
+        "palikit/cli.py",
+        'p.add_argument("--host", default="127.0.0.1"',
+        'p.add_argument("--host", default="0.0.0.0"',
+        (CLI + "test_serve_verb_binds_localhost_without_a_key_by_default",),
+    ),
+    Mutant(
+        "train ignores --set",
+        "palikit/cli.py",
+        "result = train(args.config, args.overrides, resume=",
+        "result = train(args.config, [], resume=",
+        (CLI + "test_train_verb_takes_overrides_resume_and_smoke",),
+    ),
+    Mutant(
+        "eval ignores --seed",
+        "palikit/cli.py",
+        "n_images=args.synthetic, seed=args.seed",
+        "n_images=args.synthetic, seed=12345",
+        (CLI + "test_eval_verb_writes_the_metrics_of_evaluate_synthetic",),
+    ),
+    Mutant(
+        "data check always exits 0",
+        "palikit/cli.py",
+        "return 0 if report.ok else 1",
+        "return 0",
+        (CLI + "test_data_check_verb_exit_status_and_report",),
+    ),
 ]
 
 
-def copy_tree(dest: Path) -> None:
-    """The working tree as git sees it (tracked and untracked, not ignored), without .venv."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
-                           capture_output=True).stdout.decode().split("\0")
-    for name in filter(None, files):
-        src = ROOT / name
-        if src.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-
-
-def failed_tests(report: Path) -> tuple[set[str], set[str]]:
-    """(failed, passed) test names of a junit XML report, as 'file.py::name[param]'."""
-    failed, passed = set(), set()
-    for case in ET.parse(report).iter("testcase"):
-        module = case.get("classname", "").replace(".", "/") + ".py"
-        name = f"{module}::{case.get('name')}"
-        bad = case.find("failure") is not None or case.find("error") is not None
-        (failed if bad else passed).add(name)
-    return failed, passed
-
-
-def run(mutant: Mutant, python: str, tests_from: str | None = None) -> tuple[str, str]:
+@contextlib.contextmanager
+def working_copy(tests_from: str | None) -> Iterator[Path]:
+    """The working tree as git sees it (tracked and untracked, not ignored; no .venv) in a temporary
+    folder, with the tests/ folder of revision `tests_from` if given."""
     with tempfile.TemporaryDirectory(prefix="palikit-mutant-") as tmp:
         work = Path(tmp)
-        copy_tree(work)
-        if tests_from:  # the tests/ folder of another revision against today's code
+        files = (
+            subprocess.run(
+                ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+                cwd=ROOT,
+                check=True,
+                capture_output=True,
+            )
+            .stdout.decode()
+            .split("\0")
+        )
+        for name in filter(None, files):
+            if (ROOT / name).is_file():
+                (work / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(ROOT / name, work / name)
+        if tests_from:
             shutil.rmtree(work / "tests")
-            archive = subprocess.run(["git", "archive", tests_from, "tests"], cwd=ROOT, check=True,
-                                     capture_output=True).stdout
-            subprocess.run(["tar", "x"], cwd=work, input=archive, check=True)
+            archive = subprocess.run(["git", "archive", tests_from, "tests"], cwd=ROOT, capture_output=True)
+            if archive.returncode:
+                raise SystemExit(f"mutants: no tests/ at {tests_from}: {archive.stderr.decode().strip()}")
+            subprocess.run(["tar", "x"], cwd=work, input=archive.stdout, check=True)
+        yield work
+
+
+def node_id(case: ET.Element) -> str:
+    """A junit testcase as pytest's node id: classname 'tests.test_api[.TestX]' + name."""
+    parts = case.get("classname", "").split(".")
+    module = next((i for i, p in enumerate(parts) if p.startswith("test_")), len(parts) - 1)
+    return "::".join(["/".join(parts[: module + 1]) + ".py", *parts[module + 1 :], case.get("name", "")])
+
+
+def run_pytest(work: Path, python: str, tests: list[str]) -> tuple[str, dict[str, str]]:
+    """("ok" | "ERROR: ..." | "HUNG", {node id: "passed" | "failed" | "skipped"})."""
+    report = work / "report.xml"
+    env = {**os.environ, "PYTHONPATH": str(work), "PYTHONDONTWRITEBYTECODE": "1"}
+    proc = subprocess.Popen(
+        [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}", *tests],
+        cwd=work,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )  # its own group: kill what it started too
+    try:
+        output, _ = proc.communicate(timeout=TIME_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return "HUNG", {}
+    if proc.returncode not in (0, 1) or not report.exists():
+        lines = [line for line in output.splitlines() if line.strip()]
+        return "ERROR: " + (lines[-1] if lines else f"pytest exited with {proc.returncode}"), {}
+    outcomes = {}
+    for case in ET.parse(report).iter("testcase"):
+        bad = case.find("failure") is not None or case.find("error") is not None
+        outcomes[node_id(case)] = (
+            "failed" if bad else "skipped" if case.find("skipped") is not None else "passed"
+        )
+    return "ok", outcomes
+
+
+def run(mutant: Mutant, python: str, tests_from: str | None) -> tuple[str, str]:
+    with working_copy(tests_from) as work:
         target = work / mutant.path
-        source = target.read_text()
-        if source.count(mutant.old) != 1:
-            return "STALE", f"{mutant.path} holds the text {source.count(mutant.old)} times, not once"
-        target.write_text(source.replace(mutant.old, mutant.new))
-        report = work / "report.xml"
-        env = {**os.environ, "PYTHONPATH": str(work), "PYTHONDONTWRITEBYTECODE": "1"}
-        proc = subprocess.run([python, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
-                               *mutant.tests], cwd=work, env=env, capture_output=True, text=True)
-        if proc.returncode not in (0, 1) or not report.exists():
-            return "ERROR", (proc.stdout + proc.stderr).strip().splitlines()[-1:][0] if proc.stdout else ""
-        failed, passed = failed_tests(report)
-        survivors = [t for t in mutant.tests if t in passed]
-        missing = [t for t in mutant.tests if t not in failed | passed]
-        if missing:
-            return "ERROR", f"not run: {', '.join(missing)}"
-        if survivors:
-            return "SURVIVED", f"passed on broken code: {', '.join(survivors)}"
-        return "killed", f"{len(mutant.tests)} test(s) failed"
+        mutated = mutant.apply(target.read_text())
+        if mutated is None:
+            return "STALE", f"{mutant.path} does not hold each text exactly once"
+        target.write_text(mutated)
+        status, outcomes = run_pytest(work, python, list(mutant.tests))
+    if status != "ok":
+        return status.split(":")[0], status.partition(": ")[2]
+    if missing := [t for t in mutant.tests if t not in outcomes]:
+        return "ERROR", f"not run: {', '.join(missing)}"
+    if survivors := [t for t in mutant.tests if outcomes[t] != "failed"]:
+        return "SURVIVED", f"{outcomes[survivors[0]]} on broken code: {', '.join(survivors)}"
+    return "killed", f"{len(mutant.tests)} test(s) failed"
 
 
 def main() -> int:
@@ -243,15 +512,29 @@ def main() -> int:
     chosen = [m for m in MUTANTS if not args.words or any(w in m.name for w in args.words)]
     if args.list:
         for m in chosen:
-            print(f"{m.name:45} {m.path:28} {' '.join(m.tests)}")
+            print(f"{m.name:48} {m.path:24} {' '.join(m.tests)}")
         return 0
     python = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv").exists() else sys.executable
+    tests = list(dict.fromkeys(t for m in chosen for t in m.tests))
+    start = time.perf_counter()
+    with working_copy(args.tests_from) as work:
+        status, outcomes = run_pytest(work, python, tests)
+    failing = [t for t in tests if outcomes.get(t) != "passed"]
+    print(
+        f"baseline  {len(tests) - len(failing)} of {len(tests)} tests pass on the unmutated code "
+        f"{time.perf_counter() - start:6.0f} s",
+        flush=True,
+    )
+    if status != "ok" or failing:
+        print(f"baseline failed ({status}); not passing: {', '.join(failing) or '-'}")
+        if not args.tests_from:  # an older tests/ may lack some tests: report the mutants anyway
+            return 1
     bad = 0
     for m in chosen:
         start = time.perf_counter()
         verdict, detail = run(m, python, args.tests_from)
-        bad += verdict in ("SURVIVED", "STALE", "ERROR")
-        print(f"{verdict:9} {m.name:45} {time.perf_counter() - start:6.0f} s  {detail}", flush=True)
+        bad += verdict != "killed"
+        print(f"{verdict:9} {m.name:48} {time.perf_counter() - start:6.0f} s  {detail}", flush=True)
     print(f"{len(chosen) - bad} of {len(chosen)} mutants killed")
     return 1 if bad else 0
 
