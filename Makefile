@@ -29,7 +29,7 @@ demo: setup
 test: setup-test
 	$(BIN)/python -m pytest
 
-# Each known bug, put in on purpose, must make its tests fail (tools/mutants.py); about 6 minutes.
+# Each known bug, put in on purpose, must make its tests fail (tools/mutants.py); about 10 minutes.
 mutants: setup-test
 	$(BIN)/python tools/mutants.py
 

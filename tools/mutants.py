@@ -13,7 +13,7 @@ subprocesses the tests start) and reports:
     ERROR      pytest could not run the tests (collection error, missing test id)
     HUNG       the tests ran past the time limit instead of failing
 
-    .venv/bin/python tools/mutants.py                 # every mutant (about 8 minutes on 2 cores)
+    .venv/bin/python tools/mutants.py                 # every mutant (about 10 minutes on 2 cores)
     .venv/bin/python tools/mutants.py resume masks    # those whose name contains a word
     .venv/bin/python tools/mutants.py --list
     .venv/bin/python tools/mutants.py --tests-from HEAD~3   # would an older tests/ have caught them?
