@@ -77,7 +77,8 @@ class Scripted:
 
 
 def when_queued(app, n: int) -> threading.Event:
-    """An event set once `n` requests wait in the app's queue (a hook on the batcher's submit)."""
+    """An event set once `n` requests wait in the app's queue (a hook on the batcher's submit).
+    Install it while the model holds a request, so that the held one is not counted."""
     batcher, queued = app.state.palikit.batcher, threading.Event()
     submit = batcher.submit
 
@@ -203,7 +204,6 @@ def test_concurrent_requests_are_batched_and_correct(pipe):
     another request of its batch, the wrong image or prompt used for a row, or a wrong cut."""
     scripted = Scripted(pipe, echo, gate_open=False)
     app = create_app(scripted, max_batch=8, max_queue=64)
-    queued = when_queued(app, 64)
     prompts = ["caption en", "answer en what colour is the star?", "detect circle ; square", "ocr"]
     cases = [(i % 16, i // 16, 20 + i % 3) for i in range(64)]  # (image, prompt, max_tokens)
     tok = pipe.tokenizer
@@ -216,7 +216,8 @@ def test_concurrent_requests_are_batched_and_correct(pipe):
                 return asyncio.ensure_future(c.post("/v1/chat/completions", json=chat_body(
                     data_url(image), prompt, max_tokens=n)))
             blocker = post(solid(99), "caption en", 3)  # the model is busy with this one...
-            await asyncio.to_thread(scripted.entered.wait, 30)
+            assert await asyncio.to_thread(scripted.entered.wait, 30)
+            queued = when_queued(app, 64)
             requests = [post(solid(im), prompts[p], n) for im, p, n in cases]
             assert await asyncio.to_thread(queued.wait, 30)
             scripted.gate.set()  # ...while all 64 queue up
@@ -423,13 +424,13 @@ def test_full_queue_answers_503_with_retry_after(pipe):
     """One request runs (held), one waits in the queue of one: the next three get 503 at once."""
     scripted = Scripted(pipe, {"caption": "a cat"}, gate_open=False)
     app = create_app(scripted, max_queue=1, max_batch=1)
-    queued = when_queued(app, 1)
     body = {"image": data_url(synthetic_image(0))}
 
     async def fire(url):
         async with httpx.AsyncClient(base_url=url, timeout=30) as c:
             running = asyncio.ensure_future(c.post("/v1/caption", json=body))
-            await asyncio.to_thread(scripted.entered.wait, 30)
+            assert await asyncio.to_thread(scripted.entered.wait, 30)
+            queued = when_queued(app, 1)
             waiting = asyncio.ensure_future(c.post("/v1/caption", json=body))
             assert await asyncio.to_thread(queued.wait, 30)
             refused = await asyncio.gather(*[c.post("/v1/caption", json=body) for _ in range(3)])
@@ -493,14 +494,14 @@ def test_a_failing_request_does_not_fail_its_batch(pipe):
     gets 500 and the other two their answers."""
     scripted = Scripted(pipe, {"caption": "a cat", "answer": "yes"}, gate_open=False)  # "ocr": KeyError
     app = create_app(scripted)
-    queued = when_queued(app, 3)
     with TestClient(app) as c:
         async def fire():
             transport = httpx.ASGITransport(app=c.app)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as ac:
                 img = data_url(synthetic_image(0))
                 blocker = asyncio.ensure_future(ac.post("/v1/ask", json={"image": img, "question": "ok?"}))
-                await asyncio.to_thread(scripted.entered.wait, 30)
+                assert await asyncio.to_thread(scripted.entered.wait, 30)
+                queued = when_queued(c.app, 3)
                 tasks = [asyncio.ensure_future(ac.post(f"/v1/{task}", json={"image": img}))
                          for task in ("caption", "ocr", "caption")]
                 assert await asyncio.to_thread(queued.wait, 30)
