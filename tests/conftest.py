@@ -8,6 +8,7 @@ import re
 import select
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -121,10 +122,17 @@ def box_pixels(box, height: int, width: int) -> np.ndarray:
     return out
 
 
-def wait_for_line(proc: subprocess.Popen, timeout: float) -> str:
-    """A child's next stdout line, or '' if it exits or stays silent for `timeout` seconds."""
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    return proc.stdout.readline() if ready else ""
+def kill_when_it_says(argv: list[str], says: str, timeout: float = 120, **popen) -> None:
+    """Start `python *argv`, wait until it prints the line `says` (where a hook in it pauses), and
+    kill -9 it right there. Fails if it exits or stays silent for `timeout` seconds instead."""
+    proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, **popen)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], timeout)
+        assert ready and proc.stdout.readline() == says + "\n", f"the child never said {says!r}"
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def hf_greedy(hf_model, ids: torch.Tensor, pixels: torch.Tensor, max_new_tokens: int):

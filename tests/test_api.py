@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -13,7 +11,7 @@ import pytest
 import palikit
 from palikit.generate import Generated
 
-from .conftest import box_pixels, synthetic_image, wait_for_line
+from .conftest import box_pixels, kill_when_it_says, synthetic_image
 
 
 @pytest.fixture(scope="module")
@@ -174,13 +172,7 @@ def test_run_resumes_after_kill(tiny_model_dir, tmp_path, pipe, monkeypatch):
     out = tmp_path / "out.jsonl"
     args = ["run", "--model", str(tiny_model_dir), "--input", str(tmp_path / "jobs.jsonl"), "--output",
             str(out), "--batch-size", "2", "--max-new-tokens", "6", "--dtype", "float32"]
-    proc = subprocess.Popen([sys.executable, "-c", HANG_BEFORE_BATCH, "3", *args], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert wait_for_line(proc, 120) == "hanging\n", "the run never reached its 4th batch"
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_when_it_says(["-c", HANG_BEFORE_BATCH, "3", *args], "hanging")  # before its 4th batch
     before = read_output(out)
     assert [r["line"] for r in before] == list(range(6))  # 3 batches of 2 lines (line 5 is an error)
     before[0]["text"] = "written before the kill"  # a rerun that starts over would lose this

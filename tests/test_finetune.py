@@ -32,7 +32,7 @@ from palikit.data import StepSampler
 from palikit.paligemma import PaliGemma
 from palikit.synthetic import generate_dataset
 
-from .conftest import wait_for_line
+from .conftest import kill_when_it_says
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
@@ -286,14 +286,8 @@ def test_resume_after_sigkill(cfg, tmp_path):
     out = tmp_path / "killed"
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(cfg | extra | {"out_dir": str(out)}))
-    proc = subprocess.Popen([sys.executable, "-c", HANG_IN_SAVE, str(path), "3"], cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert wait_for_line(proc, 120) == "saving\n", "the run never reached step 3's save"
-    finally:
-        proc.kill()
-        proc.wait()
+    kill_when_it_says(["-c", HANG_IN_SAVE, str(path), "3"], "saving", cwd=ROOT,
+                      env={**os.environ, "OMP_NUM_THREADS": "1"})  # inside step 3's save
     assert (out / ".step-000003.tmp" / "optimizer.safetensors").exists()  # the half-written save
     assert sorted(p.name for p in out.glob("step-*")) == ["step-000001", "step-000002"]
     # And one this run would never write again (as a killed run with more steps leaves).
