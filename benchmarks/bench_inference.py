@@ -73,7 +73,7 @@ def run_palikit(folder: str, dtype: str, new_tokens: int) -> dict:
 
     def run(batch: int, tokens: int) -> float:
         t = time.perf_counter()
-        image_tokens = pipe._image_tokens([[im] for im in imgs[:batch]])
+        image_tokens = pipe.embed_images([[im] for im in imgs[:batch]])
         cfg = gen.SamplingConfig(max_new_tokens=tokens)
         gen.generate(pipe.model, prompts[:batch], image_tokens, cfg, eos_id=-1, pad_id=0)  # no early stop
         return time.perf_counter() - t
@@ -162,7 +162,7 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"\n{args.preset}, {args.dtype}, {args.new_tokens} new tokens\n")
-    print(f"| metric | palikit | transformers | palikit advantage |\n|---|---|---|---|")
+    print("| metric | palikit | transformers | palikit advantage |\n|---|---|---|---|")
     for key, label, higher_is_better in ROWS:
         a, b = results["palikit"][key], results["transformers"][key]
         ratio = a / b if higher_is_better else b / a

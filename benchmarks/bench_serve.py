@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from palikit.api import Pipeline
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -61,25 +63,34 @@ def make_checkpoint(folder: Path) -> None:
     Pipeline(model, Tokenizer(tok, image_token_id=config.image_token_id)).save(folder)
 
 
-class TransformersPipe:
-    """generate_details() over transformers' PaliGemmaForConditionalGeneration, for create_app.
+class TransformersPipe(Pipeline):
+    """transformers' PaliGemmaForConditionalGeneration behind palikit's pipeline surface
+    (palikit.api.PipelineProtocol): generation is transformers', the rest (prompt ids, image
+    preparation, output parsing) palikit's, so both libraries are served by the same create_app.
 
     Prompt ids and pixels come from palikit's processor (tests/test_parity.py shows transformers gives
     the same logits and greedy tokens from them); rows are left-padded, token_type_ids 0 on the prefix.
     """
 
-    def __init__(self, folder: str | Path, dtype: str = "float32"):
+    def __init__(self, folder: str | Path, dtype: str = "float32"):  # no palikit model, so not Pipeline's
         import torch
         from transformers import PaliGemmaForConditionalGeneration
 
+        from palikit.config import PaliGemmaConfig
         from palikit.processor import Tokenizer
 
         model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype))
         self.model = model.eval()
-        cfg = self.model.config
-        self.tokenizer = Tokenizer(Path(folder) / "tokenizer.model", image_token_id=cfg.image_token_id)
-        self.num_image_tokens = cfg.vision_config.num_image_tokens
-        self.image_size = cfg.vision_config.image_size
+        self.config = PaliGemmaConfig.from_file(Path(folder) / "config.json")
+        self.tokenizer = Tokenizer(Path(folder) / "tokenizer.model", image_token_id=self.config.image_token_id)
+        self.num_image_tokens = self.config.num_image_tokens
+        self.image_size = self.config.vision.image_size
+        self.codec_path, self._codecs = None, {}
+
+    def stream(self, image, prompt: str, max_new_tokens: int = 32, **sampling):
+        """transformers generates in one go; its tokens are then yielded one by one."""
+        (_, g), = self.generate_details([image], [prompt], max_new_tokens=max_new_tokens, batch_size=1, **sampling)
+        yield from g.tokens[:max_new_tokens]
 
     def generate_details(self, images, prompts, max_new_tokens: int = 32, batch_size: int = 8,
                          do_sample: bool = False, seed: int | None = None, **sampling):

@@ -5,7 +5,8 @@ from .config import PRESETS, GemmaConfig, PaliGemmaConfig, SiglipConfig
 from .maskcodec import MaskCodec
 from .paligemma import PaliGemma
 from .processor import InputError, Tokenizer
-from .tasks import Detection, Segmentation, draw
+from .overlay import draw
+from .tasks import Detection, Segmentation
 from .weights import CheckpointError
 
 __all__ = ["load", "Pipeline", "PaliGemma", "PaliGemmaConfig", "SiglipConfig", "GemmaConfig", "PRESETS",

@@ -1,21 +1,26 @@
-"""The public entry point: `palikit.load(source)` -> `Pipeline` with generate / score (and the tasks)."""
+"""The public entry point: `palikit.load(source)` -> `Pipeline` with generate / stream / score and
+one method per registered task (caption, ask, question, ocr, detect, segment; see tasks.TASKS)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
+from PIL import Image
 
 from . import generate as gen
 from . import tasks
-from .maskcodec import paste_mask
 from .config import PaliGemmaConfig
+from .maskcodec import paste_mask
 from .paligemma import PaliGemma
-from .processor import InputError, Tokenizer, encode_example, load_image, preprocess
+from .processor import (RESAMPLE_OF_PIL_ID, InputError, Tokenizer, collate, encode_example, load_image,
+                        preprocess, resize, suffix_logprobs)
 from .weights import CheckpointError, load_hf_folder, load_npz, save_hf_folder
 
 log = logging.getLogger(__name__)
@@ -82,7 +87,7 @@ def load(source: str | Path = "default", dtype: str | torch.dtype = "bfloat16", 
         pre = path / "preprocessor_config.json"
         if pre.exists():  # the resize filter the checkpoint was made with (3 = bicubic, 2 = bilinear)
             resample = json.loads(pre.read_text()).get("resample")
-            model.config.resample = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}.get(resample, "bicubic")
+            model.config.resample = RESAMPLE_OF_PIL_ID.get(resample, "bicubic")
     if not tok_file.exists():
         raise CheckpointError(f"no tokenizer: {tok_file} not found (pass tokenizer=PATH)")
     folder = path.parent if path.is_file() else path
@@ -90,8 +95,29 @@ def load(source: str | Path = "default", dtype: str | torch.dtype = "bfloat16", 
     return Pipeline(model, Tokenizer(tok_file, image_token_id=model.config.image_token_id), codec)
 
 
+class PipelineProtocol(Protocol):
+    """What the server, `palikit run` and the task methods need of a pipeline: palikit's Pipeline,
+    or an adapter around another library (benchmarks/bench_serve.py wraps transformers' model)."""
+
+    config: PaliGemmaConfig
+    tokenizer: Tokenizer
+    codec_path: Path | None  # the mask codec, if segment works
+
+    def generate_details(self, images, prompts, max_new_tokens: int = 32, batch_size: int = 8,
+                         **sampling) -> list[tuple[str, gen.Generated]]: ...
+
+    def stream(self, image, prompt: str, max_new_tokens: int = 32, **sampling) -> Iterator[int]: ...
+
+    def prompt_ids(self, prompt: str, n_images: int = 1, max_new_tokens: int = 0) -> list[int]: ...
+
+    def prepare_image(self, image) -> Image.Image: ...
+
+    def parse_objects(self, task: str | tasks.TaskSpec, text: str, generated: gen.Generated, image,
+                      codec=None) -> list: ...
+
+
 class Pipeline:
-    """A loaded model with its tokenizer: generate, score, and the task helpers."""
+    """A loaded model with its tokenizer: generate, stream, score, and a method per task."""
 
     def __init__(self, model: PaliGemma, tokenizer: Tokenizer, codec_path: Path | None = None):
         self.model, self.tokenizer = model, tokenizer
@@ -114,17 +140,31 @@ class Pipeline:
             raise InputError("every prompt needs at least one image")
         return per_example, prompts, single
 
-    def _image_tokens(self, per_example: list[list]) -> torch.Tensor:
+    def embed_images(self, per_example: list[list]) -> torch.Tensor:
+        """The image tokens (I, N, D) of every image of every example, in order."""
         flat = [im for ims in per_example for im in ims]
         pixels = preprocess(flat, self.config.vision.image_size, self.config.resample)
         with torch.inference_mode():
             return self.model.embed_images(pixels.to(self.model.device))
 
-    def _check_length(self, n: int) -> None:
+    def check_length(self, n_tokens: int, max_new_tokens: int = 0) -> None:
+        """InputError when n_tokens (images included) plus max_new_tokens exceed the model's limit."""
         limit = self.config.text.max_position_embeddings
-        if n > limit:
-            raise InputError(f"sequence of {n} tokens (image + prompt + new tokens) is longer than the "
-                             f"model's limit of {limit}")
+        if n_tokens + max_new_tokens > limit:
+            raise InputError(f"{n_tokens} tokens (image + text) + {max_new_tokens} new tokens is more than "
+                             f"the model's limit of {limit}")
+
+    def prompt_ids(self, prompt: str, n_images: int = 1, max_new_tokens: int = 0) -> list[int]:
+        """The prompt's token ids, image placeholders included; InputError for a malformed prompt or
+        one that leaves no room for max_new_tokens within the model's length limit."""
+        ids = encode_example(self.tokenizer, self.config.num_image_tokens * n_images, prompt).ids
+        self.check_length(len(ids), max_new_tokens)
+        return ids
+
+    def prepare_image(self, image) -> Image.Image:
+        """An image as the model sees it (RGB, EXIF-rotated, resized to its input with its filter).
+        Inputs at that size are used as they are, so preparing early costs nothing later."""
+        return resize(image, self.config.vision.image_size, self.config.resample)
 
     # ---- generation -----------------------------------------------------------------------
 
@@ -132,14 +172,11 @@ class Pipeline:
         """Like generate, with each output's token ids and log-probs."""
         cfg = gen.SamplingConfig(**sampling)
         per_example, prompts, _ = self._normalise(images, prompts)
-        n_img = self.config.num_image_tokens
-        encoded = [encode_example(self.tokenizer, n_img * len(ims), p).ids for ims, p in zip(per_example, prompts)]
-        for ids in encoded:
-            self._check_length(len(ids) + cfg.max_new_tokens)
+        encoded = [self.prompt_ids(p, len(ims), cfg.max_new_tokens) for ims, p in zip(per_example, prompts)]
         results = []
         for start in range(0, len(prompts), batch_size):
             chunk = slice(start, start + batch_size)
-            image_tokens = self._image_tokens(per_example[chunk])
+            image_tokens = self.embed_images(per_example[chunk])
             outs = gen.generate(self.model, encoded[chunk], image_tokens, cfg,
                                 self.tokenizer.eos_id, self.tokenizer.pad_id)
             results += [(self.tokenizer.decode(o.tokens), o) for o in outs]
@@ -154,6 +191,22 @@ class Pipeline:
         single = isinstance(prompts, str)
         out = [t for t, _ in self.generate_details(images, prompts, max_new_tokens=max_new_tokens, **sampling)]
         return out[0] if single else out
+
+    def stream(self, image, prompt: str, max_new_tokens: int = 32, **sampling) -> Iterator[int]:
+        """The token ids of one generation as they are made (without <eos>); stop iterating to stop
+        generating. `image`: one image, or a list for a prompt with several. Decode the ids so far
+        with `tokenizer.decode`. Greedy or sampled as generate (beam search does not stream)."""
+        if not isinstance(prompt, str):
+            raise InputError("stream takes one prompt (a str); use generate for a batch")
+        cfg = gen.SamplingConfig(max_new_tokens=max_new_tokens, **sampling)
+        (images,), _, _ = self._normalise(image, prompt)
+        ids = self.prompt_ids(prompt, len(images), max_new_tokens)
+        tok = self.tokenizer
+        for token, _ in gen.stream_tokens(self.model, [ids], self.embed_images([images]), cfg,
+                                          tok.eos_id, tok.pad_id):
+            if int(token) == tok.eos_id:
+                return
+            yield int(token)
 
     # ---- scoring --------------------------------------------------------------------------
 
@@ -172,54 +225,82 @@ class Pipeline:
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start:start + batch_size]
             for e in chunk:
-                self._check_length(len(e.ids))
+                self.check_length(len(e.ids))
             batch = collate(chunk, self.tokenizer.pad_id, self.model.device)
             pixels = preprocess([im for ims in per_example[start:start + batch_size] for im in ims],
                                 self.config.vision.image_size, self.config.resample).to(self.model.device)
             hidden = self.model(batch["ids"], pixels, batch["input_mask"], batch["mask_ar"])
-            # Logits only where a suffix token is predicted: position t predicts token t + 1.
-            targets = batch["loss_mask"][:, 1:].bool()
-            logprobs = self.model.logits(hidden[:, :-1][targets]).log_softmax(-1)
-            tok_lp = logprobs.gather(-1, batch["ids"][:, 1:][targets][:, None])[:, 0]
-            row = targets.nonzero()[:, 0]
-            scores += torch.zeros(len(chunk)).index_add_(0, row.cpu(), tok_lp.cpu()).tolist()
+            logprobs, labels, rows = suffix_logprobs(hidden, batch, self.model.logits)
+            token_lp = logprobs.gather(-1, labels[:, None])[:, 0]
+            scores += torch.zeros(len(chunk)).index_add_(0, rows.cpu(), token_lp.cpu()).tolist()
         return scores
 
     # ---- tasks ----------------------------------------------------------------------------
-    # Each accepts one image (-> one result) or a list of images (-> a list, run in batches).
+    # pipe.caption(image, lang="fr"), pipe.detect(image, ["cat", "dog"]), ...: one method per task
+    # of tasks.TASKS, made by __getattr__. Each takes one image (-> one result) or a list of
+    # images (-> a list, run in batches).
 
-    def caption(self, image, lang: str = "en", style: str = "caption", max_new_tokens: int = 64, **sampling):
-        return self._task_text(image, tasks.caption_prompt(lang, style), max_new_tokens, sampling)
+    def __getattr__(self, name: str):
+        spec = tasks.TASKS.get(name)
+        if spec is None or name.startswith("_"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    def ask(self, image, question: str, lang: str = "en", max_new_tokens: int = 32, **sampling):
-        return self._task_text(image, tasks.ask_prompt(question, lang), max_new_tokens, sampling)
+        def method(image, *args, **kwargs):
+            return self.run_task(name, image, *args, **kwargs)
 
-    def ocr(self, image, max_new_tokens: int = 128, **sampling):
-        return self._task_text(image, tasks.ocr_prompt(), max_new_tokens, sampling)
+        method.__name__ = method.__qualname__ = name
+        method.__doc__ = _task_doc(spec)
+        method.__signature__ = _task_signature(spec)
+        return method
 
-    def detect(self, image, labels: str | Sequence[str], max_new_tokens: int = 128, **sampling):
-        """-> list[Detection] (boxes in the input image's pixels), or one list per image."""
-        return self._objects(image, "detect", tasks.detect_prompt(labels), None, max_new_tokens, sampling)
+    def __dir__(self):
+        return [*super().__dir__(), *tasks.TASKS]
 
-    def segment(self, image, label: str | Sequence[str], codec=None, max_new_tokens: int = 128, **sampling):
-        """-> list[Segmentation] with full-size boolean masks, or one list per image.
+    def run_task(self, verb: str, image, *args, max_new_tokens: int | None = None, codec=None, **kwargs):
+        """Run the task `verb` of tasks.TASKS: its fields by position or name, the rest sampling.
 
-        codec: a MaskCodec or the path of big_vision's vae-oid.npz; defaults to the codec saved
-        beside the model (mask_codec.npz / vae-oid.npz), if any.
+        -> text (str) for a text task, a list of Detection / Segmentation for an object task; a
+        list of those for a list of images. codec (segment): a MaskCodec or the path of
+        big_vision's vae-oid.npz; defaults to the codec saved beside the model.
         """
-        codec = self._codec(codec)  # fails before generating when there is no codec
-        return self._objects(image, "segment", tasks.segment_prompt(label), codec, max_new_tokens, sampling)
+        spec = tasks.task_spec(verb)
+        names = [a.name for a in spec.args]
+        if len(args) > len(names):
+            raise TypeError(f"{verb}() takes {len(names)} field(s) after the image ({', '.join(names)}), "
+                            f"got {len(args)}")
+        values = dict(zip(names, args))
+        for key in list(kwargs):
+            name = spec.aliases.get(key, key)
+            if name in names:
+                values[name] = kwargs.pop(key)
+        prompt = spec.build(**values)
+        max_new_tokens = max_new_tokens or spec.max_new_tokens
+        if spec.parse is None:
+            if codec is not None:
+                raise TypeError(f"{verb}() takes no codec")
+            batch = isinstance(image, list)
+            images = image if batch else [image]
+            out = self.generate(images, [prompt] * len(images), max_new_tokens=max_new_tokens, **kwargs)
+            return out if batch else out[0]
+        codec = self._codec(codec) if spec.masks else None  # fails before generating without a codec
+        images = [load_image(im) for im in (image if isinstance(image, list) else [image])]
+        outs = self.generate_details(images, [prompt] * len(images), max_new_tokens=max_new_tokens, **kwargs)
+        results = [self.parse_objects(spec, text, g, im, codec) for im, (text, g) in zip(images, outs)]
+        return results if isinstance(image, list) else results[0]
 
-    def objects(self, task: str, text: str, generated: gen.Generated, image, codec=None) -> list:
-        """Parse a detect / segment output for `image` (anything with .width and .height): each
-        object is scored by the mean log-prob of its tokens when the tokens and log-probs describe
-        `text` (unscored otherwise), and segment masks are pasted at the image's size."""
+    def parse_objects(self, task: str | tasks.TaskSpec, text: str, generated: gen.Generated, image,
+                      codec=None) -> list:
+        """The objects of a detect / segment output for `image` (anything with .width and
+        .height): each is scored by the mean log-prob of its tokens when the tokens and log-probs
+        describe `text` (unscored otherwise), and segment masks are pasted at the image's size."""
+        spec = task if isinstance(task, tasks.TaskSpec) else tasks.task_spec(task)
+        if spec.parse is None:
+            raise ValueError(f"task {spec.verb!r} answers in text; it has no objects to parse")
         pieces = self.tokenizer.decode_pieces(generated.tokens)
         scored = len(generated.logprobs) == len(generated.tokens) and "".join(pieces) == text
-        parse = tasks.parse_detections if task == "detect" else tasks.parse_segmentations
-        objects = parse(text, image.width, image.height, pieces=pieces if scored else None,
-                        logprobs=generated.logprobs if scored else None).objects
-        return self.attach_masks(objects, image, codec) if task == "segment" else objects
+        objects = spec.parse(text, image.width, image.height, pieces=pieces if scored else None,
+                             logprobs=generated.logprobs if scored else None).objects
+        return self.attach_masks(objects, image, codec) if spec.masks else objects
 
     def attach_masks(self, segmentations: list, image, codec=None) -> list:
         """Decode each Segmentation's 16 codes and paste the mask into its box at the image size."""
@@ -229,19 +310,6 @@ class Pipeline:
             for seg, m in zip(segmentations, masks64):
                 seg.mask = paste_mask(m, seg.box, image.height, image.width)
         return segmentations
-
-    def _task_text(self, image, prompt: str, max_new_tokens: int, sampling: dict):
-        batch = isinstance(image, list)
-        images = image if batch else [image]
-        out = self.generate(images, [prompt] * len(images), max_new_tokens=max_new_tokens, **sampling)
-        return out if batch else out[0]
-
-    def _objects(self, image, task: str, prompt: str, codec, max_new_tokens: int, sampling: dict):
-        """Generate for one image or a list and parse each output."""
-        images = [load_image(im) for im in (image if isinstance(image, list) else [image])]
-        outs = self.generate_details(images, [prompt] * len(images), max_new_tokens=max_new_tokens, **sampling)
-        results = [self.objects(task, text, g, im, codec) for im, (text, g) in zip(images, outs)]
-        return results if isinstance(image, list) else results[0]
 
     def _codec(self, codec):
         from .maskcodec import MaskCodec
@@ -263,20 +331,19 @@ class Pipeline:
         (Path(folder) / "tokenizer.model").write_bytes(data)
 
 
-def collate(examples, pad_id: int, device="cpu") -> dict[str, torch.Tensor]:
-    """Right-pad encoded examples into tensors: ids, input_mask, mask_ar, loss_mask (B, L).
+def _task_signature(spec: tasks.TaskSpec) -> inspect.Signature:
+    P = inspect.Parameter
+    params = [P("image", P.POSITIONAL_OR_KEYWORD)]
+    params += [P(a.name, P.POSITIONAL_OR_KEYWORD, default=P.empty if a.required else a.default) for a in spec.args]
+    params.append(P("max_new_tokens", P.KEYWORD_ONLY, default=spec.max_new_tokens))
+    if spec.masks:
+        params.append(P("codec", P.KEYWORD_ONLY, default=None))
+    return inspect.Signature([*params, P("sampling", P.VAR_KEYWORD)])
 
-    Padding sits after the suffix with mask_ar = 1 and input_mask = 0, so no real token sees it
-    and the loss ignores it.
-    """
-    L = max(len(e.ids) for e in examples)
-    out = {k: torch.zeros((len(examples), L), dtype=torch.long) for k in ("ids", "input_mask", "mask_ar", "loss_mask")}
-    out["ids"].fill_(pad_id)
-    out["mask_ar"].fill_(1)
-    for i, e in enumerate(examples):
-        n = len(e.ids)
-        out["ids"][i, :n] = torch.tensor(e.ids)
-        out["input_mask"][i, :n] = 1
-        out["mask_ar"][i, :n] = torch.tensor(e.mask_ar)
-        out["loss_mask"][i, :n] = torch.tensor(e.loss_mask)
-    return {k: v.to(device) for k, v in out.items()}
+
+def _task_doc(spec: tasks.TaskSpec) -> str:
+    result = "list[Segmentation] with full-size masks" if spec.masks else (
+        "list[Detection] (boxes in the input image's pixels)" if spec.parse else "str")
+    fields = "; ".join(f"{a.name}: {a.text.help or a.text.title}" for a in spec.args) or "no fields"
+    return (f"{spec.help.capitalize()} (prompt `{spec.words[0]} ...`) -> {result}, or one per image "
+            f"for a list of images. Fields: {fields}. Sampling as generate.")

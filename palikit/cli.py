@@ -14,6 +14,7 @@ import sys
 
 from pathlib import Path
 
+from . import tasks
 from .processor import InputError, load_image
 from .weights import CheckpointError
 
@@ -35,22 +36,16 @@ def cmd_generate(args) -> None:
 
 
 def cmd_task(args) -> None:
-    """caption / ask / ocr / detect / segment on one image; optional overlay PNG."""
+    """A verb of tasks.TASKS on one image: its text, or its objects (and an optional overlay PNG)."""
     import palikit
-    from palikit.tasks import draw
+    from palikit.overlay import draw
 
+    spec = tasks.TASKS[args.verb]
     pipe = palikit.load(args.model, dtype=args.dtype)
     image = load_image(args.image)
-    if args.verb == "caption":
-        result = pipe.caption(image, lang=args.lang, style=args.style)
-    elif args.verb == "ask":
-        result = pipe.ask(image, args.question, lang=args.lang)
-    elif args.verb == "ocr":
-        result = pipe.ocr(image)
-    elif args.verb == "detect":
-        result = pipe.detect(image, args.labels)
-    else:
-        result = pipe.segment(image, args.labels, codec=args.vae)
+    values = {a.name: getattr(args, a.name) for a in spec.args}
+    options = {"codec": args.vae} if spec.masks else {}
+    result = pipe.run_task(spec.verb, image, max_new_tokens=args.max_new_tokens, **values, **options)
     if isinstance(result, str):
         print(json.dumps({"text": result}, ensure_ascii=False) if args.json else result)
         return
@@ -74,7 +69,7 @@ def write_image_atomic(image, path) -> None:
 
 def cmd_run(args) -> None:
     import palikit
-    from palikit.batch import run_jobs
+    from palikit.jobs import run_jobs
 
     pipe = palikit.load(args.model, dtype=args.dtype)
     stats = run_jobs(pipe, args.input, args.output, batch_size=args.batch_size,
@@ -100,7 +95,8 @@ def cmd_data_check(args) -> int:
     from .data import check_dataset
 
     report = check_dataset(args.file, config=args.model, tokenizer=args.tokenizer,
-                           max_text_len=args.max_text_len, split=args.split, open_images=args.open_images)
+                           max_text_len=args.max_text_len, split=args.split, open_images=args.open_images,
+                           task=args.task, codec=args.vae)
     print(json.dumps(report.to_dict(), ensure_ascii=False) if args.json else report.format())
     return 0 if report.ok else 1  # warnings alone pass
 
@@ -123,7 +119,7 @@ def cmd_demo(args) -> None:
 
     import palikit
     from palikit.synthetic import KINDS, make_scene
-    from palikit.tasks import draw
+    from palikit.overlay import draw
 
     pipe = palikit.load(args.model, dtype="float32")
     if args.image:
@@ -187,23 +183,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=int, default=1)
     p.set_defaults(func=cmd_generate)
 
-    for verb, help_text in [("caption", "caption an image"), ("ask", "answer a question about an image"),
-                            ("ocr", "read the text in an image"), ("detect", "find objects: boxes"),
-                            ("segment", "find objects: boxes and masks")]:
-        p = verbs.add_parser(verb, help=help_text)
+    for spec in tasks.TASKS.values():  # one verb per task
+        p = verbs.add_parser(spec.verb, help=spec.help)
         p.add_argument("image")
-        if verb == "ask":
-            p.add_argument("question")
-        if verb in ("detect", "segment"):
-            p.add_argument("labels", nargs="+", help="object names")
+        for arg in spec.args:
+            name = arg.name if arg.required else "--" + arg.name.replace("_", "-")
+            kwargs = {"nargs": "+"} if arg.many else {}
+            if not arg.required:
+                kwargs.update(default=arg.default, dest=arg.name)
+            p.add_argument(name, choices=arg.choices, help=arg.text.help or arg.text.title, **kwargs)
         _model_args(p)
-        if verb in ("caption", "ask"):
-            p.add_argument("--lang", default="en")
-        if verb == "caption":
-            p.add_argument("--style", default="caption", choices=["cap", "caption", "describe"])
-        if verb in ("detect", "segment"):
+        p.add_argument("--max-new-tokens", type=int, default=spec.max_new_tokens)
+        if spec.parse is not None:
             p.add_argument("--out", help="write an overlay PNG with the boxes (and masks) here")
-        if verb == "segment":
+        if spec.masks:
             p.add_argument("--vae", help="mask codec npz (big_vision vae-oid.npz); default: beside the model")
         p.set_defaults(func=cmd_task, out=None, vae=None)
 
@@ -256,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer.model: check sequence lengths")
     p.add_argument("--max-text-len", type=int, help="warn about longer text (it would be truncated)")
     p.add_argument("--open-images", action="store_true", help="also decode every image (slower)")
+    p.add_argument("--task", default="detect", choices=["detect", "segment"],
+                   help="what a COCO file becomes, as in training (segment needs --vae)")
+    p.add_argument("--vae", help="mask codec npz, to check a COCO file as segment examples")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=cmd_data_check)
 

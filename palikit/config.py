@@ -229,7 +229,7 @@ def _rope_theta(t: dict) -> float:
 
 # ---- presets ------------------------------------------------------------------------------
 # Sizes from big_vision's variant tables (gemma_2b, gemma2_{2b,9b,27b}, So400m/14), cross-checked
-# with transformers' conversion scripts; see ../shared/reference/paligemma-spec.md §1.4.
+# with transformers' conversion scripts (models/paligemma/convert_paligemma*_weights_to_hf.py).
 
 GEMMA_2B = GemmaConfig()
 GEMMA2 = {

@@ -2,7 +2,7 @@
 converted to detect/segment examples, a dataset checker, the resumable data order, and the torch
 Dataset + collate.
 
-Layouts accepted (user-pitfalls §4.1), all with image paths relative to the annotation file:
+Layouts accepted (those of big_vision, Roboflow and maestro), all with image paths relative to the annotation file:
 - a `.jsonl` file, one `{"image": ..., "prefix": ..., "suffix": ...}` per line (big_vision
   `bv:jsonl`, maestro, Roboflow); `image` may also be a list of paths (several images, one prompt);
 - a Roboflow "paligemma" export: one folder with `_annotations.{train,valid,test}.jsonl`;
@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import re
 from collections import Counter
 from collections.abc import Sequence
 from itertools import count
@@ -31,17 +30,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .api import collate
-from .processor import Encoded, InputError, Tokenizer, encode_example, load_image, preprocess
+from . import tasks
+from .processor import Encoded, InputError, Tokenizer, collate, encode_example, load_image, preprocess
 
 log = logging.getLogger(__name__)
 
-# First words of the prompts PaliGemma was trained on (spec §5.1); others are free-form prefixes.
-TASK_PREFIXES = ("cap", "caption", "describe", "ocr", "answer", "question", "detect", "segment")
 SPLITS = {"train": ("train",), "valid": ("valid", "validation", "val"), "test": ("test",)}
-_LOC_RE = re.compile(r"<loc(\d+)>")
-_SEG_RE = re.compile(r"<seg(\d+)>")
-_BOX_RE = re.compile(r"((?:<loc\d+>\s*){4})((?:<seg\d+>\s*)*)([^;<]*)")
 
 
 class DatasetError(ValueError):
@@ -54,6 +48,21 @@ class Example:
     prefix: str
     suffix: str
     where: str = ""  # "file.jsonl:12", for messages
+
+
+@dataclass
+class DataSpec:
+    """Where a training config's examples come from (TrainConfig.train_file / eval_file): a path
+    (in YAML a plain string means {path: ...}), or palikit.synthetic's settings in its place."""
+
+    path: str | None = None  # a .jsonl / COCO .json file or a dataset folder (any layout above)
+    split: str | None = None  # the split of a folder; default: the one being read (train / valid)
+    task: str = "detect"  # what a COCO file converts to: detect or segment
+    codec: str | None = None  # COCO -> segment: the mask codec's npz
+    synthetic: dict | None = None  # {n_images: N, seed: S, size: PX}: generated under out_dir/data
+
+    def __str__(self) -> str:
+        return self.path if self.path is not None else f"synthetic {self.synthetic}"
 
 
 # ---- finding and reading annotation files --------------------------------------------------
@@ -179,7 +188,7 @@ def read_coco(path: str | Path, task: str = "detect", codec=None, image_dir: str
 
 def _coco_mask(seg, H: int, W: int) -> np.ndarray:
     """COCO segmentation (polygons, or RLE with str/list counts) -> bool (H, W)."""
-    from .tasks import rle_decode
+    from .rle import rle_decode
 
     if isinstance(seg, dict):
         return rle_decode(seg)
@@ -193,12 +202,25 @@ def _coco_mask(seg, H: int, W: int) -> np.ndarray:
 def load_examples(path: str | Path, split: str = "train", task: str = "detect", codec=None,
                   errors: list | None = None) -> list[Example]:
     """Examples of any supported layout; COCO files are converted to `task` (detect/segment)."""
-    file = find_annotations(path, split)
-    if file.suffix == ".jsonl":
-        return read_jsonl(file, errors)
-    if file.suffix == ".json":
-        return read_coco(file, task, codec)
-    raise DatasetError(f"{file}: expected a .jsonl or COCO .json file")
+    return read_annotations(find_annotations(path, split), task, codec, errors)
+
+
+# The one place a file format is chosen (load_examples, check_dataset): annotation file suffix ->
+# reader(file, task, codec, errors). JSONL records bad lines in `errors` when it is a list; COCO
+# converts to `task` (detect / segment, the latter with the mask codec) and raises on a bad file.
+READERS = {
+    ".jsonl": lambda file, task, codec, errors: read_jsonl(file, errors),
+    ".json": lambda file, task, codec, errors: read_coco(file, task, codec),
+}
+
+
+def read_annotations(file: Path, task: str = "detect", codec=None,
+                     errors: list | None = None) -> list[Example]:
+    """Examples of one annotation file, read by the READERS entry of its suffix."""
+    reader = READERS.get(file.suffix)
+    if reader is None:
+        raise DatasetError(f"{file}: expected a .jsonl or COCO .json file")
+    return reader(file, task, codec, errors)
 
 
 # ---- checking ------------------------------------------------------------------------------
@@ -249,7 +271,8 @@ class DatasetReport:
 
 
 def check_dataset(path: str | Path, config=None, tokenizer=None, max_text_len: int | None = None,
-                  split: str = "train", open_images: bool = False) -> DatasetReport:
+                  split: str = "train", open_images: bool = False, task: str = "detect",
+                  codec=None) -> DatasetReport:
     """Report what would go wrong when training on a dataset (`palikit data check`).
 
     Errors: unreadable lines, missing images, loc tokens outside <loc0000>..<loc1023>, seg tokens
@@ -260,7 +283,8 @@ def check_dataset(path: str | Path, config=None, tokenizer=None, max_text_len: i
 
     config: a PaliGemmaConfig, a preset name or a model folder (for the image-token count and the
     length limit). tokenizer: a Tokenizer or a tokenizer.model path; without one, lengths are not
-    checked (a model folder's tokenizer.model is used when there is one).
+    checked (a model folder's tokenizer.model is used when there is one). task, codec: what a COCO
+    file converts to, as in load_examples.
     """
     from .config import PaliGemmaConfig
 
@@ -277,15 +301,15 @@ def check_dataset(path: str | Path, config=None, tokenizer=None, max_text_len: i
     file = find_annotations(path, split)
     report = DatasetReport(str(file))
     errors: list[tuple[str, str]] = []
-    examples = read_jsonl(file, errors) if file.suffix == ".jsonl" else read_coco(file, "detect")
+    examples = read_annotations(file, task, codec, errors)
     report.problems += [Problem(w, "bad-line", m) for w, m in errors]
     report.examples = len(examples)
     n_image = config.num_image_tokens if config else 0
     limit = config.text.max_position_embeddings if config else None
     for ex in examples:
         report.problems += _check_example(ex, open_images)
-        task = task_word(ex.prefix)
-        report.tasks[task if task in TASK_PREFIXES else "other"] += 1
+        word = tasks.task_word(ex.prefix)
+        report.tasks[word if word in tasks.prompt_words() else "other"] += 1
         if tokenizer is None:
             continue
         try:
@@ -305,11 +329,6 @@ def check_dataset(path: str | Path, config=None, tokenizer=None, max_text_len: i
     return report
 
 
-def task_word(prefix: str) -> str:
-    words = re.sub(r"^(\s*<image>)+\s*", "", prefix).removeprefix("<bos>").split(maxsplit=1)
-    return words[0] if words else ""
-
-
 def _check_example(ex: Example, open_images: bool) -> list[Problem]:
     out = []
     for image in ex.images:
@@ -321,28 +340,28 @@ def _check_example(ex: Example, open_images: bool) -> list[Problem]:
                     im.verify()
             except Exception as e:  # PIL raises many types for broken files
                 out.append(Problem(ex.where, "unreadable-image", f"{image}: {e}"))
-    task = task_word(ex.prefix)
-    if task not in TASK_PREFIXES:
+    task, known = tasks.task_word(ex.prefix), tasks.prompt_words()
+    if task not in known:
         out.append(Problem(ex.where, "unknown-task", f"prompt {ex.prefix!r} starts with no known task "
-                           f"({' '.join(TASK_PREFIXES)})", error=False))
+                           f"({' '.join(known)})", error=False))
     if "<image>" in ex.prefix or "<bos>" in ex.prefix or "\n" in ex.prefix:
         out.append(Problem(ex.where, "prompt-format", f"prompt {ex.prefix!r} contains <image>, <bos> or a "
                            "newline; palikit adds those itself", error=False))
     for text, what in ((ex.prefix, "prompt"), (ex.suffix, "suffix")):
-        bad = [m.group(0) for m in _LOC_RE.finditer(text) if len(m[1]) != 4 or int(m[1]) > 1023]
-        bad += [m.group(0) for m in _SEG_RE.finditer(text) if len(m[1]) != 3 or int(m[1]) > 127]
+        bad = [m[0] for m in tasks.ANY_LOC_RE.finditer(text) if len(m[1]) != 4 or int(m[1]) >= tasks.NUM_LOC]
+        bad += [m[0] for m in tasks.ANY_SEG_RE.finditer(text) if len(m[1]) != 3 or int(m[1]) >= tasks.NUM_SEG]
         if bad:
             kind = "loc-range" if bad[0].startswith("<loc") else "seg-range"
             out.append(Problem(ex.where, kind, f"{what} has tokens outside <loc0000>..<loc1023> / "
                                f"<seg000>..<seg127>: {', '.join(bad[:4])}"))
-    n_loc = len(_LOC_RE.findall(ex.suffix))
+    n_loc = len(tasks.ANY_LOC_RE.findall(ex.suffix))
     if n_loc % 4:
         out.append(Problem(ex.where, "loc-count", f"{n_loc} loc tokens in the suffix, not groups of 4",
                            error=False))
-    if task in ("detect", "segment") and n_loc:
+    if (spec := tasks.spec_of_word(task)) is not None and spec.parse is not None and n_loc:
         asked = {w.strip() for w in ex.prefix.split(maxsplit=1)[-1].split(";")}
-        for m in _BOX_RE.finditer(ex.suffix):
-            y1, x1, y2, x2 = (int(v) for v in _LOC_RE.findall(m[1]))
+        for m in tasks.ANY_OBJECT_RE.finditer(ex.suffix):
+            y1, x1, y2, x2 = (int(v) for v in tasks.ANY_LOC_RE.findall(m[1]))
             label = m[3].strip()
             if y2 < y1 or x2 < x1:
                 out.append(Problem(ex.where, "box-order", f"box {m[1].strip()} has y2 < y1 or x2 < x1",

@@ -74,11 +74,11 @@ def evaluate_synthetic(pipe, n_images: int = 200, seed: int = 12345, size: int =
         outs = pipe.generate_details([j[1] for j in chunk], [j[2] for j in chunk], max_new_tokens=64)
         for (task, image, prompt, truth), (text, g) in zip(chunk, outs):
             if task == "detect":
-                pred = pipe.objects(task, text, g, image)
+                pred = pipe.parse_objects(task, text, g, image)
                 scores["detect"].append(match_boxes(pred, truth))
             elif task == "segment":
                 pred = np.zeros(truth.shape, bool)
-                for seg in pipe.objects(task, text, g, image):
+                for seg in pipe.parse_objects(task, text, g, image):
                     pred |= seg.mask
                 scores["segment"].append(mask_iou(pred, truth))
             else:

@@ -102,8 +102,8 @@ def decode_one_token(model: PaliGemma, batch: PromptBatch, token: torch.Tensor, 
 
 
 @torch.inference_mode()
-def steps(model: PaliGemma, prompts: list[list[int]], image_tokens: torch.Tensor | None,
-          cfg: SamplingConfig, eos_id: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def stream_tokens(model: PaliGemma, prompts: list[list[int]], image_tokens: torch.Tensor | None,
+                  cfg: SamplingConfig, eos_id: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (token (B,), its log-prob (B,)) per step until every row has produced <eos> or
     max_new_tokens is reached; a consumer may stop early (streaming). Rows that finished keep
     yielding tokens that the consumer ignores."""
@@ -136,7 +136,7 @@ def generate(model: PaliGemma, prompts: list[list[int]], image_tokens: torch.Ten
         return beam_search(model, prompts, image_tokens, cfg, eos_id, pad_id)
     out = [Generated([]) for _ in prompts]
     done = [False] * len(prompts)
-    for token, token_lp in steps(model, prompts, image_tokens, cfg, eos_id, pad_id):
+    for token, token_lp in stream_tokens(model, prompts, image_tokens, cfg, eos_id, pad_id):
         for i, (t, lp) in enumerate(zip(token.tolist(), token_lp.tolist())):
             if not done[i] and t != eos_id:
                 out[i].tokens.append(t)

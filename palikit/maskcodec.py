@@ -3,7 +3,7 @@
 It is the instance-segmentation VQ-VAE of "All in Tokens" (Ning et al. 2023), published by
 big_vision as `vae-oid.npz`, a PyTorch state dict. Submodule names reproduce its keys, so loading
 is a checked copy. Behaviour follows big_vision `pp/proj/paligemma/segmentation.py` (mask -> tokens)
-and `evaluators/proj/paligemma/transfers/segmentation.py` (tokens -> mask in the image); see spec §5.3.
+and `evaluators/proj/paligemma/transfers/segmentation.py` (tokens -> mask in the image).
 Dims: B batch, K codes, D code width, T tokens (4x4 grid, row-major), S mask side.
 """
 
@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch import nn
 
 from .atomic import atomic_write
+from .tasks import NUM_SEG
 
 # The published npz may carry the EMA quantiser's running statistics; inference never reads them.
 _IGNORED_KEYS = {"_vq_vae._ema_w", "_vq_vae._ema_cluster_size"}
@@ -28,7 +29,7 @@ _IGNORED_KEYS = {"_vq_vae._ema_w", "_vq_vae._ema_cluster_size"}
 
 @dataclass(frozen=True)
 class MaskCodecConfig:
-    num_codes: int = 128  # codebook rows = the 128 <segNNN> tokens
+    num_codes: int = NUM_SEG  # codebook rows = the <segNNN> tokens
     code_dim: int = 512  # width of a codebook entry and of the encoder output
     # Encoder conv widths (each conv halves the side); the decoder mirrors them back up.
     hidden: tuple[int, ...] = (16, 32, 64, 128)
@@ -243,41 +244,7 @@ def paste_mask(mask64: np.ndarray, box_xyxy_pixels: Sequence[float], height: int
     return out
 
 
-# ---- training on synthetic masks ----
-
-
-def random_shape_masks(n: int, seed: int, size: int = 64) -> torch.Tensor:
-    """n filled ellipses, rectangles or triangles, float (n, size, size) in {0, 1}.
-
-    Half fill the whole frame, as a mask cropped to its own box does (what the codec sees in
-    PaliGemma); the rest have random sizes and positions.
-    """
-    rng = np.random.default_rng(seed)
-    out = np.zeros((n, size, size), np.float32)
-    for i in range(n):
-        if rng.random() < 0.5:
-            w = h = size - 1
-            x0 = y0 = 0.0
-        else:
-            w, h = rng.uniform(0.3, 1.0, 2) * (size - 1)
-            x0, y0 = rng.uniform(0, size - 1 - w), rng.uniform(0, size - 1 - h)
-        img = Image.new("L", (size, size))
-        draw = ImageDraw.Draw(img)
-        kind = rng.integers(3)
-        if kind == 0:
-            draw.ellipse([x0, y0, x0 + w, y0 + h], fill=1)
-        elif kind == 1:
-            draw.rectangle([x0, y0, x0 + w, y0 + h], fill=1)
-        else:
-            # Apex somewhere on the top edge, base along the bottom; a random quarter turn then
-            # points it any of four ways.
-            apex = x0 + rng.uniform(0, w)
-            draw.polygon([(apex, y0), (x0, y0 + h), (x0 + w, y0 + h)], fill=1)
-        m = np.asarray(img, np.float32)
-        if kind == 2:
-            m = np.rot90(m, rng.integers(4))
-        out[i] = m
-    return torch.from_numpy(out)
+# ---- training ----
 
 
 def train_codec(

@@ -1,4 +1,4 @@
-"""Tokenizer, prompt layout and image preprocessing: the one place that builds model inputs.
+"""Tokenizer, prompt layout, image preprocessing and batching: the one place that builds model inputs.
 
 Prompt contract (big_vision and transformers agree on it):
     [<image> x N per image] <bos> prefix "\\n" [suffix <eos>]
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import logging
-import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,12 +19,9 @@ import sentencepiece as spm
 import torch
 from PIL import Image, ImageOps
 
-log = logging.getLogger(__name__)
+from .tasks import LOC_TOKENS, NUM_LOC, NUM_SEG, SEG_TOKENS, SPECIAL_TOKEN_RE, strip_typed_tokens
 
-NUM_LOC, NUM_SEG = 1024, 128
-LOC_TOKENS = [f"<loc{i:04d}>" for i in range(NUM_LOC)]
-SEG_TOKENS = [f"<seg{i:03d}>" for i in range(NUM_SEG)]
-_SPECIAL_RE = re.compile(r"<loc(\d{4})>|<seg(\d{3})>")
+log = logging.getLogger(__name__)
 
 # Decompression-bomb guard: PIL refuses images above this many pixels (PIL warns at 89 MP and
 # errors at twice that by default; we turn its warning into a clean error).
@@ -69,7 +65,7 @@ class Tokenizer:
         if self.has_special_pieces:
             return self.sp.encode(text)
         ids, pos = [], 0  # map loc/seg by hand and let SentencePiece encode the text between them
-        for m in _SPECIAL_RE.finditer(text):
+        for m in SPECIAL_TOKEN_RE.finditer(text):
             ids += self.sp.encode(text[pos:m.start()]) if m.start() > pos else []
             ids.append(self.loc_offset + int(m[1]) if m[1] else self.seg_offset + int(m[2]))
             pos = m.end()
@@ -162,9 +158,7 @@ class Encoded:
 
 def clean_prefix(prefix: str) -> str:
     """Repair the prompt mistakes users make most: typed <image>/<bos> tokens or a trailing newline."""
-    cleaned = re.sub(r"^(\s*<image>)+\s*", "", prefix)
-    cleaned = cleaned.removeprefix("<bos>")
-    cleaned = cleaned.rstrip("\n")
+    cleaned = strip_typed_tokens(prefix).rstrip("\n")
     if cleaned != prefix:
         log.warning("prompt %r repaired to %r: palikit adds <image>, <bos> and the newline itself", prefix, cleaned)
     if "\n" in cleaned:
@@ -243,13 +237,62 @@ def _array_to_image(a: np.ndarray) -> Image.Image:
     return Image.fromarray(a)
 
 
-_RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
-             "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+            "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+# preprocessor_config.json's "resample" (PIL's enum values) -> the names above
+RESAMPLE_OF_PIL_ID = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+
+
+def resize(image, size: int, resample: str = "bicubic") -> Image.Image:
+    """An RGB image squashed to size x size (no crop, no padding), as big_vision and HF resize.
+
+    An image already at that size is returned as is, so resizing early (the server does on
+    arrival, to queue small images) costs nothing later."""
+    image = load_image(image)
+    if image.size == (size, size):
+        return image
+    return image.resize((size, size), RESAMPLE[resample])
 
 
 def preprocess(images: Sequence, size: int, resample: str = "bicubic") -> torch.Tensor:
-    """Images -> (I, 3, size, size) float32 in [-1, 1]: square resize (no crop, no padding)."""
+    """Images -> (I, 3, size, size) float32 in [-1, 1]."""
     out = np.empty((len(images), size, size, 3), dtype=np.uint8)
     for i, image in enumerate(images):
-        out[i] = np.asarray(load_image(image).resize((size, size), _RESAMPLE[resample]))
+        out[i] = np.asarray(resize(image, size, resample))
     return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# ---- batching -------------------------------------------------------------------------------
+
+
+def collate(examples: Sequence[Encoded], pad_id: int, device="cpu") -> dict[str, torch.Tensor]:
+    """Right-pad encoded examples into tensors: ids, input_mask, mask_ar, loss_mask (B, L).
+
+    Padding sits after the suffix with mask_ar = 1 and input_mask = 0, so no real token sees it
+    and the loss ignores it.
+    """
+    L = max(len(e.ids) for e in examples)
+    out = {k: torch.zeros((len(examples), L), dtype=torch.long) for k in ("ids", "input_mask", "mask_ar", "loss_mask")}
+    out["ids"].fill_(pad_id)
+    out["mask_ar"].fill_(1)
+    for i, e in enumerate(examples):
+        n = len(e.ids)
+        out["ids"][i, :n] = torch.tensor(e.ids)
+        out["input_mask"][i, :n] = 1
+        out["mask_ar"][i, :n] = torch.tensor(e.mask_ar)
+        out["loss_mask"][i, :n] = torch.tensor(e.loss_mask)
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def suffix_logprobs(outputs: torch.Tensor, batch: dict, head=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 log-softmax where the next token is a target: position t predicts token t + 1, where
+    loss_mask[:, 1:] is 1 (suffix and <eos>). The one home of that rule, for score and the loss.
+
+    outputs: hidden states (B, L, D) with `head` (e.g. model.logits), applied only at the target
+    positions (V is 257k: full logits of a batch would be gigabytes), or logits (B, L, V).
+    -> (log-probs (T, V), target ids (T,), row of each target (T,)), T = targets in the batch.
+    """
+    targets = batch["loss_mask"][:, 1:].bool()
+    x = outputs[:, :-1][targets]
+    logits = (head(x) if head is not None else x).float()
+    return logits.log_softmax(-1), batch["ids"][:, 1:][targets], targets.nonzero()[:, 0]

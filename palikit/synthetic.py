@@ -22,11 +22,12 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, get_args
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from . import tasks
 from .atomic import atomic_write
 
 KINDS: tuple[str, ...] = ("circle", "square", "triangle", "star")
@@ -38,11 +39,12 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "blue": (40, 80, 210),
     "yellow": (230, 190, 20),
 }
-Task = Literal["caption", "count", "colour", "ocr", "detect", "segment"]
-TASKS: tuple[Task, ...] = ("caption", "count", "colour", "ocr", "detect", "segment")
+# What an example asks about a scene (the "task" field of the data files, for per-question metrics).
+SceneQuestion = Literal["caption", "count", "colour", "ocr", "detect", "segment"]
+SCENE_QUESTIONS: tuple[SceneQuestion, ...] = get_args(SceneQuestion)
 
 Box = tuple[int, int, int, int]  # pixel x1, y1, x2, y2; x2 and y2 are exclusive
-# encode_mask(visible_mask[H, W] bool, box_xyxy) -> 16 codes in [0, 128)
+# encode_mask(visible_mask[H, W] bool, box_xyxy) -> the 16 seg codes of the mask
 MaskEncoder = Callable[[np.ndarray, Box], Sequence[int]]
 
 # Scene geometry, as fractions of the image side.
@@ -234,17 +236,11 @@ def caption(shapes: Sequence[Shape]) -> str:
     return ", ".join(phrases[:-1]) + " and " + phrases[-1]
 
 
-def _loc(v: float) -> str:
-    # TODO: swap for palikit.tasks.boxes_to_loc once that lands.
-    return f"<loc{int(np.clip(np.round(v * 1023), 0, 1023)):04d}>"
-
-
 def _box_locs(box: Box, width: int, height: int) -> str:
-    x1, y1, x2, y2 = box
-    return _loc(y1 / height) + _loc(x1 / width) + _loc(y2 / height) + _loc(x2 / width)
+    return tasks.boxes_to_loc([box], width, height)[0]
 
 
-def _example(prefix: str, suffix: str, task: Task) -> dict[str, str]:
+def _example(prefix: str, suffix: str, task: SceneQuestion) -> dict[str, str]:
     return {"prefix": prefix, "suffix": suffix, "task": task}
 
 
@@ -301,10 +297,7 @@ def scene_examples(
         objects = []
         for s in instances([kind]):
             codes = [int(c) for c in encode_mask(s.mask, s.box)]
-            if len(codes) != 16 or not all(0 <= c < 128 for c in codes):
-                raise ValueError(f"encode_mask must return 16 codes in [0, 128), got {codes}")
-            segs = "".join(f"<seg{c:03d}>" for c in codes)
-            objects.append(f"{_box_locs(s.box, width, height)}{segs} {kind}")
+            objects.append(tasks.segmentation_suffix(_box_locs(s.box, width, height), codes, kind))
         examples.append(_example(f"segment {kind}", " ; ".join(objects), "segment"))
     return examples
 

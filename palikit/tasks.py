@@ -1,7 +1,13 @@
-"""PaliGemma tasks: prompts, <loc>/<seg> token encoding and parsing, result types, drawing.
+"""PaliGemma tasks: the one home of every task rule.
 
-Pure functions, no model code; the VQ-VAE that turns 16 seg codes into a mask lives with the
-models. Conventions follow big_vision (spec §5.1–5.3):
+Token rules (`<loc>`/`<seg>` constants and patterns, a prompt's task word), prompt builders, the
+task registry (one TaskSpec per task: its prompt, its output parser, its default budget, and
+what the CLI, the HTTP server, `palikit run` and the web demo show of it), box encoding and
+parsing, result types, COCO RLE and drawing. Pure functions, no model code; the VQ-VAE that
+turns 16 seg codes into a mask lives with the models. Longer than 500 lines because every
+surface reads its task rules from here and nowhere else.
+
+Conventions follow big_vision (the PaliGemma README and `big_vision/pp/proj/paligemma/`):
 
 - a box is `<locY1><locX1><locY2><locX2>`, each value v in 0..1023 a bin of the coordinate
   normalised by the image height or width; encode `clip(round(c * 1023), 0, 1023)`, decode
@@ -14,16 +20,46 @@ Masks serialise as COCO compressed RLE, byte-identical to pycocotools' `mask.enc
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import operator
 import re
-import zlib
-from collections.abc import Callable, Iterator, Sequence
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, TypeVar, get_args
 
 import numpy as np
-from PIL import Image, ImageDraw
+
+from .rle import rle_encode
+
+# ----------------------------------------------------------------------------- token rules
+
+NUM_LOC = 1024  # <loc0000>..<loc1023>
+NUM_SEG = 128  # <seg000>..<seg127>, the VQ-VAE codebook size
+NUM_SEG_PER_MASK = 16  # a 4x4 latent grid, row-major
+LOC_TOKENS = [f"<loc{i:04d}>" for i in range(NUM_LOC)]
+SEG_TOKENS = [f"<seg{i:03d}>" for i in range(NUM_SEG)]
+SPECIAL_TOKEN_RE = re.compile(r"<loc(\d{4})>|<seg(\d{3})>")  # well-formed: what the tokenizer knows
+# Any digits, so that a checker can name the malformed ones (<loc1024>, <loc12>).
+ANY_LOC_RE = re.compile(r"<loc(\d+)>")
+ANY_SEG_RE = re.compile(r"<seg(\d+)>")
+# One object of a detect/segment target: 4 loc tokens, any seg tokens, the label up to `;` or `<`.
+ANY_OBJECT_RE = re.compile(r"((?:<loc\d+>\s*){4})((?:<seg\d+>\s*)*)([^;<]*)")
+_TYPED_TOKENS_RE = re.compile(r"^(\s*<image>)+\s*")
+
+
+def strip_typed_tokens(prefix: str) -> str:
+    """The prefix without the leading <image> and <bos> tokens users type (palikit adds them)."""
+    return _TYPED_TOKENS_RE.sub("", prefix).removeprefix("<bos>")
+
+
+def task_word(prefix: str) -> str:
+    """A prompt's first word, which names its task ("" for an empty prompt)."""
+    words = strip_typed_tokens(prefix).split(maxsplit=1)
+    return words[0] if words else ""
+
 
 # ----------------------------------------------------------------------------- prompts
 
@@ -34,18 +70,6 @@ LANGUAGES = (
     "pt", "ro", "ru", "sv", "sw", "te", "th", "tr", "uk", "vi", "zh",
 )  # fmt: skip
 CaptionStyle = Literal["cap", "caption", "describe"]
-Task = Literal["caption", "answer", "question", "ocr", "detect", "segment"]
-# First word of a prompt -> task. `cap` (alt-text) and `describe` (long) are caption variants.
-_TASK_OF_PREFIX: dict[str, Task] = {
-    "cap": "caption",
-    "caption": "caption",
-    "describe": "caption",
-    "answer": "answer",
-    "question": "question",
-    "ocr": "ocr",
-    "detect": "detect",
-    "segment": "segment",
-}
 
 
 def _check_choice(what: str, value: object, choices: Sequence[str]) -> None:
@@ -107,28 +131,9 @@ def segment_prompt(labels: str | Sequence[str]) -> str:
     return "segment " + " ; ".join(_check_labels(labels))
 
 
-def parse_task(prompt: str) -> Task:
-    """The task a prompt asks for, from its first word.
-
-    Transfer checkpoints trained on free-form prefixes (DocVQA questions, refcoco expressions)
-    raise here too; callers that serve them should catch the ValueError.
-    """
-    words = prompt.split(maxsplit=1)
-    prefix = words[0] if words else ""
-    if prefix not in _TASK_OF_PREFIX:
-        raise ValueError(
-            f"unknown task prefix {prefix!r} in prompt {prompt!r}; "
-            f"expected one of: {', '.join(_TASK_OF_PREFIX)}"
-        )
-    return _TASK_OF_PREFIX[prefix]
-
-
 # ----------------------------------------------------------------------------- box encoding
 
 BoxFormat = Literal["xyxy", "xyxy_norm", "coco"]
-NUM_LOC = 1024  # <loc0000>..<loc1023>
-NUM_SEG = 128  # <seg000>..<seg127>, the VQ-VAE codebook size
-NUM_SEG_PER_MASK = 16  # a 4x4 latent grid, row-major
 
 
 def _check_size(width: float, height: float) -> None:
@@ -385,127 +390,162 @@ def detections_to_arrays(results: Sequence[Detection | Segmentation]) -> dict[st
         mask = np.stack([np.zeros(shape, bool) if m is None else np.asarray(m, bool) for m in masks])
     return {
         "xyxy": np.array([r.box for r in results], dtype=np.float32).reshape(-1, 4),
-        "confidence": np.array([_confidence(r.score) for r in results], dtype=np.float32),
+        "confidence": np.array([confidence(r.score) for r in results], dtype=np.float32),
         "class_name": np.array([r.label for r in results], dtype=str),
         "mask": mask,
     }
 
 
-def _confidence(score: float | None) -> float:
+def confidence(score: float | None) -> float:
     return 1.0 if score is None else math.exp(score)
 
 
-# ----------------------------------------------------------------------------- COCO RLE
+# ----------------------------------------------------------------------------- the task registry
 
 
-def rle_encode(mask: np.ndarray) -> dict[str, Any]:
-    """COCO compressed RLE `{"size": [H, W], "counts": str}` of a [H, W] mask, as pycocotools.
+@dataclass(frozen=True)
+class FieldText:
+    """How a prompt field is shown: a short title (web demo, CLI metavar), help, an example."""
 
-    Runs are counted down the columns (Fortran order), starting with a (possibly empty) run
-    of zeros. Each count is stored as 5-bit chunks, least significant first, one char each
-    (48 + chunk, +32 when another chunk follows; bit 4 of the last chunk is the sign). From
-    the fourth count on, the difference to the count two before is stored instead.
+    title: str
+    help: str = ""
+    example: str = ""
+
+
+@dataclass(frozen=True)
+class TaskArg:
+    """One field of a task's prompt, read off its prompt builder's signature."""
+
+    name: str
+    required: bool
+    default: Any  # None when required
+    choices: tuple[str, ...] | None  # a Literal annotation's values
+    many: bool  # a list of strings (labels); a single str is one
+    text: FieldText
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task, as every surface offers it.
+
+    verb: the Pipeline method, the CLI verb, the route /v1/<verb>, `palikit run`'s "task" field and
+    the web demo's choice. name: what parse_task reports for its prompts (big_vision's word:
+    "answer" for the ask verb). words: the first words of its prompts. prompt: the builder; its
+    keyword arguments are the task's fields (defaults and Literal choices come from its
+    signature). parse: (text, width, height, pieces=, logprobs=) -> ParsedObjects, or None for a
+    text answer. masks: its objects carry seg codes that the mask codec decodes.
     """
-    m = np.asarray(mask)
-    if m.ndim != 2:
-        raise ValueError(f"mask must be 2-D [H, W], got shape {list(m.shape)}")
-    flat = m.astype(bool).ravel(order="F")
-    changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    counts = np.diff(np.concatenate([[0], changes, [flat.size]])).tolist()
-    if flat.size and flat[0]:
-        counts.insert(0, 0)
-    chars = []
-    for i, count in enumerate(counts):
-        x = count - counts[i - 2] if i > 2 else count  # pycocotools starts deltas at i > 2
-        more = True
-        while more:
-            chunk = x & 0x1F
-            x >>= 5  # arithmetic shift: negative deltas end in all-ones
-            more = x != (-1 if chunk & 0x10 else 0)
-            chars.append(chr(48 + chunk + (0x20 if more else 0)))
-    return {"size": [int(m.shape[0]), int(m.shape[1])], "counts": "".join(chars)}
+
+    verb: str
+    name: str
+    words: tuple[str, ...]
+    prompt: Callable[..., str]
+    max_new_tokens: int
+    help: str
+    title: str  # the web demo's menu entry
+    fields: Mapping[str, FieldText] = field(default_factory=dict)
+    parse: Callable[..., ParsedObjects] | None = None
+    masks: bool = False
+    aliases: Mapping[str, str] = field(default_factory=dict)  # `palikit run` job keys -> field
+
+    @functools.cached_property  # frozen dataclass: the cache goes to __dict__, not through __setattr__
+    def args(self) -> tuple[TaskArg, ...]:
+        hints = typing.get_type_hints(self.prompt)
+        out = []
+        for name, param in inspect.signature(self.prompt).parameters.items():
+            hint = hints.get(name, str)
+            required = param.default is inspect.Parameter.empty
+            choices = get_args(hint) if typing.get_origin(hint) is Literal else None
+            many = hint != str and choices is None  # str | Sequence[str]: labels
+            text = self.fields.get(name) or FieldText(name.replace("_", " ").capitalize())
+            out.append(TaskArg(name, required, None if required else param.default, choices, many, text))
+        return tuple(out)
+
+    def build(self, **values) -> str:
+        """The prompt from the task's fields; ValueError/TypeError name a bad or missing one."""
+        names = {a.name for a in self.args}
+        if unknown := sorted(set(values) - names):
+            raise TypeError(f"task {self.verb!r} has no field {unknown[0]!r}; its fields: "
+                            f"{', '.join(sorted(names)) or '(none)'}")
+        if missing := [a.name for a in self.args if a.required and a.name not in values]:
+            raise TypeError(f"task {self.verb!r} needs the field {missing[0]!r}")
+        return self.prompt(**values)
+
+    def describe(self) -> dict[str, Any]:
+        """What the web demo needs, as JSON: its menu entry, its one text field, its budget."""
+        args = self.args
+        shown = next((a for a in args if a.required), args[0] if args else None)
+        arg = None
+        if shown is not None:
+            arg = {"name": shown.name, "title": shown.text.title, "example": shown.text.example,
+                   "required": shown.required, "many": shown.many}
+        return {"verb": self.verb, "title": self.title, "help": self.help, "arg": arg,
+                "max_new_tokens": self.max_new_tokens, "objects": self.parse is not None}
 
 
-def _rle_counts_from_string(s: str) -> list[int]:
-    counts: list[int] = []
-    x = shift = 0
-    for ch in s:
-        chunk = ord(ch) - 48
-        if not 0 <= chunk < 64:
-            raise ValueError(f"invalid character {ch!r} in RLE counts")
-        x |= (chunk & 0x1F) << shift
-        shift += 5
-        if chunk & 0x20:
-            continue
-        if chunk & 0x10:
-            x -= 1 << shift  # sign-extend
-        counts.append(x + counts[-2] if len(counts) > 2 else x)
-        x = shift = 0
-    if shift:
-        raise ValueError("RLE counts string ends in the middle of a number")
-    return counts
+TASKS: dict[str, TaskSpec] = {}  # verb -> spec, in registration order
 
 
-def rle_decode(rle: dict[str, Any]) -> np.ndarray:
-    """Bool [H, W] mask from COCO RLE; counts may be a str, bytes (pycocotools) or a list."""
-    h, w = (int(v) for v in rle["size"])
-    counts = rle["counts"]
-    if isinstance(counts, bytes):
-        counts = counts.decode("ascii")
-    if isinstance(counts, str):
-        counts = _rle_counts_from_string(counts)
-    if any(c < 0 for c in counts) or sum(counts) != h * w:
-        raise ValueError(f"RLE counts {counts[:8]}... do not cover a {h}x{w} mask")
-    values = np.arange(len(counts)) % 2 == 1  # runs alternate 0, 1, 0, ...
-    return np.repeat(values, counts).reshape((h, w), order="F")
+def register(spec: TaskSpec) -> TaskSpec:
+    """Add a task; its verb and prompt words must be new."""
+    taken = {w for s in TASKS.values() for w in s.words}
+    if spec.verb in TASKS or taken & set(spec.words):
+        raise ValueError(f"task {spec.verb!r} or one of its words {spec.words} is registered already")
+    TASKS[spec.verb] = spec
+    return spec
 
 
-# ----------------------------------------------------------------------------- drawing
-
-# matplotlib's tab10: distinct hues that stay readable on photos.
-_PALETTE = [
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
-]  # fmt: skip
+def task_spec(verb: str) -> TaskSpec:
+    if verb not in TASKS:
+        raise ValueError(f"unknown task {verb!r}; use one of {', '.join(TASKS)}")
+    return TASKS[verb]
 
 
-def _colour(label: str) -> tuple[int, int, int]:
-    # crc32, not hash(): str hashes are salted per process, and colours should not change.
-    return _PALETTE[zlib.crc32(label.encode()) % len(_PALETTE)]
+def prompt_words() -> tuple[str, ...]:
+    """The first words of every registered task's prompts; others are free-form prefixes."""
+    return tuple(w for spec in TASKS.values() for w in spec.words)
 
 
-def draw(
-    image: Image.Image,
-    results: Sequence[Detection | Segmentation],
-    *,
-    mask_alpha: float = 0.45,
-    line_width: int | None = None,
-) -> Image.Image:
-    """An RGB copy of `image` with masks tinted, boxes outlined and `label confidence` written."""
-    out = image.convert("RGB")  # always a copy
-    overlay = Image.new("RGBA", out.size, (0, 0, 0, 0))
-    for r in results:
-        mask = getattr(r, "mask", None)
-        if mask is None:
-            continue
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != (out.height, out.width):
-            raise ValueError(f"mask shape {list(mask.shape)} does not match image {out.height}x{out.width}")
-        alpha = Image.fromarray(mask.astype(np.uint8) * round(255 * mask_alpha))
-        overlay.paste((*_colour(r.label), 255), mask=alpha)
-    out = Image.alpha_composite(out.convert("RGBA"), overlay).convert("RGB")
+def spec_of_word(word: str) -> TaskSpec | None:
+    """The task whose prompts start with `word`, if any."""
+    return next((spec for spec in TASKS.values() if word in spec.words), None)
 
-    pen = ImageDraw.Draw(out)
-    width = line_width or max(2, round(max(out.size) / 300))
-    for r in results:
-        colour = _colour(r.label)
-        x1, y1, x2, y2 = r.box
-        pen.rectangle((x1, y1, x2, y2), outline=colour, width=width)
-        caption = r.label if r.score is None else f"{r.label} {_confidence(r.score):.2f}".strip()
-        if not caption:
-            continue
-        left, top, right, bottom = pen.textbbox((x1, y1), caption)
-        lift = bottom - top + 2 if y1 >= bottom - top + 2 else 0  # above the box when it fits
-        pen.rectangle((left, top - lift, right + 2, bottom - lift), fill=colour)
-        pen.text((x1 + 1, y1 - lift), caption, fill=(255, 255, 255))
-    return out
+
+def spec_of_prompt(prompt: str) -> TaskSpec:
+    """The task a prompt asks for, from its first word.
+
+    Transfer checkpoints trained on free-form prefixes (DocVQA questions, refcoco expressions)
+    raise here too; callers that serve them should catch the ValueError.
+    """
+    words = prompt.split(maxsplit=1)
+    prefix = words[0] if words else ""
+    if (spec := spec_of_word(prefix)) is not None:
+        return spec
+    raise ValueError(f"unknown task prefix {prefix!r} in prompt {prompt!r}; "
+                     f"expected one of: {', '.join(prompt_words())}")
+
+
+def parse_task(prompt: str) -> str:
+    """The name of the task a prompt asks for (`caption`, `answer`, ..., `segment`)."""
+    return spec_of_prompt(prompt).name
+
+
+_LANG = FieldText("Language", "language code, e.g. en, fr, de", "en")
+_LABELS = FieldText("Labels (separate with ;)", 'object names, e.g. ["cat", "dog"]', "cat ; dog")
+register(TaskSpec(
+    "caption", "caption", ("cap", "caption", "describe"), caption_prompt, 64, "caption an image",
+    "caption", {"lang": _LANG, "style": FieldText("Style", "cap: alt text, caption: short, describe: long")}))
+register(TaskSpec(
+    "ask", "answer", ("answer",), ask_prompt, 32, "answer a question about an image", "ask a question",
+    {"question": FieldText("Question", "", "what is in the image?"), "lang": _LANG}))
+register(TaskSpec(
+    "question", "question", ("question",), question_prompt, 32, "ask a question whose answer is given",
+    "write a question", {"answer": FieldText("Answer", "", "two"), "lang": _LANG}))
+register(TaskSpec("ocr", "ocr", ("ocr",), ocr_prompt, 128, "read the text in an image", "read text (OCR)"))
+register(TaskSpec(
+    "detect", "detect", ("detect",), detect_prompt, 128, "find objects: boxes", "detect objects",
+    {"labels": _LABELS}, parse=parse_detections))
+register(TaskSpec(
+    "segment", "segment", ("segment",), segment_prompt, 128, "find objects: boxes and masks",
+    "segment objects", {"labels": FieldText(_LABELS.title, _LABELS.help, "cat")},
+    parse=parse_segmentations, masks=True, aliases={"label": "labels"}))

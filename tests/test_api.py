@@ -124,7 +124,7 @@ def read_output(path):
 
 def test_run_reports_bad_lines_and_goes_on(tiny_model_dir, tmp_path):
     write_jobs(tmp_path, 12)
-    from palikit.batch import run_jobs
+    from palikit.jobs import run_jobs
 
     pipe = palikit.load(tiny_model_dir, dtype="float32")
     stats = run_jobs(pipe, tmp_path / "jobs.jsonl", tmp_path / "out.jsonl", batch_size=4, max_new_tokens=4)
@@ -165,7 +165,7 @@ def test_run_resumes_after_kill(tiny_model_dir, tmp_path, pipe, monkeypatch):
     then a rerun: every line answered once, as an uninterrupted run answers it, and no finished job
     runs again. Catches a rerun that starts over (the planted record would be rewritten and every
     job generated again) or that loses or repeats lines."""
-    from palikit.batch import run_jobs
+    from palikit.jobs import run_jobs
 
     n = 40
     write_jobs(tmp_path, n)
@@ -219,3 +219,26 @@ def test_score_prefers_the_suffix_the_model_generates(pipe, monkeypatch):
               pipe.tokenizer.decode([tokens[0] + 1] + tokens[1:]), "a red circle"]
     assert len({text, *others}) == 4
     assert all(score > s for s in pipe.score([img] * 3, ["caption en"] * 3, others)), others
+
+
+def test_stream_yields_the_tokens_generate_makes_and_stops_when_dropped(pipe, monkeypatch):
+    """Pipeline.stream (the server's SSE path) gives generate's tokens one by one, greedy and seeded,
+    for one image or several; a consumer that stops iterating stops the decoding. Catches a stream
+    that drifts from generate (wrong position, other sampling) or runs on for a gone reader."""
+    from palikit import generate as gen
+
+    a, b = synthetic_image(0), synthetic_image(1)
+    for images, sampling in [(a, {}), ([a, b], {}), (a, {"do_sample": True, "temperature": 1.5, "seed": 3})]:
+        (_, g), = pipe.generate_details([images], ["caption en"], max_new_tokens=8, **sampling)
+        assert list(pipe.stream(images, "caption en", max_new_tokens=8, **sampling)) == g.tokens
+    seeded = [list(pipe.stream(a, "caption en", 8, do_sample=True, temperature=1.5, seed=s)) for s in (3, 4)]
+    assert seeded[0] != seeded[1]
+
+    decode, steps = gen.decode_one_token, []
+    monkeypatch.setattr(gen, "decode_one_token", lambda *a, **k: (steps.append(1), decode(*a, **k))[1])
+    stream = pipe.stream(a, "describe en", max_new_tokens=50)
+    assert [next(stream) for _ in range(3)] and len(steps) == 2  # token 1 from the prefill
+    stream.close()
+    assert len(steps) == 2
+    with pytest.raises(palikit.InputError, match="one prompt"):
+        next(pipe.stream(a, ["caption en", "ocr"]))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from palikit.api import collate
+from palikit.processor import collate
 from palikit.config import PaliGemmaConfig
 from palikit.data import (
     DatasetError,

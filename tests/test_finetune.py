@@ -28,7 +28,7 @@ from palikit.finetune import (
     train,
 )
 from palikit.config import PaliGemmaConfig
-from palikit.data import StepSampler
+from palikit.data import DataSpec, StepSampler
 from palikit.paligemma import PaliGemma
 from palikit.synthetic import generate_dataset
 
@@ -93,7 +93,8 @@ def test_config_overrides_and_errors(cfg, tmp_path):
 
 
 def test_qlora_fails_loudly_without_cuda_or_bitsandbytes(cfg):
-    # The misspelling copied across tutorials (user-pitfalls §1.4) is an error, not a silent fp32.
+    # The misspelling copied across tutorials (bnb_4bit_compute_type: transformers' BitsAndBytesConfig,
+    # src/transformers/utils/quantization_config.py, ignores it) is an error, not a silent fp32.
     with pytest.raises(ConfigError, match="quantize.compute_type.*did you mean compute_dtype"):
         load_config(cfg | {"lora": {}, "quantize": {"compute_type": "bfloat16"}})
     with pytest.raises(ConfigError, match="add a `lora` section"):
@@ -261,10 +262,11 @@ def test_resume_is_exact(cfg, tmp_path, lora):
 # stdout: the parent kills it there, so the kill always lands mid-save (no timing window).
 HANG_IN_SAVE = textwrap.dedent("""
     import sys
-    import palikit.finetune as ft
+    import palikit.finetune.checkpoint as ckpt
+    from palikit.cli import main
 
     config, stop_at = sys.argv[1], int(sys.argv[2])
-    save = ft._save_optimizer
+    save = ckpt.save_optimizer
 
     def save_then_hang(state, folder):
         save(state, folder)
@@ -272,8 +274,8 @@ HANG_IN_SAVE = textwrap.dedent("""
             print("saving", flush=True)
             sys.stdin.read()  # until killed
 
-    ft._save_optimizer = save_then_hang
-    ft.main([config])
+    ckpt.save_optimizer = save_then_hang
+    raise SystemExit(main(["train", config]))
 """)
 
 
@@ -341,7 +343,7 @@ def test_shipped_config_parses_and_smoke_runs(path, tmp_path, data, tokenizer_fi
     overrides.append(f"model={json.dumps(model)}")
     for key, test_file in (("train_file", data["train"]), ("eval_file", data["eight"])):
         value = getattr(cfg, key)
-        if isinstance(value, str) and not Path(value).exists():
+        if isinstance(value, DataSpec) and value.path is not None and not Path(value.path).exists():
             overrides.append(f"{key}={test_file}")
     result = train(path, overrides, smoke=True)
     assert result["step"] == 2 and result["loss"] > 0
@@ -397,10 +399,12 @@ SLOW_RANK_1 = textwrap.dedent("""
     import time
     from pathlib import Path
 
-    import palikit.finetune as ft
+    import palikit.finetune.checkpoint as ckpt
+    import palikit.finetune.dist as ranks
+    from palikit.cli import main
 
     rank, waiting = int(os.environ["RANK"]), Path(sys.argv[1]).with_suffix(".rank0-waits")
-    save_rng, barrier, saved = ft._save_rng, ft.barrier, []
+    save_rng, barrier, saved = ckpt.save_rng, ranks.barrier, []
 
     def late_save_rng(path):
         while rank == 1 and not waiting.exists():
@@ -413,8 +417,8 @@ SLOW_RANK_1 = textwrap.dedent("""
             waiting.touch()
         barrier()
 
-    ft._save_rng, ft.barrier = late_save_rng, barrier_after_save
-    ft.main(sys.argv[1:])
+    ckpt.save_rng, ranks.barrier = late_save_rng, barrier_after_save
+    raise SystemExit(main(["train", *sys.argv[1:]]))
 """)
 
 

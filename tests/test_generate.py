@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import palikit
-from palikit.api import Pipeline, collate
+from palikit.api import Pipeline
+from palikit.processor import collate
 from palikit.config import PaliGemmaConfig
 from palikit.paligemma import PaliGemma
 from palikit.processor import InputError, Tokenizer, encode_example, preprocess

@@ -1,7 +1,7 @@
 """MaskCodec: npz layout, parity with a functional re-implementation, training, pasting into images.
 
-The functional reference below reads the raw npz arrays by key name and follows the layer table of
-spec §5.3 directly, so it shares no code with palikit.maskcodec.
+The functional reference below reads the raw npz arrays by key name and follows the decoder of
+big_vision's `pp/proj/paligemma/segmentation.py` directly, so it shares no code with palikit.maskcodec.
 """
 
 import os
@@ -10,17 +10,51 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw
 
 from palikit.maskcodec import (
     MASK_CODEC_PRESETS,
     MaskCodec,
     MaskCodecConfig,
     paste_mask,
-    random_shape_masks,
     train_codec,
 )
 
-# Spec §5.3 table, real vae-oid sizes (PyTorch layouts: Conv2d (out, in, kh, kw), ConvTranspose2d
+
+def random_shape_masks(n: int, seed: int, size: int = 64) -> torch.Tensor:
+    """n filled ellipses, rectangles or triangles, float (n, size, size) in {0, 1}.
+
+    Half fill the whole frame, as a mask cropped to its own box does (what the codec sees in
+    PaliGemma); the rest have random sizes and positions.
+    """
+    rng = np.random.default_rng(seed)
+    out = np.zeros((n, size, size), np.float32)
+    for i in range(n):
+        if rng.random() < 0.5:
+            w = h = size - 1
+            x0 = y0 = 0.0
+        else:
+            w, h = rng.uniform(0.3, 1.0, 2) * (size - 1)
+            x0, y0 = rng.uniform(0, size - 1 - w), rng.uniform(0, size - 1 - h)
+        img = Image.new("L", (size, size))
+        draw = ImageDraw.Draw(img)
+        kind = rng.integers(3)
+        if kind == 0:
+            draw.ellipse([x0, y0, x0 + w, y0 + h], fill=1)
+        elif kind == 1:
+            draw.rectangle([x0, y0, x0 + w, y0 + h], fill=1)
+        else:
+            # Apex somewhere on the top edge, base along the bottom; a random quarter turn then
+            # points it any of four ways.
+            apex = x0 + rng.uniform(0, w)
+            draw.polygon([(apex, y0), (x0, y0 + h), (x0 + w, y0 + h)], fill=1)
+        m = np.asarray(img, np.float32)
+        if kind == 2:
+            m = np.rot90(m, rng.integers(4))
+        out[i] = m
+    return torch.from_numpy(out)
+
+# The real vae-oid.npz sizes (PyTorch layouts: Conv2d (out, in, kh, kw), ConvTranspose2d
 # (in, out, kh, kw)).
 SPEC_SHAPES = {
     "_vq_vae._embedding": (128, 512),

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import palikit
-from palikit.api import collate
+from palikit.processor import collate
 from palikit.processor import encode_example, preprocess
 
 from .conftest import synthetic_image

@@ -23,7 +23,7 @@ import palikit
 from palikit.generate import Generated
 from palikit.processor import encode_example
 from palikit.serve import background, create_app
-from palikit.tasks import rle_decode
+from palikit.rle import rle_decode
 
 from .conftest import box_pixels, synthetic_image
 
@@ -447,9 +447,9 @@ def test_full_queue_answers_503_with_retry_after(pipe):
 
 def test_slow_request_body_is_408(live, client, monkeypatch):
     """Half a body, then nothing: the server answers 408 on its own after BODY_TIMEOUT_S."""
-    from palikit import serve
+    from palikit.serve import guard
 
-    monkeypatch.setattr(serve, "BODY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(guard, "BODY_TIMEOUT_S", 0.3)
     host, port = httpx.URL(live[0]).host, httpx.URL(live[0]).port
     with socket.create_connection((host, port), timeout=30) as sock:
         head = (f"POST /v1/ocr HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"

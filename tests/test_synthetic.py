@@ -135,7 +135,7 @@ def test_number_is_drawn_apart_from_shapes(scenes):
 
 def test_every_task_is_covered(scenes):
     tasks = {e["task"] for _, examples in scenes for e in examples}
-    assert tasks == set(S.TASKS)
+    assert tasks == set(S.SCENE_QUESTIONS)
     prefixes = {e["prefix"] for _, examples in scenes for e in examples if e["task"] == "detect"}
     assert any(" ; " in p for p in prefixes)
 

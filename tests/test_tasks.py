@@ -20,17 +20,16 @@ from palikit.tasks import (
     detect_prompt,
     detection_suffix,
     detections_to_arrays,
-    draw,
     ocr_prompt,
     parse_detections,
     parse_segmentations,
     parse_task,
     question_prompt,
-    rle_decode,
-    rle_encode,
     segment_prompt,
     segmentation_suffix,
 )
+from palikit.overlay import draw
+from palikit.rle import rle_decode, rle_encode
 
 
 def loc(*values: int) -> str:

@@ -11,7 +11,7 @@ import pytest
 
 import palikit
 from palikit.serve import background, create_app
-from palikit.tasks import _rle_counts_from_string, rle_encode
+from palikit.rle import _rle_counts_from_string, rle_encode
 
 from .conftest import synthetic_image
 from .test_serve import KEY, Scripted

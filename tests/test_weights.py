@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import palikit
-from palikit.api import collate
+from palikit.processor import collate
 from palikit.processor import encode_example, preprocess
 from palikit.weights import save_hf_folder
 
@@ -296,7 +296,8 @@ def test_bfloat16_load(wide):
 
 
 def to_big_vision(hf_state: dict[str, torch.Tensor], config, vocab: int) -> dict[str, np.ndarray]:
-    """The inverse of big_vision -> HF (spec §6.1/§6.2), from transformers' own parameter names.
+    """The inverse of big_vision -> HF (transformers' convert_paligemma_weights_to_hf.py and
+    convert_paligemma2_weights_to_hf.py), from transformers' own parameter names.
 
     Written independently of palikit.weights: per-layer tensors are stacked on a leading axis,
     kernels are (in, out), attention kernels are split into heads, the vocab keeps `vocab` rows.
@@ -357,7 +358,7 @@ def to_big_vision(hf_state: dict[str, torch.Tensor], config, vocab: int) -> dict
         out["llm/layers/pre_ffw_norm/scale"] = stack(llm, L, "pre_feedforward_layernorm.weight")
         out["llm/layers/post_attention_norm/scale"] = stack(llm, L, "post_attention_layernorm.weight")
         out["llm/layers/post_ffw_norm/scale"] = stack(llm, L, "post_feedforward_layernorm.weight")
-    # Shapes as in the spec table (§6.1).
+    # Shapes as big_vision stores them: stacked layers, per-head einsum kernels.
     assert out["llm/layers/attn/q_einsum/w"].shape == (L, H, D, h)
     assert out["llm/layers/attn/kv_einsum/w"].shape == (L, 2, K, D, h)
     assert out["llm/layers/mlp/gating_einsum"].shape == (L, 2, D, config.text.intermediate_size)

@@ -125,7 +125,7 @@ def main() -> None:
     write_model_card(work)
 
 
-TARGETS = {  # issue 5: metric -> (task, what it measures, target)
+TARGETS = {  # metric -> (task, what it measures, target)
     "caption_exact_match": ("caption", "exact match", 0.80),
     "count_accuracy": ("count", "accuracy", 0.90),
     "colour_accuracy": ("colour", "accuracy", 0.90),
@@ -160,7 +160,7 @@ def write_model_card(work: Path) -> None:
 A tiny PaliGemma 2 trained from scratch on palikit's synthetic shapes world
 (`palikit.synthetic`): flat circles, squares, triangles and stars in red, green, blue and yellow
 on light textured backgrounds, sometimes with a black 4-digit number. It answers every task
-prefix on such images{"" if all_met else ", with the scores measured below: some are still under issue 5's targets"}.
+prefix on such images{"" if all_met else ", with the scores measured below: some are still under their targets"}.
 It knows nothing else: it is the model `make demo`, the tests and
 `palikit.load("default")` use on a machine without network, and the end-to-end proof that the
 architecture, training, decoding and task parsing of palikit work together.
@@ -188,7 +188,7 @@ architecture, training, decoding and task parsing of palikit work together.
 `palikit eval --model default --synthetic 200 --seed 12345 --dtype float32`: 200 held-out
 scenes (a seed not used for training), {counts} examples.
 
-| task | metric | score | issue-5 target | met |
+| task | metric | score | target | met |
 |---|---|---|---|---|
 {rows}
 

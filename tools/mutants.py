@@ -68,12 +68,14 @@ FT, API, SERVE, WEB = (
     "tests/test_web_demo.py::",
 )
 WEIGHTS, CLI = "tests/test_weights.py::", "tests/test_cli.py::"
+REGISTRY = "tests/test_registry.py::test_a_registered_task_is_offered_everywhere"
+FIXED = "('caption', 'ask', 'question', 'ocr', 'detect', 'segment')"  # the built-in tasks, as a list
 
 MUTANTS = [
     # ---- fine-tuning: resume, distributed gradients ----
     Mutant(
         "resume restarts at step 0",
-        "palikit/finetune.py",
+        "palikit/finetune/recipe.py",
         "        if cfg.resume and ckpt is not None:\n            self.load_checkpoint(ckpt)",
         "        if False:\n            self.load_checkpoint(ckpt)",
         (
@@ -85,21 +87,21 @@ MUTANTS = [
     ),
     Mutant(
         "resume leaves a half-written checkpoint",
-        "palikit/finetune.py",
+        "palikit/finetune/recipe.py",
         'for tmp in self.out.glob(".step-*.tmp"):',
         "for tmp in []:",
         (FT + "test_resume_after_sigkill",),
     ),
     Mutant(
         "checkpoint renamed before every rank wrote to it",
-        "palikit/finetune.py",
-        "        barrier()  # every rank's RNG file is in tmp before rank 0 renames it",
+        "palikit/finetune/recipe.py",
+        "        dist.barrier()  # every rank's RNG file is in tmp before rank 0 renames it",
         "        # (no barrier)",
         (FT + "test_ddp_checkpoint_waits_for_every_rank",),
     ),
     Mutant(
         "loss not scaled by the number of ranks",
-        "palikit/finetune.py",
+        "palikit/finetune/recipe.py",
         "loss = per_example.sum() * (self.world / cfg.batch_size)",
         "loss = per_example.sum() / cfg.batch_size",
         (
@@ -109,7 +111,7 @@ MUTANTS = [
     ),
     Mutant(
         "loss averaged per micro-batch",
-        "palikit/finetune.py",
+        "palikit/finetune/recipe.py",
         "loss = per_example.sum() * (self.world / cfg.batch_size)",
         "loss = per_example.mean()",
         (
@@ -120,7 +122,7 @@ MUTANTS = [
     # ---- palikit run ----
     Mutant(
         "run restarts from scratch",
-        "palikit/batch.py",
+        "palikit/jobs.py",
         "    done = finished_lines(output_path)\n",
         "    finished_lines(output_path)\n    output_path.unlink(missing_ok=True)\n    done = set()\n",
         (API + "test_run_resumes_after_kill",),
@@ -129,22 +131,22 @@ MUTANTS = [
     Mutant(
         "score without the <eos> term",
         "palikit/api.py",
-        'targets = batch["loss_mask"][:, 1:].bool()',
-        'targets = batch["loss_mask"][:, 1:].bool() & (batch["ids"][:, 1:] != self.tokenizer.eos_id)',
+        "token_lp = logprobs.gather(-1, labels[:, None])[:, 0]",
+        "token_lp = logprobs.gather(-1, labels[:, None])[:, 0] * (labels != self.tokenizer.eos_id)",
         (API + "test_score_prefers_the_suffix_the_model_generates",),
     ),
     Mutant(
-        "caption ignores lang",
+        "task methods ignore lang",
         "palikit/api.py",
-        "tasks.caption_prompt(lang, style)",
-        'tasks.caption_prompt("en", style)',
+        "            if name in names:\n                values[name] = kwargs.pop(key)",
+        "            if name in names:\n                values[name] = kwargs.pop(key) if name != 'lang' else 'en'",
         (API + "test_text_tasks_send_their_prompts",),
     ),
     Mutant(
-        "ask ignores lang",
-        "palikit/api.py",
-        "tasks.ask_prompt(question, lang)",
-        "tasks.ask_prompt(question)",
+        "caption prompt ignores lang",
+        "palikit/tasks.py",
+        '    return f"{style} {lang}"',
+        '    return f"{style} en"',
         (API + "test_text_tasks_send_their_prompts",),
     ),
     Mutant(
@@ -178,7 +180,7 @@ MUTANTS = [
     ),
     Mutant(
         "draw colours by position, not label",
-        "palikit/tasks.py",
+        "palikit/overlay.py",
         "    for r in results:\n        colour = _colour(r.label)",
         "    for i, r in enumerate(results):\n        colour = _PALETTE[i % len(_PALETTE)]",
         ("tests/test_tasks.py::test_draw",),
@@ -186,77 +188,77 @@ MUTANTS = [
     # ---- the server ----
     Mutant(
         "server rotates answers within a batch",
-        "palikit/serve.py",
+        "palikit/serve/batcher.py",
         "for job, (text, g) in zip(jobs, outs):",
         "for job, (text, g) in zip(jobs, outs[1:] + outs[:1]):",
         (SERVE + "test_concurrent_requests_are_batched_and_correct",),
     ),
     Mutant(
         "server runs a batch on its first request's image",
-        "palikit/serve.py",
+        "palikit/serve/batcher.py",
         "generate_details([j.images for j in jobs]",
         "generate_details([jobs[0].images for j in jobs]",
         (SERVE + "test_concurrent_requests_are_batched_and_correct",),
     ),
     Mutant(
         "server ignores temperature",
-        "palikit/serve.py",
+        "palikit/serve/app.py",
         "    if not temperature:\n",
         "    if True:\n",
         (SERVE + "test_openai_client",),
     ),
     Mutant(
         "server ignores top_p",
-        "palikit/serve.py",
+        "palikit/serve/app.py",
         '"top_p": top_p or 1.0',
         '"top_p": 1.0',
         (SERVE + "test_openai_client",),
     ),
     Mutant(
         "server ignores seed",
-        "palikit/serve.py",
+        "palikit/serve/app.py",
         '            "seed": seed}',
         '            "seed": None}',
         (SERVE + "test_openai_client",),
     ),
     Mutant(
         "finish_reason is always stop",
-        "palikit/serve.py",
+        "palikit/serve/batcher.py",
         '"finish_reason": "length" if len(tokens) >= job.max_new_tokens else "stop"}\n        if job.parse:',
         '"finish_reason": "stop"}\n        if job.parse:',
         (SERVE + "test_openai_client", SERVE + "test_finish_reason_stop_and_length"),
     ),
     Mutant(
         "stream goes on for a gone client",
-        "palikit/serve.py",
-        "        if job.cancelled:\n            return",
-        "        if False:\n            return",
+        "palikit/serve/batcher.py",
+        "                if job.cancelled:\n                    break",
+        "                if False:\n                    break",
         (SERVE + "test_client_disconnect_mid_stream",),
     ),
     Mutant(
         "queue without a limit",
-        "palikit/serve.py",
+        "palikit/serve/batcher.py",
         "if len(self.waiting) >= self.max_queue:",
         "if False:",
         (SERVE + "test_full_queue_answers_503_with_retry_after",),
     ),
     Mutant(
         "one failing request fails its batch",
-        "palikit/serve.py",
+        "palikit/serve/batcher.py",
         "            if len(jobs) == 1:\n                raise",
         "            if True:\n                raise",
         (SERVE + "test_a_failing_request_does_not_fail_its_batch",),
     ),
     Mutant(
         "no request-body timeout",
-        "palikit/serve.py",
+        "palikit/serve/guard.py",
         "await asyncio.wait_for(receive(), start + BODY_TIMEOUT_S - time.perf_counter())",
         "await receive()",
         (SERVE + "test_slow_request_body_is_408",),
     ),
     Mutant(
         "no request timeout",
-        "palikit/serve.py",
+        "palikit/serve/app.py",
         "asyncio.wait_for(job.out.get(), max(0.0, job.deadline - time.monotonic()))",
         "asyncio.wait_for(job.out.get(), None)",
         (SERVE + "test_request_timeout_is_504",),
@@ -386,6 +388,63 @@ MUTANTS = [
             WEIGHTS + "test_resize_filter_comes_from_the_preprocessor_config[2-bilinear]",
             WEIGHTS + "test_resize_filter_comes_from_the_preprocessor_config[0-nearest]",
         ),
+    ),
+    Mutant(
+        "stream embeds only the first image",
+        "palikit/api.py",
+        "self.embed_images([images]), cfg,",
+        "self.embed_images([images[:1] * len(images)]), cfg,",
+        (API + "test_stream_yields_the_tokens_generate_makes_and_stops_when_dropped",),
+    ),
+    Mutant(
+        "stream ignores sampling",
+        "palikit/api.py",
+        "        cfg = gen.SamplingConfig(max_new_tokens=max_new_tokens, **sampling)\n        (images,)",
+        "        cfg = gen.SamplingConfig(max_new_tokens=max_new_tokens)\n        (images,)",
+        (API + "test_stream_yields_the_tokens_generate_makes_and_stops_when_dropped",),
+    ),
+    # ---- the task registry: each surface keeping its own list of tasks ----
+    Mutant(
+        "Pipeline methods from a fixed task list",
+        "palikit/api.py",
+        "        spec = tasks.TASKS.get(name)\n",
+        "        spec = tasks.TASKS.get(name) if name in " + FIXED + " else None\n",
+        (REGISTRY,),
+    ),
+    Mutant(
+        "palikit run from a fixed task list",
+        "palikit/jobs.py",
+        "    if verb not in tasks.TASKS:",
+        "    if verb not in " + FIXED + ":",
+        (REGISTRY,),
+    ),
+    Mutant(
+        "CLI verbs from a fixed task list",
+        "palikit/cli.py",
+        "    for spec in tasks.TASKS.values():  # one verb per task",
+        "    for spec in [tasks.TASKS[v] for v in " + FIXED + "]:",
+        (REGISTRY,),
+    ),
+    Mutant(
+        "server routes from a fixed task list",
+        "palikit/serve/app.py",
+        "    for spec in tasks.TASKS.values():\n        task_route(spec)",
+        "    for spec in [tasks.TASKS[v] for v in " + FIXED + "]:\n        task_route(spec)",
+        (REGISTRY,),
+    ),
+    Mutant(
+        "web demo menu from a fixed task list",
+        "palikit/serve/app.py",
+        "        return [spec.describe() for spec in tasks.TASKS.values()] + [free]",
+        "        return [tasks.TASKS[v].describe() for v in " + FIXED + "] + [free]",
+        (REGISTRY,),
+    ),
+    Mutant(
+        "data check from a fixed list of prompt words",
+        "palikit/data.py",
+        "report.tasks[word if word in tasks.prompt_words() else \"other\"] += 1",
+        "report.tasks[word if word in (\"caption\", \"detect\") else \"other\"] += 1",
+        (REGISTRY,),
     ),
     # ---- the command line ----
     Mutant(

@@ -6,17 +6,8 @@
 const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
                  "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
 const splitLabels = (v) => v.split(";").map((s) => s.trim()).filter(Boolean);
-// What each task's text field means and how it goes into the request body.
-const TASKS = {
-  caption: { label: "Language", placeholder: "en", tokens: 64, body: (v) => ({ lang: v || "en" }) },
-  ask: { label: "Question", placeholder: "what is in the image?", tokens: 32, body: (v) => ({ question: v }) },
-  ocr: { label: null, tokens: 128, body: () => ({}) },
-  detect: { label: "Labels (separate with ;)", placeholder: "cat ; dog", tokens: 128,
-            body: (v) => ({ labels: splitLabels(v) }) },
-  segment: { label: "Labels (separate with ;)", placeholder: "cat", tokens: 128,
-             body: (v) => ({ labels: splitLabels(v) }) },
-  predict: { label: "Prompt", placeholder: "caption en", tokens: 64, body: (v) => ({ prompt: v }) },
-};
+// The server's task registry (GET /tasks): each task's route, menu title, text field and token budget.
+let TASKS = {};
 
 const $ = (id) => document.getElementById(id);
 const canvas = $("view");
@@ -31,10 +22,24 @@ function setStatus(text, isError = false) {
 
 function updateTask() {
   const t = TASKS[$("task").value];
-  $("arg-row").hidden = t.label === null;
-  $("arg-label").textContent = t.label || "";
-  $("arg").placeholder = t.placeholder || "";
-  $("max-tokens").value = t.tokens;
+  if (!t) return;
+  $("arg-row").hidden = t.arg === null;
+  $("arg-label").textContent = t.arg ? t.arg.title : "";
+  $("arg").placeholder = t.arg ? t.arg.example : "";
+  $("max-tokens").value = t.max_new_tokens;
+}
+
+// What the task's text field puts in the request body: a list for labels, nothing when left empty.
+function fields(t, value) {
+  if (!t.arg || !value) return {};
+  return { [t.arg.name]: t.arg.many ? splitLabels(value) : value };
+}
+
+async function loadTasks() {
+  const list = await (await fetch("/tasks")).json();
+  TASKS = Object.fromEntries(list.map((t) => [t.verb, t]));
+  $("task").replaceChildren(...list.map((t) => new Option(t.title, t.verb)));
+  updateTask();
 }
 
 function loadFile(file) {
@@ -134,14 +139,14 @@ async function run() {
   const task = $("task").value;
   const t = TASKS[task];
   const arg = $("arg").value.trim();
-  if (t.label && !arg && task !== "caption") {
-    setStatus(`${t.label} is needed for this task`, true);
+  if (t.arg && t.arg.required && !arg) {
+    setStatus(`${t.arg.title} is needed for this task`, true);
     return;
   }
   const headers = { "Content-Type": "application/json" };
   const key = $("key").value.trim();
   if (key) headers.Authorization = `Bearer ${key}`;
-  const body = { image: imageURL, max_new_tokens: Number($("max-tokens").value) || t.tokens, ...t.body(arg) };
+  const body = { image: imageURL, max_new_tokens: Number($("max-tokens").value) || t.max_new_tokens, ...fields(t, arg) };
   $("run").disabled = true;
   setStatus("running...");
   const started = performance.now();
@@ -175,8 +180,8 @@ async function init() {
   });
   $("key").value = sessionStorage.getItem("palikit-key") || "";
   $("key").addEventListener("change", () => sessionStorage.setItem("palikit-key", $("key").value));
-  updateTask();
   try {
+    await loadTasks();
     const health = await (await fetch("/health")).json();
     $("model").textContent = health.model;
     $("key-row").hidden = !health.auth;

@@ -1,8 +1,8 @@
 """`palikit run`: thousands of jobs from a JSONL file, batched, resumable, never losing work.
 
 Input line: {"image": PATH, "prompt": "caption en"} or {"image": PATH, "task": "detect", "labels": [...]}
-(task in caption/ask/ocr/detect/segment, with lang/style/question/labels/label as the Pipeline
-methods take them; "id" is copied through). Output line per input line, in input order:
+(task: a verb of tasks.TASKS, with its fields as the Pipeline methods take them, e.g. lang, style,
+question, labels; "id" is copied through). Output line per input line, in input order:
 {"line": N, "id": ..., "prompt": ..., "text": ..., "objects": [...]} or {"line": N, "error": "..."}.
 Each batch is appended and fsync'ed; a restart skips the lines already in the output file and
 drops a half-written last line, so a crash loses at most the batch in flight.
@@ -20,26 +20,22 @@ from . import tasks
 from .processor import InputError, load_image
 
 
-def job_prompt(job: dict) -> tuple[str, str]:
-    """-> (prompt, task name); raises InputError for a malformed job."""
+def job_prompt(job: dict) -> tuple[str, tasks.TaskSpec]:
+    """-> (prompt, its task); raises InputError for a malformed job."""
     if "prompt" in job:
         prompt = str(job["prompt"])
-        return prompt, tasks.parse_task(prompt)
-    task = job.get("task")
-    builders = {
-        "caption": lambda: tasks.caption_prompt(job.get("lang", "en"), job.get("style", "caption")),
-        "ask": lambda: tasks.ask_prompt(job["question"], job.get("lang", "en")),
-        "ocr": tasks.ocr_prompt,
-        "detect": lambda: tasks.detect_prompt(job["labels"]),
-        "segment": lambda: tasks.segment_prompt(job.get("label") or job["labels"]),
-    }
-    if task not in builders:
-        raise InputError(f"unknown task {task!r}; use one of {', '.join(builders)} or give a 'prompt'")
+        return prompt, tasks.spec_of_prompt(prompt)
+    verb = job.get("task")
+    if verb not in tasks.TASKS:
+        raise InputError(f"unknown task {verb!r}; use one of {', '.join(tasks.TASKS)} or give a 'prompt'")
+    spec = tasks.TASKS[verb]
+    names = {a.name for a in spec.args}
+    values = {spec.aliases.get(k, k): v for k, v in job.items() if spec.aliases.get(k, k) in names}
     try:
-        prompt = builders[task]()
-    except KeyError as e:
-        raise InputError(f"task {task!r} needs the field {e.args[0]!r}") from None
-    return prompt, tasks.parse_task(prompt)
+        prompt = spec.build(**values)
+    except TypeError as e:  # a missing field
+        raise InputError(str(e)) from None
+    return prompt, spec
 
 
 def finished_lines(output: Path) -> set[int]:
@@ -91,17 +87,17 @@ def _run_batch(pipe, lines, idx, base: Path, max_new_tokens: int, codec) -> list
             job = json.loads(lines[i])
             if not isinstance(job, dict) or "image" not in job:
                 raise InputError("a job is a JSON object with an 'image' field")
-            prompt, task = job_prompt(job)
+            prompt, spec = job_prompt(job)
             image_path = Path(job["image"])
             image = load_image(image_path if image_path.is_absolute() else base / image_path)
-            ready.append((i, job, prompt, task, image))
+            ready.append((i, job, prompt, spec, image))
         except (ValueError, InputError) as e:  # JSONDecodeError is a ValueError
             records[i] = {"line": i, "error": str(e)}
     if ready:
         outs = pipe.generate_details([r[4] for r in ready], [r[2] for r in ready], max_new_tokens=max_new_tokens)
-        for (i, job, prompt, task, image), (text, g) in zip(ready, outs):
+        for (i, job, prompt, spec, image), (text, g) in zip(ready, outs):
             rec = {"line": i, "id": job.get("id"), "prompt": prompt, "text": text}
-            if task in ("detect", "segment"):
-                rec["objects"] = [o.to_dict() for o in pipe.objects(task, text, g, image, codec)]
+            if spec.parse is not None:
+                rec["objects"] = [o.to_dict() for o in pipe.parse_objects(spec, text, g, image, codec)]
             records[i] = rec
     return [records[i] for i in idx]

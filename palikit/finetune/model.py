@@ -1,0 +1,120 @@
+"""What trains: the model and tokenizer a config names (a checkpoint, or a preset with random
+weights), random init, LoRA adapters (peft) and the table of trainable parameters.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..api import load
+from ..config import PaliGemmaConfig
+from ..gemma import RMSNorm
+from ..paligemma import PaliGemma
+from ..processor import Tokenizer, train_tokenizer
+from ..tasks import NUM_LOC, NUM_SEG
+from ..weights import build_on_meta
+from . import dist
+from .config import LORA_TARGETS, ConfigError, LoraSettings
+
+
+def build_model(spec: str | dict, dtype: torch.dtype, device, seed: int, texts, workdir: Path,
+                rank: int = 0) -> tuple[PaliGemma, Tokenizer]:
+    """The model and tokenizer named by the config's `model` field (see TrainConfig)."""
+    if isinstance(spec, str):
+        spec = {"source": spec}
+    unknown = set(spec) - {"source", "preset", "tokenizer", "overrides"}
+    if unknown or ("source" in spec) == ("preset" in spec):
+        raise ConfigError("model must be a checkpoint source or {source|preset, tokenizer, overrides}; "
+                          f"got {spec}")
+    overrides = dict(spec.get("overrides") or {})
+    if "source" in spec:
+        pipe = load(spec["source"], dtype=dtype, device=str(device), tokenizer=spec.get("tokenizer"))
+        runtime = {"final_logit_softcap", "attn_logit_softcap", "sliding_window"}
+        for key, value in (overrides.pop("text", None) or {}).items():
+            if key not in runtime:
+                raise ConfigError(f"model.overrides.text.{key}: on a checkpoint only {sorted(runtime)} "
+                                  "can change")
+            setattr(pipe.model.config.text, key, value)  # every layer shares this config object
+        if overrides:
+            raise ConfigError(f"model.overrides: on a checkpoint only `text` fields can change, "
+                              f"got {list(overrides)}")
+        return pipe.model, pipe.tokenizer
+    config = PaliGemmaConfig.from_name(spec["preset"], **overrides)
+    tok = spec.get("tokenizer")
+    if tok is None:
+        raise ConfigError("a preset model needs model.tokenizer: a tokenizer.model path, or 'train'")
+    if tok == "train":  # a small SentencePiece model fitted on the training texts, once per run
+        tok = workdir / "tokenizer.model"
+        if rank == 0 and not tok.exists():
+            train_tokenizer(texts, tok, vocab_size=max(config.image_token_id - NUM_LOC - NUM_SEG, 260))
+        dist.barrier()
+    tokenizer = Tokenizer(tok, image_token_id=config.image_token_id)
+    if tokenizer.seg_offset + NUM_SEG > config.image_token_id or config.image_token_id >= config.text.vocab_size:
+        raise ConfigError(f"tokenizer {tok} does not fit preset {spec['preset']}'s vocabulary")
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build straight into dtype: no float32 copy of a large model
+    try:
+        model = build_on_meta(config).to_empty(device=device)
+    finally:
+        torch.set_default_dtype(prev)
+    init_weights(model, seed)
+    return model, tokenizer
+
+
+@torch.no_grad()
+def init_weights(model: PaliGemma, seed: int, std: float = 0.02) -> None:
+    """Random init for training from scratch: N(0, std) matrices, zero biases, unit norms."""
+    g = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            module.weight.copy_(torch.randn(module.weight.shape, generator=g) * std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+        elif isinstance(module, RMSNorm):
+            module.weight.zero_()  # Gemma stores scale - 1
+
+
+def apply_lora(model: PaliGemma, lora: LoraSettings, base_source: str | None):
+    """Wrap with peft LoRA adapters; the base weights are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora.targets
+    if isinstance(targets, list):  # tutorial-style names: restrict them to the language model
+        targets = rf"language_model\..*\.({'|'.join(re.escape(t) for t in targets)})"
+    else:
+        targets = LORA_TARGETS.get(targets, targets)
+    hit = [n for n, m in model.named_modules() if re.fullmatch(targets, n)]
+    if not hit:
+        raise ConfigError(f"lora.targets {lora.targets!r} matches no module")
+    bad = [n for n in hit if not isinstance(model.get_submodule(n), nn.Linear) and "Linear4bit" not in
+           type(model.get_submodule(n)).__name__]
+    if bad:
+        raise ConfigError(f"lora.targets must name linear layers; {bad[0]} is not one")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets)
+    peft_model = get_peft_model(model, config)
+    peft_model.peft_config["default"].base_model_name_or_path = base_source  # written to adapter_config.json
+    return peft_model
+
+
+
+def param_table(model: nn.Module) -> str:
+    """Parameters and trainable parameters per top-level module, LoRA adapters apart."""
+    rows: dict[str, list[int]] = {}
+    for name, p in model.named_parameters():
+        name = name.removeprefix("base_model.model.")
+        key = "lora adapters" if ".lora_" in name else name.split(".")[0]
+        row = rows.setdefault(key, [0, 0])
+        row[0] += p.numel()
+        row[1] += p.numel() if p.requires_grad else 0
+    total = [sum(r[i] for r in rows.values()) for i in (0, 1)]
+    lines = [f"{'module':<24}{'parameters':>15}{'trainable':>15}{'%':>8}"]
+    for key, (n, t) in list(rows.items()) + [("total", total)]:
+        lines.append(f"{key:<24}{n:>15,}{t:>15,}{100 * t / max(n, 1):>7.2f}%")
+    return "\n".join(lines)

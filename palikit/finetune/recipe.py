@@ -1,0 +1,519 @@
+"""Fine-tune PaliGemma / PaliGemma 2: the whole loop in one file (Trainer: setup -> train ->
+save_checkpoint -> cleanup), in the shape of torchtune's recipes and nanoGPT's train.py, which is
+why it is a little over 500 lines; the config, model, checkpoint and rank helpers sit beside it in
+palikit.finetune.
+
+    palikit train configs/hf_lora.yaml --set lr=1e-4 --set lora.r=16   # one process
+    palikit train configs/hf_lora.yaml --resume                         # continue after a kill
+    torchrun --standalone --nproc_per_node=4 -m palikit.finetune configs/hf_lora.yaml   # DDP
+    torchrun --standalone --nproc_per_node=4 -m palikit.finetune CONFIG --set distributed=fsdp
+
+What happens, in order:
+- the model: a checkpoint (anything palikit.load reads) or a preset with random weights;
+- what trains: a `trainable` preset (all, llm-only, attention-only, projector+llm), or LoRA
+  adapters (peft) on the language model only unless the targets say otherwise; QLoRA quantises
+  the language model to 4 bits with bitsandbytes, on CUDA only, and fails loudly elsewhere;
+- the data order: one seeded stream of epoch permutations, cut into global batches; step s is a
+  pure function of s, so a resumed run sees exactly the examples it would have seen, and under
+  torchrun each rank takes a disjoint slice of the same global batch;
+- the loss (big_vision): next-token cross-entropy on suffix tokens and <eos> only, averaged per
+  example, then over the batch; optional label smoothing;
+- AdamW or plain SGD, linear warm-up then cosine/linear/constant, global-norm clipping;
+- checkpoints written to a temporary folder and renamed, weights in safetensors (the released HF
+  layout for full models, peft's adapter files for LoRA), optimizer state in safetensors + JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed
+import yaml
+from safetensors.torch import load_file
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from tqdm import tqdm
+
+from ..api import DTYPES, Pipeline, load
+from ..atomic import write_text_atomic
+from ..data import DataSpec, Example, PaliGemmaDataset, StepSampler, load_examples, make_collate
+from ..paligemma import PaliGemma
+from ..processor import Tokenizer, suffix_logprobs
+from ..quantize import QuantizeError, quantize_4bit, require_bitsandbytes
+from ..tasks import task_word
+from ..weights import build_on_meta, iter_safetensors, save_hf_folder, weight_files
+# Called as checkpoint.save_rng(...), dist.barrier(), ...: through the module, so that a test's
+# hook on palikit.finetune.checkpoint / .dist reaches every call. `dist` is palikit.finetune.dist
+# (its barrier and all_sum are no-ops in one process); torch's is spelled torch.distributed here.
+from . import checkpoint, dist
+from .config import _LLM_LINEAR, TRAINABLE, ConfigError, TrainConfig, apply_smoke, load_config
+from .model import apply_lora, build_model, param_table
+
+log = logging.getLogger(__name__)
+
+
+# ---- loss ----------------------------------------------------------------------------------------
+
+
+def loss_fn(outputs: torch.Tensor, batch: dict, label_smoothing: float = 0.0, head=None,
+            reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy on the suffix, as big_vision's PaliGemma trainer
+    (big_vision/trainers/proj/paligemma/train.py, `loss_fn`).
+
+    outputs and head as processor.suffix_logprobs (hidden states with the output head, applied only
+    at the targets, or logits). Each example's loss is the mean over its targets (suffix and <eos>);
+    the result is the mean over examples (reduction="none": the (B,) per-example losses). Label
+    smoothing puts 1 - eps on the true token and eps / (V - 1) on every other.
+    """
+    logp, labels, rows = suffix_logprobs(outputs, batch, head)  # (T, V), (T,), (T,)
+    nll = -logp.gather(-1, labels[:, None])[:, 0]  # (T,)
+    if label_smoothing:
+        V = logp.shape[-1]
+        others = -logp.sum(-1) - nll  # sum of -log p over the V - 1 wrong tokens
+        nll = (1 - label_smoothing) * nll + label_smoothing / (V - 1) * others
+    n_targets = batch["loss_mask"][:, 1:].sum(1)
+    per_example = torch.zeros(len(n_targets), device=nll.device).index_add_(0, rows, nll)
+    per_example = per_example / n_targets.clamp(min=1)
+    return per_example if reduction == "none" else per_example.mean()
+
+
+class LossModule(nn.Module):
+    """What DDP / FSDP wrap: a batch -> per-example losses (B,), so the output head runs inside
+    the wrapped forward (FSDP gathers the tied embedding there)."""
+
+    def __init__(self, model: nn.Module, label_smoothing: float):
+        super().__init__()
+        self.model = model  # PaliGemma, or the peft model around it
+        self.label_smoothing = label_smoothing
+
+    def forward(self, batch: dict) -> torch.Tensor:
+        hidden = self.model(batch["ids"], batch["pixels"], batch["input_mask"], batch["mask_ar"])
+        return loss_fn(hidden, batch, self.label_smoothing, head=self.model.logits, reduction="none")
+
+
+# ---- data ------------------------------------------------------------------------------------------
+
+
+def read_split(spec: DataSpec, workdir: Path, split: str, rank: int) -> list[Example]:
+    """Examples of a config data field: a path (with split, task, codec) or synthetic settings."""
+    if spec.synthetic is not None:
+        from ..synthetic import generate_dataset
+
+        s = dict(spec.synthetic)
+        path = workdir / "data" / f"{split}.jsonl"
+        if rank == 0 and not path.exists():
+            generate_dataset(workdir / "data", s.pop("n_images"), s.pop("seed", 0), split_name=split, **s)
+        dist.barrier()
+        return load_examples(path)
+    return load_examples(spec.path, spec.split or split, spec.task, spec.codec)
+
+
+
+# ---- logging -------------------------------------------------------------------------------------
+
+
+class MetricLog:
+    """metrics.jsonl (one JSON object per line) always; TensorBoard as well when installed."""
+
+    def __init__(self, out_dir: Path, resume_step: int):
+        self.path = out_dir / "metrics.jsonl"
+        if self.path.exists():  # drop rows a killed run wrote after its last checkpoint
+            rows = [r for r in self.path.read_text().splitlines() if json.loads(r)["step"] <= resume_step]
+            write_text_atomic(self.path, "".join(r + "\n" for r in rows))
+        self.file = self.path.open("a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(out_dir / "tensorboard", purge_step=resume_step + 1)
+        except ImportError:
+            self.tb = None
+
+    def write(self, step: int, **values) -> None:
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+        if self.tb:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+# ---- the recipe ----------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.setup()
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.rank, self.world, self.device = dist.init_distributed(cfg.device)
+        if cfg.smoke:
+            self.cfg = cfg = apply_smoke(cfg, self.world)
+        if cfg.quantize is not None:
+            try:  # before any work: never train unquantised by accident
+                require_bitsandbytes(self.device)
+            except QuantizeError as e:
+                raise ConfigError(str(e)) from e
+        self.out = Path(cfg.out_dir)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        ckpt = checkpoint.latest_checkpoint(self.out)
+        if ckpt and not cfg.resume:
+            raise ConfigError(f"{self.out} holds checkpoints of an earlier run ({ckpt.name}): resume it "
+                              "(--resume) or choose another out_dir")
+
+        # Data first: a preset model may fit its tokenizer on the training texts.
+        train_examples = read_split(cfg.train_file, self.out, "train", self.rank)
+        eval_examples = read_split(cfg.eval_file, self.out, "valid", self.rank) if cfg.eval_file else []
+        if cfg.smoke:
+            train_examples, eval_examples = train_examples[:8], eval_examples[:4]
+        if not train_examples:
+            raise ConfigError(f"no training examples in {cfg.train_file}")
+
+        # The model: identical on every rank (same seed), frozen parts in cfg.dtype.
+        torch.manual_seed(cfg.seed)
+        texts = [t for ex in train_examples for t in (ex.prefix, ex.suffix)]
+        core, self.tokenizer = build_model(cfg.model, DTYPES[cfg.dtype], self.device, cfg.seed, texts,
+                                           self.out, self.rank)
+        self.core = core
+        core.requires_grad_(False)
+        if cfg.lora is not None:
+            self.base_source = self._save_base(core)
+            if cfg.quantize is not None:
+                n = quantize_4bit(core, cfg.quantize, self.device, _LLM_LINEAR)
+                log.info("QLoRA: %d linear layers of the language model quantised to 4 bits", n)
+            model = apply_lora(core, cfg.lora, self.base_source)  # adapters trainable, float32
+        else:
+            model = core
+            pattern = TRAINABLE[cfg.trainable]
+            for name, p in core.named_parameters():
+                if re.fullmatch(pattern, name):
+                    p.requires_grad_(True)
+                    p.data = p.data.to(DTYPES[cfg.trainable_dtype])
+        self.lora = cfg.lora is not None
+        core.vision_tower.gradient_checkpointing = cfg.activation_checkpointing
+        core.language_model.gradient_checkpointing = cfg.activation_checkpointing
+        if self.rank == 0:
+            resolved = yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+            log.info("config:\n%s", resolved)
+            log.info("parameters:\n%s", param_table(model))
+            write_text_atomic(self.out / "config.yaml", resolved)
+
+        # Wrapping: DDP or FSDP2 under torchrun. The loss runs inside the wrapped forward.
+        self.loss_module = LossModule(model, cfg.label_smoothing)
+        self.wrapped: nn.Module = self.loss_module
+        if self.world > 1 and cfg.distributed == "ddp":
+            self.wrapped = nn.parallel.DistributedDataParallel(
+                self.loss_module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
+        elif self.world > 1:
+            from torch.distributed.fsdp import fully_shard
+
+            if len({p.dtype for p in model.parameters()}) > 1:
+                raise ConfigError("FSDP shards layers of one weight dtype: use dtype = trainable_dtype")
+            for layer in [*core.vision_tower.encoder.layers, *core.language_model.layers]:
+                fully_shard(layer)
+            fully_shard(self.loss_module)
+
+        # Optimizer: weight decay on matrices only (not on biases and norm scales).
+        params = [p for p in self.loss_module.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.wd},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+        if cfg.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        else:
+            self.optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+        self.params = params
+
+        # Data loading: the step sampler decides the order; workers only read images.
+        n_image = core.config.num_image_tokens
+        self.train_set = PaliGemmaDataset(train_examples, self.tokenizer, n_image, cfg.max_text_len)
+        self.eval_set = PaliGemmaDataset(eval_examples, self.tokenizer, n_image, cfg.max_text_len)
+        self.collate = make_collate(self.tokenizer, core.config)
+        self.total_steps = cfg.steps or math.ceil(cfg.epochs * len(self.train_set) / cfg.batch_size)
+        self.warmup_steps = round(cfg.warmup * self.total_steps) if cfg.warmup < 1 else int(cfg.warmup)
+        self.step = 0
+        if cfg.resume and ckpt is not None:
+            self.load_checkpoint(ckpt)
+        else:
+            torch.manual_seed(cfg.seed + self.rank)  # dropout differs per rank
+        self.sampler = StepSampler(len(self.train_set), cfg.batch_size, cfg.grad_accum, self.rank, self.world,
+                                   cfg.seed, self.step)
+        self.loader = torch.utils.data.DataLoader(
+            self.train_set, batch_sampler=self.sampler, collate_fn=self.collate, num_workers=cfg.num_workers,
+            generator=torch.Generator())  # its own generator: iterating must not consume the global RNG
+        self.metrics = MetricLog(self.out, self.step) if self.rank == 0 else None
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast)
+        self.saved_step = self.step if ckpt is not None and cfg.resume else -1
+
+    def _save_base(self, core: PaliGemma) -> str:
+        """Where LoRA's base weights come from; a random-init base is written once to out_dir/base."""
+        spec = self.cfg.model
+        if isinstance(spec, str):
+            return spec
+        if "source" in spec:
+            return spec["source"]
+        base = self.out / "base"
+        if self.rank == 0 and not (base / "config.json").exists():
+            checkpoint.save_folder(base, lambda p: Pipeline(core, self.tokenizer).save(p))
+        dist.barrier()
+        return str(base.resolve())
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up from lr/warmup to lr, then decay to 0 over the remaining steps."""
+        if step < self.warmup_steps:
+            return self.cfg.lr * (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        decay = {"cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress, "constant": 1.0}
+        return self.cfg.lr * decay[self.cfg.schedule]
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        end = min(self.total_steps, self.step + (cfg.stop_after or self.total_steps))
+        batches = iter(self.loader)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=self.rank != 0, desc="train",
+                   dynamic_ncols=True)
+        self.wrapped.train()
+        last: dict = {}
+        while self.step < end:
+            t0 = time.perf_counter()
+            lr = self.lr_at(self.step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, tokens = torch.zeros((), dtype=torch.float64), 0
+            for micro in range(cfg.grad_accum):
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in next(batches).items()}
+                with self._grad_sync(micro == cfg.grad_accum - 1), self.autocast:
+                    per_example = self.wrapped(batch)
+                    # Sum of per-example means / global batch; DDP and FSDP average over ranks.
+                    loss = per_example.sum() * (self.world / cfg.batch_size)
+                loss.backward()
+                loss_sum += per_example.detach().double().sum().cpu()
+                tokens += int(batch["input_mask"].sum())
+            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip_grad or float("inf"))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            loss_total, tokens_total = dist.all_sum(float(loss_sum), tokens)
+            last = {"loss": loss_total / cfg.batch_size, "lr": lr,
+                    "grad_norm": float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm),
+                    "examples_per_s": cfg.batch_size / (time.perf_counter() - t0),
+                    "tokens_per_s": tokens_total / (time.perf_counter() - t0),
+                    "epoch": self.step * cfg.batch_size / len(self.train_set)}
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.2e}")
+            if self.metrics and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
+                self.metrics.write(self.step, **last)
+            done = self.step == self.total_steps
+            if self.eval_set.examples and ((cfg.eval_every and self.step % cfg.eval_every == 0) or done):
+                last |= self.evaluate()
+            if (cfg.save_every and self.step % cfg.save_every == 0) or done:
+                self.save_checkpoint()
+        bar.close()
+        if self.step == self.total_steps:
+            self.save_final()
+        return {"step": self.step, "out_dir": str(self.out), **last}
+
+    def _grad_sync(self, sync: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+        if isinstance(self.wrapped, nn.parallel.DistributedDataParallel) and not sync:
+            return self.wrapped.no_sync()
+        if hasattr(self.wrapped, "set_requires_gradient_sync"):  # FSDP2
+            self.wrapped.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Eval loss over the eval set (sharded over ranks) and exact match of greedy generations."""
+        cfg = self.cfg
+        module = self.loss_module  # not the DDP wrapper: no collectives in an eval forward
+        module.eval()
+        mine = list(range(self.rank, len(self.eval_set), self.world))
+        n_batches = math.ceil(math.ceil(len(self.eval_set) / self.world) / cfg.eval_batch_size)
+        total = 0.0
+        for b in range(n_batches):  # the same number of forwards on every rank (FSDP gathers in them)
+            chunk = mine[b * cfg.eval_batch_size:(b + 1) * cfg.eval_batch_size]
+            batch = self.collate([self.eval_set[i] for i in chunk or [0]])
+            with self.autocast:
+                per_example = module({k: v.to(self.device) for k, v in batch.items()})
+            total += float(per_example.sum()) if chunk else 0.0
+        out = {"eval_loss": dist.all_sum(total)[0] / len(self.eval_set)}
+        sharded = self.world > 1 and cfg.distributed == "fsdp"
+        if self.rank == 0 and not sharded and cfg.eval_examples:
+            examples = self.eval_set.examples[:cfg.eval_examples]
+            longest = max(sum(e.loss_mask) for e in self.eval_set.encoded[:len(examples)])
+            pipe = Pipeline(self.core, self.tokenizer)
+            with self.autocast:
+                texts = pipe.generate([list(ex.images) for ex in examples], [ex.prefix for ex in examples],
+                                      max_new_tokens=min(longest, cfg.eval_max_new_tokens),
+                                      batch_size=cfg.eval_batch_size)
+            hits = [t.strip() == ex.suffix.strip() for t, ex in zip(texts, examples)]
+            out["exact_match"] = sum(hits) / len(examples)
+            by_task = {}  # by the prompt's first word (caption, answer, ocr, detect, ...)
+            for hit, ex in zip(hits, examples):
+                by_task.setdefault(task_word(ex.prefix) or "-", []).append(hit)
+            if len(by_task) > 1:
+                out |= {f"exact_match/{task}": sum(h) / len(h) for task, h in sorted(by_task.items())}
+        dist.barrier()
+        module.train()
+        if self.metrics:
+            self.metrics.write(self.step, **out)
+            log.info("step %d: %s", self.step, " ".join(f"{k} {v:.4f}" for k, v in out.items()))
+        return out
+
+    # ---- checkpoints ----
+
+    def save_checkpoint(self) -> None:
+        """out_dir/step-NNNNNN/: model/ (full, HF layout) or adapter/ (peft), optimizer.safetensors +
+        optimizer.json, rng-rankR.safetensors, state.json. Written to a temporary folder first and
+        renamed, so a kill leaves either the old checkpoints or the complete new one."""
+        if self.saved_step == self.step:
+            return
+        name = f"step-{self.step:06d}"
+        tmp = self.out / f".{name}.tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        dist.barrier()
+        checkpoint.save_rng(tmp / f"rng-rank{self.rank}.safetensors")
+        # Full (unsharded) state on rank 0; collective under FSDP, so every rank takes part.
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.lora)
+        model_state = get_model_state_dict(self.loss_module, options=options)
+        optim_state = get_optimizer_state_dict(self.loss_module, self.optimizer, options=options)
+        dist.barrier()  # every rank's RNG file is in tmp before rank 0 renames it (DDP: no collective above)
+        if self.rank == 0:
+            state = {k.removeprefix("model."): v for k, v in model_state.items()}
+            if self.lora:
+                self.loss_module.model.save_pretrained(tmp / "adapter", state_dict=state)
+            else:
+                model = build_on_meta(self.core.config)
+                model.load_state_dict(state, assign=True)
+                save_hf_folder(model, tmp / "model")
+                shutil.copy(self.tokenizer.path, tmp / "model" / "tokenizer.model")
+            checkpoint.save_optimizer(optim_state, tmp)
+            epoch, position = divmod(self.step * self.cfg.batch_size, len(self.train_set))
+            write_text_atomic(tmp / "state.json", json.dumps({
+                "step": self.step, "epoch": epoch, "position": position, "world_size": self.world,
+                "lora": self.lora, "config": dataclasses.asdict(self.cfg)}, indent=2))
+            final = self.out / name
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            for old in sorted(self.out.glob("step-*"))[:-self.cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+        self.saved_step = self.step
+
+    def load_checkpoint(self, ckpt: Path) -> None:
+        state = json.loads((ckpt / "state.json").read_text())
+        if state["lora"] != self.lora:
+            raise ConfigError(f"{ckpt} was {'' if state['lora'] else 'not '}trained with LoRA; "
+                              "this config differs")
+        if self.lora:  # peft's file names -> our module's (adapter name back in)
+            tensors = load_file(ckpt / "adapter" / "adapter_model.safetensors")
+            weights = {"model." + re.sub(r"\.(lora_[AB])\.weight$", r".\1.default.weight", k): v
+                       for k, v in tensors.items()}
+        else:
+            files = weight_files(ckpt / "model")
+            weights = {"model." + k: v for k, v in iter_safetensors(files, self.core.config.version)}
+        trainable = {n for n, p in self.loss_module.named_parameters() if p.requires_grad}
+        if missing := trainable - set(weights):
+            raise ConfigError(f"{ckpt} lacks {len(missing)} trainable tensors, e.g. {sorted(missing)[0]}")
+        set_model_state_dict(self.loss_module, weights, options=StateDictOptions(full_state_dict=True,
+                                                                                   strict=False))
+        set_optimizer_state_dict(self.loss_module, self.optimizer, checkpoint.load_optimizer(ckpt),
+                                 options=StateDictOptions(full_state_dict=True))
+        self.step = state["step"]
+        before, now = state["config"], dataclasses.asdict(self.cfg)
+        order = ("train_file", "batch_size", "seed", "steps", "epochs", "lr", "schedule", "warmup")
+        changed = [k for k in order if before.get(k) != now[k]]
+        if changed and self.rank == 0:
+            log.warning("resuming %s with changed %s: the run will not match an uninterrupted one", ckpt,
+                        ", ".join(f"{k} ({before.get(k)!r} -> {now[k]!r})" for k in changed))
+        rng = ckpt / f"rng-rank{self.rank}.safetensors"
+        if state["world_size"] == self.world and rng.exists():
+            checkpoint.load_rng(rng)
+        else:
+            log.warning("%s was written by %d ranks, this run has %d: random streams (dropout) restart",
+                        ckpt, state["world_size"], self.world)
+            torch.manual_seed(self.cfg.seed + self.rank + self.step)
+        if self.rank == 0:
+            for tmp in self.out.glob(".step-*.tmp"):  # left by a kill during a save
+                shutil.rmtree(tmp, ignore_errors=True)
+            log.info("resumed from %s: step %d, epoch %d, position %d", ckpt, self.step, state["epoch"],
+                     state["position"])
+
+    def save_final(self) -> None:
+        """out_dir/final: the model (or adapter) of the last step plus tokenizer, as hard links."""
+        if self.rank == 0:
+            src = self.out / f"step-{self.step:06d}" / ("adapter" if self.lora else "model")
+
+            def link(folder: Path) -> None:
+                shutil.copytree(src, folder, copy_function=checkpoint.link_or_copy)
+                shutil.copy(self.tokenizer.path, folder / "tokenizer.model")
+
+            checkpoint.save_folder(self.out / "final", link)
+        dist.barrier()
+
+    def cleanup(self) -> None:
+        if self.metrics:
+            self.metrics.close()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+
+# ---- entry points --------------------------------------------------------------------------------
+
+
+def train(config: str | Path | dict | TrainConfig, overrides: list[str] | tuple = (), resume: bool = False,
+          smoke: bool = False) -> dict:
+    """Run a training config (YAML path, dict or TrainConfig) with `key=value` overrides.
+
+    Under torchrun every rank calls this; rank 0 writes checkpoints and logs. Returns the last
+    step's metrics and the output folder.
+    """
+    cfg = load_config(config, overrides)
+    cfg = dataclasses.replace(cfg, resume=cfg.resume or resume, smoke=cfg.smoke or smoke)
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        trainer.cleanup()
+
+
+def merge(base_source: str | Path, adapter_dir: str | Path, out_dir: str | Path,
+          dtype: str = "float32") -> Path:
+    """Merge LoRA adapters into their base model and save a full checkpoint (palikit/HF layout).
+
+    The merge runs in `dtype` (float32 by default: merging into bfloat16 weights rounds twice).
+    """
+    from peft import PeftModel
+
+    pipe = load(base_source, dtype=dtype)
+    model = PeftModel.from_pretrained(pipe.model, str(adapter_dir)).merge_and_unload()
+    tok = Path(adapter_dir) / "tokenizer.model"
+    tokenizer = Tokenizer(tok, image_token_id=model.config.image_token_id) if tok.exists() else pipe.tokenizer
+    checkpoint.save_folder(Path(out_dir), lambda p: Pipeline(model, tokenizer).save(p))
+    return Path(out_dir)

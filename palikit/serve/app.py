@@ -1,0 +1,395 @@
+"""HTTP server: OpenAI-compatible chat completions, native task endpoints, request batching, a web demo.
+
+    palikit serve --model google/paligemma2-3b-mix-224 [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+
+or from Python: `create_app(palikit.load(...))` gives a FastAPI app; `serve(...)` runs it with uvicorn.
+
+Endpoints (request and response schemas at /docs and /openapi.json):
+
+    POST /v1/chat/completions   OpenAI's vision schema; the `openai` client works unchanged. The LAST user
+                                message is the request: its text parts, joined by spaces, are the PaliGemma
+                                prefix ("caption en", "detect cat ; dog"), with no chat template; its
+                                image_url parts are the images. Earlier messages are ignored. max_tokens /
+                                max_completion_tokens, temperature (omitted or 0: greedy), top_p, seed,
+                                stream (SSE chunks, then `data: [DONE]`), stream_options.include_usage.
+    POST /v1/caption, /v1/ask, /v1/question, /v1/ocr, /v1/detect, /v1/segment (one per task of
+         tasks.TASKS), /v1/predict
+                                native, JSON in and out: {"image": "<base64 or data: URL>", ...task fields}
+                                -> {"task", "prompt", "text", "width", "height", "objects", ...}; objects have
+                                pixel boxes [x1, y1, x2, y2], a score (mean token log-prob) and, for
+                                segment, a COCO RLE mask of the whole image. /v1/predict takes any prompt.
+    GET  /v1/models, /health, /tasks (the task list the web demo shows), /metrics (Prometheus text), /docs,
+         / (the web demo)
+
+Batching: requests wait in one bounded queue (full: 503 + Retry-After). A single model thread takes the
+oldest request plus every queued request with the same sampling settings (greedy requests all batch
+together; a seeded request runs alone so its seed reproduces), waiting up to batch_wait_ms for more, up to
+max_batch, and makes one generate_details call for the batch (prompts and lengths may differ; the batch
+generates up to its longest max_tokens and each answer is cut to its own). Streaming requests run alone,
+in queue order, through the same thread, token by token. The event loop never runs the model.
+
+Safety: binds 127.0.0.1 unless told otherwise; optional API key (`Authorization: Bearer KEY`) on /v1/*;
+request bodies over max_body_bytes get 413 and images over max_image_pixels 413 before decoding;
+server-side file paths and URL fetching are refused (400) unless enabled; a body must arrive within
+BODY_TIMEOUT_S (408) and an answer within request_timeout_s (504). Errors are JSON,
+{"error": {"message": ..., "type": ...}}, and never stop the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import logging
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, HTTPException, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
+from fastapi.security import HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import tasks
+from ..api import PipelineProtocol
+from ..processor import InputError
+from .batcher import Batcher, ImageSize, Job
+from .guard import Guard
+from .images import ImageReader
+from .metrics import Metrics
+from .schema import (ERROR_TYPES, ChatCompletion, ChatMessageOut, ChatRequest, Choice, ErrorResponse, ImagePart,
+                     ImageRequest, ModelCard, ModelList, PredictRequest, TaskResponse, TextPart, Usage,
+                     error_response, task_request)
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent.parent / "static"
+
+
+# ----------------------------------------------------------------------------- request handling
+
+
+def _sampling(temperature: float | None, top_p: float | None, top_k: int = 0, seed: int | None = None
+              ) -> dict:
+    """generate_details' sampling arguments: greedy unless a temperature > 0 is given."""
+    if not temperature:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": temperature, "top_p": top_p or 1.0, "top_k": top_k,
+            "seed": seed}
+
+
+def _bad_request(fn, *args, **kwargs):
+    """Call a prompt builder; its ValueError (bad language, empty label...) is the client's error."""
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise HTTPException(400, str(e)) from None
+
+
+def _as_http(e: Exception) -> HTTPException:
+    if isinstance(e, HTTPException):
+        return e
+    if isinstance(e, ValueError):  # InputError, SamplingConfig: what the request asked for is invalid
+        return HTTPException(400, str(e))
+    return HTTPException(500, f"internal error ({type(e).__name__}); see the server log")
+
+
+class Server:
+    """Settings, the batcher, the image reader and the metrics of one app; the routes call into it."""
+
+    def __init__(self, pipe: PipelineProtocol, model_name: str, max_body_bytes: int, max_image_pixels: int,
+                 max_batch: int, batch_wait_ms: float, max_queue: int, request_timeout_s: float,
+                 allow_local_paths: bool | str | Path, allow_urls: bool, check_prompts: bool):
+        self.pipe, self.model_name = pipe, model_name
+        self.request_timeout_s, self.check_prompts = request_timeout_s, check_prompts
+        self.metrics = Metrics()
+        self.batcher = Batcher(pipe, self.metrics, max_batch, batch_wait_ms / 1000, max_queue)
+        self.images = ImageReader(max_bytes=max_body_bytes, max_pixels=max_image_pixels,
+                                  allow_local_paths=allow_local_paths, allow_urls=allow_urls,
+                                  prepare=pipe.prepare_image)
+        self.can_mask = pipe.codec_path is not None
+        self.created = int(time.time())
+        self.paths: set[str] = set()  # the app's routes, for the metrics labels (filled by create_app)
+
+    # ---- prompts and jobs
+
+    def check(self, prompt: str, n_images: int, max_new_tokens: int) -> int:
+        """Validate a prompt before it queues; -> its length in tokens (images included)."""
+        if self.check_prompts:
+            _bad_request(tasks.parse_task, prompt)
+        try:
+            return len(self.pipe.prompt_ids(prompt, n_images, max_new_tokens))
+        except InputError as e:
+            raise HTTPException(400, str(e)) from None
+
+    def submit(self, images, size: ImageSize, prompt: str, max_new_tokens: int, sampling: dict,
+               parse: tasks.TaskSpec | None = None, stream: bool = False) -> Job:
+        if parse is not None and parse.masks and not self.can_mask:
+            raise HTTPException(501, "segmentation masks are not available: this server has no mask codec "
+                                     "(mask_codec.npz / vae-oid.npz beside the model)")
+        loop = asyncio.get_running_loop()
+        job = Job(images, size, prompt, max_new_tokens, sampling, parse, stream,
+                  time.monotonic() + self.request_timeout_s, asyncio.Queue(), loop)
+        self.batcher.submit(job)
+        return job
+
+    async def next_event(self, job: Job) -> tuple[str, Any]:
+        try:
+            return await asyncio.wait_for(job.out.get(), max(0.0, job.deadline - time.monotonic()))
+        except TimeoutError:
+            job.cancelled = True
+            raise HTTPException(504, f"no answer within {self.request_timeout_s:g} s; the server is busy "
+                                     "or the request asks for too many tokens") from None
+
+    async def result(self, job: Job) -> dict:
+        try:
+            kind, payload = await self.next_event(job)
+        finally:
+            job.cancelled = True  # a no-op once answered; otherwise the model skips it
+        if kind == "error":
+            raise _as_http(payload)
+        return payload
+
+    async def sse(self, job: Job, prompt_tokens: int, include_usage: bool):
+        """OpenAI's chat.completion.chunk events, then `data: [DONE]`."""
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": self.model_name}
+
+        def event(body: dict) -> str:
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        def chunk(delta: dict, finish: str | None = None) -> str:
+            return event(head | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while True:
+                try:
+                    kind, payload = await self.next_event(job)
+                except HTTPException as e:
+                    kind, payload = "error", e
+                if kind == "delta":
+                    yield chunk({"content": payload})
+                    continue
+                if kind == "done":
+                    yield chunk({}, payload["finish_reason"])
+                    if include_usage:
+                        n = payload["completion_tokens"]
+                        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n,
+                                 "total_tokens": prompt_tokens + n}
+                        yield event(head | {"choices": [], "usage": usage})
+                else:  # headers are sent already: the error travels as an event, as OpenAI's does
+                    e = _as_http(payload)
+                    yield event({"error": {"message": e.detail,
+                                           "type": ERROR_TYPES.get(e.status_code, "error")}})
+                break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancelled = True  # the client went away mid-stream: stop generating
+
+
+def _last_user_message(req: ChatRequest) -> tuple[str, list[str]]:
+    """-> (prompt, image references) of the last user message."""
+    user = [m for m in req.messages if m.role == "user"]
+    if not user:
+        raise HTTPException(400, "messages need a user message with the image(s) and the PaliGemma prompt")
+    content = user[-1].content or []
+    if isinstance(content, str):
+        content = [TextPart(type="text", text=content)]
+    prompt = " ".join(p.text.strip() for p in content if isinstance(p, TextPart) and p.text.strip())
+    refs = [p.image_url if isinstance(p.image_url, str) else p.image_url.url
+            for p in content if isinstance(p, ImagePart)]
+    if not prompt:
+        raise HTTPException(400, 'the user message needs a text part with the PaliGemma prompt, '
+                                 'e.g. "caption en"')
+    if not refs:
+        raise HTTPException(400, "the user message needs an image_url part: PaliGemma answers about images")
+    return prompt, refs
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def create_app(pipe, *, api_key: str | None = None, model_name: str = "palikit",
+               max_body_bytes: int = 20 * 2**20, max_image_pixels: int = 25_000_000, max_batch: int = 8,
+               batch_wait_ms: float = 5, max_queue: int = 64, request_timeout_s: float = 300,
+               allow_local_paths: bool | str | Path = False, allow_urls: bool = False,
+               check_prompts: bool = True) -> FastAPI:
+    """The FastAPI app serving `pipe`: a palikit Pipeline, or anything with the same surface
+    (api.PipelineProtocol; e.g. an adapter around another library). There is a route
+    /v1/<verb> per task of tasks.TASKS, and /tasks lists them for the web demo.
+
+    allow_local_paths: True lets requests name any server-side file; a folder allows files inside it.
+    check_prompts=False accepts prompts without a known task prefix (transfer checkpoints trained on
+    free-form prefixes); by default they get 400.
+    """
+    server = Server(pipe, model_name, max_body_bytes, max_image_pixels, max_batch, batch_wait_ms, max_queue,
+                    request_timeout_s, allow_local_paths, allow_urls, check_prompts)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        server.batcher.start()
+        yield
+        server.batcher.close()
+
+    app = FastAPI(title="palikit", summary="PaliGemma served: OpenAI-compatible and native task endpoints",
+                  description=(__doc__ or "").split("\n\n", 2)[-1], lifespan=lifespan)
+    app.state.palikit = server
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=server.metrics,
+                       paths=server.paths)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):
+        return error_response(e.status_code, str(e.detail), getattr(e, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, e: RequestValidationError):
+        errs = e.errors()
+        if errs and errs[0]["type"] == "json_invalid":
+            reason = errs[0].get("ctx", {}).get("error", "")
+            return error_response(400, f"the request body is not valid JSON ({reason})")
+        where = [".".join(str(x) for x in err["loc"] if x != "body") or "body" for err in errs[:3]]
+        parts = [f"{w}: {err['msg']}" for w, err in zip(where, errs)]
+        return error_response(400, "invalid request: " + "; ".join(parts))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, e: Exception):
+        log.exception("unhandled error")
+        return error_response(500, f"internal error ({type(e).__name__}); see the server log")
+
+    errors = {code: {"model": ErrorResponse} for code in (400, 401, 413, 503, 504)}
+    auth = [Security(HTTPBearer(auto_error=False))] if api_key else []  # documents the key in the schema
+    v1 = APIRouter(prefix="/v1", dependencies=auth, responses=errors)
+
+    @v1.get("/models", response_model=ModelList)
+    async def models():
+        return ModelList(data=[ModelCard(id=server.model_name, created=server.created)])
+
+    @v1.post("/chat/completions", response_model=ChatCompletion,
+             responses={200: {"content": {"text/event-stream": {}},
+                              "description": "a chat.completion, or chat.completion.chunk events if stream"}})
+    async def chat_completions(req: ChatRequest):
+        prompt, refs = _last_user_message(req)
+        max_new = req.max_completion_tokens or req.max_tokens or 128
+        n_prompt = server.check(prompt, len(refs), max_new)  # cheap checks before decoding the images
+        images, size = await server.images.read(refs)
+        sampling = _sampling(req.temperature, req.top_p, seed=req.seed)
+        job = server.submit(images, size, prompt, max_new, sampling, stream=req.stream)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(server.sse(job, n_prompt, include_usage), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        r = await server.result(job)
+        usage = Usage(prompt_tokens=n_prompt, completion_tokens=r["completion_tokens"],
+                      total_tokens=n_prompt + r["completion_tokens"])
+        choice = Choice(message=ChatMessageOut(content=r["text"]), finish_reason=r["finish_reason"])
+        return ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
+                              model=server.model_name, choices=[choice], usage=usage)
+
+    async def run_task(req: ImageRequest, prompt: str, max_new: int) -> TaskResponse:
+        n_prompt = server.check(prompt, 1, max_new)  # 400 for an unknown task unless check_prompts=False
+        images, size = await server.images.read([req.image])
+        spec = _spec_or_none(prompt)
+        parse = spec if spec is not None and spec.parse is not None else None
+        job = server.submit(images, size, prompt, max_new,
+                            _sampling(req.temperature, req.top_p, req.top_k, req.seed), parse)
+        r = await server.result(job)
+        return TaskResponse(task=spec.name if spec else "free", prompt=prompt, text=r["text"], width=size.width,
+                            height=size.height, objects=r.get("objects"), finish_reason=r["finish_reason"],
+                            usage=Usage(prompt_tokens=n_prompt, completion_tokens=r["completion_tokens"],
+                                        total_tokens=n_prompt + r["completion_tokens"]))
+
+    def task_route(spec: tasks.TaskSpec) -> None:
+        async def handler(req):
+            values = {arg.name: getattr(req, arg.name) for arg in spec.args}
+            return await run_task(req, _bad_request(spec.build, **values), req.max_new_tokens)
+
+        param = inspect.Parameter("req", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=task_request(spec))
+        handler.__signature__ = inspect.Signature([param])  # what FastAPI reads the body model from
+        v1.post(f"/{spec.verb}", response_model=TaskResponse, name=spec.verb, summary=spec.help)(handler)
+
+    for spec in tasks.TASKS.values():
+        task_route(spec)
+
+    @v1.post("/predict", response_model=TaskResponse, summary="any PaliGemma prompt")
+    async def predict(req: PredictRequest):
+        return await run_task(req, req.prompt.strip(), req.max_new_tokens)
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": server.model_name, "auth": bool(api_key),
+                "queue_depth": server.batcher.depth, "max_batch": server.batcher.max_batch}
+
+    @app.get("/tasks")
+    async def task_list():  # the web demo's menu; public like the page itself
+        free = {"verb": "predict", "title": "free prompt", "help": "any PaliGemma prompt", "max_new_tokens": 64,
+                "objects": True, "arg": {"name": "prompt", "title": "Prompt", "example": "caption en",
+                                         "required": True, "many": False}}
+        return [spec.describe() for spec in tasks.TASKS.values()] + [free]
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return server.metrics.render(server.batcher.depth)
+
+    @app.get("/", include_in_schema=False)
+    async def demo():
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    server.paths.update({route.path for route in v1.routes} | {"/health", "/tasks", "/metrics", "/", "/docs",
+                                                               "/openapi.json"})
+    return app
+
+
+def _spec_or_none(prompt: str) -> tasks.TaskSpec | None:
+    try:
+        return tasks.spec_of_prompt(prompt)
+    except ValueError:
+        return None
+
+
+def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          dtype: str = "bfloat16", device: str = "cpu", **options) -> None:
+    """Load `model` and serve it with uvicorn until interrupted; options go to create_app."""
+    import uvicorn
+
+    import palikit
+
+    pipe = palikit.load(model, dtype=dtype, device=device)
+    name = Path(model).name if Path(model).exists() else str(model)  # a folder's name, not the server's paths
+    app = create_app(pipe, api_key=api_key, model_name=options.pop("model_name", name), **options)
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
+    uvicorn.run(app, host=host, port=port, timeout_keep_alive=5, log_level="info")
+
+
+@contextlib.contextmanager
+def background(app: FastAPI, host: str = "127.0.0.1", port: int = 0):
+    """Run `app` with uvicorn in a thread (tests, notebooks, benchmarks); yields its base URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))  # port 0: the OS picks a free one, with no race
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="palikit-uvicorn",
+                              daemon=True)
+    thread.start()
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError("the server did not start; see the log above")
+        time.sleep(0.01)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

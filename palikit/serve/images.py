@@ -1,0 +1,109 @@
+"""Images of a request: base64 or data: URLs, and server-side files or http(s) URLs only where the
+operator allowed them; size caps before decoding (decompression bombs), decoded off the event loop
+and prepared for the model on arrival, so that queued requests hold small images."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+from fastapi import HTTPException
+from PIL import Image
+
+from ..processor import InputError, load_image
+from .batcher import ImageSize
+
+
+class ImageReader:
+    """prepare: what to do with a decoded image before it queues (the pipeline's resize)."""
+
+    def __init__(self, *, max_bytes: int, max_pixels: int, allow_local_paths: bool | str | Path, allow_urls: bool,
+                 prepare: Callable[[Image.Image], Image.Image]):
+        self.max_body_bytes, self.max_image_pixels = max_bytes, max_pixels
+        self.allow_local_paths, self.allow_urls, self.prepare = allow_local_paths, allow_urls, prepare
+
+    async def read(self, refs: list[str]) -> tuple[list[Image.Image], ImageSize]:
+        if not refs:
+            raise HTTPException(400, "no image: PaliGemma needs at least one image per request")
+        images = []
+        for ref in refs:
+            data = await self._image_bytes(ref)
+            images.append(await asyncio.to_thread(self._decode, data))  # decoding is slow: off the loop
+        return [im for im, _ in images], images[0][1]
+
+    async def _image_bytes(self, ref: str) -> bytes:
+        ref = ref.strip()
+        if ref.startswith("data:"):
+            header, _, payload = ref.partition(",")
+            if not header.endswith(";base64"):
+                raise HTTPException(400, "data URLs must be base64: data:image/png;base64,...")
+            return _b64decode(payload)
+        if ref.startswith(("http://", "https://")):
+            if not self.allow_urls:
+                raise HTTPException(400, "image URLs are disabled on this server: send the image as base64 "
+                                         "or a data: URL (the operator can enable fetching with allow_urls)")
+            return await asyncio.to_thread(self._fetch, ref)
+        if not ref.startswith("file://"):
+            with contextlib.suppress(HTTPException):
+                return _b64decode(ref)
+            if len(ref) > 4096:
+                raise HTTPException(400, "image is neither valid base64 nor a data: URL")
+        if not self.allow_local_paths:  # a short string that is not base64: a path
+            raise HTTPException(400, f"image {ref[:80]!r} is not base64 or a data: URL, and reading "
+                                     "server-side files is disabled on this server (allow_local_paths)")
+        return await asyncio.to_thread(self._read_path, ref.removeprefix("file://"))
+
+    def _read_path(self, name: str) -> bytes:
+        path = Path(name).expanduser().resolve()
+        if not isinstance(self.allow_local_paths, bool):
+            root = Path(self.allow_local_paths).expanduser().resolve()
+            if not path.is_relative_to(root):
+                raise HTTPException(400, f"image path {name!r} is outside the allowed folder {root}")
+        if not path.is_file():
+            raise HTTPException(400, f"image file not found: {name}")
+        if path.stat().st_size > self.max_body_bytes:
+            raise HTTPException(413, f"image file {name} is larger than {self.max_body_bytes} bytes")
+        return path.read_bytes()
+
+    def _fetch(self, url: str) -> bytes:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 (http/https checked above)
+                data = r.read(self.max_body_bytes + 1)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise HTTPException(400, f"could not fetch image {url[:200]}: {e}") from None
+        if len(data) > self.max_body_bytes:
+            raise HTTPException(413, f"image at {url[:200]} is larger than {self.max_body_bytes} bytes")
+        return data
+
+    def _decode(self, data: bytes) -> tuple[Image.Image, ImageSize]:
+        try:  # the header alone gives the size: refuse decompression bombs before decoding
+            with Image.open(io.BytesIO(data)) as probe:
+                w, h = probe.size
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise HTTPException(413, f"image refused: {e}") from None
+        except (OSError, ValueError, SyntaxError):
+            w = h = 0  # unreadable: load_image says why
+        if w * h > self.max_image_pixels:
+            raise HTTPException(413, f"image of {w}x{h} pixels is over this server's limit of "
+                                     f"{self.max_image_pixels} pixels")
+        try:
+            image = load_image(data, self.max_image_pixels)
+        except InputError as e:
+            raise HTTPException(400, str(e)) from None
+        size = ImageSize(image.width, image.height)  # after EXIF rotation, as boxes are reported
+        return self.prepare(image), size
+
+
+def _b64decode(payload: str) -> bytes:
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPException(400, "image is not valid base64") from None

@@ -1,0 +1,158 @@
+"""Request and response bodies of the server (OpenAI's chat schema and palikit's task endpoints),
+and the JSON error body every failure gets."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field, create_model
+
+from .. import tasks
+
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+               405: "invalid_request_error", 408: "timeout", 413: "request_too_large", 500: "server_error",
+               501: "not_implemented", 503: "server_busy", 504: "timeout"}
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Sampling(BaseModel):
+    temperature: float = Field(0.0, ge=0, le=2, description="0: greedy; > 0: sample at this temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling (only when temperature > 0)")
+    top_k: int = Field(0, ge=0, description="keep the k most likely tokens, 0 = off (only when sampling)")
+    seed: int | None = Field(None, description="reproducible sampling (the request then runs unbatched)")
+
+
+class ImageRequest(Sampling):
+    image: str = Field(description="the image as base64 or a data: URL (data:image/png;base64,...); an "
+                                   "http(s) URL or a server-side path only where the operator enabled them")
+
+
+class PredictRequest(ImageRequest):
+    prompt: str = Field(description='a PaliGemma prefix, e.g. "caption en" or "detect cat ; dog"')
+    max_new_tokens: int = Field(64, ge=1)
+
+
+def task_request(spec: tasks.TaskSpec) -> type[ImageRequest]:
+    """The request body of /v1/<verb>: the image, sampling, the task's fields, max_new_tokens."""
+    fields: dict[str, Any] = {}
+    for arg in spec.args:
+        kind = (list[str] | str) if arg.many else Literal[arg.choices] if arg.choices else str
+        fields[arg.name] = (kind, Field(... if arg.required else arg.default,
+                                        description=arg.text.help or arg.text.title))
+    fields["max_new_tokens"] = (int, Field(spec.max_new_tokens, ge=1))
+    return create_model(f"{spec.verb.capitalize()}Request", __base__=ImageRequest, **fields)
+
+
+class RLE(BaseModel):
+    size: list[int] = Field(description="[height, width]")
+    counts: str = Field(description="COCO compressed RLE, as pycocotools' mask.encode")
+
+
+class DetectedObject(BaseModel):
+    label: str
+    box: list[float] = Field(description="pixels of the input image: x1, y1, x2, y2")
+    score: float | None = Field(None, description="mean log-prob of the object's tokens")
+    codes: list[int] | None = Field(None, description="segment only: the 16 mask codes")
+    mask: RLE | None = Field(None, description="segment only: the mask over the whole image")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TaskResponse(BaseModel):
+    task: str
+    prompt: str
+    text: str = Field(description="the model's raw output")
+    width: int
+    height: int
+    objects: list[DetectedObject] | None = Field(None, description="detect / segment only")
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+
+
+class ImageURL(BaseModel):
+    url: str
+    detail: str | None = None
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL | str
+
+
+class Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    model: str | None = Field(None, description="ignored: the server serves one model")
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, description="takes precedence over max_tokens")
+    temperature: float | None = Field(None, ge=0, le=2, description="omitted or 0: greedy")
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    n: int | None = Field(None, ge=1, le=1, description="only 1")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: ChatMessageOut
+    finish_reason: Literal["stop", "length"]
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "palikit"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    """{"error": {"message", "type"}}, as OpenAI's API answers errors."""
+    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error")}}
+    return JSONResponse(body, status_code=status, headers=headers)
