@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -16,46 +16,19 @@ from PIL import Image
 
 from . import generate as gen
 from . import tasks
+from .atomic import atomic_write, write_text_atomic
 from .config import PaliGemmaConfig
 from .maskcodec import paste_mask
 from .paligemma import PaliGemma
-from .processor import (RESAMPLE_OF_PIL_ID, InputError, Tokenizer, collate, encode_example, load_image,
+from .processor import (RESAMPLE, RESAMPLE_OF_PIL_ID, InputError, Tokenizer, collate, encode_example, load_image,
                         preprocess, resize, suffix_logprobs)
-from .weights import CheckpointError, load_hf_folder, load_npz, save_hf_folder
+from .weights import CheckpointError, load_hf_folder, load_npz, resolve_source, save_hf_folder
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-BUNDLED = Path(__file__).parent / "assets" / "default"
 CODEC_FILES = ("mask_codec.npz", "vae-oid.npz")  # looked for beside the weights
-
-
-def resolve_source(source: str | Path) -> Path:
-    """A local folder / .npz file, "default" (the bundled model), or a hub id (cache first)."""
-    if str(source) == "default":
-        if not (BUNDLED / "config.json").exists():
-            raise CheckpointError(f"the bundled default model is missing from {BUNDLED}")
-        return BUNDLED
-    path = Path(source).expanduser()
-    if path.exists():
-        return path
-    if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
-        raise CheckpointError(f"model not found: {source} (no such file or folder, and not a hub id 'org/name')")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    patterns = ["*.json", "*.safetensors", "tokenizer.model"]
-    try:  # the local cache first: works offline and costs no request
-        return Path(snapshot_download(str(source), allow_patterns=patterns, local_files_only=True))
-    except LocalEntryNotFoundError:
-        pass
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise CheckpointError(f"{source} is not in the Hugging Face cache and HF_HUB_OFFLINE=1")
-    try:
-        return Path(snapshot_download(str(source), allow_patterns=patterns))
-    except (HfHubHTTPError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot fetch {source} from the Hugging Face hub (offline or no access?): {e}") from e
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -66,6 +39,25 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device, or one line saying why it cannot be used (before any weights are read)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}: use cpu, cuda, cuda:1, mps, ...") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        if not torch.backends.cuda.is_built():
+            raise InputError(f"CUDA is not available in this PyTorch build (torch {torch.__version__}); "
+                             "use --device cpu or install a CUDA build of torch")
+        raise InputError("CUDA is not available: no GPU is visible to this PyTorch (check CUDA_VISIBLE_DEVICES "
+                         "and the driver); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"no GPU {dev.index}: this machine has {torch.cuda.device_count()}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError("MPS (Apple GPU) is not available in this PyTorch; use --device cpu")
+    return dev
+
+
 def load(source: str | Path = "default", dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
          tokenizer: str | Path | None = None, sliding_window: bool = False) -> Pipeline:
     """Load a PaliGemma / PaliGemma 2 checkpoint: an HF folder (single or sharded safetensors), a
@@ -74,6 +66,7 @@ def load(source: str | Path = "default", dtype: str | torch.dtype = "bfloat16", 
     sliding_window=True applies Gemma 2's local attention window from config.json as transformers
     does; by default it is off, as in big_vision (it only matters past 4096 tokens, i.e. 896 px).
     """
+    check_device(device)
     path = resolve_source(source)
     dtype = _dtype(dtype)
     if path.is_file():
@@ -298,8 +291,8 @@ class Pipeline:
             raise ValueError(f"task {spec.verb!r} answers in text; it has no objects to parse")
         pieces = self.tokenizer.decode_pieces(generated.tokens)
         scored = len(generated.logprobs) == len(generated.tokens) and "".join(pieces) == text
-        objects = spec.parse(text, image.width, image.height, pieces=pieces if scored else None,
-                             logprobs=generated.logprobs if scored else None).objects
+        objects = tasks.Results(spec.parse(text, image.width, image.height, pieces=pieces if scored else None,
+                                           logprobs=generated.logprobs if scored else None).objects)
         return self.attach_masks(objects, image, codec) if spec.masks else objects
 
     def attach_masks(self, segmentations: list, image, codec=None) -> list:
@@ -325,10 +318,30 @@ class Pipeline:
         return self._codecs[path]
 
     def save(self, folder: str | Path) -> None:
-        """Write the model in the released HF layout, with its tokenizer."""
+        """A complete model folder, in the released HF layout: config.json, the weights, and
+        save_model_files' tokenizer, preprocessor config and mask codec. palikit.load reads it back
+        with the same resize filter and segment still working."""
         save_hf_folder(self.model, folder)
-        data = self.tokenizer.path.read_bytes()
-        (Path(folder) / "tokenizer.model").write_bytes(data)
+        save_model_files(folder, self.config, self.tokenizer.path, self.codec_path)
+
+
+def save_model_files(folder: str | Path, config: PaliGemmaConfig, tokenizer: Path, codec: Path | None) -> None:
+    """What a model folder holds besides config.json and the weights: tokenizer.model,
+    preprocessor_config.json (the input size and resize filter, in transformers' SiglipImageProcessor
+    form) and the mask codec when there is one; each file written atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    size = config.vision.image_size
+    preprocessor = {
+        "image_processor_type": "SiglipImageProcessor", "processor_class": "PaliGemmaProcessor",
+        "do_resize": True, "size": {"height": size, "width": size}, "resample": int(RESAMPLE[config.resample]),
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "image_seq_length": config.num_image_tokens,
+    }
+    write_text_atomic(folder / "preprocessor_config.json", json.dumps(preprocessor, indent=2) + "\n")
+    for src, name in [(Path(tokenizer), "tokenizer.model"), (Path(codec) if codec else None, None)]:
+        if src is not None and src.resolve() != (folder / (name or src.name)).resolve():
+            atomic_write(folder / (name or src.name), lambda p, src=src: shutil.copyfile(src, p))
 
 
 def _task_signature(spec: tasks.TaskSpec) -> inspect.Signature:

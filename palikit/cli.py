@@ -1,4 +1,7 @@
-"""Command line: `palikit VERB ...`, a map from verbs to plain functions.
+"""palikit: run, fine-tune, evaluate and serve Google's PaliGemma vision-language models.
+
+`palikit VERB ...`: each verb a plain function over the Python API. Arguments are checked as the
+server checks requests (ranges, non-empty prompts) before any model loads.
 
 Errors the user can fix (missing file, bad image, unknown task, wrong checkpoint) print one line
 and exit with status 2; nothing prints a traceback unless PALIKIT_DEBUG=1.
@@ -44,6 +47,9 @@ def cmd_task(args) -> None:
     pipe = palikit.load(args.model, dtype=args.dtype)
     image = load_image(args.image)
     values = {a.name: getattr(args, a.name) for a in spec.args}
+    if spec.masks and args.vae is None and pipe.codec_path is None:
+        raise InputError(f"{spec.verb} needs the mask codec: pass --vae PATH (big_vision's vae-oid.npz); "
+                         "the model folder has no mask_codec.npz or vae-oid.npz")
     options = {"codec": args.vae} if spec.masks else {}
     result = pipe.run_task(spec.verb, image, max_new_tokens=args.max_new_tokens, **values, **options)
     if isinstance(result, str):
@@ -53,8 +59,8 @@ def cmd_task(args) -> None:
         print(json.dumps([r.to_dict() for r in result], ensure_ascii=False))
     else:
         for r in result:
-            score = f" ({r.score:.2f})" if r.score is not None else ""
-            print(f"{r.label}: " + ", ".join(f"{v:.0f}" for v in r.box) + score)
+            shown = f" ({r.confidence:.2f})" if r.confidence is not None else ""
+            print(f"{r.label}: " + ", ".join(f"{v:.0f}" for v in r.box) + shown)
         if not result:
             print("(nothing found)")
     if args.out:
@@ -118,7 +124,7 @@ def cmd_demo(args) -> None:
     import numpy as np
 
     import palikit
-    from palikit.synthetic import KINDS, make_scene
+    from palikit.synthetic import KINDS, make_scene, trained_prompts_text
     from palikit.overlay import draw
 
     pipe = palikit.load(args.model, dtype="float32")
@@ -130,6 +136,8 @@ def cmd_demo(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_image_atomic(image, out / "input.png")
     print(f"model: {pipe.config.name} ({args.model}); image: {args.image or out / 'input.png'}")
+    if args.model == "default":
+        print(f"the bundled model knows {trained_prompts_text()}")
     caption = pipe.caption(image)
     print("caption en".ljust(40) + f"-> {caption}")
     # Ask about the kinds the caption names, one kind per detect/segment prompt as in training.
@@ -161,26 +169,58 @@ def cmd_serve(args) -> None:
           allow_local_paths=args.allow_local_paths or False, allow_urls=args.allow_urls)
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, json_output: bool = True) -> None:
     p.add_argument("--model", default="default", help="folder, .npz, hub id, or 'default' (bundled tiny model)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    if json_output:
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def number(kind: type, low: float | None = None, high: float | None = None, above: bool = False):
+    """An argparse type: `kind` in [low, high] ((low, high] when `above`), with the server's ranges."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if low is not None and (value < low or (above and value == low)) or high is not None and value > high:
+            where = f"{'>' if above else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {where}")
+        return value
+    return parse
+
+
+def text(value: str) -> str:
+    """An argparse type: a non-empty string."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
+POSITIVE = number(int, 1)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="palikit", description=__doc__.splitlines()[0])
+    parser = Parser(prog="palikit", description=__doc__.split("\n\n")[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
 
     p = verbs.add_parser("generate", help="free-form generation from image(s) and a prompt")
     _model_args(p)
     p.add_argument("--image", required=True, action="append", help="image path (repeat for several images)")
-    p.add_argument("--prompt", required=True, help='task prefix, e.g. "caption en"')
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--prompt", required=True, type=text, help='task prefix, e.g. "caption en"')
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=32)
+    p.add_argument("--temperature", type=number(float, 0, 2), default=0.0, help="0 = greedy; at most 2")
+    p.add_argument("--top-k", type=number(int, 0), default=0, help="0 = off")
+    p.add_argument("--top-p", type=number(float, 0, 1, above=True), default=1.0)
     p.add_argument("--seed", type=int)
-    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--num-beams", type=POSITIVE, default=1)
     p.set_defaults(func=cmd_generate)
 
     for spec in tasks.TASKS.values():  # one verb per task
@@ -188,12 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("image")
         for arg in spec.args:
             name = arg.name if arg.required else "--" + arg.name.replace("_", "-")
-            kwargs = {"nargs": "+"} if arg.many else {}
+            kwargs = {"nargs": "+", "type": text} if arg.many else {"type": text}
             if not arg.required:
                 kwargs.update(default=arg.default, dest=arg.name)
             p.add_argument(name, choices=arg.choices, help=arg.text.help or arg.text.title, **kwargs)
         _model_args(p)
-        p.add_argument("--max-new-tokens", type=int, default=spec.max_new_tokens)
+        p.add_argument("--max-new-tokens", type=POSITIVE, default=spec.max_new_tokens)
         if spec.parse is not None:
             p.add_argument("--out", help="write an overlay PNG with the boxes (and masks) here")
         if spec.masks:
@@ -201,11 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_task, out=None, vae=None)
 
     p = verbs.add_parser("run", help="batch jobs from a JSONL file (resumable)")
-    _model_args(p)
+    _model_args(p, json_output=False)  # it prints its statistics as JSON
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=POSITIVE, default=8)
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=128)
     p.add_argument("--vae", help="mask codec npz for segment jobs")
     p.set_defaults(func=cmd_run)
 
@@ -217,11 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = verbs.add_parser("eval", help="task metrics on held-out synthetic images")
-    _model_args(p)
-    p.add_argument("--synthetic", type=int, default=200, help="number of generated images")
+    _model_args(p, json_output=False)  # it prints its metrics as JSON
+    p.add_argument("--synthetic", type=POSITIVE, default=200, help="number of generated images")
     p.add_argument("--seed", type=int, default=12345, help="a seed not used for training data")
-    p.add_argument("--size", type=int, default=96, help="generated image side (the model resizes it)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--size", type=number(int, 32), default=96, help="generated image side (the model resizes it)")
+    p.add_argument("--batch-size", type=POSITIVE, default=16)
     p.add_argument("--out", help="write the metrics as JSON here")
     p.set_defaults(func=cmd_eval)
 
@@ -247,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="preset name or model folder: image tokens and length limit "
                                    "(a folder's tokenizer.model is used too)")
     p.add_argument("--tokenizer", help="tokenizer.model: check sequence lengths")
-    p.add_argument("--max-text-len", type=int, help="warn about longer text (it would be truncated)")
+    p.add_argument("--max-text-len", type=POSITIVE, help="warn about longer text (it would be truncated)")
     p.add_argument("--open-images", action="store_true", help="also decode every image (slower)")
     p.add_argument("--task", default="detect", choices=["detect", "segment"],
                    help="what a COCO file becomes, as in training (segment needs --vae)")
@@ -260,10 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=number(int, 0, 65535), default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $PALIKIT_API_KEY)")
-    p.add_argument("--max-batch", type=int, default=8, help="most requests per model call")
-    p.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 503")
+    p.add_argument("--max-batch", type=POSITIVE, default=8, help="most requests per model call")
+    p.add_argument("--max-queue", type=POSITIVE, default=64, help="queued requests before answering 503")
     p.add_argument("--allow-local-paths", metavar="DIR", help="let requests name image files under DIR")
     p.add_argument("--allow-urls", action="store_true", help="let requests give http(s) image URLs to fetch")
     p.set_defaults(func=cmd_serve)
@@ -271,11 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed
+        return int(e.code or 0)
     logging.basicConfig(level=logging.INFO if args.verb == "train" else logging.WARNING, format="palikit: %(message)s")
     try:
         rc = args.func(args)
-    except (InputError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (InputError, CheckpointError, OSError, ValueError) as e:  # OSError: a file not found / not writable
         if os.environ.get("PALIKIT_DEBUG") == "1":
             raise
         print(f"palikit {args.verb}: error: {e}", file=sys.stderr)

@@ -286,16 +286,19 @@ def check_dataset(path: str | Path, config=None, tokenizer=None, max_text_len: i
     checked (a model folder's tokenizer.model is used when there is one). task, codec: what a COCO
     file converts to, as in load_examples.
     """
-    from .config import PaliGemmaConfig
+    from .config import PRESETS, PaliGemmaConfig
+    from .weights import resolve_source
 
-    if isinstance(config, (str, Path)):
-        folder = Path(config)
-        if (folder / "config.json").exists():
+    if isinstance(config, (str, Path)):  # a preset name, or a model as every verb's --model names it
+        if str(config) in PRESETS:
+            config = PaliGemmaConfig.from_name(str(config))
+        else:
+            folder = resolve_source(config)
+            if not (folder / "config.json").is_file():
+                raise DatasetError(f"{config}: --model takes a preset name or a model folder with config.json")
             if tokenizer is None and (folder / "tokenizer.model").exists():
                 tokenizer = folder / "tokenizer.model"
             config = PaliGemmaConfig.from_file(folder / "config.json")
-        else:
-            config = PaliGemmaConfig.from_name(str(config))
     if isinstance(tokenizer, (str, Path)):
         tokenizer = Tokenizer(tokenizer, image_token_id=config.image_token_id if config else None)
     file = find_annotations(path, split)

@@ -10,6 +10,7 @@ Dims: B batch, K codes, D code width, T tokens (4x4 grid, row-major), S mask sid
 from __future__ import annotations
 
 import os
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,7 +175,12 @@ class MaskCodec(nn.Module):
         """Load `vae-oid.npz` (or one written by save_npz); sizes come from the tensor shapes unless
         `config` is given. A file without any encoder.* keys (or decoder.* keys) loads too; using the
         missing half then raises. EMA statistics are ignored; any other key or shape difference raises."""
-        with np.load(path) as npz:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"mask codec not found: {path}")
+        if not zipfile.is_zipfile(path):  # np.load would call anything else "pickled data"
+            raise ValueError(f"{path} is not an .npz file: the mask codec is big_vision's vae-oid.npz "
+                             "or a mask_codec.npz written by palikit")
+        with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files if k not in _IGNORED_KEYS}
         codec = cls(config or _infer_config(arrays))
         present = {part: any(k.startswith(part + ".") for k in arrays) for part in ("encoder", "decoder")}

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .tasks import Detection, Segmentation, confidence
+from .processor import load_image
+from .tasks import Detection, Segmentation
 
 # matplotlib's tab10: distinct hues that stay readable on photos.
 _PALETTE = [
@@ -23,14 +24,15 @@ def _colour(label: str) -> tuple[int, int, int]:
 
 
 def draw(
-    image: Image.Image,
+    image,
     results: Sequence[Detection | Segmentation],
     *,
     mask_alpha: float = 0.45,
     line_width: int | None = None,
 ) -> Image.Image:
-    """An RGB copy of `image` with masks tinted, boxes outlined and `label confidence` written."""
-    out = image.convert("RGB")  # always a copy
+    """An RGB copy of `image` (a path, bytes, array or PIL image, as everywhere in palikit; EXIF
+    rotation applied, as the boxes are) with masks tinted, boxes outlined and `label confidence`."""
+    out = load_image(image).convert("RGB")  # always a copy
     overlay = Image.new("RGBA", out.size, (0, 0, 0, 0))
     for r in results:
         mask = getattr(r, "mask", None)
@@ -49,7 +51,7 @@ def draw(
         colour = _colour(r.label)
         x1, y1, x2, y2 = r.box
         pen.rectangle((x1, y1, x2, y2), outline=colour, width=width)
-        caption = r.label if r.score is None else f"{r.label} {confidence(r.score):.2f}".strip()
+        caption = r.label if r.confidence is None else f"{r.label} {r.confidence:.2f}".strip()
         if not caption:
             continue
         left, top, right, bottom = pen.textbbox((x1, y1), caption)

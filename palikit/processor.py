@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -185,6 +186,9 @@ def encode_example(tok: Tokenizer, num_image_tokens: int, prefix: str, suffix: s
 ImageInput = "str | Path | bytes | Image.Image | np.ndarray"
 
 
+_OBJECT_REPR_RE = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
 def load_image(image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Path, bytes, PIL image or array -> RGB PIL image, EXIF orientation applied."""
     name = "image"
@@ -220,7 +224,8 @@ def load_image(image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(f"{name}: refused, too many pixels ({e})") from e
     except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for corrupt or unknown data
-        raise InputError(f"{name}: not a readable image ({e})") from e
+        why = _OBJECT_REPR_RE.sub("", str(e))  # PIL names an in-memory file by its repr
+        raise InputError(f"{name}: not a readable image ({why})") from e
 
 
 def _array_to_image(a: np.ndarray) -> Image.Image:
@@ -239,8 +244,8 @@ def _array_to_image(a: np.ndarray) -> Image.Image:
 
 RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
             "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
-# preprocessor_config.json's "resample" (PIL's enum values) -> the names above
-RESAMPLE_OF_PIL_ID = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
+# preprocessor_config.json's "resample" (PIL's enum values, as transformers writes them) <-> the names above
+RESAMPLE_OF_PIL_ID = {int(v): k for k, v in RESAMPLE.items()}
 
 
 def resize(image, size: int, resample: str = "bicubic") -> Image.Image:

@@ -43,6 +43,25 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 SceneQuestion = Literal["caption", "count", "colour", "ocr", "detect", "segment"]
 SCENE_QUESTIONS: tuple[SceneQuestion, ...] = get_args(SceneQuestion)
 
+# The prompts of this world's examples, and so all that a model trained on it (the bundled default
+# model) knows: English captions, two kinds of question, 4-digit OCR, detect and segment of a kind.
+# No `cap` / `describe` styles, no question generation, no other language.
+CAPTION_PROMPT = "caption en"
+COUNT_PROMPT = "answer en how many {}s?"
+COLOUR_PROMPT = "answer en what colour is the {}?"
+OCR_PROMPT = "ocr"
+DETECT_PROMPT = "detect {}"  # one kind, or two: "detect circle ; star"
+SEGMENT_PROMPT = "segment {}"
+TRAINED_PROMPTS = (CAPTION_PROMPT, COUNT_PROMPT, COLOUR_PROMPT, OCR_PROMPT, DETECT_PROMPT, SEGMENT_PROMPT)
+
+
+def trained_prompts_text() -> str:
+    """The prompts above as README, the model card and `palikit demo` state them."""
+    shown = [f"`{p.format('KIND')}`" for p in TRAINED_PROMPTS]
+    return (", ".join(shown) + " (KIND: " + ", ".join(KINDS) + "), in English only; not the `cap` / `describe` "
+            "caption styles, question generation or other languages")
+
+
 Box = tuple[int, int, int, int]  # pixel x1, y1, x2, y2; x2 and y2 are exclusive
 # encode_mask(visible_mask[H, W] bool, box_xyxy) -> the 16 seg codes of the mask
 MaskEncoder = Callable[[np.ndarray, Box], Sequence[int]]
@@ -265,22 +284,22 @@ def scene_examples(
     def instances(kinds: Sequence[str]) -> list[Shape]:
         return [s for s in shapes if s.kind in kinds]  # stays left to right
 
-    examples = [_example("caption en", caption(shapes), "caption")]
+    examples = [_example(CAPTION_PROMPT, caption(shapes), "caption")]
 
     count_kinds = [_pick(rng, present)]
     if absent and rng.random() < 0.5:
         count_kinds.append(_pick(rng, absent))
     for kind in count_kinds:
-        examples.append(_example(f"answer en how many {kind}s?", str(count(kind)), "count"))
+        examples.append(_example(COUNT_PROMPT.format(kind), str(count(kind)), "count"))
 
     singles = [k for k in present if count(k) == 1]
     if singles:
         kind = _pick(rng, singles)
         colour = instances([kind])[0].colour
-        examples.append(_example(f"answer en what colour is the {kind}?", colour, "colour"))
+        examples.append(_example(COLOUR_PROMPT.format(kind), colour, "colour"))
 
     if scene.number is not None:
-        examples.append(_example("ocr", scene.number, "ocr"))
+        examples.append(_example(OCR_PROMPT, scene.number, "ocr"))
 
     # Only present kinds are asked alone, so a detection suffix is never empty; the second
     # kind of a pair may be absent, which teaches the model to skip it.
@@ -290,7 +309,7 @@ def scene_examples(
         queries.append(pair if rng.random() < 0.5 else pair[::-1])
     for kinds in queries:
         suffix = " ; ".join(f"{_box_locs(s.box, width, height)} {s.kind}" for s in instances(kinds))
-        examples.append(_example("detect " + " ; ".join(kinds), suffix, "detect"))
+        examples.append(_example(DETECT_PROMPT.format(" ; ".join(kinds)), suffix, "detect"))
 
     if encode_mask is not None:
         kind = _pick(rng, present)
@@ -298,7 +317,7 @@ def scene_examples(
         for s in instances([kind]):
             codes = [int(c) for c in encode_mask(s.mask, s.box)]
             objects.append(tasks.segmentation_suffix(_box_locs(s.box, width, height), codes, kind))
-        examples.append(_example(f"segment {kind}", " ; ".join(objects), "segment"))
+        examples.append(_example(SEGMENT_PROMPT.format(kind), " ; ".join(objects), "segment"))
     return examples
 
 

@@ -213,32 +213,54 @@ def segmentation_suffix(box_tokens: str, seg_codes: Sequence[int], label: str = 
 # ----------------------------------------------------------------------------- results
 
 
+class _Scored:
+    logprob: float | None
+
+    @property
+    def confidence(self) -> float | None:
+        """exp(logprob), the geometric-mean probability of the object's tokens, in [0, 1]: the one
+        score palikit shows (CLI, overlay, web demo, JSON, supervision). None when unscored."""
+        return None if self.logprob is None else math.exp(self.logprob)
+
+
 @dataclass
-class Detection:
+class Detection(_Scored):
     label: str
     box: tuple[float, float, float, float]  # pixels x1, y1, x2, y2
-    score: float | None = None  # mean log-prob of the object's tokens
+    logprob: float | None = None  # mean log-prob of the object's tokens (label included)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "box": [float(v) for v in self.box], "score": self.score}
+        return {"label": self.label, "box": [float(v) for v in self.box], "confidence": self.confidence,
+                "logprob": self.logprob}
 
 
 @dataclass
-class Segmentation:
+class Segmentation(_Scored):
     label: str
     box: tuple[float, float, float, float]  # pixels x1, y1, x2, y2
     mask: np.ndarray | None = None  # bool [H, W] of the whole image, filled in by the VQ-VAE
-    score: float | None = None  # mean log-prob of the object's tokens
+    logprob: float | None = None  # mean log-prob of the object's tokens (label included)
     codes: list[int] = field(default_factory=list)  # the 16 seg codes, row-major 4x4
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "label": self.label,
             "box": [float(v) for v in self.box],
-            "score": self.score,
+            "confidence": self.confidence,
+            "logprob": self.logprob,
             "codes": [int(c) for c in self.codes],
             "mask": None if self.mask is None else rle_encode(self.mask),
         }
+
+
+class Results(list):
+    """The objects found in one image: a list of Detection / Segmentation that also converts."""
+
+    def to_arrays(self, classes: Sequence[str] | None = None) -> dict[str, np.ndarray | None]:
+        return detections_to_arrays(self, classes)
+
+    def to_supervision(self, classes: Sequence[str] | None = None):
+        return to_supervision(self, classes)
 
 
 T = TypeVar("T", Detection, Segmentation)
@@ -351,14 +373,14 @@ def parse_detections(
     output (4 loc + 16 seg) also parses, as its boxes.
 
     pieces: the decoded tokens of `text` (they must concatenate to it), logprobs: one log-prob
-    per piece. Each object's score is then the mean log-prob of the pieces overlapping its
-    tokens and label; without them scores are None.
+    per piece. Each object's logprob is then the mean log-prob of the pieces overlapping its
+    tokens and label; without them it is None.
 
     Never raises on any text; ValueError only for a non-positive size or pieces/logprobs
     that do not match the text.
     """
     found, skipped = _parse(text, width, height, pieces, logprobs, with_masks=False)
-    return ParsedObjects([Detection(label, box, score) for label, box, _, score in found], skipped)
+    return ParsedObjects([Detection(label, box, lp) for label, box, _, lp in found], skipped)
 
 
 def parse_segmentations(
@@ -372,32 +394,46 @@ def parse_segmentations(
     16 seg tokens are skipped. Masks are left None: decode `codes` with the VQ-VAE."""
     found, skipped = _parse(text, width, height, pieces, logprobs, with_masks=True)
     return ParsedObjects(
-        [Segmentation(label, box, None, score, codes) for label, box, codes, score in found], skipped
+        [Segmentation(label, box, None, lp, codes) for label, box, codes, lp in found], skipped
     )
 
 
-def detections_to_arrays(results: Sequence[Detection | Segmentation]) -> dict[str, np.ndarray | None]:
-    """Arrays named as `supervision.Detections` fields (xyxy, confidence, class_name, mask).
+def detections_to_arrays(results: Sequence[Detection | Segmentation],
+                         classes: Sequence[str] | None = None) -> dict[str, np.ndarray | None]:
+    """Arrays named as `supervision.Detections` fields: xyxy, confidence, class_id, class_name, mask.
 
-    confidence is exp(score), the geometric-mean token probability, so that 0..1 thresholds
-    work; objects without a score get 1.0. mask is None unless some result has one; results
-    without a mask then get an all-False one.
+    confidence as Detection.confidence; objects without a score get 1.0. class_id: the index of
+    the label in `classes` (the prompt's labels, say), labels not in it numbered after them in
+    order of appearance; without `classes`, in order of appearance. mask is None unless some result
+    has one; results without a mask then get an all-False one.
     """
     masks = [getattr(r, "mask", None) for r in results]
     mask = None
     if any(m is not None for m in masks):
         shape = next(m.shape for m in masks if m is not None)
         mask = np.stack([np.zeros(shape, bool) if m is None else np.asarray(m, bool) for m in masks])
+    ids = {c: i for i, c in enumerate(dict.fromkeys(classes or ()))}
+    for r in results:
+        ids.setdefault(r.label, len(ids))
     return {
         "xyxy": np.array([r.box for r in results], dtype=np.float32).reshape(-1, 4),
-        "confidence": np.array([confidence(r.score) for r in results], dtype=np.float32),
+        "confidence": np.array([1.0 if r.confidence is None else r.confidence for r in results], np.float32),
+        "class_id": np.array([ids[r.label] for r in results], dtype=int),
         "class_name": np.array([r.label for r in results], dtype=str),
         "mask": mask,
     }
 
 
-def confidence(score: float | None) -> float:
-    return 1.0 if score is None else math.exp(score)
+def to_supervision(results: Sequence[Detection | Segmentation], classes: Sequence[str] | None = None):
+    """`supervision.Detections` of the results, as supervision's own model connectors build them
+    (class_id, confidence, mask, data["class_name"]), so its annotators take them as they are."""
+    try:
+        import supervision as sv
+    except ImportError:
+        raise ImportError("to_supervision needs supervision: pip install 'palikit[supervision]'") from None
+    a = detections_to_arrays(results, classes)
+    return sv.Detections(xyxy=a["xyxy"], mask=a["mask"], confidence=a["confidence"], class_id=a["class_id"],
+                         data={"class_name": a["class_name"]})
 
 
 # ----------------------------------------------------------------------------- the task registry

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import zipfile
 from collections.abc import Iterator
@@ -49,6 +50,36 @@ _PG1_NORM_BACK = (re.compile(r"(layers\.\d+\.)pre_feedforward_layernorm"), r"\1p
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable, or does not fit the model."""
+
+
+BUNDLED = Path(__file__).parent / "assets" / "default"  # the bundled tiny model
+
+
+def resolve_source(source: str | Path) -> Path:
+    """A local folder / .npz file, "default" (the bundled model), or a hub id (cache first)."""
+    if str(source) == "default":
+        if not (BUNDLED / "config.json").exists():
+            raise CheckpointError(f"the bundled default model is missing from {BUNDLED}")
+        return BUNDLED
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if str(source).startswith((".", "/", "~")) or str(source).count("/") != 1:
+        raise CheckpointError(f"model not found: {source} (no such file or folder, and not a hub id 'org/name')")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "tokenizer.model"]
+    try:  # the local cache first: works offline and costs no request
+        return Path(snapshot_download(str(source), allow_patterns=patterns, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise CheckpointError(f"{source} is not in the Hugging Face cache and HF_HUB_OFFLINE=1")
+    try:
+        return Path(snapshot_download(str(source), allow_patterns=patterns))
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot fetch {source} from the Hugging Face hub (offline or no access?): {e}") from e
 
 
 def hf_to_palikit(name: str, version: int) -> str | None:

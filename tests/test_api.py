@@ -69,7 +69,7 @@ def test_detect_parses_boxes_in_pixels(pipe, monkeypatch):
     assert len(dets) == 1 and dets[0].label == "red circle"
     x1, y1, x2, y2 = dets[0].box
     assert (x1, y1) == (0, 0) and abs(x2 - 200) < 0.5 and abs(y2 - 511 / 1023 * 100) < 1e-6
-    assert dets[0].score == pytest.approx(-0.5)
+    assert dets[0].logprob == pytest.approx(-0.5)
     json.dumps([d.to_dict() for d in dets])
     assert len(pipe.detect([img, img], "red circle")) == 2
 
@@ -129,9 +129,59 @@ def test_run_reports_bad_lines_and_goes_on(tiny_model_dir, tmp_path):
     pipe = palikit.load(tiny_model_dir, dtype="float32")
     stats = run_jobs(pipe, tmp_path / "jobs.jsonl", tmp_path / "out.jsonl", batch_size=4, max_new_tokens=4)
     recs = read_output(tmp_path / "out.jsonl")
-    assert [r["line"] for r in recs] == list(range(12)) and stats["errors"] == 2
+    assert [r["line"] for r in recs] == list(range(1, 13)) and stats["errors"] == 2  # 1-based, as data check
     assert "not found" in recs[5]["error"] and "error" in recs[7]
     assert all("text" in r for i, r in enumerate(recs) if i not in (5, 7))
+
+
+def test_run_gives_a_bad_job_its_error_and_runs_the_rest(tiny_model_dir, tmp_path):
+    """One batch holding a prompt with a newline, one over the model's length limit and a segment
+    job on a model without a mask codec: each gets an error record naming its problem, the good
+    jobs around them are answered as alone. Catches a run that aborts (and writes nothing) on them."""
+    import shutil
+
+    from palikit.jobs import run_jobs
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in ("config.json", "model.safetensors", "tokenizer.model"):  # no mask codec
+        shutil.copy(tiny_model_dir / f, model / f)
+    pipe = palikit.load(model, dtype="float32")
+    synthetic_image(0).save(tmp_path / "0.png")
+    jobs = [{"image": "0.png", "task": "caption"}, {"image": "0.png", "prompt": "caption en\nanswer"},
+            {"image": "0.png", "prompt": "answer en " + "why " * 600}, {"image": "0.png", "task": "segment",
+                                                                        "labels": ["circle"]},
+            {"image": "0.png", "task": "detect", "labels": ["circle"]}]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    stats = run_jobs(pipe, tmp_path / "jobs.jsonl", tmp_path / "out.jsonl", batch_size=8, max_new_tokens=4)
+    recs = read_output(tmp_path / "out.jsonl")
+    assert [r["line"] for r in recs] == [1, 2, 3, 4, 5] and stats["errors"] == 3
+    assert "newline" in recs[1]["error"] and "limit" in recs[2]["error"]
+    assert "--vae" in recs[3]["error"] and "codec" in recs[3]["error"]
+    assert recs[0]["text"] == pipe.caption(synthetic_image(0), max_new_tokens=4)
+    assert recs[4]["text"] == pipe.generate(synthetic_image(0), "detect circle", max_new_tokens=4)
+
+
+def test_run_keeps_a_complete_last_record_without_its_newline(tiny_model_dir, tmp_path, pipe, monkeypatch):
+    """A crash right after a record but before its "\\n": the record is kept (and terminated), not
+    cut off and lost; its job does not run again. Catches a resume that drops a valid last line."""
+    from palikit.jobs import run_jobs
+
+    write_jobs(tmp_path, 8)
+    out = tmp_path / "out.jsonl"
+    run_jobs(pipe, tmp_path / "jobs.jsonl", out, batch_size=2, max_new_tokens=3)
+    recs = read_output(out)
+    recs[1]["text"] = "kept"
+    out.write_text("".join(json.dumps(r) + "\n" for r in recs[:1]) + json.dumps(recs[1]))  # no newline
+    generated = []
+    generate = pipe.generate_details
+    monkeypatch.setattr(pipe, "generate_details",
+                        lambda ims, ps, **kw: (generated.extend(ps), generate(ims, ps, **kw))[1])
+    run_jobs(pipe, tmp_path / "jobs.jsonl", out, batch_size=2, max_new_tokens=3)
+    again = read_output(out)
+    assert [r["line"] for r in again] == list(range(1, 9)) and again[1]["text"] == "kept"
+    assert len(generated) == 4  # lines 3, 4, 5 and 7 (6 names a missing image, 8 is not JSON)
+    assert again[2:] == recs[2:]
 
 
 # `palikit run` that hangs before its model call number `after` (0-based), once it has said so on
@@ -174,7 +224,7 @@ def test_run_resumes_after_kill(tiny_model_dir, tmp_path, pipe, monkeypatch):
             str(out), "--batch-size", "2", "--max-new-tokens", "6", "--dtype", "float32"]
     kill_when_it_says(["-c", HANG_BEFORE_BATCH, "3", *args], "hanging")  # before its 4th batch
     before = read_output(out)
-    assert [r["line"] for r in before] == list(range(6))  # 3 batches of 2 lines (line 5 is an error)
+    assert [r["line"] for r in before] == list(range(1, 7))  # 3 batches of 2 lines (line 6 is an error)
     before[0]["text"] = "written before the kill"  # a rerun that starts over would lose this
     out.write_text("".join(json.dumps(r) + "\n" for r in before) + '{"line": 999, "text": "torn')
 
@@ -188,9 +238,9 @@ def test_run_resumes_after_kill(tiny_model_dir, tmp_path, pipe, monkeypatch):
     monkeypatch.setattr(pipe, "generate_details", counting)
     run_jobs(pipe, tmp_path / "jobs.jsonl", out, batch_size=2, max_new_tokens=6)
     recs = read_output(out)
-    assert sorted(r["line"] for r in recs) == list(range(n))  # nothing lost, nothing duplicated
+    assert sorted(r["line"] for r in recs) == list(range(1, n + 1))  # nothing lost, nothing duplicated
     assert recs[0] == before[0]
-    assert len(generated) == n - 6 - 1  # only the unfinished jobs ran (line 7 is not JSON)
+    assert len(generated) == n - 6 - 1  # only the unfinished jobs ran (line 8 is not JSON)
     monkeypatch.undo()
     run_jobs(pipe, tmp_path / "jobs.jsonl", tmp_path / "ref.jsonl", batch_size=2, max_new_tokens=6)
     ref = {r["line"]: r for r in read_output(tmp_path / "ref.jsonl")}

@@ -190,3 +190,113 @@ def test_serve_verb_options(served, tiny_model_dir, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="palikit.serve"):
         assert main(["serve", "--model", str(tiny_model_dir), "--host", "0.0.0.0"]) == 0
     assert "without an API key" in caplog.text
+
+
+def test_every_folder_palikit_writes_is_a_complete_model(tiny_model_dir, train_file, tmp_path):
+    """Pipeline.save, the trainer's final/ (full and LoRA) and merge each write config, weights,
+    tokenizer, preprocessor config and the mask codec: reloaded, the resize filter is still the
+    source's (bilinear here) and segment works and gives the same masks. Catches a saved folder that
+    falls back to bicubic or loses the codec."""
+    import shutil
+
+    from palikit.finetune import merge
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_model_dir, source)
+    (source / "preprocessor_config.json").write_text(json.dumps({"resample": 2}))  # bilinear
+    pipe = palikit.load(source, dtype="float32")
+    img = synthetic_image(3, size=(50, 40))  # not the model's size: the filter matters
+
+    def assert_complete(folder: Path, same_as=None) -> None:
+        got = palikit.load(folder, dtype="float32")
+        assert got.config.resample == "bilinear" and got.codec_path is not None, folder
+        segs = got.segment(img, "circle", max_new_tokens=24)
+        assert all(s.mask.any() for s in segs)
+        if same_as is not None:
+            assert got.generate(img, "caption en", 8) == same_as.generate(img, "caption en", 8)
+            want = same_as.segment(img, "circle", max_new_tokens=24)
+            assert [s.to_dict() for s in segs] == [s.to_dict() for s in want]
+
+    pipe.save(tmp_path / "saved")
+    assert_complete(tmp_path / "saved", same_as=pipe)
+    for name, extra in [("full", {}), ("lora", {"lora": {"r": 4}})]:
+        out = tmp_path / name
+        config = write_config(tmp_path / f"{name}.yaml", model=str(source), train_file=str(train_file),
+                              out_dir=str(out), steps=2, batch_size=2, lr=1e-2, max_text_len=64, **extra)
+        assert main(["train", str(config)]) == 0
+        if name == "full":
+            assert_complete(out / "final")
+        else:
+            pre = json.loads((out / "final" / "preprocessor_config.json").read_text())
+            assert pre["resample"] == 2 and (out / "final" / "mask_codec.npz").exists()
+            assert_complete(merge(source, out / "final", tmp_path / "merged"))
+    assert (tmp_path / "saved" / "mask_codec.npz").read_bytes() == (source / "mask_codec.npz").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def codecless_model(tiny_model_dir, tmp_path_factory):
+    import shutil
+
+    folder = tmp_path_factory.mktemp("no_codec")
+    for f in ("config.json", "model.safetensors", "tokenizer.model"):
+        shutil.copy(tiny_model_dir / f, folder / f)
+    return folder
+
+
+def test_cli_checks_arguments_as_the_server_checks_requests(tiny_model_dir, codecless_model, tmp_path, capsys):
+    """Each bad argument is one line naming it, exit 2, before any model work: an empty prompt or
+    label, sampling out of the server's ranges, --synthetic 0, a --vae that is no npz, segment
+    without a codec (the advice names --vae), CUDA on a CPU-only torch, --json where it does nothing.
+    Catches the CLI printing an answer for an empty prompt, silently clamping a temperature, or a
+    numpy "pickled data" message."""
+    import torch
+
+    img = tmp_path / "img.png"
+    synthetic_image(0).save(img)
+    (tmp_path / "not.npz").write_bytes(b"\x89PNG\r\n\x1a\n not a zip")
+    model = ["--model", str(tiny_model_dir), "--dtype", "float32"]
+    gen = ["generate", *model, "--image", str(img)]
+    cases = [
+        (gen + ["--prompt", ""], "--prompt: must not be empty"),
+        (gen + ["--prompt", "  "], "--prompt: must not be empty"),
+        (gen + ["--prompt", "caption en", "--temperature", "-1"], "--temperature: -1 is out of range"),
+        (gen + ["--prompt", "caption en", "--temperature", "2.5"], "--temperature: 2.5 is out of range"),
+        (gen + ["--prompt", "caption en", "--top-p", "0"], "--top-p: 0 is out of range"),
+        (gen + ["--prompt", "caption en", "--max-new-tokens", "0"], "--max-new-tokens: 0 is out of range"),
+        (gen + ["--prompt", "caption en", "--num-beams", "x"], "--num-beams: 'x' is not an integer"),
+        (["detect", str(img), "", *model], "labels: must not be empty"),
+        (["eval", *model, "--synthetic", "0"], "--synthetic: 0 is out of range"),
+        (["run", *model, "--input", "j", "--output", "o", "--json"], "unrecognized arguments: --json"),
+        (["eval", *model, "--json"], "unrecognized arguments: --json"),
+        (["segment", str(img), "cat", *model, "--vae", str(tmp_path / "not.npz")], "is not an .npz file"),
+        (["segment", str(img), "cat", "--model", str(codecless_model)], "pass --vae PATH"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["serve", "--model", str(tiny_model_dir), "--device", "cuda"],
+                      "CUDA is not available in this PyTorch build"))
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, (argv, err)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA build with a GPU can load on cuda")
+def test_load_on_cuda_without_cuda_is_one_clear_error(tiny_model_dir):
+    with pytest.raises(palikit.InputError, match="CUDA is not available in this PyTorch build"):
+        palikit.load(tiny_model_dir, device="cuda")
+    with pytest.raises(palikit.InputError, match="unknown device 'gpu'"):
+        palikit.load(tiny_model_dir, device="gpu")
+
+
+def test_help_says_what_palikit_is(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "run, fine-tune, evaluate and serve" in out and "plain functions" not in out.split("\n\n")[1]
+
+
+def test_data_check_model_takes_what_every_verb_takes(train_file, capsys):
+    """`--model default` (the bundled model) works in data check as in every other verb, and its
+    tokenizer is used to check lengths."""
+    assert main(["data", "check", str(train_file), "--model", "default", "--json"]) == 0
+    report = printed_json(capsys)
+    assert report["ok"] and report["text_tokens"]["max"] > 0

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import palikit
-from palikit.api import BUNDLED
+from palikit.weights import BUNDLED
 from palikit.config import PRESETS
 from palikit.evaluate import box_iou, evaluate_synthetic, mask_iou, match_boxes
 from palikit.tasks import Detection
@@ -128,3 +128,31 @@ def test_demo_writes_answers_and_an_overlay(tmp_path, capsys):
     for s in scene.shapes:  # each shape's box and mask are drawn
         x1, y1, x2, y2 = s.box
         assert changed[y1:y2, x1:x2].mean() > 0.3
+
+
+def test_readme_model_card_and_demo_say_which_prompts_the_bundled_model_knows(tmp_path, capsys):
+    """The bundled model knows its world's prompts only (no cap/describe, no question generation, no
+    French): the README, the model card and `palikit demo` each name exactly those, from the one
+    list scene_examples writes its data with, and none claims it answers every task prefix."""
+    import re
+    from pathlib import Path
+
+    import numpy as np
+
+    from palikit import synthetic
+    from palikit.cli import main
+
+    said = " ".join(synthetic.trained_prompts_text().split())
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    for name, doc in [("README.md", readme), ("MODEL_CARD.md", (BUNDLED / "MODEL_CARD.md").read_text())]:
+        flat = " ".join(doc.split())
+        assert said in flat and "every task prefix" not in flat, name
+    assert main(["demo", "--out", str(tmp_path)]) == 0
+    assert said in " ".join(capsys.readouterr().out.split())
+    # The list is the data's: every training prompt of a few scenes is one of its templates.
+    forms = [re.escape(p).replace(r"\{\}", "(.+)") for p in synthetic.TRAINED_PROMPTS]
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        scene = synthetic.make_scene(rng)
+        for ex in synthetic.scene_examples(scene, rng, encode_mask=lambda m, b: [0] * 16):
+            assert any(re.fullmatch(f, ex["prefix"]) for f in forms), ex["prefix"]

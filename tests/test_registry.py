@@ -6,6 +6,7 @@ surface that keeps its own task list instead of reading tasks.TASKS."""
 from __future__ import annotations
 
 import json
+import math
 
 import httpx
 import pytest
@@ -77,7 +78,7 @@ def test_a_registered_task_is_offered_everywhere(toy_task, answers, tiny_model_d
 
     # the Pipeline method, with the registry's default budget
     (obj,) = pipe.find(img, "a dog")
-    assert (obj.label, list(obj.box), obj.score) == ("A DOG", quarter(40, 30), -0.5)
+    assert (obj.label, list(obj.box), obj.logprob) == ("A DOG", quarter(40, 30), -0.5)
     assert answers[-1] == (["find en a dog"], 16)
     assert [o.label for o in pipe.run_task("find", img, thing="an owl", lang="fr")] == ["AN OWL"]
     assert answers[-1][0] == ["find fr an owl"]
@@ -93,14 +94,14 @@ def test_a_registered_task_is_offered_everywhere(toy_task, answers, tiny_model_d
     assert main(["run", *model, "--input", str(jobs), "--output", str(out)]) == 0
     done, missing = (json.loads(line) for line in out.read_text().splitlines())
     assert done["prompt"] == "find en a cat" and [o["label"] for o in done["objects"]] == ["A CAT"]
-    assert missing == {"line": 1, "error": "task 'find' needs the field 'thing'"}
+    assert missing == {"line": 2, "error": "task 'find' needs the field 'thing'"}
 
     # the CLI verb: positional fields, --options, the overlay
     capsys.readouterr()
     assert main(["find", str(image_file), "a bird", "--lang", "de", *model, "--json",
                  "--out", str(tmp_path / "o.png")]) == 0
     assert json.loads(capsys.readouterr().out) == [
-        {"label": "A BIRD", "box": quarter(40, 30), "score": -0.5}]
+        {"label": "A BIRD", "box": quarter(40, 30), "confidence": math.exp(-0.5), "logprob": -0.5}]
     assert answers[-1] == (["find de a bird"], 16) and (tmp_path / "o.png").exists()
 
     # the server: /v1/find, the web demo's /tasks, the OpenAPI schema
@@ -138,8 +139,7 @@ def test_removing_a_task_removes_it_everywhere(tiny_model_dir):
         pipe.find(synthetic_image(0), "a dog")
     with pytest.raises(ValueError, match="unknown task prefix 'find'"):
         tasks.parse_task("find en a dog")
-    with pytest.raises(SystemExit):
-        main(["find", "img.png", "a dog"])
+    assert main(["find", "img.png", "a dog"]) == 2
     with background(create_app(pipe)) as url:
         assert httpx.post(url + "/v1/find", json={"image": "x", "thing": "a"}).status_code == 404
         assert "find" not in {t["verb"] for t in httpx.get(url + "/tasks").json()}

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
+import math
 import re
 import socket
 import struct
@@ -262,7 +264,7 @@ def test_detect_and_segment_give_pixel_boxes_and_masks(pipe):
         assert [o["label"] for o in objs] == ["circle", "sq"]
         np.testing.assert_allclose(objs[0]["box"], [200 * 200 / 1023, 100 * 100 / 1023,
                                                     600 * 200 / 1023, 500 * 100 / 1023], atol=1e-6)
-        assert objs[0]["score"] == pytest.approx(-0.5)
+        assert objs[0]["logprob"] == pytest.approx(-0.5) and objs[0]["confidence"] == pytest.approx(math.exp(-0.5))
         r = c.post("/v1/segment", json={"image": data_url(img), "labels": "triangle"})
         assert r.status_code == 200, r.text
         (seg,) = r.json()["objects"]
@@ -333,6 +335,11 @@ def test_bad_requests_get_json_errors_and_the_server_keeps_serving(live, client)
         ("no labels", 400, "label", dict(json={"image": good, "labels": []}, path="/v1/detect")),
         ("data url not base64", 400, "base64", dict(json={"image": "data:image/png,abc"}, path="/v1/ocr")),
         ("unknown route", 404, "Not Found", dict(json={}, path="/v1/nothing")),
+        ("form body", 415, "Content-Type: application/json", dict(
+            content=b"image=x", headers=AUTH | {"Content-Type": "application/x-www-form-urlencoded"}, path="/v1/ocr")),
+        ("text body", 415, "'text/plain'", dict(
+            content=json.dumps({"image": good}).encode(), headers=AUTH | {"Content-Type": "text/plain"},
+            path="/v1/ocr")),
     ]
     for what, status, fragment, kw in cases:
         path = kw.pop("path", "/v1/chat/completions")
@@ -340,6 +347,7 @@ def test_bad_requests_get_json_errors_and_the_server_keeps_serving(live, client)
         assert r.status_code == status, (what, r.status_code, r.text)
         err = r.json()["error"]
         assert fragment in err["message"] and err["type"], (what, err)
+        assert not re.search(r"object at 0x|<[\w.]+ object", err["message"]), (what, err)  # no Python reprs
     assert client.get("/health").json()["status"] == "ok"
     r = client.post("/v1/chat/completions", json=chat_body(good, "caption en", max_tokens=2))
     assert r.status_code == 200

@@ -23,6 +23,7 @@ from palikit.tasks import (
     ocr_prompt,
     parse_detections,
     parse_segmentations,
+    Results,
     parse_task,
     question_prompt,
     segment_prompt,
@@ -197,7 +198,7 @@ def test_parse_well_formed_detections_keeps_whole_labels():
     assert parsed.skipped == 0
     assert [d.label for d in parsed] == labels
     assert [d.box for d in parsed] == [(10.0 * i, 0.0, 10.0 * i + 5, 2046.0) for i in range(len(labels))]
-    assert all(d.score is None for d in parsed)
+    assert all(d.logprob is None and d.confidence is None for d in parsed)
     # HF integration-test output for "detect shoe" on a 224 model.
     (shoe,) = parse_detections("<loc0051><loc0309><loc0708><loc0646> shoe", 640, 480)
     assert shoe.label == "shoe"
@@ -254,12 +255,12 @@ def test_scores_are_mean_logprob_of_each_objects_tokens():
     assert text == f"{loc(100, 200, 300, 400)} cat ; {loc(500, 600, 700, 800)} dog"
     cat, dog = parse_detections(text, 10, 10, pieces=pieces, logprobs=logprobs)
     # The separator pieces " ;" and " " belong to neither object.
-    assert cat.score == pytest.approx((-0.1 - 0.2 - 0.3 - 0.4 - 1.0 - 2.0) / 6)
-    assert dog.score == pytest.approx((-0.5 * 4 - 3.0) / 5)
+    assert cat.logprob == pytest.approx((-0.1 - 0.2 - 0.3 - 0.4 - 1.0 - 2.0) / 6)
+    assert dog.logprob == pytest.approx((-0.5 * 4 - 3.0) / 5)
     # Segmentation scores cover the seg tokens too.
     seg_pieces = [loc(1, 2, 3, 4), seg(*range(16)), " x"]
     (only,) = parse_segmentations("".join(seg_pieces), 10, 10, seg_pieces, [-1.0, -2.0, -6.0])
-    assert only.score == pytest.approx(-3.0)
+    assert only.logprob == pytest.approx(-3.0)
     with pytest.raises(ValueError, match="concatenate"):
         parse_detections(text + "!", 10, 10, pieces=pieces, logprobs=logprobs)
     with pytest.raises(ValueError, match="together"):
@@ -294,7 +295,7 @@ def check_invariants(parsed, width, height):
         x1, y1, x2, y2 = obj.box
         assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
         assert obj.label == obj.label.strip() and ";" not in obj.label
-        assert obj.score is None or math.isfinite(obj.score)
+        assert obj.logprob is None or math.isfinite(obj.logprob)
     json.dumps(parsed.to_dict())
 
 
@@ -399,11 +400,12 @@ def test_rle_rejects_bad_input():
 def test_results_to_dict_and_arrays():
     mask = np.zeros((4, 6), bool)
     mask[1:3, 2:5] = True
-    det = Detection("cat", (1.0, 2.0, 3.0, 4.0), score=math.log(0.5))
-    sgm = Segmentation("dog", (2.0, 1.0, 5.0, 3.0), mask=mask, score=None, codes=list(range(16)))
+    det = Detection("cat", (1.0, 2.0, 3.0, 4.0), logprob=math.log(0.5))
+    sgm = Segmentation("dog", (2.0, 1.0, 5.0, 3.0), mask=mask, logprob=None, codes=list(range(16)))
     for result in (det, sgm):
         json.dumps(result.to_dict())
-    assert det.to_dict() == {"label": "cat", "box": [1.0, 2.0, 3.0, 4.0], "score": math.log(0.5)}
+    assert det.to_dict() == {"label": "cat", "box": [1.0, 2.0, 3.0, 4.0], "confidence": pytest.approx(0.5),
+                            "logprob": math.log(0.5)}
     assert (rle_decode(sgm.to_dict()["mask"]) == mask).all()
 
     arrays = detections_to_arrays([det, sgm])
@@ -417,6 +419,32 @@ def test_results_to_dict_and_arrays():
     assert empty["xyxy"].shape == (0, 4) and len(empty["confidence"]) == len(empty["class_name"]) == 0
 
 
+def test_results_go_to_supervision_and_its_annotators():
+    """Results.to_supervision gives what supervision's own connectors give (class_id, confidence,
+    mask, data["class_name"]), so BoxAnnotator, MaskAnnotator and LabelAnnotator draw it as is.
+    Catches arrays without class_id ("Detections do not have class_id") or ids not per label."""
+    import supervision as sv
+
+    scene = np.full((48, 64, 3), 128, np.uint8)
+    mask = np.zeros((48, 64), bool)
+    mask[25:45, 35:60] = True
+    results = Results([Detection("cat", (2.0, 3.0, 30.0, 20.0), logprob=math.log(0.8)),
+                       Segmentation("dog", (35.0, 25.0, 60.0, 45.0), mask=mask, logprob=math.log(0.5)),
+                       Detection("cat", (5.0, 25.0, 20.0, 40.0))])
+    d = results.to_supervision(classes=["dog", "cat"])
+    assert isinstance(d, sv.Detections) and len(d) == 3
+    assert list(d.class_id) == [1, 0, 1] and list(d.data["class_name"]) == ["cat", "dog", "cat"]
+    assert d.confidence == pytest.approx([0.8, 0.5, 1.0]) and d.xyxy[1].tolist() == [35, 25, 60, 45]
+    assert d.mask.shape == (3, 48, 64) and (d.mask[1] == mask).all() and not d.mask[0].any()
+    assert list(results.to_supervision().class_id) == [0, 1, 0]  # without classes: order of appearance
+    boxed = sv.BoxAnnotator().annotate(scene.copy(), d)
+    assert (boxed[3, 2:30] != 128).any() and (boxed[46, 2] == 128).all()
+    masked = sv.MaskAnnotator().annotate(scene.copy(), d)
+    assert (masked[30, 40] != 128).any() and (masked[10, 45] == 128).all()
+    labelled = sv.LabelAnnotator().annotate(scene.copy(), d)
+    assert (labelled != scene).any()
+
+
 # ----------------------------------------------------------------------------- drawing
 
 
@@ -425,7 +453,7 @@ def test_draw():
     mask = np.zeros((48, 64), bool)
     mask[30:44, 45:60] = True
     results = [
-        Detection("café, 2nd shelf", (10.0, 20.0, 40.0, 30.0), score=-0.1),
+        Detection("café, 2nd shelf", (10.0, 20.0, 40.0, 30.0), logprob=-0.1),
         Segmentation("dog", (44.0, 29.0, 61.0, 45.0), mask=mask),
     ]
     out = draw(image, results)
@@ -443,3 +471,12 @@ def test_draw():
     assert not np.array_equal(second[8:33, 8:33], owl[8:33, 8:33])  # another label, another colour
     with pytest.raises(ValueError, match="does not match"):
         draw(image, [Segmentation("x", (0.0, 0.0, 1.0, 1.0), mask=np.zeros((4, 4), bool))])
+
+
+def test_draw_takes_a_path_like_every_api_call(tmp_path):
+    """palikit.draw("photo.png", results) draws on the file's image, as on the image itself."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8))
+    image.save(tmp_path / "photo.png")
+    results = [Detection("cat", (5.0, 5.0, 30.0, 25.0), logprob=-0.2)]
+    assert np.array_equal(np.asarray(draw(str(tmp_path / "photo.png"), results)), np.asarray(draw(image, results)))
+    assert np.array_equal(np.asarray(draw(tmp_path / "photo.png", results)), np.asarray(draw(image, results)))

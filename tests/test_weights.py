@@ -208,7 +208,12 @@ def test_palikit_save_then_palikit_load(reference, tmp_path):
     _, _, _, pipe, ref = reference
     pipe.save(tmp_path / "rt")
     files = sorted(p.name for p in (tmp_path / "rt").iterdir())
-    assert files == ["config.json", "model.safetensors", "tokenizer.model"]
+    assert files == ["config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.model"]
+    from transformers import SiglipImageProcessor  # the preprocessor config in transformers' own form
+
+    processor = SiglipImageProcessor.from_pretrained(tmp_path / "rt")
+    size = pipe.config.vision.image_size
+    assert processor.resample == 3 and processor.size == {"height": size, "width": size}  # bicubic
     with safe_open(tmp_path / "rt" / "model.safetensors", framework="pt") as f:
         keys = set(f.keys())
     assert any(k.startswith("vision_tower.vision_model.") for k in keys)  # the released layout

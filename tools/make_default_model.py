@@ -139,6 +139,7 @@ def write_model_card(work: Path) -> None:
     """MODEL_CARD.md from the exported files, the training log and eval.json: no hand-copied numbers."""
     import palikit
     from palikit.atomic import write_text_atomic
+    from palikit.synthetic import trained_prompts_text
 
     metrics = json.loads((work / "eval.json").read_text())
     log = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -159,8 +160,8 @@ def write_model_card(work: Path) -> None:
 
 A tiny PaliGemma 2 trained from scratch on palikit's synthetic shapes world
 (`palikit.synthetic`): flat circles, squares, triangles and stars in red, green, blue and yellow
-on light textured backgrounds, sometimes with a black 4-digit number. It answers every task
-prefix on such images{"" if all_met else ", with the scores measured below: some are still under their targets"}.
+on light textured backgrounds, sometimes with a black 4-digit number. It answers the prompts of
+that world on such images: {trained_prompts_text()}{"" if all_met else "; the scores measured below are still under some targets"}.
 It knows nothing else: it is the model `make demo`, the tests and
 `palikit.load("default")` use on a machine without network, and the end-to-end proof that the
 architecture, training, decoding and task parsing of palikit work together.

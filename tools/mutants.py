@@ -67,7 +67,7 @@ FT, API, SERVE, WEB = (
     "tests/test_serve.py::",
     "tests/test_web_demo.py::",
 )
-WEIGHTS, CLI = "tests/test_weights.py::", "tests/test_cli.py::"
+WEIGHTS, CLI, TASKS = "tests/test_weights.py::", "tests/test_cli.py::", "tests/test_tasks.py::"
 REGISTRY = "tests/test_registry.py::test_a_registered_task_is_offered_everywhere"
 FIXED = "('caption', 'ask', 'question', 'ocr', 'detect', 'segment')"  # the built-in tasks, as a list
 
@@ -167,15 +167,15 @@ MUTANTS = [
     Mutant(
         "web demo draws no mask",
         "palikit/static/app.js",
-        "    if (o.mask) ctx.drawImage(maskLayer(o.mask, colour), 0, 0);\n",
+        "    if (o.mask) ctx.drawImage(maskLayer(o.mask, colour), 0, 0, canvas.width, canvas.height);\n",
         "",
         (WEB + "test_segment_draws_a_mask",),
     ),
     Mutant(
         "web demo draws masks 8 pixels too low",
         "palikit/static/app.js",
-        "ctx.drawImage(maskLayer(o.mask, colour), 0, 0)",
-        "ctx.drawImage(maskLayer(o.mask, colour), 0, 8)",
+        "ctx.drawImage(maskLayer(o.mask, colour), 0, 0, canvas.width, canvas.height)",
+        "ctx.drawImage(maskLayer(o.mask, colour), 0, 8 * scale, canvas.width, canvas.height)",
         (WEB + "test_segment_draws_a_mask",),
     ),
     Mutant(
@@ -368,7 +368,7 @@ MUTANTS = [
     ),
     Mutant(
         "hub ids skip the cache",
-        "palikit/api.py",
+        "palikit/weights.py",
         "    try:  # the local cache first: works offline and costs no request\n"
         "        return Path(snapshot_download(str(source), allow_patterns=patterns, "
         "local_files_only=True))\n"
@@ -445,6 +445,145 @@ MUTANTS = [
         "report.tasks[word if word in tasks.prompt_words() else \"other\"] += 1",
         "report.tasks[word if word in (\"caption\", \"detect\") else \"other\"] += 1",
         (REGISTRY,),
+    ),
+    # ---- nothing lost, nothing confusing ----
+    Mutant(
+        "a bad job aborts palikit run",
+        "palikit/jobs.py",
+        (
+            "            pipe.prompt_ids(prompt, 1, max_new_tokens)  # a newline or an over-long prompt fails this job only\n",
+            "            if spec.masks and codec is None and pipe.codec_path is None:",
+        ),
+        ("", "            if False:"),
+        (API + "test_run_gives_a_bad_job_its_error_and_runs_the_rest",),
+    ),
+    Mutant(
+        "resume drops a complete last record without its newline",
+        "palikit/jobs.py",
+        "            good_bytes += len(raw)\n            unterminated = not raw.endswith(b\"\\n\")",
+        "            if not raw.endswith(b\"\\n\"):\n                break\n            good_bytes += len(raw)",
+        (API + "test_run_keeps_a_complete_last_record_without_its_newline",),
+    ),
+    Mutant(
+        "saved folders lose the preprocessor config",
+        "palikit/api.py",
+        '    write_text_atomic(folder / "preprocessor_config.json", json.dumps(preprocessor, indent=2) + "\\n")\n',
+        "",
+        (CLI + "test_every_folder_palikit_writes_is_a_complete_model",),
+    ),
+    Mutant(
+        "saved folders lose the mask codec",
+        "palikit/api.py",
+        '(Path(codec) if codec else None, None)]',
+        '(None, None)]',
+        (CLI + "test_every_folder_palikit_writes_is_a_complete_model",),
+    ),
+    Mutant(
+        "CUDA asked of a CPU-only torch",
+        "palikit/api.py",
+        "    check_device(device)\n    path = resolve_source(source)",
+        "    path = resolve_source(source)",
+        (CLI + "test_load_on_cuda_without_cuda_is_one_clear_error",
+         CLI + "test_cli_checks_arguments_as_the_server_checks_requests"),
+    ),
+    Mutant(
+        "the CLI takes an empty prompt",
+        "palikit/cli.py",
+        'p.add_argument("--prompt", required=True, type=text,',
+        'p.add_argument("--prompt", required=True,',
+        (CLI + "test_cli_checks_arguments_as_the_server_checks_requests",),
+    ),
+    Mutant(
+        "the CLI takes any temperature",
+        "palikit/cli.py",
+        'p.add_argument("--temperature", type=number(float, 0, 2),',
+        'p.add_argument("--temperature", type=float,',
+        (CLI + "test_cli_checks_arguments_as_the_server_checks_requests",),
+    ),
+    Mutant(
+        "a non-npz codec file read by numpy",
+        "palikit/maskcodec.py",
+        "        if not zipfile.is_zipfile(path):",
+        "        if False:",
+        (CLI + "test_cli_checks_arguments_as_the_server_checks_requests",),
+    ),
+    Mutant(
+        "the server takes non-JSON bodies",
+        "palikit/serve/guard.py",
+        'if scope["method"] == "POST" and kind and',
+        'if False and',
+        (SERVE + "test_bad_requests_get_json_errors_and_the_server_keeps_serving",),
+    ),
+    Mutant(
+        "error texts show Python reprs",
+        "palikit/processor.py",
+        '        why = _OBJECT_REPR_RE.sub("", str(e))',
+        "        why = str(e)",
+        (SERVE + "test_bad_requests_get_json_errors_and_the_server_keeps_serving",),
+    ),
+    Mutant(
+        "data check --model default unresolved",
+        "palikit/data.py",
+        "            folder = resolve_source(config)",
+        "            folder = Path(config)",
+        (CLI + "test_data_check_model_takes_what_every_verb_takes",),
+    ),
+    Mutant(
+        "confidence shown as the log-prob",
+        "palikit/tasks.py",
+        "        return None if self.logprob is None else math.exp(self.logprob)",
+        "        return self.logprob",
+        (TASKS + "test_results_to_dict_and_arrays", TASKS + "test_results_go_to_supervision_and_its_annotators"),
+    ),
+    Mutant(
+        "supervision detections without class_id",
+        "palikit/tasks.py",
+        'confidence=a["confidence"], class_id=a["class_id"],',
+        'confidence=a["confidence"],',
+        (TASKS + "test_results_go_to_supervision_and_its_annotators",),
+    ),
+    Mutant(
+        "draw refuses a path",
+        "palikit/overlay.py",
+        '    out = load_image(image).convert("RGB")',
+        '    out = image.convert("RGB")',
+        (TASKS + "test_draw_takes_a_path_like_every_api_call",),
+    ),
+    Mutant(
+        "hidden web controls shown",
+        "palikit/static/style.css",
+        "[hidden] { display: none !important; }",
+        "",
+        (WEB + "test_hidden_controls_are_not_shown",),
+    ),
+    Mutant(
+        "web canvas at image resolution",
+        "palikit/static/app.js",
+        "  const shown = Math.min(canvas.parentElement.clientWidth || image.naturalWidth, 720);",
+        "  const shown = image.naturalWidth;",
+        (WEB + "test_labels_are_readable_and_leave_the_object_visible",),
+    ),
+    Mutant(
+        "web labels drawn over the object",
+        "palikit/static/app.js",
+        "      const ty = cy1 - lineWidth >= th ? cy1 - lineWidth - th\n"
+        "        : cy2 + lineWidth + th <= canvas.height ? cy2 + lineWidth : cy1 + lineWidth;",
+        "      const ty = cy1 + lineWidth;  // inside the box's top, over the object",
+        (WEB + "test_labels_are_readable_and_leave_the_object_visible",),
+    ),
+    Mutant(
+        "a web error keeps the last answer",
+        "palikit/static/app.js",
+        "    clearResult();  // an old answer must not look like this request's\n",
+        "",
+        (WEB + "test_an_error_clears_the_previous_result",),
+    ),
+    Mutant(
+        "API docs from a CDN",
+        "palikit/serve/app.py",
+        ("    app = FastAPIOffline(", "lifespan=lifespan, static_url=DOCS_ASSETS)"),
+        ("    app = FastAPI(", "lifespan=lifespan)"),
+        (WEB + "test_api_docs_work_offline",),
     ),
     # ---- the command line ----
     Mutant(

@@ -22,8 +22,9 @@ from .config import LORA_TARGETS, ConfigError, LoraSettings
 
 
 def build_model(spec: str | dict, dtype: torch.dtype, device, seed: int, texts, workdir: Path,
-                rank: int = 0) -> tuple[PaliGemma, Tokenizer]:
-    """The model and tokenizer named by the config's `model` field (see TrainConfig)."""
+                rank: int = 0) -> tuple[PaliGemma, Tokenizer, Path | None]:
+    """The model, tokenizer and mask codec (None for a preset) named by the config's `model` field
+    (see TrainConfig)."""
     if isinstance(spec, str):
         spec = {"source": spec}
     unknown = set(spec) - {"source", "preset", "tokenizer", "overrides"}
@@ -42,7 +43,7 @@ def build_model(spec: str | dict, dtype: torch.dtype, device, seed: int, texts, 
         if overrides:
             raise ConfigError(f"model.overrides: on a checkpoint only `text` fields can change, "
                               f"got {list(overrides)}")
-        return pipe.model, pipe.tokenizer
+        return pipe.model, pipe.tokenizer, pipe.codec_path
     config = PaliGemmaConfig.from_name(spec["preset"], **overrides)
     tok = spec.get("tokenizer")
     if tok is None:
@@ -62,7 +63,7 @@ def build_model(spec: str | dict, dtype: torch.dtype, device, seed: int, texts, 
     finally:
         torch.set_default_dtype(prev)
     init_weights(model, seed)
-    return model, tokenizer
+    return model, tokenizer, None
 
 
 @torch.no_grad()

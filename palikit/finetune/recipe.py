@@ -50,7 +50,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm import tqdm
 
-from ..api import DTYPES, Pipeline, load
+from ..api import CODEC_FILES, DTYPES, Pipeline, load, save_model_files
 from ..atomic import write_text_atomic
 from ..data import DataSpec, Example, PaliGemmaDataset, StepSampler, load_examples, make_collate
 from ..paligemma import PaliGemma
@@ -195,8 +195,8 @@ class Trainer:
         # The model: identical on every rank (same seed), frozen parts in cfg.dtype.
         torch.manual_seed(cfg.seed)
         texts = [t for ex in train_examples for t in (ex.prefix, ex.suffix)]
-        core, self.tokenizer = build_model(cfg.model, DTYPES[cfg.dtype], self.device, cfg.seed, texts,
-                                           self.out, self.rank)
+        core, self.tokenizer, self.codec_path = build_model(cfg.model, DTYPES[cfg.dtype], self.device,
+                                                            cfg.seed, texts, self.out, self.rank)
         self.core = core
         core.requires_grad_(False)
         if cfg.lora is not None:
@@ -277,7 +277,7 @@ class Trainer:
             return spec["source"]
         base = self.out / "base"
         if self.rank == 0 and not (base / "config.json").exists():
-            checkpoint.save_folder(base, lambda p: Pipeline(core, self.tokenizer).save(p))
+            checkpoint.save_folder(base, lambda p: Pipeline(core, self.tokenizer, self.codec_path).save(p))
         dist.barrier()
         return str(base.resolve())
 
@@ -411,7 +411,7 @@ class Trainer:
                 model = build_on_meta(self.core.config)
                 model.load_state_dict(state, assign=True)
                 save_hf_folder(model, tmp / "model")
-                shutil.copy(self.tokenizer.path, tmp / "model" / "tokenizer.model")
+                save_model_files(tmp / "model", self.core.config, self.tokenizer.path, self.codec_path)
             checkpoint.save_optimizer(optim_state, tmp)
             epoch, position = divmod(self.step * self.cfg.batch_size, len(self.train_set))
             write_text_atomic(tmp / "state.json", json.dumps({
@@ -465,13 +465,14 @@ class Trainer:
                      state["position"])
 
     def save_final(self) -> None:
-        """out_dir/final: the model (or adapter) of the last step plus tokenizer, as hard links."""
+        """out_dir/final: the model (or adapter) of the last step, as hard links, with the tokenizer,
+        preprocessor config and mask codec: a folder palikit.load (or merge, for an adapter) reads whole."""
         if self.rank == 0:
             src = self.out / f"step-{self.step:06d}" / ("adapter" if self.lora else "model")
 
             def link(folder: Path) -> None:
                 shutil.copytree(src, folder, copy_function=checkpoint.link_or_copy)
-                shutil.copy(self.tokenizer.path, folder / "tokenizer.model")
+                save_model_files(folder, self.core.config, self.tokenizer.path, self.codec_path)
 
             checkpoint.save_folder(self.out / "final", link)
         dist.barrier()
@@ -515,5 +516,6 @@ def merge(base_source: str | Path, adapter_dir: str | Path, out_dir: str | Path,
     model = PeftModel.from_pretrained(pipe.model, str(adapter_dir)).merge_and_unload()
     tok = Path(adapter_dir) / "tokenizer.model"
     tokenizer = Tokenizer(tok, image_token_id=model.config.image_token_id) if tok.exists() else pipe.tokenizer
-    checkpoint.save_folder(Path(out_dir), lambda p: Pipeline(model, tokenizer).save(p))
+    codec = next((Path(adapter_dir) / n for n in CODEC_FILES if (Path(adapter_dir) / n).exists()), pipe.codec_path)
+    checkpoint.save_folder(Path(out_dir), lambda p: Pipeline(model, tokenizer, codec).save(p))
     return Path(out_dir)

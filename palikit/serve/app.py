@@ -16,7 +16,7 @@ Endpoints (request and response schemas at /docs and /openapi.json):
          tasks.TASKS), /v1/predict
                                 native, JSON in and out: {"image": "<base64 or data: URL>", ...task fields}
                                 -> {"task", "prompt", "text", "width", "height", "objects", ...}; objects have
-                                pixel boxes [x1, y1, x2, y2], a score (mean token log-prob) and, for
+                                pixel boxes [x1, y1, x2, y2], a confidence (geometric-mean token probability), logprob and, for
                                 segment, a COCO RLE mask of the whole image. /v1/predict takes any prompt.
     GET  /v1/models, /health, /tasks (the task list the web demo shows), /metrics (Prometheus text), /docs,
          / (the web demo)
@@ -54,6 +54,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import tasks
@@ -70,6 +71,7 @@ from .schema import (ERROR_TYPES, ChatCompletion, ChatMessageOut, ChatRequest, C
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
+DOCS_ASSETS = "/docs-assets"  # where fastapi-offline serves Swagger UI's and ReDoc's files
 
 
 # ----------------------------------------------------------------------------- request handling
@@ -238,8 +240,10 @@ def create_app(pipe, *, api_key: str | None = None, model_name: str = "palikit",
         yield
         server.batcher.close()
 
-    app = FastAPI(title="palikit", summary="PaliGemma served: OpenAI-compatible and native task endpoints",
-                  description=(__doc__ or "").split("\n\n", 2)[-1], lifespan=lifespan)
+    # fastapi-offline: FastAPI whose /docs and /redoc load Swagger UI and ReDoc from the package, not
+    # a CDN, so they work on a machine without network.
+    app = FastAPIOffline(title="palikit", summary="PaliGemma served: OpenAI-compatible and native task endpoints",
+                         description=(__doc__ or "").split("\n\n", 2)[-1], lifespan=lifespan, static_url=DOCS_ASSETS)
     app.state.palikit = server
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=server.metrics,
                        paths=server.paths)
@@ -345,7 +349,7 @@ def create_app(pipe, *, api_key: str | None = None, model_name: str = "palikit",
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     server.paths.update({route.path for route in v1.routes} | {"/health", "/tasks", "/metrics", "/", "/docs",
-                                                               "/openapi.json"})
+                                                               "/redoc", "/docs/oauth2-redirect", "/openapi.json"})
     return app
 
 

@@ -1,6 +1,6 @@
 """The outermost ASGI layer of the server: request metrics, the body-size cap and arrival time,
-and the API key on /v1/*. Auth and the Content-Length check run before the body is read, so a
-refused request costs nothing."""
+JSON bodies only (415 otherwise), and the API key on /v1/*. Auth and the header checks run before
+the body is read, so a refused request costs nothing."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ class Guard:
     def _endpoint(self, scope) -> str:
         """The metrics label: a known route, or "other", so that scanners cannot grow the label set."""
         path = scope["path"]
-        return path if path in self.paths else "/static" if path.startswith("/static/") else "other"
+        if path in self.paths:
+            return path
+        return next((prefix for prefix in ("/static", "/docs-assets") if path.startswith(prefix + "/")), "other")
 
     def _refusal(self, scope) -> JSONResponse | None:
         headers = dict(scope["headers"])
@@ -40,6 +42,10 @@ class Guard:
         length = headers.get(b"content-length")
         if length and (not length.isdigit() or int(length) > self.max_body_bytes):
             return error_response(413, f"request body over this server's limit of {self.max_body_bytes} bytes")
+        kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if scope["method"] == "POST" and kind and kind != b"application/json" and not kind.endswith(b"+json"):
+            return error_response(415, f"request bodies are JSON: send 'Content-Type: application/json', "
+                                       f"not {kind.decode(errors='replace')!r}")
         return None
 
     async def __call__(self, scope, receive, send):

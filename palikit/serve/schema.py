@@ -11,7 +11,8 @@ from pydantic import BaseModel, Field, create_model
 from .. import tasks
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 408: "timeout", 413: "request_too_large", 500: "server_error",
+               405: "invalid_request_error", 408: "timeout", 413: "request_too_large",
+               415: "invalid_request_error", 500: "server_error",
                501: "not_implemented", 503: "server_busy", 504: "timeout"}
 
 
@@ -60,7 +61,8 @@ class RLE(BaseModel):
 class DetectedObject(BaseModel):
     label: str
     box: list[float] = Field(description="pixels of the input image: x1, y1, x2, y2")
-    score: float | None = Field(None, description="mean log-prob of the object's tokens")
+    confidence: float | None = Field(None, description="geometric-mean probability of the object's tokens, 0..1")
+    logprob: float | None = Field(None, description="mean log-prob of the object's tokens (log of confidence)")
     codes: list[int] | None = Field(None, description="segment only: the 16 mask codes")
     mask: RLE | None = Field(None, description="segment only: the mask over the whole image")
 

@@ -50,11 +50,7 @@ function loadFile(file) {
     img.onload = () => {
       image = img;
       imageURL = reader.result;
-      canvas.width = img.naturalWidth;
-      canvas.height = img.naturalHeight;
-      ctx.drawImage(img, 0, 0);
-      $("text").textContent = "";
-      $("objects").replaceChildren();
+      clearResult();
       $("run").disabled = false;
       setStatus(`${file.name}: ${img.naturalWidth}x${img.naturalHeight}`);
     };
@@ -104,29 +100,54 @@ function maskLayer(rle, colour) {
   return c;
 }
 
+// The canvas has the pixels it is shown with (not the image's: a 96 px image would get labels 7x too big),
+// so boxes and labels are drawn at screen resolution over the scaled image. scale: canvas px per image px.
+function fitCanvas() {
+  const ratio = window.devicePixelRatio || 1;
+  const shown = Math.min(canvas.parentElement.clientWidth || image.naturalWidth, 720);
+  canvas.width = Math.round(shown * ratio);
+  canvas.height = Math.round((shown * ratio * image.naturalHeight) / image.naturalWidth);
+  canvas.dataset.scale = canvas.width / image.naturalWidth;
+  ctx.imageSmoothingEnabled = canvas.width < image.naturalWidth;  // enlarged: each pixel a crisp square
+  ctx.drawImage(image, 0, 0, canvas.width, canvas.height);
+  return { scale: canvas.width / image.naturalWidth, ratio };
+}
+
+function clearResult() {
+  if (image) fitCanvas();
+  $("text").textContent = "";
+  $("objects").replaceChildren();
+}
+
 function draw(objects) {
-  ctx.drawImage(image, 0, 0);
+  const { scale, ratio } = fitCanvas();
   const list = $("objects");
   list.replaceChildren();
-  const lineWidth = Math.max(2, Math.round(Math.max(canvas.width, canvas.height) / 300));
+  const lineWidth = 2 * ratio, fontSize = Math.round(13 * ratio), th = fontSize + 4 * ratio;
   objects.forEach((o, i) => {
     const colour = PALETTE[i % PALETTE.length];
-    if (o.mask) ctx.drawImage(maskLayer(o.mask, colour), 0, 0);
-    const [x1, y1, x2, y2] = o.box.map(Math.round);
+    if (o.mask) ctx.drawImage(maskLayer(o.mask, colour), 0, 0, canvas.width, canvas.height);
+    const [x1, y1, x2, y2] = o.box.map(Math.round);  // image pixels, as the API gives them
+    const [cx1, cy1, cx2, cy2] = [x1, y1, x2, y2].map((v) => Math.round(v * scale));
     ctx.strokeStyle = colour;
     ctx.lineWidth = lineWidth;
-    ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
-    const caption = o.score == null ? o.label : `${o.label} ${Math.exp(o.score).toFixed(2)}`;
-    if (caption) {
-      ctx.font = `${Math.max(12, lineWidth * 6)}px sans-serif`;
-      const tw = ctx.measureText(caption).width + 6, th = Math.max(12, lineWidth * 6) + 4;
-      const ty = y1 >= th ? y1 - th : y1;  // above the box when it fits
-      ctx.fillStyle = colour;
-      ctx.fillRect(x1, ty, tw, th);
-      ctx.fillStyle = "#fff";
-      ctx.fillText(caption, x1 + 3, ty + th - 4);
-    }
+    ctx.strokeRect(cx1, cy1, cx2 - cx1, cy2 - cy1);
+    const caption = o.confidence == null ? o.label : `${o.label} ${o.confidence.toFixed(2)}`;
     const li = document.createElement("li");
+    if (caption) {
+      ctx.font = `${fontSize}px sans-serif`;
+      const tw = Math.min(ctx.measureText(caption).width + 6 * ratio, canvas.width);
+      // Above the box, else below it, else (a box filling the image) inside its top: never over the
+      // object when there is room around it, and always inside the image.
+      const ty = cy1 - lineWidth >= th ? cy1 - lineWidth - th
+        : cy2 + lineWidth + th <= canvas.height ? cy2 + lineWidth : cy1 + lineWidth;
+      const tx = Math.max(0, Math.min(cx1, canvas.width - tw));
+      ctx.fillStyle = colour;
+      ctx.fillRect(tx, ty, tw, th);
+      ctx.fillStyle = "#fff";
+      ctx.fillText(caption, tx + 3 * ratio, ty + th - 4 * ratio);
+      li.dataset.label = [tx, ty, tx + tw, ty + th].map(Math.round).join(",");  // canvas pixels
+    }
     li.dataset.box = [x1, y1, x2, y2].join(",");
     li.dataset.color = colour;
     li.innerHTML = `<span class="swatch" style="background:${colour}"></span>`;
@@ -160,6 +181,7 @@ async function run() {
     const found = data.objects ? `, ${n} object${n === 1 ? "" : "s"}` : "";
     setStatus(`done in ${((performance.now() - started) / 1000).toFixed(2)} s${found}`);
   } catch (e) {
+    clearResult();  // an old answer must not look like this request's
     setStatus(e.message, true);
   } finally {
     $("run").disabled = false;
