@@ -57,6 +57,9 @@ def finished_lines(output: Path) -> set[int]:
                 break
             good_bytes += len(raw)
             unterminated = not raw.endswith(b"\n")
+    if 0 in done:  # palikit before 1-based line numbers: resuming would skip and redo the wrong jobs
+        raise InputError(f"{output} numbers its lines from 0 (an older palikit); write to a new output file "
+                         "or add 1 to each record's 'line' to resume it")
     if good_bytes < output.stat().st_size:
         with open(output, "r+b") as f:
             f.truncate(good_bytes)

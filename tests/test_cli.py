@@ -300,3 +300,41 @@ def test_data_check_model_takes_what_every_verb_takes(train_file, capsys):
     assert main(["data", "check", str(train_file), "--model", "default", "--json"]) == 0
     report = printed_json(capsys)
     assert report["ok"] and report["text_tokens"]["max"] > 0
+
+
+def test_run_stops_with_one_line_only_for_problems_of_the_run_itself(tiny_model_dir, tmp_path, capsys):
+    """A missing model, an output that cannot be written, an output from the 0-based days: one line,
+    exit 2, nothing half-done. (A bad job is only that job's error record: tests/test_api.py.)"""
+    synthetic_image(0).save(tmp_path / "0.png")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"image": "0.png", "task": "ocr"}) + "\n")
+    (tmp_path / "old.jsonl").write_text(json.dumps({"line": 0, "text": "x"}) + "\n")
+    model = ["--model", str(tiny_model_dir), "--dtype", "float32"]
+    for argv, message in [
+        (["run", "--model", str(tmp_path / "nothing"), "--input", str(jobs), "--output", str(tmp_path / "o")],
+         "model not found"),
+        (["run", *model, "--input", str(jobs), "--output", str(tmp_path / "no" / "such" / "dir.jsonl")],
+         "No such file or directory"),
+        (["run", *model, "--input", str(jobs), "--output", str(tmp_path / "old.jsonl")], "numbers its lines from 0"),
+    ]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, (argv, err)
+    assert (tmp_path / "old.jsonl").read_text() == json.dumps({"line": 0, "text": "x"}) + "\n"  # untouched
+
+
+def test_task_verbs_print_the_confidence(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The CLI shows the same confidence as the JSON (exp of the mean log-prob), not the log-prob."""
+    import math
+
+    from palikit.api import Pipeline
+    from palikit.generate import Generated
+
+    def answer(self, images, prompts, **kw):
+        ids = self.tokenizer.encode("<loc0000><loc0000><loc0511><loc0511> circle")
+        return [(self.tokenizer.decode(ids), Generated(ids, [-0.5] * len(ids)))]
+
+    monkeypatch.setattr(Pipeline, "generate_details", answer)
+    synthetic_image(0).save(tmp_path / "0.png")
+    assert main(["detect", str(tmp_path / "0.png"), "circle", "--model", str(tiny_model_dir)]) == 0
+    assert capsys.readouterr().out.strip() == f"circle: 0, 0, 20, 15 ({math.exp(-0.5):.2f})"

@@ -585,6 +585,20 @@ MUTANTS = [
         ("    app = FastAPI(", "lifespan=lifespan)"),
         (WEB + "test_api_docs_work_offline",),
     ),
+    Mutant(
+        "an output with 0-based lines resumed",
+        "palikit/jobs.py",
+        "    if 0 in done:",
+        "    if False:",
+        (CLI + "test_run_stops_with_one_line_only_for_problems_of_the_run_itself",),
+    ),
+    Mutant(
+        "the CLI prints the log-prob as the score",
+        "palikit/cli.py",
+        'shown = f" ({r.confidence:.2f})" if r.confidence is not None else ""',
+        'shown = f" ({r.logprob:.2f})" if r.logprob is not None else ""',
+        (CLI + "test_task_verbs_print_the_confidence",),
+    ),
     # ---- the command line ----
     Mutant(
         "serve binds every interface by default",
