@@ -77,6 +77,7 @@ def run_palikit(ckpt: str, data: str, mode: str, args) -> dict:
 
     out = tempfile.mkdtemp(prefix="bench-palikit-")
     cfg = {"model": ckpt, "train_file": data, "out_dir": out, "steps": args.steps + 1,
+           "final_logit_softcap": "keep",  # transformers' Trainer caps every logit: compare like with like
            "stop_after": args.steps, "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": 1e-4,
            "warmup": 0, "schedule": "constant", "clip_grad": 1.0, "dtype": "bfloat16", "max_text_len": 64,
            "seed": 0}

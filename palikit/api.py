@@ -17,7 +17,7 @@ from PIL import Image
 from . import generate as gen
 from . import tasks
 from .atomic import atomic_write, write_text_atomic
-from .config import PaliGemmaConfig
+from .config import LOGIT_SOFTCAP_MODES, PaliGemmaConfig
 from .maskcodec import paste_mask
 from .paligemma import PaliGemma
 from .processor import (RESAMPLE, RESAMPLE_OF_PIL_ID, InputError, Tokenizer, collate, encode_example, load_image,
@@ -59,23 +59,31 @@ def check_device(device: str | torch.device) -> torch.device:
 
 
 def load(source: str | Path = "default", dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
-         tokenizer: str | Path | None = None, sliding_window: bool = False) -> Pipeline:
+         tokenizer: str | Path | None = None, sliding_window: bool = False,
+         logit_softcap: str | None = None) -> Pipeline:
     """Load a PaliGemma / PaliGemma 2 checkpoint: an HF folder (single or sharded safetensors), a
     big_vision .npz (pass `tokenizer=` for it), a hub id, or "default" (the bundled tiny model).
 
     sliding_window=True applies Gemma 2's local attention window from config.json as transformers
     does; by default it is off, as in big_vision (it only matters past 4096 tokens, i.e. 896 px).
+    logit_softcap: which logits get PaliGemma 2's final soft-cap (see PaliGemmaConfig.logit_softcap):
+    "config" (transformers' way; the default for HF folders), "big_vision" (decode steps only; the
+    default for .npz files, which come from big_vision) or "off".
     """
     check_device(device)
+    if logit_softcap is not None and logit_softcap not in LOGIT_SOFTCAP_MODES:
+        raise InputError(f"logit_softcap must be one of {', '.join(LOGIT_SOFTCAP_MODES)}, got {logit_softcap!r}")
     path = resolve_source(source)
     dtype = _dtype(dtype)
     if path.is_file():
         if path.suffix != ".npz":
             raise CheckpointError(f"{path}: expected a folder with safetensors or a big_vision .npz file")
         model = load_npz(path, dtype, device)
+        model.config.logit_softcap = logit_softcap or "big_vision"
         tok_file = Path(tokenizer) if tokenizer else path.parent / "tokenizer.model"
     else:
         model = load_hf_folder(path, dtype, device, sliding_window)
+        model.config.logit_softcap = logit_softcap or "config"
         tok_file = Path(tokenizer) if tokenizer else path / "tokenizer.model"
         pre = path / "preprocessor_config.json"
         if pre.exists():  # the resize filter the checkpoint was made with (3 = bicubic, 2 = bilinear)

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from . import tasks
+from .config import LOGIT_SOFTCAP_MODES
 from .processor import InputError, load_image
 from .weights import CheckpointError
 
@@ -25,7 +26,7 @@ from .weights import CheckpointError
 def cmd_generate(args) -> None:
     import palikit
 
-    pipe = palikit.load(args.model, dtype=args.dtype)
+    pipe = palikit.load(args.model, dtype=args.dtype, logit_softcap=args.logit_softcap)
     images = args.image if len(args.image) > 1 else args.image[0]
     text, out = pipe.generate_details(images, args.prompt, max_new_tokens=args.max_new_tokens,
                                       do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
@@ -44,7 +45,7 @@ def cmd_task(args) -> None:
     from palikit.overlay import draw
 
     spec = tasks.TASKS[args.verb]
-    pipe = palikit.load(args.model, dtype=args.dtype)
+    pipe = palikit.load(args.model, dtype=args.dtype, logit_softcap=args.logit_softcap)
     image = load_image(args.image)
     values = {a.name: getattr(args, a.name) for a in spec.args}
     if spec.masks and args.vae is None and pipe.codec_path is None:
@@ -77,7 +78,7 @@ def cmd_run(args) -> None:
     import palikit
     from palikit.jobs import run_jobs
 
-    pipe = palikit.load(args.model, dtype=args.dtype)
+    pipe = palikit.load(args.model, dtype=args.dtype, logit_softcap=args.logit_softcap)
     stats = run_jobs(pipe, args.input, args.output, batch_size=args.batch_size,
                      max_new_tokens=args.max_new_tokens, codec=args.vae)
     print(json.dumps(stats))
@@ -111,7 +112,7 @@ def cmd_eval(args) -> None:
     import palikit
     from palikit.evaluate import evaluate_synthetic, write_report
 
-    pipe = palikit.load(args.model, dtype=args.dtype)
+    pipe = palikit.load(args.model, dtype=args.dtype, logit_softcap=args.logit_softcap)
     metrics = evaluate_synthetic(pipe, n_images=args.synthetic, seed=args.seed, size=args.size,
                                  batch_size=args.batch_size)
     if args.out:
@@ -127,7 +128,7 @@ def cmd_demo(args) -> None:
     from palikit.synthetic import KINDS, make_scene, trained_prompts_text
     from palikit.overlay import draw
 
-    pipe = palikit.load(args.model, dtype="float32")
+    pipe = palikit.load(args.model, dtype="float32", logit_softcap=args.logit_softcap)
     if args.image:
         image = load_image(args.image)
     else:
@@ -165,15 +166,23 @@ def cmd_serve(args) -> None:
     from palikit.serve import serve
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("PALIKIT_API_KEY"),
-          dtype=args.dtype, device=args.device, max_batch=args.max_batch, max_queue=args.max_queue,
-          allow_local_paths=args.allow_local_paths or False, allow_urls=args.allow_urls)
+          dtype=args.dtype, device=args.device, logit_softcap=args.logit_softcap, max_batch=args.max_batch,
+          max_queue=args.max_queue, allow_local_paths=args.allow_local_paths or False, allow_urls=args.allow_urls)
 
 
 def _model_args(p: argparse.ArgumentParser, json_output: bool = True) -> None:
     p.add_argument("--model", default="default", help="folder, .npz, hub id, or 'default' (bundled tiny model)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    _softcap_arg(p)
     if json_output:
         p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _softcap_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--logit-softcap", choices=LOGIT_SOFTCAP_MODES, default=None,
+                   help="which logits get PaliGemma 2's final soft-cap: config (every logit, as transformers; "
+                        "the default for model folders), big_vision (decode steps only; the default for .npz) "
+                        "or off")
 
 
 def number(kind: type, low: float | None = None, high: float | None = None, above: bool = False):
@@ -253,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default")
     p.add_argument("--image", help="your own image instead of a generated one")
     p.add_argument("--seed", type=int, default=1, help="which generated scene (1: two kinds and a number)")
+    _softcap_arg(p)
     p.add_argument("--out", default="demo_out")
     p.set_defaults(func=cmd_demo)
 
@@ -299,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="default", help="folder, .npz, hub id, or 'default' (bundled tiny model)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    _softcap_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
     p.add_argument("--port", type=number(int, 0, 65535), default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $PALIKIT_API_KEY)")

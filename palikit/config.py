@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+LOGIT_SOFTCAP_MODES = ("config", "big_vision", "off")  # see PaliGemmaConfig.logit_softcap
+
+
 @dataclass
 class SiglipConfig:
     """SigLIP vision tower without its pooling head (So400m/14 by default)."""
@@ -79,10 +82,27 @@ class PaliGemmaConfig:
     bos_token_id: int = 2
     # Resampling filter of the square resize, as PIL names it (HF preprocessor: 3 = bicubic).
     resample: str = "bicubic"
+    # Which logits get Gemma 2's final soft-cap (text.final_logit_softcap), where the references
+    # differ; a run-time choice (palikit.load(logit_softcap=...)), not written to config.json:
+    # "config": every logit, as transformers' Gemma2 / PaliGemma forward does;
+    # "big_vision": decode steps only; teacher-forced logits (loss, scores) and the prefill's are
+    #   uncapped, as big_vision's `compute_logits` returns pre-logits through the unCapped head
+    #   (big_vision/models/proj/paligemma/gemma_bv.py, models/ppp/gemma.py);
+    # "off": none.
+    logit_softcap: str = "config"
 
     @property
     def num_image_tokens(self) -> int:
         return self.vision.num_image_tokens
+
+    def caps(self, where: str) -> bool:
+        """Whether logits at `where` ("teacher", "prefill" or "decode") get the final soft-cap."""
+        if self.logit_softcap not in LOGIT_SOFTCAP_MODES:
+            raise ValueError(f"logit_softcap must be one of {', '.join(LOGIT_SOFTCAP_MODES)}, "
+                             f"got {self.logit_softcap!r}")
+        if not self.text.final_logit_softcap or self.logit_softcap == "off":
+            return False
+        return self.logit_softcap == "config" or where == "decode"
 
     @property
     def version(self) -> int:

@@ -180,15 +180,15 @@ class Gemma(nn.Module):
                 x = layer(x, cos, sin, masks, cache, start)
         return self.norm(x)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Tied output layer, optional Gemma 2 final soft-cap; float32 for stable log-probs."""
+    def logits(self, hidden: torch.Tensor, capped: bool = True) -> torch.Tensor:
+        """Tied output layer, Gemma 2's final soft-cap when `capped`; float32 for stable log-probs."""
         table = self.embed_tokens.weight
         if hidden.numel() == hidden.shape[-1]:  # one row: matrix-vector product, see Linear
             logits = torch.mv(table, hidden.reshape(-1)).view(*hidden.shape[:-1], -1).float()
         else:
             logits = (hidden @ table.T).float()
         cap = self.config.final_logit_softcap
-        return cap * torch.tanh(logits / cap) if cap else logits
+        return cap * torch.tanh(logits / cap) if cap and capped else logits
 
 
 def attention_masks(q_block, q_pos, k_block, k_pos, k_valid, config: GemmaConfig) -> dict:

@@ -86,7 +86,7 @@ def prefill(model: PaliGemma, batch: PromptBatch, image_tokens, cache) -> torch.
     pos, block, valid = batch.pos[:, :P], batch.block[:, :P], batch.valid[:, :P]
     masks = attention_masks(block, pos, block, pos, valid, model.config.text)
     hidden = model.language_model(x, pos, masks, cache, start=0)
-    return model.logits(hidden[:, -1])  # never the logits of the other prompt positions
+    return model.logits(hidden[:, -1], "prefill")  # never the logits of the other prompt positions
 
 
 @torch.inference_mode()
@@ -98,7 +98,7 @@ def decode_one_token(model: PaliGemma, batch: PromptBatch, token: torch.Tensor, 
     masks = attention_masks(batch.block[:, q], batch.pos[:, q], batch.block[:, k], batch.pos[:, k],
                             batch.valid[:, k], model.config.text)
     hidden = model.language_model(x, batch.pos[:, q], masks, cache, start=slot)
-    return model.logits(hidden[:, -1])
+    return model.logits(hidden[:, -1], "decode")
 
 
 @torch.inference_mode()

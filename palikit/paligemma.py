@@ -71,8 +71,10 @@ class PaliGemma(nn.Module):
         masks = attention_masks(block, positions, block, positions, input_mask.bool(), self.config.text)
         return self.language_model(x, positions, masks)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.language_model.logits(hidden)
+    def logits(self, hidden: torch.Tensor, where: str = "teacher") -> torch.Tensor:
+        """Logits of hidden states at `where`: "teacher" (teacher-forced: loss, scores), "prefill" or
+        "decode"; the final soft-cap as config.logit_softcap says for that kind of position."""
+        return self.language_model.logits(hidden, self.config.caps(where))
 
     def new_cache(self, batch: int, length: int) -> KVCache:
         return KVCache.allocate(self.config.text, batch, length, self.dtype, self.device)

@@ -255,7 +255,8 @@ def test_score_prefers_the_suffix_the_model_generates(pipe, monkeypatch):
     img = synthetic_image(3)
     step_logits = []
     logits = pipe.model.logits
-    monkeypatch.setattr(pipe.model, "logits", lambda h: step_logits.append(logits(h)) or step_logits[-1])
+    monkeypatch.setattr(pipe.model, "logits",
+                        lambda h, *where: step_logits.append(logits(h, *where)) or step_logits[-1])
     (_, g), = pipe.generate_details(img, "caption en", max_new_tokens=6)
     monkeypatch.undo()
     tokens = g.tokens[:5]

@@ -43,8 +43,8 @@ def no_eos(pipe, monkeypatch):
     original = pipe.model.logits
     eos = pipe.tokenizer.eos_id
 
-    def logits(hidden):
-        out = original(hidden)
+    def logits(hidden, *where):
+        out = original(hidden, *where)
         out[..., eos] = float("-inf")
         return out
 
@@ -225,8 +225,8 @@ def test_generation_stops_at_eos(pipe, monkeypatch):
     original, calls = pipe.model.logits, []
     eos, stop_at = pipe.tokenizer.eos_id, {0: 1, 1: 3}
 
-    def logits(hidden):
-        out = original(hidden)
+    def logits(hidden, *where):
+        out = original(hidden, *where)
         assert out.shape[0] == 2
         step = len(calls)
         calls.append(step)

@@ -240,12 +240,12 @@ def test_an_error_clears_the_previous_result(page, tmp_path):
     run_task(page, tmp_path / "input.png", "detect", "circle")
     x1, y1, x2, y2 = map(int, page.query_selector("#objects li").get_attribute("data-box").split(","))
     s = scale(page)
-    assert canvas_pixel(page, round(x1 * s), round((y1 + y2) / 2 * s))[:3] != list(np.asarray(image)[(y1 + y2) // 2, x1])
+    ym = (y1 + y2) // 2
+    assert canvas_pixel(page, round(x1 * s), round((y1 + y2) / 2 * s))[:3] != list(np.asarray(image)[ym, x1])
     page.fill("#key", "wrong")
     page.click("#run")
     page.wait_for_selector("#status.error")
     assert page.text_content("#text") == "" and page.query_selector_all("#objects li") == []
-    ym = (y1 + y2) // 2
     assert np.abs(np.array(image_pixel(page, x1, ym)[:3]) - np.asarray(image)[ym, x1]).max() <= 2  # no box
 
 

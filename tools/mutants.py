@@ -318,12 +318,55 @@ MUTANTS = [
     Mutant(
         "no final logit soft-cap",
         "palikit/gemma.py",
-        "        return cap * torch.tanh(logits / cap) if cap else logits",
+        "        return cap * torch.tanh(logits / cap) if cap and capped else logits",
         "        return logits",
         (
             "tests/test_parity.py::test_logits_match_transformers[pg2]",
             "tests/test_parity.py::test_score_matches_transformers_loglikelihood[pg2]",
         ),
+    ),
+    # ---- where the final soft-cap applies ----
+    Mutant(
+        "big_vision mode caps the prefill",
+        "palikit/config.py",
+        '        return self.logit_softcap == "config" or where == "decode"',
+        '        return self.logit_softcap == "config" or where in ("decode", "prefill")',
+        ("tests/test_softcap.py::test_each_mode_against_the_formula[big_vision-False-False-True]",),
+    ),
+    Mutant(
+        "big_vision mode caps teacher-forced logits",
+        "palikit/config.py",
+        '        return self.logit_softcap == "config" or where == "decode"',
+        '        return self.logit_softcap == "config" or where != "prefill"',
+        ("tests/test_softcap.py::test_each_mode_against_the_formula[big_vision-False-False-True]",),
+    ),
+    Mutant(
+        "off mode still caps",
+        "palikit/config.py",
+        '        if not self.text.final_logit_softcap or self.logit_softcap == "off":',
+        '        if not self.text.final_logit_softcap:',
+        ("tests/test_softcap.py::test_each_mode_against_the_formula[off-False-False-False]",),
+    ),
+    Mutant(
+        "an npz runs with transformers' cap",
+        "palikit/api.py",
+        '        model.config.logit_softcap = logit_softcap or "big_vision"',
+        '        model.config.logit_softcap = logit_softcap or "config"',
+        ("tests/test_softcap.py::test_defaults_follow_the_source",),
+    ),
+    Mutant(
+        "fine-tuning keeps the cap by default",
+        "palikit/finetune/recipe.py",
+        '        if cfg.final_logit_softcap == "off":',
+        "        if False:",
+        ("tests/test_softcap.py::test_a_fine_tune_saves_what_it_trained_with[off-None]",),
+    ),
+    Mutant(
+        "merge forgets the cap the adapters trained without",
+        "palikit/finetune/recipe.py",
+        '        model.config.text.final_logit_softcap = json.loads(trained.read_text())["final_logit_softcap"]',
+        "        pass",
+        (FT + "test_merge_lora",),
     ),
     # ---- checkpoints ----
     Mutant(

@@ -70,6 +70,11 @@ class TrainConfig:
     schedule: Literal["cosine", "linear", "constant"] = "cosine"  # after the warm-up, down to 0
     clip_grad: float | None = 1.0  # global gradient norm; null = no clipping
     label_smoothing: float = 0.0
+    # PaliGemma 2's final logit soft-cap in training. "off": the loss, validation and the saved model
+    # (config.json final_logit_softcapping: null) go without it, as big_vision trains (its loss takes
+    # uncapped pre-logits, trainers/proj/paligemma/train.py) and as its transfer configs and colab run
+    # (final_logits_softcap=0.0). "keep": every logit capped, as transformers' forward trains.
+    final_logit_softcap: Literal["off", "keep"] = "off"
     # What trains without LoRA: a TRAINABLE preset. With `lora`, only the adapters train.
     trainable: Literal["all", "llm-only", "attention-only", "projector+llm"] = "all"
     lora: LoraSettings | None = None

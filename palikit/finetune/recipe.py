@@ -66,6 +66,7 @@ from .config import _LLM_LINEAR, TRAINABLE, ConfigError, TrainConfig, apply_smok
 from .model import apply_lora, build_model, param_table
 
 log = logging.getLogger(__name__)
+TRAINED_WITH = "palikit_trained_with.json"  # in adapter folders: settings merge must carry over
 
 
 # ---- loss ----------------------------------------------------------------------------------------
@@ -199,6 +200,10 @@ class Trainer:
                                                             cfg.seed, texts, self.out, self.rank)
         self.core = core
         core.requires_grad_(False)
+        if cfg.final_logit_softcap == "off":  # see TrainConfig: the cap leaves the model, saved config included
+            core.config.text.final_logit_softcap = None
+        else:
+            core.config.logit_softcap = "config"
         if cfg.lora is not None:
             self.base_source = self._save_base(core)
             if cfg.quantize is not None:
@@ -407,6 +412,9 @@ class Trainer:
             state = {k.removeprefix("model."): v for k, v in model_state.items()}
             if self.lora:
                 self.loss_module.model.save_pretrained(tmp / "adapter", state_dict=state)
+                # What the adapters were trained with, for merge (peft's own files have no room for it).
+                write_text_atomic(tmp / "adapter" / TRAINED_WITH, json.dumps(
+                    {"final_logit_softcap": self.core.config.text.final_logit_softcap}) + "\n")
             else:
                 model = build_on_meta(self.core.config)
                 model.load_state_dict(state, assign=True)
@@ -514,6 +522,8 @@ def merge(base_source: str | Path, adapter_dir: str | Path, out_dir: str | Path,
 
     pipe = load(base_source, dtype=dtype)
     model = PeftModel.from_pretrained(pipe.model, str(adapter_dir)).merge_and_unload()
+    if (trained := Path(adapter_dir) / TRAINED_WITH).exists():  # trained without the cap: saved without it
+        model.config.text.final_logit_softcap = json.loads(trained.read_text())["final_logit_softcap"]
     tok = Path(adapter_dir) / "tokenizer.model"
     tokenizer = Tokenizer(tok, image_token_id=model.config.image_token_id) if tok.exists() else pipe.tokenizer
     codec = next((Path(adapter_dir) / n for n in CODEC_FILES if (Path(adapter_dir) / n).exists()), pipe.codec_path)

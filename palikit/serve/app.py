@@ -16,8 +16,9 @@ Endpoints (request and response schemas at /docs and /openapi.json):
          tasks.TASKS), /v1/predict
                                 native, JSON in and out: {"image": "<base64 or data: URL>", ...task fields}
                                 -> {"task", "prompt", "text", "width", "height", "objects", ...}; objects have
-                                pixel boxes [x1, y1, x2, y2], a confidence (geometric-mean token probability), logprob and, for
-                                segment, a COCO RLE mask of the whole image. /v1/predict takes any prompt.
+                                pixel boxes [x1, y1, x2, y2], a confidence (geometric-mean token
+                                probability), its logprob and, for segment, a COCO RLE mask of the
+                                whole image. /v1/predict takes any prompt.
     GET  /v1/models, /health, /tasks (the task list the web demo shows), /metrics (Prometheus text), /docs,
          / (the web demo)
 
@@ -361,13 +362,13 @@ def _spec_or_none(prompt: str) -> tasks.TaskSpec | None:
 
 
 def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          dtype: str = "bfloat16", device: str = "cpu", **options) -> None:
+          dtype: str = "bfloat16", device: str = "cpu", logit_softcap: str | None = None, **options) -> None:
     """Load `model` and serve it with uvicorn until interrupted; options go to create_app."""
     import uvicorn
 
     import palikit
 
-    pipe = palikit.load(model, dtype=dtype, device=device)
+    pipe = palikit.load(model, dtype=dtype, device=device, logit_softcap=logit_softcap)
     name = Path(model).name if Path(model).exists() else str(model)  # a folder's name, not the server's paths
     app = create_app(pipe, api_key=api_key, model_name=options.pop("model_name", name), **options)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
