@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, CheckpointError, OSError, ValueError) as e:  # OSError: a file not found / not writable
         if os.environ.get("PALIKIT_DEBUG") == "1":
             raise
-        print(f"palikit {args.verb}: error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank fails alike: say it once
+            print(f"palikit {args.verb}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -92,6 +92,40 @@ def test_config_overrides_and_errors(cfg, tmp_path):
         load_config(cfg, ["lr"])
 
 
+def test_config_refuses_zero_steps_and_says_where_yaml_breaks(cfg, tmp_path, capsys):
+    """steps/epochs/batch_size/grad_accum of 0 are refused up front (steps=0 used to pass validation
+    and crash later with a TypeError); a broken YAML file is one line with its file and line number,
+    not the parser's traceback."""
+    from palikit.cli import main
+
+    for key in ("steps", "batch_size", "grad_accum"):
+        with pytest.raises(ConfigError, match=f"{key}=0 must be positive"):
+            load_config(cfg | {key: 0})
+    without_steps = {k: v for k, v in cfg.items() if k != "steps"}
+    with pytest.raises(ConfigError, match=r"epochs=0(\.0)? must be positive"):
+        load_config(without_steps | {"epochs": 0})
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("lr: 1e-3\nsteps: [3\nbatch_size: 2\n")
+    with pytest.raises(ConfigError, match=f"{broken}:3: not valid YAML"):
+        load_config(broken)
+    assert main(["train", str(broken)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{broken}:3: not valid YAML" in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_config_errors_under_torchrun_are_said_once(cfg, tmp_path):
+    """Every rank fails on the same bad config; only rank 0 prints it, and each exits 2."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg | {"steps": 0}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1",
+           "--nproc_per_node", "2", "-m", "palikit.finetune", str(path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("palikit train: error: steps=0 must be positive") == 1, proc.stderr[-3000:]
+    assert "exitcode  : 2" in proc.stderr  # (the traceback after it is torchrun's own summary)
+
+
 def test_qlora_fails_loudly_without_cuda_or_bitsandbytes(cfg):
     # The misspelling copied across tutorials (bnb_4bit_compute_type: transformers' BitsAndBytesConfig,
     # src/transformers/utils/quantization_config.py, ignores it) is an error, not a silent fp32.
@@ -169,8 +203,25 @@ def test_lora_leaves_frozen_weights_bit_identical(cfg):
         else:
             assert not p.requires_grad and torch.equal(p, before[n]), n
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters() if ".lora_B." in n)
-    assert re.search(r"lora adapters\s+[\d,]+\s+[\d,]+\s+100\.00%", table)
+    assert re.search(r"lora adapters\)\s+[\d,]+\s+[\d,]+\s+100\.00%", table)
     assert re.search(r"vision_tower\s+[\d,]+\s+0\s+0\.00%", table)
+
+
+def test_param_table_counts_adapters_where_they_sit(cfg):
+    """all-linear puts adapters in the vision tower too: its row shows them as trainable (it used to
+    read 0, every adapter on one separate row), and the total counts each adapter once."""
+    trainer = Trainer(load_config(cfg | {"lora": {"r": 4, "targets": "all-linear"}, "steps": 1}))
+    try:
+        model = trainer.loss_module.model
+        table = param_table(model)
+    finally:
+        trainer.cleanup()
+    rows = {line[:24].strip(): [int(v.replace(",", "")) for v in line[24:].split()[:2]]
+            for line in table.splitlines()[1:]}
+    vision = [p.numel() for n, p in model.named_parameters() if ".lora_" in n and "vision_tower" in n]
+    assert vision and rows["vision_tower"][1] == sum(vision)
+    adapters = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    assert rows["(lora adapters)"][1] == adapters and rows["total"][0] == sum(p.numel() for p in model.parameters())
 
 
 def test_lora_target_forms():

@@ -642,6 +642,34 @@ MUTANTS = [
         'shown = f" ({r.logprob:.2f})" if r.logprob is not None else ""',
         (CLI + "test_task_verbs_print_the_confidence",),
     ),
+    Mutant(
+        "steps=0 passes validation",
+        "palikit/finetune/config.py",
+        "        if value is not None and not value > 0:",
+        "        if value is not None and value < 0:",
+        (FT + "test_config_refuses_zero_steps_and_says_where_yaml_breaks",),
+    ),
+    Mutant(
+        "a broken YAML file is the parser's traceback",
+        "palikit/finetune/config.py",
+        "        except yaml.YAMLError as e:",
+        "        except KeyError as e:",
+        (FT + "test_config_refuses_zero_steps_and_says_where_yaml_breaks",),
+    ),
+    Mutant(
+        "every torchrun rank prints the error",
+        "palikit/cli.py",
+        '        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun',
+        "        if True:  # under torchrun",
+        (FT + "test_config_errors_under_torchrun_are_said_once",),
+    ),
+    Mutant(
+        "the parameter table counts adapters apart from their module",
+        "palikit/finetune/model.py",
+        'counts = [rows.setdefault(name.split(".")[0], [0, 0])]',
+        'counts = [rows.setdefault("lora" if ".lora_" in name else name.split(".")[0], [0, 0])]',
+        (FT + "test_param_table_counts_adapters_where_they_sit",),
+    ),
     # ---- the command line ----
     Mutant(
         "serve binds every interface by default",

@@ -128,7 +128,12 @@ def load_config(config: str | Path | dict | TrainConfig, overrides: list[str] | 
         raw = dict(config)
     else:
         text = Path(config).read_text(encoding="utf-8")
-        raw = yaml.safe_load(text) or {}
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:  # one line with the file and line, not the parser's traceback
+            mark = getattr(e, "problem_mark", None)
+            where = f"{config}:{mark.line + 1}" if mark is not None else str(config)
+            raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{config}: expected a YAML mapping of fields")
     for item in overrides:
@@ -197,8 +202,10 @@ def _coerce(value, hint, name: str):
 def validate(cfg: TrainConfig) -> None:
     if (cfg.steps is None) == (cfg.epochs is None):
         raise ConfigError("set exactly one of steps and epochs")
-    if (cfg.steps or 1) < 1 or (cfg.epochs or 1) <= 0 or cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise ConfigError("steps, epochs, batch_size and grad_accum must be positive")
+    for key, value in [("steps", cfg.steps), ("epochs", cfg.epochs), ("batch_size", cfg.batch_size),
+                       ("grad_accum", cfg.grad_accum)]:
+        if value is not None and not value > 0:  # `or 1` here once let steps=0 through to a TypeError
+            raise ConfigError(f"{key}={value} must be positive")
     for key in ("train_file", "eval_file"):
         spec = getattr(cfg, key)
         if spec is not None and (spec.path is None) == (spec.synthetic is None):

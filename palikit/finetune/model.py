@@ -106,16 +106,20 @@ def apply_lora(model: PaliGemma, lora: LoraSettings, base_source: str | None):
 
 
 def param_table(model: nn.Module) -> str:
-    """Parameters and trainable parameters per top-level module, LoRA adapters apart."""
+    """Parameters and trainable parameters per top-level module, LoRA adapters counted in the module
+    they sit in (all-linear puts some in the vision tower), and all adapters again on a row of their
+    own, outside the total."""
     rows: dict[str, list[int]] = {}
+    adapters = [0, 0]
     for name, p in model.named_parameters():
         name = name.removeprefix("base_model.model.")
-        key = "lora adapters" if ".lora_" in name else name.split(".")[0]
-        row = rows.setdefault(key, [0, 0])
-        row[0] += p.numel()
-        row[1] += p.numel() if p.requires_grad else 0
+        counts = [rows.setdefault(name.split(".")[0], [0, 0])] + ([adapters] if ".lora_" in name else [])
+        for row in counts:
+            row[0] += p.numel()
+            row[1] += p.numel() if p.requires_grad else 0
     total = [sum(r[i] for r in rows.values()) for i in (0, 1)]
     lines = [f"{'module':<24}{'parameters':>15}{'trainable':>15}{'%':>8}"]
-    for key, (n, t) in list(rows.items()) + [("total", total)]:
+    shown = list(rows.items()) + [("total", total)] + ([("(lora adapters)", adapters)] if adapters[0] else [])
+    for key, (n, t) in shown:
         lines.append(f"{key:<24}{n:>15,}{t:>15,}{100 * t / max(n, 1):>7.2f}%")
     return "\n".join(lines)
