@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test mutants setup setup-test bench clean
+.PHONY: demo test mutants setup setup-test clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)

@@ -414,9 +414,10 @@ def _torchrun(config: dict, path: Path, *args: str, script: Path | None = None) 
            "--nproc_per_node", "2", *entry, str(path), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=300)
-    # A failing rank's traceback comes before torchrun's summary: show it, not only the summary.
-    first = proc.stderr.find("Traceback")
-    assert proc.returncode == 0, proc.stderr[max(first, 0):][:4000] + "\n...\n" + proc.stderr[-1500:]
+    # What a failing rank printed (a Python traceback, or a C++ `terminate called ...` before a
+    # SIGABRT) comes before torchrun's own traceback and summary: show it, not only the summary.
+    ranks = proc.stderr.split("Traceback (most recent call last):\n  File \"<frozen runpy>\"")[0]
+    assert proc.returncode == 0, ranks[-6000:] + "\n...\n" + proc.stderr[-1500:]
 
 
 # SGD without clipping: AdamW's normalised steps and clipping hide a wrong 1/world or 1/grad_accum

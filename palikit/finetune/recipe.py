@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import math
@@ -485,10 +486,19 @@ class Trainer:
             checkpoint.save_folder(self.out / "final", link)
         dist.barrier()
 
-    def cleanup(self) -> None:
+    def cleanup(self, finished: bool = True) -> None:
+        """Close the logs and leave the process group. After a finished run every rank first waits for
+        the others and drops the modules and optimizer that hold gloo's async work: a rank whose
+        interpreter exits with such work alive can abort ("terminate called without an active
+        exception", pytorch/pytorch#190489 and #179291; here 1 FSDP run in about 10 under load). After
+        a failure it leaves at once, as torchtitan does: a barrier would wait for ranks that are stuck."""
         if self.metrics:
             self.metrics.close()
         if torch.distributed.is_initialized():
+            if finished:
+                torch.distributed.barrier()
+                self.wrapped = self.loss_module = self.optimizer = self.params = self.core = None
+                gc.collect()
             torch.distributed.destroy_process_group()
 
 
@@ -507,9 +517,12 @@ def train(config: str | Path | dict | TrainConfig, overrides: list[str] | tuple 
     cfg = dataclasses.replace(cfg, resume=cfg.resume or resume, smoke=cfg.smoke or smoke)
     trainer = Trainer(cfg)
     try:
-        return trainer.train()
-    finally:
-        trainer.cleanup()
+        result = trainer.train()
+    except BaseException:
+        trainer.cleanup(finished=False)
+        raise
+    trainer.cleanup()
+    return result
 
 
 def merge(base_source: str | Path, adapter_dir: str | Path, out_dir: str | Path,
