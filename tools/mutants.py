@@ -524,8 +524,8 @@ MUTANTS = [
     Mutant(
         "CUDA asked of a CPU-only torch",
         "palikit/api.py",
-        "    check_device(device)\n    path = resolve_source(source)",
-        "    path = resolve_source(source)",
+        "    check_device(device)\n    if logit_softcap is not None",
+        "    if logit_softcap is not None",
         (CLI + "test_load_on_cuda_without_cuda_is_one_clear_error",
          CLI + "test_cli_checks_arguments_as_the_server_checks_requests"),
     ),
