@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from .tasks import LOC_TOKENS, NUM_LOC, NUM_SEG, SEG_TOKENS, SPECIAL_TOKEN_RE, strip_typed_tokens
 
@@ -210,7 +210,11 @@ def load_image(image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
             raise InputError(f"{name}: {image.width}x{image.height} pixels is over the limit of {max_pixels}")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = ImageOps.exif_transpose(image)  # also forces the lazy decode
+            if image.getexif().get(ExifTags.Base.Orientation, 1) == 1:
+                image.load()  # upright: decode here (errors become InputError), no copy; the server
+                # and the task methods load an image once and resize it, which loads it again
+            else:
+                image = ImageOps.exif_transpose(image)
         if image.mode.startswith("I;16"):
             # 16-bit grey (e.g. 16-bit PNG): keep the high byte, as TF's decode_png does. PIL's own
             # convert clips at 255, which turns almost every such image white.
