@@ -3,6 +3,7 @@ so a crash never leaves a half-written file behind a valid name."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable
@@ -28,3 +29,32 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def read_records(path: str | Path, repair: bool = True) -> list[dict]:
+    """The JSON records of an append-only .jsonl file (`palikit run` outputs, eval predictions).
+    A torn last line left by a crash (not a JSON object) ends the records; with `repair` it is cut
+    off, and a complete last record that only lacks its newline is terminated, so that appending
+    goes on cleanly."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records, good_bytes, unterminated = [], 0, False
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                break
+            if not isinstance(rec, dict):
+                break
+            records.append(rec)
+            good_bytes += len(raw)
+            unterminated = not raw.endswith(b"\n")
+    if repair and good_bytes < path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.truncate(good_bytes)
+    if repair and unterminated:
+        with open(path, "ab") as f:
+            f.write(b"\n")
+    return records

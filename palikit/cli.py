@@ -110,14 +110,30 @@ def cmd_data_check(args) -> int:
 
 def cmd_eval(args) -> None:
     import palikit
-    from palikit.evaluate import evaluate_synthetic, write_report
+    from palikit.benchmarks import BENCHMARKS
+    from palikit.evaluate import evaluate, load_examples, markdown, write_report
+    from palikit.finetune.dist import init_distributed
 
-    pipe = palikit.load(args.model, dtype=args.dtype, logit_softcap=args.logit_softcap)
-    metrics = evaluate_synthetic(pipe, n_images=args.synthetic, seed=args.seed, size=args.size,
-                                 batch_size=args.batch_size)
+    if args.list_benchmarks:
+        for b in BENCHMARKS.values():
+            print(f"{b.name:14} {b.metric:20} {b.split:14} {b.prompt!r:34} {b.layout}")
+        return
+    if args.report and not args.out:
+        raise InputError("--report needs --out PREDS.jsonl (the predictions it is computed from)")
+    rank, world, device = init_distributed(args.device)  # one process unless started by torchrun
+    name, examples = load_examples(args.benchmark, args.data, args.split, args.limit,
+                                   {"n_images": args.synthetic, "seed": args.seed, "size": args.size})
+    pipe = palikit.load(args.model, dtype=args.dtype, device=str(device), logit_softcap=args.logit_softcap)
+    bench = BENCHMARKS.get(name)
+    rep = evaluate(pipe, examples, name=name, bench_metric=bench.metric if bench else None,
+                   metric=args.metric, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                   codec=args.vae, out=args.out, rank=rank, world=world, model=args.model, split=args.split,
+                   by_task=bench is None or bench.name == "synthetic")
+    if rank != 0:
+        return
     if args.out:
-        write_report(metrics, args.out)
-    print(json.dumps(metrics, indent=2))
+        write_report(rep, args.report or Path(args.out).with_suffix(".report.json"))
+    print(json.dumps(rep, indent=2, ensure_ascii=False) if args.json else markdown(rep), end="")
 
 
 def cmd_demo(args) -> None:
@@ -266,13 +282,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out")
     p.set_defaults(func=cmd_demo)
 
-    p = verbs.add_parser("eval", help="task metrics on held-out synthetic images")
-    _model_args(p, json_output=False)  # it prints its metrics as JSON
-    p.add_argument("--synthetic", type=POSITIVE, default=200, help="number of generated images")
-    p.add_argument("--seed", type=int, default=12345, help="a seed not used for training data")
-    p.add_argument("--size", type=number(int, 32), default=96, help="generated image side (the model resizes it)")
-    p.add_argument("--batch-size", type=POSITIVE, default=16)
-    p.add_argument("--out", help="write the metrics as JSON here")
+    p = verbs.add_parser("eval", help="score a checkpoint on a model-card benchmark or a .jsonl file (also "
+                                      "under torchrun)")
+    _model_args(p)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: a GPU if there is one")
+    p.add_argument("--benchmark", help="a benchmark of the model card (see --list-benchmarks), or synthetic "
+                                       "(the default without --data)")
+    p.add_argument("--data", help="the benchmark's files, or a .jsonl file (image, prefix, suffix)")
+    p.add_argument("--split", help="the benchmark's split (default: the one the model card reports)")
+    p.add_argument("--metric", help="score every example with this metric (default: the benchmark's, or "
+                                    "by task word)")
+    p.add_argument("--limit", type=POSITIVE, help="the first N examples only")
+    p.add_argument("--batch-size", type=POSITIVE, default=8)
+    p.add_argument("--max-new-tokens", type=POSITIVE, help="default: the task's budget")
+    p.add_argument("--vae", help="mask codec npz for segment examples (default: beside the model)")
+    p.add_argument("--out", help="predictions, one JSON line per example; a killed run resumes from it")
+    p.add_argument("--report", help="the JSON report (and a .md table beside it); default: beside --out")
+    p.add_argument("--list-benchmarks", action="store_true", help="print the benchmarks and exit")
+    p.add_argument("--synthetic", type=POSITIVE, default=200, help="--benchmark synthetic: generated images")
+    p.add_argument("--seed", type=int, default=12345, help="--benchmark synthetic: a seed not used for training")
+    p.add_argument("--size", type=number(int, 32), default=96, help="--benchmark synthetic: image side in pixels")
     p.set_defaults(func=cmd_eval)
 
     p = verbs.add_parser("train", help="fine-tune from a YAML config (also under torchrun)")

@@ -1,98 +1,310 @@
-"""`palikit eval`: task metrics on held-out images of the synthetic shapes world.
+"""`palikit eval`: a checkpoint scored as the model card scores it.
 
-Metrics (each over the examples of its task):
-- caption / ocr: exact match of the greedy output;
-- count / colour: answer accuracy (exact match of the short answer);
-- detect: box accuracy at IoU 0.5: ground-truth boxes matched one-to-one by a predicted box of
-  the same label, divided by (ground-truth boxes + unmatched predictions), so both misses and
-  false detections count against it;
-- segment: mean IoU between the union of predicted masks and the union of true masks of the kind.
+What is evaluated (palikit/benchmarks.py reads it):
+- `--benchmark NAME --data PATH`: a benchmark of the model card in the files it is published as
+  (its prompt template, metric and split come from benchmarks.BENCHMARKS);
+- `--data FILE.jsonl`: one's own held-out file in the fine-tuning format (image, prefix, suffix),
+  each example scored by the metrics of its task word (TaskSpec.eval_metrics: caption -> CIDEr,
+  answer -> VQA accuracy, ocr -> exact match and ANLS, detect -> acc@0.5 and mAP, segment -> mIoU)
+  unless `--metric` names one for all;
+- `--benchmark synthetic`: held-out scenes of the shapes world that trained the bundled model.
+
+How (the metrics are palikit/metrics.py's, each computed as big_vision's evaluator does):
+1. every example is generated greedily and scored on its own (Metric.score -> a small JSON
+   record), one line per example appended to the predictions file (`--out preds.jsonl`, fsync'd
+   per batch). A killed run started again skips the examples already there: nothing is lost,
+   nothing is counted twice;
+2. under torchrun each rank takes every world-th example and appends to its own file
+   (preds.rankR.jsonl); rank 0 merges them into the predictions file in example order;
+3. the records are aggregated per group (the benchmark, or the task word of a .jsonl/synthetic
+   example) and metric (Metric.aggregate: corpus CIDEr and mAP need every record at once) into a
+   JSON report and a Markdown table, beside the model card's number when the checkpoint is one.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
+from tqdm import tqdm
 
 from . import tasks
-from .synthetic import iter_examples
+from .atomic import read_records, write_text_atomic
+from .benchmarks import BENCHMARKS, EvalExample, benchmark, published, read_benchmark, read_synthetic
+from .data import DatasetError, Example, read_jsonl
+from .metrics import metric as metric_named
+from .processor import InputError, load_image
 
 
-def box_iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+def eval_example(ex: Example) -> EvalExample:
+    """A fine-tuning example as an evaluation example: its suffix is the one reference (detect /
+    segment truths are parsed from it once the image size is known)."""
+    return EvalExample(id=ex.where, image=ex.images[0] if len(ex.images) == 1 else list(ex.images),
+                       prefix=ex.prefix, answers=[ex.suffix.strip()], extra={"suffix": ex.suffix})
 
 
-def match_boxes(pred: list[tasks.Detection], true: list[tasks.Detection], threshold: float = 0.5) -> tuple[int, int]:
-    """Greedy one-to-one matching by IoU within each label -> (matched, denominator)."""
-    used, matched = set(), 0
-    for t in true:
-        best, best_iou = None, threshold
-        for j, p in enumerate(pred):
-            if j not in used and p.label == t.label and (iou := box_iou(p.box, t.box)) >= best_iou:
-                best, best_iou = j, iou
-        if best is not None:
-            used.add(best)
-            matched += 1
-    return matched, len(true) + len(pred) - len(used)
+def jsonl_examples(path: str | Path, limit: int | None = None) -> list[EvalExample]:
+    if not Path(path).is_file():
+        raise InputError(f"data file not found: {path}")
+    try:
+        return [eval_example(ex) for ex in read_jsonl(path)[:limit]]
+    except DatasetError as e:
+        raise InputError(str(e)) from None
 
 
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
+def load_examples(benchmark_name: str | None, data: str | None, split: str | None = None,
+                  limit: int | None = None, synthetic: dict | None = None) -> tuple[str, list[EvalExample]]:
+    """(name shown in the report, examples) for `palikit eval`'s --benchmark / --data; `synthetic`:
+    read_synthetic's n_images / seed / size for the synthetic benchmark, also the default."""
+    if benchmark_name is not None:
+        bench = benchmark(benchmark_name)
+        if bench.name == "synthetic":
+            return bench.name, list(read_synthetic(**(synthetic or {})))[:limit]
+        if data is None:
+            raise InputError(f"--benchmark {bench.name} needs --data PATH: {bench.layout}")
+        return bench.name, read_benchmark(bench.name, data, split, limit)
+    if data is None:  # plain `palikit eval`: the world the bundled model was trained on
+        return load_examples("synthetic", None, split, limit, synthetic)
+    if Path(data).suffix != ".jsonl":
+        raise InputError(f"{data}: --data alone takes a .jsonl file (image, prefix, suffix); for a "
+                         "benchmark's own files add --benchmark NAME")
+    return Path(data).name, jsonl_examples(data, limit)
 
 
-def evaluate_synthetic(pipe, n_images: int = 200, seed: int = 12345, size: int = 96,
-                       batch_size: int = 16) -> dict:
-    """Run every task on `n_images` generated scenes (a seed unseen in training) -> metrics.
-
-    Scenes are drawn at `size` px, as the training data, and resized by the processor."""
-    jobs = []  # (task, image, prompt, truth)
-    rng = np.random.default_rng(seed)
-    last_scene = None
-    for image, ex, scene in iter_examples(n_images, seed, size):
-        truth = tasks.parse_detections(ex["suffix"], *image.size).objects if ex["task"] == "detect" else ex["suffix"]
-        jobs.append((ex["task"], image, ex["prefix"], truth))
-        if scene is not last_scene:  # one segmentation question per scene, on a present kind
-            last_scene = scene
-            kind = scene.shapes[rng.integers(len(scene.shapes))].kind
-            mask = np.zeros(image.size[::-1], bool)
-            for shape in scene.shapes:
-                if shape.kind == kind:
-                    mask |= shape.mask
-            jobs.append(("segment", image, f"segment {kind}", mask))
-
-    scores: dict[str, list] = defaultdict(list)  # detect: (matched, denominator) per example
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
-        outs = pipe.generate_details([j[1] for j in chunk], [j[2] for j in chunk], max_new_tokens=64)
-        for (task, image, prompt, truth), (text, g) in zip(chunk, outs):
-            if task == "detect":
-                pred = pipe.parse_objects(task, text, g, image)
-                scores["detect"].append(match_boxes(pred, truth))
-            elif task == "segment":
-                pred = np.zeros(truth.shape, bool)
-                for seg in pipe.parse_objects(task, text, g, image):
-                    pred |= seg.mask
-                scores["segment"].append(mask_iou(pred, truth))
-            else:
-                scores[task].append(float(text.strip() == truth))
-    metrics = {f"{t}_accuracy" if t in ("count", "colour") else f"{t}_exact_match": float(np.mean(v))
-               for t, v in scores.items() if t in ("caption", "count", "colour", "ocr")}
-    matched, total = np.sum(scores["detect"], axis=0) if scores["detect"] else (0, 0)
-    metrics["detect_box_accuracy_iou50"] = float(matched / max(1, total))
-    metrics["segment_miou"] = float(np.mean(scores["segment"])) if scores["segment"] else 0.0
-    metrics["examples"] = {t: len(v) for t, v in scores.items()}
-    return metrics
+def task_of(ex: EvalExample) -> tasks.TaskSpec | None:
+    """What the output is parsed as: the example's task (RefCOCO's prompt is the bare sentence, as
+    big_vision's transfer config has it, yet the answer is a segmentation), else its task word."""
+    return tasks.spec_of_word(ex.extra.get("task", "")) or tasks.spec_of_word(tasks.task_word(ex.prefix))
 
 
-def write_report(metrics: dict, path: str | Path) -> None:
-    from .atomic import write_text_atomic
+def metrics_of(ex: EvalExample, bench_metric: str | None, override: str | None) -> tuple[str, ...]:
+    """Which metrics score an example: --metric, else the example's own (synthetic tasks), else the
+    benchmark's, else its task word's (exact match for a free-form prefix)."""
+    if override or ex.extra.get("metric") or bench_metric:
+        return (override or ex.extra.get("metric") or bench_metric,)
+    spec = task_of(ex)
+    return spec.eval_metrics if spec is not None else ("exact_match",)
 
-    write_text_atomic(path, json.dumps(metrics, indent=2))
+
+def truth_objects(pipe, ex: EvalExample, image, codec) -> list[dict]:
+    """The example's true objects; from its suffix (pixels at this image's size) for a .jsonl."""
+    spec = task_of(ex)
+    if ex.truth_objects or "suffix" not in ex.extra or spec is None or spec.parse is None:
+        return ex.truth_objects
+    objects = spec.parse(ex.extra["suffix"], image.width, image.height).objects
+    if spec.masks:
+        pipe.attach_masks(objects, image, codec)
+    return [{"label": o.label, "box": list(o.box), **({"mask": o.mask} if spec.masks else {})}
+            for o in objects]
+
+
+def score_example(pipe, ex: EvalExample, text: str, generated, image, names: Sequence[str], codec=None) -> dict:
+    """{metric name: its record} for one generated answer."""
+    inputs = {"prediction": text, "answers": ex.answers, "width": image.width, "height": image.height,
+              "extra": ex.extra, "truth_objects": truth_objects(pipe, ex, image, codec)}
+    spec = task_of(ex)
+    if spec is not None and spec.parse is not None:
+        try:
+            inputs["objects"] = pipe.parse_objects(spec, text, generated, image, codec)
+        except ValueError:  # unparseable output: no objects, which the metric counts as invalid
+            inputs["objects"] = []
+    return {name: metric_named(name).score(inputs) for name in names}
+
+
+def group_of(ex: EvalExample, name: str, by_task: bool) -> str:
+    return (ex.extra.get("task") or tasks.task_word(ex.prefix) or "-") if by_task else name
+
+
+def predict(pipe, examples: Sequence[EvalExample], indices: Sequence[int], *, name: str, by_task: bool,
+            bench_metric: str | None, metric: str | None, batch_size: int, max_new_tokens: int | None,
+            codec=None):
+    """Yield a list of records per batch, one per index, in order."""
+    for start in range(0, len(indices), batch_size):
+        chunk = [(i, examples[i]) for i in indices[start:start + batch_size]]
+        ready, records = [], {}
+        for i, ex in chunk:
+            records[i] = {"index": i, "id": ex.id, "group": group_of(ex, name, by_task), "prefix": ex.prefix,
+                          "answers": ex.answers}
+            try:
+                images = [load_image(p) for p in (ex.image if isinstance(ex.image, list) else [ex.image])]
+                ready.append((i, ex, images))
+            except (InputError, OSError) as e:
+                records[i]["error"] = str(e)
+        for (i, ex, images), (text, generated) in zip(ready, _generate(pipe, ready, max_new_tokens)):
+            if isinstance(generated, Exception):
+                records[i]["error"], text = str(generated), ""
+            records[i]["prediction"] = text
+            records[i]["scores"] = score_example(pipe, ex, text, generated, images[0],
+                                                 metrics_of(ex, bench_metric, metric), codec)
+        for i, ex in chunk:  # an example that could not run counts as wrong, not as absent
+            if "scores" not in records[i]:
+                records[i]["prediction"] = ""
+                records[i]["scores"] = {m: metric_named(m).score(_empty_inputs(ex))
+                                        for m in metrics_of(ex, bench_metric, metric)}
+        yield [records[i] for i, _ in chunk]
+
+
+def _empty_inputs(ex: EvalExample) -> dict:
+    return {"prediction": "", "answers": ex.answers, "objects": [], "truth_objects": ex.truth_objects,
+            "width": 1, "height": 1, "extra": ex.extra}
+
+
+def _generate(pipe, ready: list, max_new_tokens: int | None) -> list:
+    """(text, Generated) per ready example; when the batch fails, each runs alone so that only the
+    bad one (an over-long prompt) fails, with its error in place of the Generated."""
+    if not ready:
+        return []
+    budget = max_new_tokens or max((task_of(ex).max_new_tokens if task_of(ex) else 32) for _, ex, _ in ready)
+    try:
+        return pipe.generate_details([imgs for _, _, imgs in ready], [ex.prefix for _, ex, _ in ready],
+                                     max_new_tokens=budget, batch_size=len(ready))
+    except ValueError as e:
+        if len(ready) == 1:
+            return [("", e)]
+        return [out for r in ready for out in _generate(pipe, [r], max_new_tokens)]
+
+
+# ---- predictions files: resumable, one per rank, merged by rank 0
+
+
+def rank_file(out: Path, rank: int) -> Path:
+    return out.with_name(f"{out.stem}.rank{rank}{out.suffix}")
+
+
+def finished(out: Path, rank: int, examples: Sequence[EvalExample]) -> dict[int, dict]:
+    """Records already in the predictions file and every rank's file (a rank repairs only its own
+    torn last line). A record whose id is not the example's at that index belongs to another
+    evaluation: refuse rather than mix the two."""
+    done = {}
+    for path in [out, *sorted(out.parent.glob(f"{out.stem}.rank*{out.suffix}"))]:
+        for rec in read_records(path, repair=path in (out, rank_file(out, rank))):
+            i = rec.get("index")
+            if not isinstance(i, int) or i >= len(examples) or rec.get("id") != examples[i].id:
+                raise InputError(f"{path} holds predictions of another evaluation (example {i} is "
+                                 f"{rec.get('id')!r}, expected {examples[min(i or 0, len(examples) - 1)].id!r}); "
+                                 "pass a new --out")
+            done[i] = rec
+    return done
+
+
+def merge(out: Path, n_examples: int) -> list[dict]:
+    """Every rank's records into `out`, in example order, written atomically; the rank files go."""
+    parts = sorted(out.parent.glob(f"{out.stem}.rank*{out.suffix}"))
+    records = {r["index"]: r for path in [out, *parts] for r in read_records(path, repair=False)}
+    ordered = [records[i] for i in sorted(records)]
+    if parts:
+        write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+        for path in parts:
+            path.unlink()
+    if len(ordered) != n_examples:
+        raise InputError(f"{out}: {len(ordered)} of {n_examples} predictions; a rank stopped early, run again "
+                         "to finish")
+    return ordered
+
+
+def evaluate(pipe, examples: Sequence[EvalExample], *, name: str, bench_metric: str | None = None,
+             metric: str | None = None, batch_size: int = 8, max_new_tokens: int | None = None, codec=None,
+             out: str | Path | None = None, rank: int = 0, world: int = 1, by_task: bool = False,
+             model: str | None = None, split: str | None = None) -> dict:
+    """Generate and score every example (this rank's share), resuming from `out`; -> the report
+    (on every rank; the predictions are merged and scored on rank 0, the others return {})."""
+    if metric is not None:
+        metric_named(metric)  # an unknown --metric fails before any generation
+    if not examples:
+        raise InputError(f"{name}: no examples to evaluate")
+    from .finetune.dist import barrier
+
+    out = Path(out) if out is not None else None
+    if out is None and world > 1:
+        raise InputError("under torchrun pass --out PREDS.jsonl: the ranks merge their predictions through it")
+    done = finished(out, rank, examples) if out is not None else {}
+    mine = [i for i in range(rank, len(examples), world) if i not in done]
+    kept = list(done.values())
+    writer = open(rank_file(out, rank) if world > 1 else out, "a", encoding="utf-8") if out is not None else None
+    try:
+        with tqdm(total=len(mine), unit="example", disable=None if rank == 0 else True,
+                  desc=f"eval {name}") as bar:
+            for batch in predict(pipe, examples, mine, name=name, by_task=by_task, bench_metric=bench_metric,
+                                 metric=metric, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                 codec=codec):
+                if writer is not None:
+                    writer.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in batch))
+                    writer.flush()
+                    os.fsync(writer.fileno())
+                kept += batch
+                bar.update(len(batch))
+    finally:
+        if writer is not None:
+            writer.close()
+    if world > 1:
+        barrier()
+    if rank != 0:
+        return {}
+    records = merge(out, len(examples)) if out is not None else sorted(kept, key=lambda r: r["index"])
+    return report(records, name=name, model=model, predictions=out, split=split)
+
+
+# ---- the report
+
+
+def aggregate(records: Sequence[dict]) -> list[dict]:
+    """One row per (group, metric): its numbers over the group's records."""
+    by_key: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for rec in records:
+        for m, scored in rec["scores"].items():
+            by_key[(rec["group"], m)].append(scored)
+    return [{"group": group, "metric": m, "examples": len(rows), "values": metric_named(m).aggregate(rows)}
+            for (group, m), rows in by_key.items()]
+
+
+def report(records: Sequence[dict], *, name: str, model: str | None = None,
+           predictions: Path | None = None, split: str | None = None) -> dict:
+    """The rows of aggregate(), each beside the model card's number for the checkpoint (the card
+    names other splits than the default one as "refcoco/testA")."""
+    rows = aggregate(records)
+    hits = defaultdict(list)  # the whole output equal to the first reference: a check at a glance
+    for r in records:
+        hit = bool(r["answers"]) and r["prediction"].strip() == r["answers"][0]
+        hits["all"].append(hit)
+        hits[r["group"]].append(hit)
+    for row in rows:
+        if model is not None and row["group"] in BENCHMARKS:
+            other = split is not None and split != BENCHMARKS[row["group"]].split
+            row["model_card"] = published(f"{row['group']}/{split}" if other else row["group"], model)
+    return {"evaluated": name, "model": model, "examples": len(records),
+            "errors": sum("error" in r for r in records), "results": rows,
+            "exact_match": {g: sum(h) / len(h) for g, h in hits.items()},
+            "predictions": str(predictions) if predictions else None}
+
+
+def markdown(rep: dict) -> str:
+    """The report as a Markdown table; fractions shown x100 as the model card prints them."""
+    def shown(v):
+        return f"{v * 100:.1f}" if isinstance(v, float) else str(v)
+
+    lines = [f"**{rep['evaluated']}** ({rep['model']}): {rep['examples']} examples, {rep['errors']} errors", "",
+             "| group | metric | result | examples | model card |", "|---|---|---|---|---|"]
+    for row in rep["results"]:
+        values = ", ".join(f"{k} {shown(v)}" for k, v in row["values"].items())
+        card = row.get("model_card")
+        lines.append(f"| {row['group']} | {row['metric']} | {values} | {row['examples']} | "
+                     f"{'' if card is None else card} |")
+    return "\n".join(lines) + "\n"
+
+
+def validation_values(rep: dict) -> dict[str, float]:
+    """The trainer's validation numbers: `VALUE/GROUP` per task (cider/caption, accuracy/answer,
+    acc50/detect, ...) and exact match of the whole output, overall and per task."""
+    out = {f"{k}/{row['group']}": v for row in rep["results"] for k, v in row["values"].items()}
+    return out | {"exact_match": rep["exact_match"]["all"]} | {
+        f"exact_match/{g}": v for g, v in rep["exact_match"].items() if g != "all"}
+
+
+def write_report(rep: dict, path: str | Path) -> None:
+    """The JSON report at `path` and its Markdown table beside it (same name, .md)."""
+    path = Path(path)
+    write_text_atomic(path, json.dumps(rep, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(path.with_suffix(".md"), markdown(rep))

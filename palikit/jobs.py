@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from . import tasks
 from .api import PipelineProtocol
+from .atomic import read_records
 from .maskcodec import MaskCodec
 from .processor import InputError, load_image
 
@@ -44,28 +45,15 @@ def job_prompt(job: dict) -> tuple[str, tasks.TaskSpec]:
 
 
 def finished_lines(output: Path) -> set[int]:
-    """Line numbers already answered. A torn last line left by a crash (not a JSON record) is cut
-    off; a complete last record that only lacks its newline is kept and terminated."""
-    if not output.exists():
-        return set()
-    done, good_bytes, unterminated = set(), 0, False
-    with open(output, "rb") as f:
-        for raw in f:
-            try:
-                done.add(json.loads(raw)["line"])
-            except (ValueError, KeyError, TypeError):
-                break
-            good_bytes += len(raw)
-            unterminated = not raw.endswith(b"\n")
+    """Line numbers already answered (a torn last record is cut off, see atomic.read_records)."""
+    done = set()
+    for rec in read_records(output):
+        if not isinstance(rec.get("line"), int):
+            break
+        done.add(rec["line"])
     if 0 in done:  # palikit before 1-based line numbers: resuming would skip and redo the wrong jobs
         raise InputError(f"{output} numbers its lines from 0 (an older palikit); write to a new output file "
                          "or add 1 to each record's 'line' to resume it")
-    if good_bytes < output.stat().st_size:
-        with open(output, "r+b") as f:
-            f.truncate(good_bytes)
-    if unterminated:
-        with open(output, "ab") as f:
-            f.write(b"\n")
     return done
 
 

@@ -469,7 +469,8 @@ class TaskSpec:
     "answer" for the ask verb). words: the first words of its prompts. prompt: the builder; its
     keyword arguments are the task's fields (defaults and Literal choices come from its
     signature). parse: (text, width, height, pieces=, logprobs=) -> ParsedObjects, or None for a
-    text answer. masks: its objects carry seg codes that the mask codec decodes.
+    text answer. masks: its objects carry seg codes that the mask codec decodes. eval_metrics:
+    what `palikit eval` and the trainer's validation score its examples with (metrics.METRICS).
     """
 
     verb: str
@@ -483,6 +484,7 @@ class TaskSpec:
     parse: Callable[..., ParsedObjects] | None = None
     masks: bool = False
     aliases: Mapping[str, str] = field(default_factory=dict)  # `palikit run` job keys -> field
+    eval_metrics: tuple[str, ...] = ("exact_match",)
 
     @functools.cached_property  # frozen dataclass: the cache goes to __dict__, not through __setattr__
     def args(self) -> tuple[TaskArg, ...]:
@@ -570,18 +572,21 @@ _LANG = FieldText("Language", "language code, e.g. en, fr, de", "en")
 _LABELS = FieldText("Labels (separate with ;)", 'object names, e.g. ["cat", "dog"]', "cat ; dog")
 register(TaskSpec(
     "caption", "caption", ("cap", "caption", "describe"), caption_prompt, 64, "caption an image",
-    "caption", {"lang": _LANG, "style": FieldText("Style", "cap: alt text, caption: short, describe: long")}))
+    "caption", {"lang": _LANG, "style": FieldText("Style", "cap: alt text, caption: short, describe: long")},
+    eval_metrics=("cider",)))
 register(TaskSpec(
     "ask", "answer", ("answer",), ask_prompt, 32, "answer a question about an image", "ask a question",
-    {"question": FieldText("Question", "", "what is in the image?"), "lang": _LANG}))
+    {"question": FieldText("Question", "", "what is in the image?"), "lang": _LANG},
+    eval_metrics=("vqa_accuracy",)))
 register(TaskSpec(
     "question", "question", ("question",), question_prompt, 32, "ask a question whose answer is given",
     "write a question", {"answer": FieldText("Answer", "", "two"), "lang": _LANG}))
-register(TaskSpec("ocr", "ocr", ("ocr",), ocr_prompt, 128, "read the text in an image", "read text (OCR)"))
+register(TaskSpec("ocr", "ocr", ("ocr",), ocr_prompt, 128, "read the text in an image", "read text (OCR)",
+                  eval_metrics=("ocr",)))
 register(TaskSpec(
     "detect", "detect", ("detect",), detect_prompt, 128, "find objects: boxes", "detect objects",
-    {"labels": _LABELS}, parse=parse_detections))
+    {"labels": _LABELS}, parse=parse_detections, eval_metrics=("referring_detection", "detection_map")))
 register(TaskSpec(
     "segment", "segment", ("segment",), segment_prompt, 128, "find objects: boxes and masks",
     "segment objects", {"labels": FieldText(_LABELS.title, _LABELS.help, "cat")},
-    parse=parse_segmentations, masks=True, aliases={"label": "labels"}))
+    parse=parse_segmentations, masks=True, aliases={"label": "labels"}, eval_metrics=("segmentation_miou",)))

@@ -126,24 +126,30 @@ def test_data_check_verb_exit_status_and_report(train_file, tokenizer_file, tmp_
     assert main(["data", "check", str(tmp_path / "nothing.jsonl")]) == 2
 
 
-def test_eval_verb_writes_the_metrics_of_evaluate_synthetic(tmp_path, capsys, monkeypatch):
+def test_eval_verb_passes_its_options(tmp_path, capsys, monkeypatch):
+    """--synthetic/--seed/--size reach the synthetic reader, --batch-size the runner; the report
+    printed with --json is the one written beside --out."""
     from palikit import evaluate
 
-    calls = []
-    evaluate_synthetic = evaluate.evaluate_synthetic
+    calls, read, run = [], evaluate.read_synthetic, evaluate.evaluate
 
-    def spy(pipe, **kw):
+    def reader(**kw):
         calls.append(kw)
-        calls.append(evaluate_synthetic(pipe, **kw))
-        return calls[-1]
+        return read(**kw)
 
-    monkeypatch.setattr(evaluate, "evaluate_synthetic", spy)
-    path = tmp_path / "m.json"
+    def runner(pipe, examples, **kw):
+        calls.append(kw["batch_size"])
+        return run(pipe, examples, **kw)
+
+    monkeypatch.setattr(evaluate, "read_synthetic", reader)
+    monkeypatch.setattr(evaluate, "evaluate", runner)
+    path = tmp_path / "preds.jsonl"
     assert main(["eval", "--model", "default", "--dtype", "float32", "--synthetic", "4", "--seed", "7",
-                 "--size", "80", "--batch-size", "3", "--out", str(path)]) == 0
-    assert calls[0] == {"n_images": 4, "seed": 7, "size": 80, "batch_size": 3}
+                 "--size", "80", "--batch-size", "3", "--out", str(path), "--json"]) == 0
+    assert calls == [{"n_images": 4, "seed": 7, "size": 80}, 3]
     printed = json.loads(capsys.readouterr().out)
-    assert printed == json.loads(path.read_text()) == calls[1] and printed["examples"]["caption"] == 4
+    assert printed == json.loads(path.with_suffix(".report.json").read_text())
+    assert {r["group"]: r["examples"] for r in printed["results"]}["caption"] == 4
 
 
 # ---- serve -----------------------------------------------------------------------------------------
@@ -267,7 +273,7 @@ def test_cli_checks_arguments_as_the_server_checks_requests(tiny_model_dir, code
         (["detect", str(img), "", *model], "labels: must not be empty"),
         (["eval", *model, "--synthetic", "0"], "--synthetic: 0 is out of range"),
         (["run", *model, "--input", "j", "--output", "o", "--json"], "unrecognized arguments: --json"),
-        (["eval", *model, "--json"], "unrecognized arguments: --json"),
+        (["eval", *model, "--limit", "0"], "--limit: 0 is out of range"),
         (["segment", str(img), "cat", *model, "--vae", str(tmp_path / "not.npz")], "is not an .npz file"),
         (["segment", str(img), "cat", "--model", str(codecless_model)], "pass --vae PATH"),
     ]

@@ -251,10 +251,37 @@ def test_tiny_model_overfits_eight_examples(cfg, data):
     rows = [json.loads(line) for line in data["eight"].read_text().splitlines()]
     tasks = {r["prefix"].split()[0] for r in rows}  # caption, answer, ocr, detect
     assert len(tasks) > 1 and {k: result[f"exact_match/{k}"] for k in tasks} == dict.fromkeys(tasks, 1.0)
+    # ... and by each task's own metric, as `palikit eval` scores it
+    assert result["accuracy/answer"] == result["accuracy/detect"] == 1.0, sorted(result)
+    assert "cider/caption" in result and result["map/detect"] > 0.9
     pipe = palikit.load(Path(cfg["out_dir"]) / "final", dtype="float32")
     images = [str(data["eight"].parent / r["image"]) for r in rows]
     texts = pipe.generate(images, [r["prefix"] for r in rows], max_new_tokens=40)
     assert texts == [r["suffix"] for r in rows]
+
+
+def test_keep_best_and_early_stopping(cfg, data):
+    """keep_best keeps the checkpoint of the best evaluation as out_dir/best; early_stopping ends the
+    run once that many evaluations bring no better value (a learning rate too small to change
+    the greedy outputs: the first evaluation stays the best)."""
+    result = train(cfg | {"eval_file": str(data["eight"]), "steps": 8, "eval_every": 2, "eval_examples": 4,
+                          "lr": 1e-12, "keep_best": "exact_match", "early_stopping": 1})
+    out = Path(cfg["out_dir"])
+    assert result["step"] == 4, "stopped at the first evaluation without a new best"
+    best = json.loads((out / "best" / "best.json").read_text())
+    assert best["step"] == 2 and best["value"] == result["exact_match"]
+    assert palikit.load(out / "best", dtype="float32").config.text == palikit.load(out / "final").config.text
+
+
+def test_validation_config_errors(cfg, data):
+    with pytest.raises(ConfigError, match="eval_metric: unknown metric 'bleu'"):
+        load_config(cfg | {"eval_file": str(data["eight"]), "eval_metric": "bleu"})
+    with pytest.raises(ConfigError, match="need an eval_file"):
+        load_config(cfg | {"keep_best": "eval_loss"})
+    with pytest.raises(ConfigError, match="needs keep_best and eval_every"):
+        load_config(cfg | {"eval_file": str(data["eight"]), "early_stopping": 2})
+    with pytest.raises(ConfigError, match="keep_best='cider' is not a validation value; this run logs .*cider/caption"):
+        train(cfg | {"eval_file": str(data["eight"]), "steps": 1, "eval_examples": 4, "keep_best": "cider"})
 
 
 # ---- checkpoints and resume ----------------------------------------------------------------------

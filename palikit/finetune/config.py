@@ -89,7 +89,15 @@ class TrainConfig:
     seed: int = 0
     # Evaluation, logging, checkpoints (in steps; null = only at the end).
     eval_every: int | None = None
-    eval_examples: int = 64  # how many eval examples get a greedy generation (exact match)
+    eval_examples: int = 64  # how many eval examples get a greedy generation, scored by the task metric
+    # The metric of those generations (a palikit.metrics name, e.g. cider, vqa_accuracy, anls); null:
+    # each example's task word picks it, as `palikit eval` does (TaskSpec.eval_metrics).
+    eval_metric: str | None = None
+    # A logged validation number (cider/caption, accuracy/answer, acc50/detect, exact_match,
+    # eval_loss, ...): the checkpoint of its best evaluation is kept as out_dir/best (lowest for a
+    # loss, highest otherwise). early_stopping: stop after this many evaluations without a new best.
+    keep_best: str | None = None
+    early_stopping: int | None = None
     eval_batch_size: int = 8
     eval_max_new_tokens: int = 128
     save_every: int | None = None
@@ -216,6 +224,17 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"label_smoothing={cfg.label_smoothing} must be in [0, 1)")
     if cfg.warmup < 0 or cfg.lr <= 0 or cfg.keep_last < 1 or cfg.max_text_len < 4 or cfg.stop_after == 0:
         raise ConfigError("warmup must be >= 0, lr > 0, keep_last >= 1, max_text_len >= 4, stop_after > 0")
+    if cfg.eval_metric is not None:
+        from ..metrics import metric
+
+        try:
+            metric(cfg.eval_metric)
+        except ValueError as e:
+            raise ConfigError(f"eval_metric: {e}") from None
+    if (cfg.keep_best or cfg.early_stopping) and cfg.eval_file is None:
+        raise ConfigError("keep_best and early_stopping need an eval_file to evaluate on")
+    if cfg.early_stopping is not None and (cfg.keep_best is None or cfg.early_stopping < 1 or not cfg.eval_every):
+        raise ConfigError("early_stopping=N (N >= 1 evaluations) needs keep_best and eval_every")
     if cfg.lora is not None:
         if cfg.lora.r < 1:
             raise ConfigError(f"lora.r={cfg.lora.r} must be >= 1")

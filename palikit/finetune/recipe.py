@@ -54,10 +54,10 @@ from tqdm import tqdm
 from ..api import CODEC_FILES, DTYPES, Pipeline, load, save_model_files
 from ..atomic import write_text_atomic
 from ..data import DataSpec, Example, PaliGemmaDataset, StepSampler, load_examples, make_collate
+from ..evaluate import eval_example, evaluate, validation_values
 from ..paligemma import PaliGemma
 from ..processor import Tokenizer, suffix_logprobs
 from ..quantize import QuantizeError, quantize_4bit, require_bitsandbytes
-from ..tasks import task_word
 from ..weights import build_on_meta, iter_safetensors, save_hf_folder, weight_files
 # Called as checkpoint.save_rng(...), dist.barrier(), ...: through the module, so that a test's
 # hook on palikit.finetune.checkpoint / .dist reaches every call. `dist` is palikit.finetune.dist
@@ -261,6 +261,7 @@ class Trainer:
         self.total_steps = cfg.steps or math.ceil(cfg.epochs * len(self.train_set) / cfg.batch_size)
         self.warmup_steps = round(cfg.warmup * self.total_steps) if cfg.warmup < 1 else int(cfg.warmup)
         self.step = 0
+        self.stopped_early = False
         if cfg.resume and ckpt is not None:
             self.load_checkpoint(ckpt)
         else:
@@ -335,10 +336,13 @@ class Trainer:
             done = self.step == self.total_steps
             if self.eval_set.examples and ((cfg.eval_every and self.step % cfg.eval_every == 0) or done):
                 last |= self.evaluate()
+                if cfg.keep_best and self.keep_if_best(last) and not done:
+                    break  # early stopping; the best checkpoint is out_dir/best
             if (cfg.save_every and self.step % cfg.save_every == 0) or done:
                 self.save_checkpoint()
         bar.close()
-        if self.step == self.total_steps:
+        if self.step == self.total_steps or self.stopped_early:
+            self.save_checkpoint()
             self.save_final()
         return {"step": self.step, "out_dir": str(self.out), **last}
 
@@ -370,24 +374,53 @@ class Trainer:
         if self.rank == 0 and not sharded and cfg.eval_examples:
             examples = self.eval_set.examples[:cfg.eval_examples]
             longest = max(sum(e.loss_mask) for e in self.eval_set.encoded[:len(examples)])
-            pipe = Pipeline(self.core, self.tokenizer)
-            with self.autocast:
-                texts = pipe.generate([list(ex.images) for ex in examples], [ex.prefix for ex in examples],
-                                      max_new_tokens=min(longest, cfg.eval_max_new_tokens),
-                                      batch_size=cfg.eval_batch_size)
-            hits = [t.strip() == ex.suffix.strip() for t, ex in zip(texts, examples)]
-            out["exact_match"] = sum(hits) / len(examples)
-            by_task = {}  # by the prompt's first word (caption, answer, ocr, detect, ...)
-            for hit, ex in zip(hits, examples):
-                by_task.setdefault(task_word(ex.prefix) or "-", []).append(hit)
-            if len(by_task) > 1:
-                out |= {f"exact_match/{task}": sum(h) / len(h) for task, h in sorted(by_task.items())}
+            pipe = Pipeline(self.core, self.tokenizer, self.codec_path)
+            with self.autocast:  # the task metrics of `palikit eval`, per task word
+                rep = evaluate(pipe, [eval_example(ex) for ex in examples], name="valid",
+                               metric=cfg.eval_metric, by_task=True, batch_size=cfg.eval_batch_size,
+                               max_new_tokens=min(longest, cfg.eval_max_new_tokens))
+            out |= validation_values(rep)
         dist.barrier()
         module.train()
         if self.metrics:
             self.metrics.write(self.step, **out)
             log.info("step %d: %s", self.step, " ".join(f"{k} {v:.4f}" for k, v in out.items()))
         return out
+
+    def keep_if_best(self, values: dict) -> bool:
+        """Keep this step as out_dir/best when cfg.keep_best improved (every rank takes part: the
+        checkpoint save is collective); -> whether early stopping ends the run here."""
+        key = self.cfg.keep_best
+        # Generation metrics exist on rank 0 only (eval_loss on all): rank 0's value for every rank.
+        missing, value = dist.all_sum(*((float(key not in values), float(values.get(key, 0.0)))
+                                        if self.rank == 0 else (0.0, 0.0)))
+        if missing:  # raised on every rank, so that none waits in a collective
+            raise ConfigError(f"keep_best={key!r} is not a validation value; this run logs "
+                              f"{', '.join(sorted(values))}")
+        best_file = self.out / "best" / "best.json"
+        best = json.loads(best_file.read_text()) if best_file.exists() else None
+        lower = key.endswith("loss")
+        if best is None or (value < best["value"] if lower else value > best["value"]):
+            self.save_checkpoint()
+            if self.rank == 0:
+                src = self.out / f"step-{self.step:06d}" / ("adapter" if self.lora else "model")
+
+                def link(folder: Path) -> None:
+                    shutil.copytree(src, folder, copy_function=checkpoint.link_or_copy)
+                    save_model_files(folder, self.core.config, self.tokenizer.path, self.codec_path)
+                    write_text_atomic(folder / "best.json", json.dumps({key: value, "value": value,
+                                                                         "step": self.step}) + "\n")
+
+                checkpoint.save_folder(self.out / "best", link)
+            dist.barrier()
+            log.info("step %d: new best %s %.4f (out_dir/best)", self.step, key, value)
+            return False
+        patience = self.cfg.early_stopping
+        self.stopped_early = bool(patience) and self.step - best["step"] >= patience * self.cfg.eval_every
+        if self.stopped_early and self.rank == 0:
+            log.info("step %d: no better %s than %.4f (step %d) for %d evaluations: stopping early",
+                     self.step, key, best["value"], best["step"], patience)
+        return self.stopped_early
 
     # ---- checkpoints ----
 

@@ -1,0 +1,229 @@
+"""`palikit eval` end to end on the bundled model: benchmarks written in their published layouts
+(VQAv2, COCO captions Karpathy), a fine-tuning .jsonl scored by task word, resume after a kill with
+nothing lost or counted twice, two torchrun ranks equal to one process, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import palikit
+from palikit import evaluate as ev
+from palikit import benchmarks, metrics
+from palikit.api import Pipeline
+from palikit.cli import main
+from palikit.synthetic import generate_dataset, iter_examples
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = ["--model", "default", "--dtype", "float32"]
+
+
+def _report(out: Path) -> dict:
+    return json.loads(out.with_suffix(".report.json").read_text())
+
+
+def _values(rep: dict) -> dict:
+    return {(r["group"], r["metric"]): r["values"] for r in rep["results"]}
+
+
+def _preds(out: Path) -> list[dict]:
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    """Held-out scenes of the shapes world (seed 4242): (image, example) pairs of every task."""
+    return [(image, ex) for image, ex, _ in iter_examples(8, seed=4242, size=96)]
+
+
+@pytest.fixture(scope="module")
+def jsonl(tmp_path_factory):
+    """A fine-tuning file of every task (captions, questions, ocr, detect) on 4 scenes."""
+    return generate_dataset(tmp_path_factory.mktemp("jsonl"), 4, seed=4343, size=96, split_name="test")
+
+
+def test_vqav2_layout_end_to_end(tmp_path, scenes):
+    """The bundled model on questions written as VQAv2 publishes them: questions and annotations
+    JSON joined by question_id, COCO image names. 7 of 10 annotators give the true answer, so a
+    right prediction scores 1.0 (min(1, 7/3) in every leave-one-out subset) and a wrong one 0.0
+    unless it matches the other three."""
+    images, questions, annotations = tmp_path / "val2014", [], []
+    images.mkdir()
+    for n, (image, ex) in enumerate(scenes):
+        if ex["task"] not in ("count", "colour"):
+            continue
+        image_id, qid = 100 + n, 1000 + n
+        image.save(images / f"COCO_val2014_{image_id:012d}.jpg", quality=95)
+        questions.append({"image_id": image_id, "question": ex["prefix"].removeprefix("answer en "),
+                          "question_id": qid})
+        answers = [ex["suffix"]] * 7 + ["zebra"] * 3
+        annotations.append({"question_id": qid, "image_id": image_id, "answer_type": "other",
+                            "question_type": "how many", "multiple_choice_answer": ex["suffix"],
+                            "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                                        for i, a in enumerate(answers)]})
+    (tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps({"questions": questions}))
+    (tmp_path / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": annotations}))
+    out = tmp_path / "preds.jsonl"
+    assert main(["eval", *BASE, "--benchmark", "vqav2", "--data", str(tmp_path), "--out", str(out)]) == 0
+    preds, rep = _preds(out), _report(out)
+    assert [p["id"] for p in preds] == [str(q["question_id"]) for q in questions]
+    truth = {str(a["question_id"]): a["multiple_choice_answer"] for a in annotations}
+    right = [p["prediction"].strip() == truth[p["id"]] for p in preds]
+    assert 0 < sum(right), "the bundled model answers counting and colour questions"
+    assert _values(rep)[("vqav2", "vqav2_accuracy")]["accuracy"] == pytest.approx(sum(right) / len(right))
+    assert rep["examples"] == len(questions) and rep["errors"] == 0
+    assert "| vqav2 | vqav2_accuracy |" in out.with_suffix(".report.md").read_text()
+
+
+def test_coco_captions_karpathy_end_to_end(tmp_path, scenes):
+    """Captions scored by corpus CIDEr-D over the Karpathy split's images, equal to metrics.cider
+    on the predictions file (the report is computed from that file, as a resumed run's is)."""
+    images, entries = tmp_path / "val2014", []
+    images.mkdir()
+    for n, (image, ex) in enumerate(scenes):
+        if ex["task"] != "caption":
+            continue
+        name = f"COCO_val2014_{n:012d}.jpg"
+        image.save(images / name, quality=95)
+        entries.append({"filepath": "val2014", "filename": name, "cocoid": n, "split": "val",
+                        "sentences": [{"raw": ex["suffix"]}, {"raw": ex["suffix"].replace("a ", "one ", 1)}]})
+    entries.append({"filepath": "val2014", "filename": "x.jpg", "cocoid": 999, "split": "train", "sentences": []})
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": entries}))
+    out = tmp_path / "preds.jsonl"
+    assert main(["eval", *BASE, "--benchmark", "coco_captions", "--data", str(tmp_path), "--out", str(out)]) == 0
+    preds = _preds(out)
+    assert len(preds) == len(entries) - 1, "only the Karpathy val images"
+    score = _values(_report(out))[("coco_captions", "cider")]["cider"]
+    assert score == pytest.approx(metrics.cider([p["prediction"] for p in preds], [p["answers"] for p in preds]))
+    assert score > 0.5, "the bundled model captions its own world"
+
+
+def test_jsonl_scored_by_task_word(tmp_path, jsonl):
+    out = tmp_path / "preds.jsonl"
+    assert main(["eval", *BASE, "--data", str(jsonl), "--out", str(out)]) == 0
+    values = _values(_report(out))
+    assert {("caption", "cider"), ("answer", "vqa_accuracy"), ("ocr", "ocr"), ("detect", "referring_detection"),
+            ("detect", "detection_map")} <= set(values)
+    assert values[("detect", "referring_detection")]["accuracy"] > 0.5, "detect truths are parsed from the suffix"
+    out2 = tmp_path / "exact.jsonl"
+    assert main(["eval", *BASE, "--data", str(jsonl), "--metric", "exact_match", "--out", str(out2)]) == 0
+    assert {m for _, m in _values(_report(out2))} == {"exact_match"}
+
+
+def test_resume_after_kill_loses_and_repeats_nothing(tmp_path, jsonl, monkeypatch):
+    """A run killed after two batches, its file ending in a torn line, then started again: the
+    second run generates only the missing examples and the predictions and report equal an
+    uninterrupted run's."""
+    whole = tmp_path / "whole.jsonl"
+    assert main(["eval", *BASE, "--data", str(jsonl), "--batch-size", "4", "--out", str(whole)]) == 0
+    n = len(_preds(whole))
+    generate, calls, dying = Pipeline.generate_details, [], [True]
+
+    def dies_on_the_third_batch(self, images, prompts, **kw):
+        calls.append(len(prompts))
+        if dying[0] and len(calls) == 3:
+            raise KeyboardInterrupt
+        return generate(self, images, prompts, **kw)
+
+    monkeypatch.setattr(Pipeline, "generate_details", dies_on_the_third_batch)
+    out = tmp_path / "preds.jsonl"
+    assert main(["eval", *BASE, "--data", str(jsonl), "--batch-size", "4", "--out", str(out)]) == 130
+    assert len(_preds(out)) == 8
+    with open(out, "a") as f:
+        f.write('{"index": 8, "id": "torn')
+    calls.clear()
+    dying[0] = False
+    assert main(["eval", *BASE, "--data", str(jsonl), "--batch-size", "4", "--out", str(out)]) == 0
+    assert sum(calls) == n - 8, "only the examples not yet in the file are generated"
+    assert _preds(out) == _preds(whole)
+    assert _report(out)["results"] == _report(whole)["results"]
+
+
+def test_torchrun_two_ranks_equal_one_process(tmp_path, jsonl):
+    one = tmp_path / "one.jsonl"
+    assert main(["eval", *BASE, "--data", str(jsonl), "--out", str(one)]) == 0
+    two = tmp_path / "two.jsonl"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1",
+           "--nproc_per_node", "2", "-m", "palikit.eval", *BASE, "--data", str(jsonl), "--out", str(two)]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("| caption | cider |") == 1, "rank 0 alone prints the table"
+    assert not list(tmp_path.glob("two.rank*.jsonl")), "the rank files are merged and removed"
+    assert _preds(two) == _preds(one)
+    assert _report(two)["results"] == _report(one)["results"]
+
+
+def test_synthetic_is_the_default(tmp_path):
+    out = tmp_path / "preds.jsonl"
+    assert main(["eval", *BASE, "--synthetic", "3", "--out", str(out)]) == 0
+    groups = {g for g, _ in _values(_report(out))}
+    assert {"caption", "count", "ocr", "detect", "segment"} <= groups
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--benchmark", "nope"], "unknown benchmark 'nope'"),
+    (["--benchmark", "vqav2"], "--benchmark vqav2 needs --data"),
+    (["--data", "x.json"], "--data alone takes a .jsonl file"),
+    (["--data", "missing.jsonl"], "data file not found"),
+    (["--metric", "bleu"], "unknown metric 'bleu'"),
+])
+def test_errors_are_one_line(tmp_path, capsys, argv, message):
+    assert main(["eval", *BASE, *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_predictions_of_another_evaluation_are_refused(tmp_path, jsonl, capsys):
+    out = tmp_path / "preds.jsonl"
+    assert main(["eval", *BASE, "--synthetic", "2", "--out", str(out)]) == 0
+    assert main(["eval", *BASE, "--data", str(jsonl), "--out", str(out)]) == 2
+    assert "holds predictions of another evaluation" in capsys.readouterr().err
+
+
+def test_an_example_that_fails_counts_as_wrong(tmp_path, jsonl):
+    """A missing image is an error record scored as an empty answer, not a dropped example."""
+    rows = [json.loads(r) for r in jsonl.read_text().splitlines()[:4]]
+    for r in rows:
+        r["image"] = str(jsonl.parent / r["image"])
+    rows[0]["image"] = "gone.png"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rep = ev.evaluate(palikit.load("default", dtype="float32"), ev.jsonl_examples(bad), name="bad", by_task=True)
+    assert rep["examples"] == 4 and rep["errors"] == 1
+
+
+def test_refcoco_answers_are_parsed_as_segmentations(tmp_path):
+    """RefCOCO's prompt is the bare sentence (big_vision's transfer config) and has no task word:
+    the benchmark's task still makes the output a segmentation, scored by mIoU."""
+    from palikit.benchmarks import read_benchmark
+
+    from .test_benchmarks import fx_refcoco
+
+    path, _, _ = fx_refcoco(tmp_path)
+    ex = read_benchmark("refcoco", path)[0]
+    assert ex.prefix.split()[0] not in ("segment", "detect")
+    assert ev.task_of(ex).verb == "segment"
+    assert ev.metrics_of(ex, "segmentation_miou", None) == ("segmentation_miou",)
+
+
+def test_report_shows_the_model_card_number_for_the_checkpoint():
+    def record(group, name, inputs):
+        return {"index": 0, "id": "0", "group": group, "prefix": "", "answers": inputs.get("answers", []),
+                "prediction": inputs["prediction"], "scores": {name: metrics.metric(name).score(inputs)}}
+
+    vqa = [record("vqav2", "vqav2_accuracy", {"prediction": "yes", "answers": ["yes"] * 10, "extra": {}})]
+    rep = ev.report(vqa, name="vqav2", model="/ckpts/paligemma2-3b-pt-224/")
+    assert rep["results"][0]["model_card"] == 83.0
+    assert "| 83.0 |" in ev.markdown(rep)
+    assert ev.report(vqa, name="vqav2", model="my-finetune")["results"][0]["model_card"] is None
+    seg = [record("refcoco", "segmentation_miou", {"prediction": "", "objects": [], "width": 4, "height": 4,
+                                                   "truth_objects": [{"label": "x", "box": [0, 0, 2, 2], "mask": np.eye(4, dtype=bool)}]})]
+    rep = ev.report(seg, name="refcoco", model="google/paligemma2-3b-pt-448", split="testA")
+    assert rep["results"][0]["model_card"] == benchmarks.published("refcoco/testA", "paligemma2-3b-pt-448")
