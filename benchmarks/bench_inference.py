@@ -1,11 +1,16 @@
 """palikit vs transformers, side by side in one run, on a random-init full-size PaliGemma 2.
 
     .venv/bin/python benchmarks/bench_inference.py [--preset paligemma2-3b-pt-224] [--dtype bfloat16]
+        [--columns palikit palikit-int8 palikit-int4 transformers]
 
 Writes one checkpoint (palikit's writer, the released HF layout), then loads and runs it in a fresh
-subprocess per library, so load time and peak RSS are not polluted by the other. Rows: load time,
-peak RSS, time to first token (vision + prefill), decode tokens/s (batch 1), batch-8 captions/s.
-Random weights rarely emit <eos>, and both sides are forced to produce exactly --new-tokens tokens.
+subprocess per column, so load time and peak RSS are not polluted by the others. Columns: palikit
+in --dtype, palikit with int8 / int4 weights (palikit.quantize, the decoder and LM head), and
+transformers in --dtype. Rows: load time, peak RSS, time to first token (vision + prefill), decode
+tokens/s (batch 1), batch-8 captions/s, and decode as a fraction of its bandwidth floor: the bytes
+of the decoder's weights (the ones every decode step reads) against the read bandwidth this machine
+measures on a 512 MB tensor. Random weights rarely emit <eos>, and every column is forced to
+produce exactly --new-tokens tokens.
 """
 
 from __future__ import annotations
@@ -57,7 +62,25 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def run_palikit(folder: str, dtype: str, new_tokens: int) -> dict:
+def read_bandwidth_gb_s(repeats: int = 5) -> float:
+    """Best of `repeats` sums over a 512 MB float32 tensor: what a weight read can stream here."""
+    import torch
+
+    x = torch.ones(2**27)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def decoder_bytes(module) -> int:
+    """Bytes of the decoder's weights and buffers (the embedding table is the LM head too)."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def run_palikit(folder: str, dtype: str, new_tokens: int, quantize: str | None = None) -> dict:
     import torch
 
     import palikit
@@ -65,7 +88,7 @@ def run_palikit(folder: str, dtype: str, new_tokens: int) -> dict:
     from palikit.processor import encode_example
 
     t0 = time.perf_counter()
-    pipe = palikit.load(folder, dtype=dtype)
+    pipe = palikit.load(folder, dtype=dtype, quantize=quantize)
     load_s = time.perf_counter() - t0
     imgs = images(8)
     n = pipe.config.num_image_tokens
@@ -84,7 +107,8 @@ def run_palikit(folder: str, dtype: str, new_tokens: int) -> dict:
         full = run(1, new_tokens)
         batch8 = run(8, new_tokens)
     return {"load_s": load_s, "peak_rss_gb": peak_rss_gb(), "ttft_s": ttft,
-            "decode_tok_s": (new_tokens - 1) / (full - ttft), "batch8_captions_s": 8 / batch8}
+            "decode_tok_s": (new_tokens - 1) / (full - ttft), "batch8_captions_s": 8 / batch8,
+            "decoder_gb": decoder_bytes(pipe.model.language_model) / 1e9}
 
 
 def run_transformers(folder: str, dtype: str, new_tokens: int) -> dict:
@@ -118,8 +142,14 @@ def run_transformers(folder: str, dtype: str, new_tokens: int) -> dict:
         full = run(1, new_tokens)
         batch8 = run(8, new_tokens)
     return {"load_s": load_s, "peak_rss_gb": peak_rss_gb(), "ttft_s": ttft,
-            "decode_tok_s": (new_tokens - 1) / (full - ttft), "batch8_captions_s": 8 / batch8}
+            "decode_tok_s": (new_tokens - 1) / (full - ttft), "batch8_captions_s": 8 / batch8,
+            "decoder_gb": decoder_bytes(model.model.language_model) / 1e9}
 
+
+COLUMNS = {"palikit": lambda f, d, n: run_palikit(f, d, n),
+           "palikit-int8": lambda f, d, n: run_palikit(f, d, n, "int8"),
+           "palikit-int4": lambda f, d, n: run_palikit(f, d, n, "int4"),
+           "transformers": run_transformers}
 
 ROWS = [("load_s", "load time (s)", False), ("peak_rss_gb", "peak RSS (GB)", False),
         ("ttft_s", "time to first token (s)", False), ("decode_tok_s", "decode tokens/s, batch 1", True),
@@ -132,13 +162,13 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--checkpoint", help="reuse a checkpoint folder instead of writing a new one")
-    ap.add_argument("--worker", choices=["palikit", "transformers"], help=argparse.SUPPRESS)
+    ap.add_argument("--columns", nargs="+", choices=list(COLUMNS), default=list(COLUMNS))
+    ap.add_argument("--worker", choices=list(COLUMNS), help=argparse.SUPPRESS)
     ap.add_argument("--out", help="also write the results as JSON here")
     args = ap.parse_args()
 
     if args.worker:
-        fn = run_palikit if args.worker == "palikit" else run_transformers
-        print(json.dumps(fn(args.checkpoint, args.dtype, args.new_tokens)))
+        print(json.dumps(COLUMNS[args.worker](args.checkpoint, args.dtype, args.new_tokens)))
         return
 
     tmp = None
@@ -151,7 +181,9 @@ def main() -> None:
         print(f"wrote random {args.preset} ({args.dtype}) to {folder} in {time.perf_counter() - t:.0f} s", flush=True)
     try:
         results = {}
-        for lib in ("palikit", "transformers"):
+        bandwidth = read_bandwidth_gb_s()
+        print(f"read bandwidth: {bandwidth:.1f} GB/s (best of 5 sums over 512 MB)", flush=True)
+        for lib in args.columns:
             cmd = [sys.executable, __file__, "--worker", lib, "--checkpoint", folder, "--dtype", args.dtype,
                    "--new-tokens", str(args.new_tokens)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
@@ -161,14 +193,22 @@ def main() -> None:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\n{args.preset}, {args.dtype}, {args.new_tokens} new tokens\n")
-    print("| metric | palikit | transformers | palikit advantage |\n|---|---|---|---|")
+    print(f"\n{args.preset}, {args.dtype}, {args.new_tokens} new tokens; ratios to transformers "
+          f"(x: higher is better for palikit)\n")
+    base = results.get("transformers")
+    print("| metric | " + " | ".join(results) + " |\n|---|" + "---|" * len(results))
     for key, label, higher_is_better in ROWS:
-        a, b = results["palikit"][key], results["transformers"][key]
-        ratio = a / b if higher_is_better else b / a
-        print(f"| {label} | {a:.3g} | {b:.3g} | {ratio:.2f}x |")
+        cells = []
+        for r in results.values():
+            ratio = "" if base is None else f" ({(r[key] / base[key] if higher_is_better else base[key] / r[key]):.2f}x)"
+            cells.append(f"{r[key]:.3g}{ratio}")
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    floors = [f"{r['decode_tok_s'] / (bandwidth / r['decoder_gb']):.0%} of {bandwidth / r['decoder_gb']:.2g}"
+              for r in results.values()]
+    print("| decode vs bandwidth floor (tok/s) | " + " | ".join(floors) + " |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"preset": args.preset, "dtype": args.dtype, **results}, indent=2))
+        Path(args.out).write_text(json.dumps({"preset": args.preset, "dtype": args.dtype,
+                                              "read_bandwidth_gb_s": bandwidth, **results}, indent=2))
 
 
 if __name__ == "__main__":

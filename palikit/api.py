@@ -60,7 +60,7 @@ def check_device(device: str | torch.device) -> torch.device:
 
 def load(source: str | Path = "default", dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
          tokenizer: str | Path | None = None, sliding_window: bool = False,
-         logit_softcap: str | None = None) -> Pipeline:
+         logit_softcap: str | None = None, quantize: str | None = None, group_size: int = 32) -> Pipeline:
     """Load a PaliGemma / PaliGemma 2 checkpoint: an HF folder (single or sharded safetensors), a
     big_vision .npz (pass `tokenizer=` for it), a hub id, or "default" (the bundled tiny model).
 
@@ -69,6 +69,8 @@ def load(source: str | Path = "default", dtype: str | torch.dtype = "bfloat16", 
     logit_softcap: which logits get PaliGemma 2's final soft-cap (see PaliGemmaConfig.logit_softcap):
     "config" (transformers' way; the default for HF folders), "big_vision" (decode steps only; the
     default for .npz files, which come from big_vision) or "off".
+    quantize: "int8" or "int4" weight-only decoder weights (int4 in groups of `group_size`
+    inputs) and an int8 embedding / LM head, on the CPU (palikit.quantize).
     """
     check_device(device)
     if logit_softcap is not None and logit_softcap not in LOGIT_SOFTCAP_MODES:
@@ -91,6 +93,10 @@ def load(source: str | Path = "default", dtype: str | torch.dtype = "bfloat16", 
             model.config.resample = RESAMPLE_OF_PIL_ID.get(resample, "bicubic")
     if not tok_file.exists():
         raise CheckpointError(f"no tokenizer: {tok_file} not found (pass tokenizer=PATH)")
+    if quantize is not None:
+        from .quantize import quantize_weights
+
+        quantize_weights(model, quantize, group_size)
     folder = path.parent if path.is_file() else path
     codec = next((folder / n for n in CODEC_FILES if (folder / n).exists()), None)
     return Pipeline(model, Tokenizer(tok_file, image_token_id=model.config.image_token_id), codec)
@@ -329,6 +335,8 @@ class Pipeline:
         """A complete model folder, in the released HF layout: config.json, the weights, and
         save_model_files' tokenizer, preprocessor config and mask codec. palikit.load reads it back
         with the same resize filter and segment still working."""
+        if self.config.quantization:
+            raise InputError("a model quantised at load is not saved; save the model loaded without quantize")
         save_hf_folder(self.model, folder)
         save_model_files(folder, self.config, self.tokenizer.path, self.codec_path)
 

@@ -18,15 +18,22 @@ import sys
 from pathlib import Path
 
 from . import tasks
-from .config import LOGIT_SOFTCAP_MODES
+from .config import LOGIT_SOFTCAP_MODES, QUANT_SCHEMES
 from .processor import InputError, load_image
 from .weights import CheckpointError
 
 
-def cmd_generate(args) -> None:
+def load_model(args, **options):
+    """palikit.load with the model options every verb that loads a model takes (_model_args)."""
     import palikit
 
-    pipe = palikit.load(args.model, dtype=args.dtype, logit_softcap=args.logit_softcap)
+    return palikit.load(args.model, **{"dtype": args.dtype, "logit_softcap": args.logit_softcap,
+                                       "quantize": args.quantize, "group_size": args.group_size, **options})
+
+
+def cmd_generate(args) -> None:
+
+    pipe = load_model(args)
     images = args.image if len(args.image) > 1 else args.image[0]
     text, out = pipe.generate_details(images, args.prompt, max_new_tokens=args.max_new_tokens,
                                       do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
@@ -41,11 +48,10 @@ def cmd_generate(args) -> None:
 
 def cmd_task(args) -> None:
     """A verb of tasks.TASKS on one image: its text, or its objects (and an optional overlay PNG)."""
-    import palikit
     from palikit.overlay import draw
 
     spec = tasks.TASKS[args.verb]
-    pipe = palikit.load(args.model, dtype=args.dtype, logit_softcap=args.logit_softcap)
+    pipe = load_model(args)
     image = load_image(args.image)
     values = {a.name: getattr(args, a.name) for a in spec.args}
     if spec.masks and args.vae is None and pipe.codec_path is None:
@@ -75,10 +81,9 @@ def write_image_atomic(image, path) -> None:
 
 
 def cmd_run(args) -> None:
-    import palikit
     from palikit.jobs import run_jobs
 
-    pipe = palikit.load(args.model, dtype=args.dtype, logit_softcap=args.logit_softcap)
+    pipe = load_model(args)
     stats = run_jobs(pipe, args.input, args.output, batch_size=args.batch_size,
                      max_new_tokens=args.max_new_tokens, codec=args.vae)
     print(json.dumps(stats))
@@ -109,7 +114,6 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_eval(args) -> None:
-    import palikit
     from palikit.benchmarks import BENCHMARKS
     from palikit.evaluate import evaluate, load_examples, markdown, write_report
     from palikit.finetune.dist import init_distributed
@@ -123,7 +127,7 @@ def cmd_eval(args) -> None:
     rank, world, device = init_distributed(args.device)  # one process unless started by torchrun
     name, examples = load_examples(args.benchmark, args.data, args.split, args.limit,
                                    {"n_images": args.synthetic, "seed": args.seed, "size": args.size})
-    pipe = palikit.load(args.model, dtype=args.dtype, device=str(device), logit_softcap=args.logit_softcap)
+    pipe = load_model(args, device=str(device))
     bench = BENCHMARKS.get(name)
     rep = evaluate(pipe, examples, name=name, bench_metric=bench.metric if bench else None,
                    metric=args.metric, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
@@ -140,11 +144,10 @@ def cmd_demo(args) -> None:
     """Every task on a generated shapes image (or --image), printed, plus an overlay PNG."""
     import numpy as np
 
-    import palikit
     from palikit.synthetic import KINDS, make_scene, trained_prompts_text
     from palikit.overlay import draw
 
-    pipe = palikit.load(args.model, dtype="float32", logit_softcap=args.logit_softcap)
+    pipe = load_model(args, dtype="float32")
     if args.image:
         image = load_image(args.image)
     else:
@@ -182,7 +185,8 @@ def cmd_serve(args) -> None:
     from palikit.serve import serve
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("PALIKIT_API_KEY"),
-          dtype=args.dtype, device=args.device, logit_softcap=args.logit_softcap, max_batch=args.max_batch,
+          dtype=args.dtype, device=args.device, logit_softcap=args.logit_softcap, quantize=args.quantize,
+          group_size=args.group_size, max_batch=args.max_batch,
           max_queue=args.max_queue, allow_local_paths=args.allow_local_paths or False, allow_urls=args.allow_urls)
 
 
@@ -190,8 +194,15 @@ def _model_args(p: argparse.ArgumentParser, json_output: bool = True) -> None:
     p.add_argument("--model", default="default", help="folder, .npz, hub id, or 'default' (bundled tiny model)")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     _softcap_arg(p)
+    _quantize_args(p)
     if json_output:
         p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=QUANT_SCHEMES, help="weight-only int8 or int4 decoder weights (CPU; "
+                                                       "the embedding / LM head in int8)")
+    p.add_argument("--group-size", type=number(int, 32), default=32, help="int4: inputs per scale (32, 64, 128, 256)")
 
 
 def _softcap_arg(p: argparse.ArgumentParser) -> None:
@@ -279,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="your own image instead of a generated one")
     p.add_argument("--seed", type=int, default=1, help="which generated scene (1: two kinds and a number)")
     _softcap_arg(p)
+    _quantize_args(p)
     p.add_argument("--out", default="demo_out")
     p.set_defaults(func=cmd_demo)
 
@@ -339,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     _softcap_arg(p)
+    _quantize_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
     p.add_argument("--port", type=number(int, 0, 65535), default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $PALIKIT_API_KEY)")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 
 LOGIT_SOFTCAP_MODES = ("config", "big_vision", "off")  # see PaliGemmaConfig.logit_softcap
+QUANT_SCHEMES = ("int8", "int4")  # weight-only, at load: palikit.quantize.quantize_weights
 
 
 @dataclass
@@ -90,6 +91,9 @@ class PaliGemmaConfig:
     #   (big_vision/models/proj/paligemma/gemma_bv.py, models/ppp/gemma.py);
     # "off": none.
     logit_softcap: str = "config"
+    # Weight-only quantisation applied at load (palikit.quantize.quantize_weights), a run-time
+    # choice like logit_softcap: {"scheme": "int8" | "int4", "group_size": ..., "vision": ...}.
+    quantization: dict | None = None
 
     @property
     def num_image_tokens(self) -> int:

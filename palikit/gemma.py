@@ -167,8 +167,8 @@ class Gemma(nn.Module):
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings times sqrt(D), the factor rounded to the table's dtype (big_vision)."""
-        table = self.embed_tokens.weight
-        return F.embedding(ids, table) * torch.tensor(self.config.hidden_size**0.5, dtype=table.dtype)
+        rows = self.embed_tokens(ids)  # an nn.Embedding, or quantize.Int8Embedding's dequantised rows
+        return rows * torch.tensor(self.config.hidden_size**0.5, dtype=rows.dtype)
 
     def forward(self, x, positions, masks: dict, cache: KVCache | None = None, start: int = 0):
         """x (B, T, D) embeddings; positions (B, T) -> final-normed hidden states (B, T, D)."""
@@ -183,7 +183,9 @@ class Gemma(nn.Module):
     def logits(self, hidden: torch.Tensor, capped: bool = True) -> torch.Tensor:
         """Tied output layer, Gemma 2's final soft-cap when `capped`; float32 for stable log-probs."""
         table = self.embed_tokens.weight
-        if hidden.numel() == hidden.shape[-1]:  # one row: matrix-vector product, see Linear
+        if hasattr(self.embed_tokens, "project"):  # quantised: palikit.quantize.Int8Embedding
+            logits = self.embed_tokens.project(hidden).float()
+        elif hidden.numel() == hidden.shape[-1]:  # one row: matrix-vector product, see Linear
             logits = torch.mv(table, hidden.reshape(-1)).view(*hidden.shape[:-1], -1).float()
         else:
             logits = (hidden @ table.T).float()

@@ -34,12 +34,12 @@ class PaliGemma(nn.Module):
         self.language_model = Gemma(config.text)
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.language_model.embed_tokens.weight.dtype
+    def dtype(self) -> torch.dtype:  # the final norm's: the embedding table may be quantised
+        return self.language_model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.language_model.embed_tokens.weight.device
+        return self.language_model.norm.weight.device
 
     def embed_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels (I, 3, S, S) -> (I, N, D) image tokens in the decoder's space."""

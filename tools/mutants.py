@@ -294,7 +294,7 @@ MUTANTS = [
     Mutant(
         "sqrt(D) not rounded to the weight dtype",
         "palikit/gemma.py",
-        "torch.tensor(self.config.hidden_size**0.5, dtype=table.dtype)",
+        "torch.tensor(self.config.hidden_size**0.5, dtype=rows.dtype)",
         "self.config.hidden_size**0.5",
         (WEIGHTS + "test_bfloat16_load[pg1]", WEIGHTS + "test_bfloat16_load[pg2]"),
     ),
@@ -905,6 +905,35 @@ MUTANTS = [
         "            out |= validation_values(rep)",
         '            out |= {k: v for k, v in validation_values(rep).items() if k.startswith("exact_match")}',
         (FT + "test_tiny_model_overfits_eight_examples",),
+    ),
+    Mutant(
+        "int4 offset without the 8 levels below the midpoint",
+        "palikit/quantize.py",
+        "zero = low + 8 * scale",
+        "zero = low",
+        ("tests/test_quantize.py::test_int4_linear_is_its_dequantised_weight[32]",
+         "tests/test_quantize.py::test_bundled_model_stays_close_to_float32[int4-2.0]"),
+    ),
+    Mutant(
+        "int8 weights truncated instead of rounded",
+        "palikit/quantize.py",
+        "return (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8), scale",
+        "return (w / scale[:, None]).clamp(-128, 127).to(torch.int8), scale",
+        ("tests/test_quantize.py::test_int8_linear_is_its_dequantised_weight",),
+    ),
+    Mutant(
+        "quantize leaves the LM head in full precision",
+        "palikit/quantize.py",
+        "    model.language_model.embed_tokens = Int8Embedding(model.language_model.embed_tokens)\n",
+        "",
+        ("tests/test_quantize.py::test_bundled_model_stays_close_to_float32[int8-0.5]",),
+    ),
+    Mutant(
+        "a quantised model is saved as if it were not",
+        "palikit/api.py",
+        "        if self.config.quantization:\n",
+        "        if False:\n",
+        ("tests/test_quantize.py::test_errors",),
     ),
 ]
 
