@@ -43,6 +43,11 @@ HF_NEW = [  # transformers >= 4.52 save_pretrained
     ("model.language_model.", "language_model."),
     ("lm_head.", None),
 ]
+# Module names of transformers' PaliGemmaForConditionalGeneration at run time (transformers 5),
+# which peft adapters for it name: (palikit prefix, transformers prefix). hf_to_palikit reads them back.
+TRANSFORMERS_MODULES = [("vision_tower.", "model.vision_tower."),
+                        ("multi_modal_projector.", "model.multi_modal_projector."),
+                        ("language_model.", "model.language_model.")]
 # In Gemma 1 checkpoints `post_attention_layernorm` is the norm *before* the MLP.
 _PG1_NORM = (re.compile(r"(layers\.\d+\.)post_attention_layernorm"), r"\1pre_feedforward_layernorm")
 _PG1_NORM_BACK = (re.compile(r"(layers\.\d+\.)pre_feedforward_layernorm"), r"\1post_attention_layernorm")
@@ -99,6 +104,14 @@ def palikit_to_hf(name: str, version: int) -> str:
     for src, dst in HF_LEGACY:
         if dst is not None and name.startswith(dst):
             return src + name[len(dst):]
+    raise KeyError(name)
+
+
+def palikit_to_transformers_module(name: str) -> str:
+    """A palikit module name as transformers' PaliGemmaForConditionalGeneration names it."""
+    for src, dst in TRANSFORMERS_MODULES:
+        if name.startswith(src):
+            return dst + name[len(src):]
     raise KeyError(name)
 
 

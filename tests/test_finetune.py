@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 import palikit
@@ -22,6 +23,7 @@ from palikit.finetune import (
     ConfigError,
     Trainer,
     apply_lora,
+    load_adapter,
     load_config,
     merge,
     param_table,
@@ -258,6 +260,28 @@ def test_tiny_model_overfits_eight_examples(cfg, data):
     images = [str(data["eight"].parent / r["image"]) for r in rows]
     texts = pipe.generate(images, [r["prefix"] for r in rows], max_new_tokens=40)
     assert texts == [r["suffix"] for r in rows]
+    _transformers_agrees(Path(cfg["out_dir"]) / "final", Path(cfg["out_dir"]) / "final", pipe, images[:3],
+                         [r["prefix"] for r in rows[:3]])
+
+
+def _transformers_agrees(base: Path, adapter: Path | None, pipe, images: list, prompts: list[str]) -> list:
+    """transformers (+ peft for an adapter) with AutoProcessor reading `adapter or base` gives palikit's
+    greedy tokens for `pipe`; -> palikit's tokens."""
+    from peft import PeftModel
+    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+
+    want = [g.tokens for _, g in pipe.generate_details(images, prompts, max_new_tokens=12)]
+    model = PaliGemmaForConditionalGeneration.from_pretrained(base)
+    if adapter != base:
+        model = PeftModel.from_pretrained(model, str(adapter))
+    processor = AutoProcessor.from_pretrained(adapter)
+    for image, prompt, tokens in zip(images, prompts, want):
+        inputs = processor(images=Image.open(image).convert("RGB"), text=prompt, return_tensors="pt")
+        with torch.no_grad():
+            out_ids = model.eval().generate(**inputs, max_new_tokens=12, do_sample=False)
+        got = out_ids[0, inputs["input_ids"].shape[1]:].tolist()
+        assert tokens and got[:len(tokens)] == tokens, (prompt, got, tokens)
+    return want
 
 
 def test_keep_best_and_early_stopping(cfg, data):
@@ -389,13 +413,12 @@ def test_merge_lora(cfg, tmp_path, tiny_model_dir):
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(tiny_model_dir)
     merged = merge(tiny_model_dir, adapter, tmp_path / "merged")
-    from peft import PeftModel
 
     images = [str(Path(cfg["train_file"]).parent / "images" / "train_000000.png")]
     args = (images, ["caption en"], ["a red circle"])
     base = palikit.load(tiny_model_dir, dtype="float32", logit_softcap="off")  # as the adapters trained
     plain = base.score(*args)
-    PeftModel.from_pretrained(base.model, str(adapter))  # injects the (unmerged) adapters into base.model
+    load_adapter(base.model, adapter)  # injects the (unmerged) adapters into base.model
     want = base.score(*args)
     got = palikit.load(merged, dtype="float32").score(*args)
     assert got == pytest.approx(want, abs=1e-4) and want != pytest.approx(plain, abs=1e-3)
@@ -527,3 +550,27 @@ def test_fsdp_resume_is_exact(cfg, tmp_path):
     a, b = _final_tensors(tmp_path / "straight", False), _final_tensors(tmp_path / "broken", False)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert _losses(tmp_path / "broken") == _with_sentinel(_losses(tmp_path / "straight"))
+
+
+def test_lora_adapter_loads_in_transformers_and_peft(tmp_path):
+    """A LoRA trained by palikit on the bundled model, loaded as users of transformers do:
+    PaliGemmaForConditionalGeneration (base folder) + peft's PeftModel (adapter folder) + AutoProcessor
+    (the adapter folder has the processor files too) gives palikit's greedy tokens, which the adapter
+    changed."""
+    base = tmp_path / "base"
+    palikit.load("default", dtype="float32").save(base)
+    data = generate_dataset(tmp_path / "data", 3, seed=5, size=96)
+    out = tmp_path / "run"
+    train({"model": str(base), "train_file": str(data), "out_dir": str(out), "steps": 6, "batch_size": 4,
+           "lr": 3e-2, "warmup": 0, "lora": {"r": 8, "alpha": 16, "targets": "llm"}})
+    adapter = out / "final"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert all(t.startswith("model.language_model.layers.") for t in config["target_modules"])
+
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    rows = [r for r in rows if r["task"] in ("caption", "count", "colour", "ocr")][:6]
+    images, prompts = [str(data.parent / r["image"]) for r in rows], [r["prefix"] for r in rows]
+    plain = palikit.load(base, dtype="float32")
+    before = [g.tokens for _, g in plain.generate_details(images, prompts, max_new_tokens=12)]
+    load_adapter(plain.model, adapter)
+    assert _transformers_agrees(base, adapter, plain, images, prompts) != before, "the adapter changes outputs"

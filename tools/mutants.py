@@ -935,6 +935,20 @@ MUTANTS = [
         "        if False:\n",
         ("tests/test_quantize.py::test_errors",),
     ),
+    Mutant(
+        "LoRA adapters saved under palikit's module names",
+        "palikit/finetune/model.py",
+        "renamed[_PEFT_PREFIX + palikit_to_transformers_module(name) + rest] = tensor",
+        "renamed[_PEFT_PREFIX + name + rest] = tensor",
+        (FT + "test_lora_adapter_loads_in_transformers_and_peft",),
+    ),
+    Mutant(
+        "load_adapter matches targets by palikit's names only",
+        "palikit/finetune/model.py",
+        "targets = [n for n in linear if check_target_module_exists(config, palikit_to_transformers_module(n))",
+        "targets = [n for n in linear if False",
+        (FT + "test_merge_lora", FT + "test_lora_adapter_loads_in_transformers_and_peft"),
+    ),
 ]
 
 

@@ -3,7 +3,8 @@ under torchrun). The package map:
 
 - recipe.py: the recipe: Trainer (setup -> train -> save_checkpoint -> cleanup), the loss, train, merge
 - config.py: TrainConfig, LoraSettings, the TRAINABLE / LORA_TARGETS presets, load_config, ConfigError
-- model.py: the model a config names, random init, LoRA adapters, the trainable-parameter table
+- model.py: the model a config names, random init, LoRA adapters (saved under transformers' module
+  names: export_adapter / load_adapter), the trainable-parameter table
 - checkpoint.py: atomic checkpoint folders, optimizer and RNG state, the newest checkpoint of a run
 - dist.py: torchrun ranks: init_distributed, barrier, all_sum
 - __main__.py: the torchrun entry point, the same command as `palikit train` (palikit.cli)
@@ -13,8 +14,8 @@ the data order) is palikit.data.
 """
 
 from .config import LORA_TARGETS, TRAINABLE, ConfigError, LoraSettings, TrainConfig, load_config
-from .model import apply_lora, param_table
+from .model import apply_lora, load_adapter, param_table
 from .recipe import Trainer, loss_fn, merge, train
 
 __all__ = ["LORA_TARGETS", "TRAINABLE", "ConfigError", "LoraSettings", "TrainConfig", "Trainer", "apply_lora",
-           "load_config", "loss_fn", "merge", "param_table", "train"]
+           "load_adapter", "load_config", "loss_fn", "merge", "param_table", "train"]

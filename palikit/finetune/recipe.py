@@ -40,7 +40,6 @@ from pathlib import Path
 import torch
 import torch.distributed
 import yaml
-from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -64,7 +63,7 @@ from ..weights import build_on_meta, iter_safetensors, save_hf_folder, weight_fi
 # (its barrier and all_sum are no-ops in one process); torch's is spelled torch.distributed here.
 from . import checkpoint, dist
 from .config import _LLM_LINEAR, TRAINABLE, ConfigError, TrainConfig, apply_smoke, load_config
-from .model import apply_lora, build_model, param_table
+from .model import adapter_state, apply_lora, build_model, export_adapter, load_adapter, param_table
 
 log = logging.getLogger(__name__)
 TRAINED_WITH = "palikit_trained_with.json"  # in adapter folders: settings merge must carry over
@@ -446,6 +445,7 @@ class Trainer:
             state = {k.removeprefix("model."): v for k, v in model_state.items()}
             if self.lora:
                 self.loss_module.model.save_pretrained(tmp / "adapter", state_dict=state)
+                export_adapter(tmp / "adapter")  # transformers' module names, for transformers + peft
                 # What the adapters were trained with, for merge (peft's own files have no room for it).
                 write_text_atomic(tmp / "adapter" / TRAINED_WITH, json.dumps(
                     {"final_logit_softcap": self.core.config.text.final_logit_softcap}) + "\n")
@@ -473,9 +473,8 @@ class Trainer:
             raise ConfigError(f"{ckpt} was {'' if state['lora'] else 'not '}trained with LoRA; "
                               "this config differs")
         if self.lora:  # peft's file names -> our module's (adapter name back in)
-            tensors = load_file(ckpt / "adapter" / "adapter_model.safetensors")
             weights = {"model." + re.sub(r"\.(lora_[AB])\.weight$", r".\1.default.weight", k): v
-                       for k, v in tensors.items()}
+                       for k, v in adapter_state(ckpt / "adapter").items()}
         else:
             files = weight_files(ckpt / "model")
             weights = {"model." + k: v for k, v in iter_safetensors(files, self.core.config.version)}
@@ -564,10 +563,9 @@ def merge(base_source: str | Path, adapter_dir: str | Path, out_dir: str | Path,
 
     The merge runs in `dtype` (float32 by default: merging into bfloat16 weights rounds twice).
     """
-    from peft import PeftModel
 
     pipe = load(base_source, dtype=dtype)
-    model = PeftModel.from_pretrained(pipe.model, str(adapter_dir)).merge_and_unload()
+    model = load_adapter(pipe.model, adapter_dir).merge_and_unload()
     if (trained := Path(adapter_dir) / TRAINED_WITH).exists():  # trained without the cap: saved without it
         model.config.text.final_logit_softcap = json.loads(trained.read_text())["final_logit_softcap"]
     tok = Path(adapter_dir) / "tokenizer.model"
