@@ -25,8 +25,10 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 import re
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -318,8 +320,24 @@ def tokenize_captions(texts: Sequence[str], java: bool | None = None) -> list[st
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     except ImportError:
         raise ImportError(f"the Java PTB tokenizer needs pycocoevalcap: {_EVAL_EXTRA}") from None
-    tokens = PTBTokenizer().tokenize({i: [{"caption": t}] for i, t in enumerate(texts)})
+    with _java_quiet():
+        tokens = PTBTokenizer().tokenize({i: [{"caption": t}] for i, t in enumerate(texts)})
     return [tokens[i][0] for i in range(len(texts))]
+
+
+@contextlib.contextmanager
+def _java_quiet():
+    """Send what the Java tokenizer prints on stderr ("PTBTokenizer tokenized 47 tokens at ...")
+    to /dev/null: it inherits the process's file descriptor 2, past Python's sys.stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def cider(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:

@@ -44,11 +44,17 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.float32 else dtype
 
 
-def _int8_per_row(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 with one scale per row: weight ~= q * scale[:, None]."""
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-    return (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8), scale
+def _int8_per_row(weight: torch.Tensor, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one scale per row: weight ~= q * scale[:, None]. In blocks of `rows`,
+    so that the float32 temporaries of a 257k-row embedding table stay small."""
+    q = torch.empty(weight.shape, dtype=torch.int8)
+    scale = torch.empty(weight.shape[0])
+    for start in range(0, weight.shape[0], rows):
+        w = weight[start:start + rows].detach().float()
+        s = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        q[start:start + rows] = (w / s[:, None]).round().clamp(-128, 127)
+        scale[start:start + rows] = s
+    return q, scale
 
 
 class Int8Linear(nn.Module):

@@ -917,8 +917,8 @@ MUTANTS = [
     Mutant(
         "int8 weights truncated instead of rounded",
         "palikit/quantize.py",
-        "return (w / scale[:, None]).round().clamp(-128, 127).to(torch.int8), scale",
-        "return (w / scale[:, None]).clamp(-128, 127).to(torch.int8), scale",
+        "q[start:start + rows] = (w / s[:, None]).round().clamp(-128, 127)",
+        "q[start:start + rows] = (w / s[:, None]).clamp(-128, 127)",
         ("tests/test_quantize.py::test_int8_linear_is_its_dequantised_weight",),
     ),
     Mutant(
