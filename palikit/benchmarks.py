@@ -533,6 +533,11 @@ def _refcoco(name: str, refs: str, hub: str, card: str) -> Benchmark:
         Parquet(hub, replace(_REFCOCO, image="image")))
 
 
+# lmms-lab/DocVQA holds DocVQA and InfographicVQA as two configs of one layout: pass the folder of one.
+_LMMS_DOCVQA = Parquet("lmms-lab/DocVQA", Fields(id="questionId", image="image", prompt=_QUESTION, answers="answers",
+                                                 extra={"question_id": "questionId"}), {"val": "validation"})
+
+
 BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
     # transfers/vqav2.py: "answer en {question_text}", minival = the last 10240 of TFDS validation. That
     # slice follows TFDS's shuffled order, which the published JSON cannot reproduce: "minival" reads val2014.
@@ -600,10 +605,7 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
               Fields(id="questionId", image="image", prompt=_QUESTION, answers="answers",
                      extra={"question_id": "questionId"}),
               (".", "{split}"), "the DocVQA document images"),
-        Parquet("lmms-lab/DocVQA",
-                Fields(id="questionId", image="image", prompt=_QUESTION, answers="answers",
-                       extra={"question_id": "questionId"}),
-                {"val": "validation"})),
+        _LMMS_DOCVQA),
     # transfers/infovqa.py: "answer en {question}", answers and predictions lower-cased, ANLS.
     _benchmark(
         "infovqa", _ANSWER, "anls", "val", "InfoVQA (val)",
@@ -614,10 +616,7 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
               Fields(id="questionId", image="image_local_name", prompt=_QUESTION, answers="answers",
                      extra={"question_id": "questionId"}),
               ("infographicsvqa_images", "images", "."), "the InfographicVQA images"),
-        Parquet("lmms-lab/DocVQA",
-                Fields(id="questionId", image="image", prompt=_QUESTION, answers="answers",
-                       extra={"question_id": "questionId"}),
-                {"val": "validation"})),
+        _LMMS_DOCVQA),
     # transfers/stvqa.py: lower-cased, ANLS; val is a big_vision-made part of train (see _stvqa_records).
     _benchmark(
         "stvqa", _ANSWER, "anls", "val", "ST-VQA (val)",

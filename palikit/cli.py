@@ -27,8 +27,9 @@ def load_model(args, **options):
     """palikit.load with the model options every verb that loads a model takes (_model_args)."""
     import palikit
 
-    return palikit.load(args.model, **{"dtype": args.dtype, "logit_softcap": args.logit_softcap,
-                                       "quantize": args.quantize, "group_size": args.group_size, **options})
+    options = {"logit_softcap": args.logit_softcap, "quantize": args.quantize, "group_size": args.group_size,
+               **options}
+    return palikit.load(args.model, **options if "dtype" in options else options | {"dtype": args.dtype})
 
 
 def cmd_generate(args) -> None:
