@@ -93,7 +93,8 @@ def cmd_run(args) -> None:
 def cmd_train(args) -> None:
     from .finetune import train
 
-    result = train(args.config, args.overrides, resume=args.resume, smoke=args.smoke)
+    overrides = args.overrides + (["allow_data_errors=true"] if args.allow_data_errors else [])
+    result = train(args.config, overrides, resume=args.resume, smoke=args.smoke)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every rank returns the result
         print(json.dumps(result))
 
@@ -322,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--smoke", action="store_true", help="a few steps on a few examples")
+    p.add_argument("--allow-data-errors", action="store_true", help="train although `palikit data check` "
+                                                                    "finds errors in the data")
     p.set_defaults(func=cmd_train)
 
     p = verbs.add_parser("merge", help="merge LoRA adapters into their base model")

@@ -332,6 +332,17 @@ def check_dataset(path: str | Path, config=None, tokenizer=None, max_text_len: i
     return report
 
 
+def data_errors(examples: Sequence[Example], what: str) -> str | None:
+    """What `palikit train` refuses to start on, before any model loads: the errors of
+    `palikit data check` (missing images, loc / seg tokens out of range) in one line, or None."""
+    errors = [p for ex in examples for p in _check_example(ex, open_images=False) if p.error]
+    if not errors:
+        return None
+    first = errors[0]
+    return (f"{what}: {len(errors)} data error(s), e.g. {first.where}: {first.kind}: {first.message}; "
+            "`palikit data check` lists them all (allow_data_errors: true trains anyway)")
+
+
 def _check_example(ex: Example, open_images: bool) -> list[Problem]:
     out = []
     for image in ex.images:

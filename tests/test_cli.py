@@ -93,6 +93,13 @@ def test_train_verb_takes_overrides_resume_and_smoke(train_file, tokenizer_file,
     assert json.loads((out / "step-000003" / "state.json").read_text())["step"] == 3
     assert main(["train", str(config), "--set", f"out_dir={tmp_path / 'smoke'}", "--smoke"]) == 0
     assert printed_json(capsys)["step"] == 2  # a smoke run is 2 steps whatever the config says
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": "gone.png", "prefix": "caption en", "suffix": "x"}) + "\n")
+    argv = ["train", str(config), "--set", f"train_file={bad}", "--set", f"out_dir={tmp_path / 'bad'}"]
+    assert main(argv) == 2 and "missing-image" in capsys.readouterr().err  # checked before the model loads
+    assert main([*argv, "--allow-data-errors", "--smoke"]) == 2  # past the check, to the missing image itself
+    err = capsys.readouterr().err
+    assert "gone.png" in err and "data error" not in err, err
 
 
 def test_merge_verb_writes_what_merge_writes(tiny_model_dir, train_file, tmp_path, capsys):

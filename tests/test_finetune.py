@@ -574,3 +574,22 @@ def test_lora_adapter_loads_in_transformers_and_peft(tmp_path):
     before = [g.tokens for _, g in plain.generate_details(images, prompts, max_new_tokens=12)]
     load_adapter(plain.model, adapter)
     assert _transformers_agrees(base, adapter, plain, images, prompts) != before, "the adapter changes outputs"
+
+
+def test_train_refuses_bad_data_before_the_model_loads(cfg, data, tmp_path):
+    """`<loc1024>` and a missing image stop the run with the data check's finding, before the model
+    (here a folder that does not exist) is even looked at; allow_data_errors trains on."""
+    rows = [json.loads(line) for line in data["eight"].read_text().splitlines()]
+    for r in rows:
+        r["image"] = str(data["eight"].parent / r["image"])
+    rows[1]["suffix"] = "<loc1024><loc0000><loc0100><loc0100> circle"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ConfigError, match=r"train_file .*bad.jsonl: 1 data error\(s\), e.g. .*bad.jsonl:2: loc-range"):
+        train(cfg | {"train_file": str(bad), "model": str(tmp_path / "no-such-model")})
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text(json.dumps(rows[0] | {"image": "gone.png"}) + "\n")
+    with pytest.raises(ConfigError, match="eval_file .*missing-image: image not found"):
+        train(cfg | {"eval_file": str(missing)})
+    result = train(cfg | {"train_file": str(bad), "steps": 1, "allow_data_errors": True})
+    assert result["step"] == 1

@@ -681,8 +681,8 @@ MUTANTS = [
     Mutant(
         "train ignores --set",
         "palikit/cli.py",
-        "result = train(args.config, args.overrides, resume=",
-        "result = train(args.config, [], resume=",
+        "overrides = args.overrides + (",
+        "overrides = [] + (",
         (CLI + "test_train_verb_takes_overrides_resume_and_smoke",),
     ),
     Mutant(
@@ -948,6 +948,21 @@ MUTANTS = [
         "targets = [n for n in linear if check_target_module_exists(config, palikit_to_transformers_module(n))",
         "targets = [n for n in linear if False",
         (FT + "test_merge_lora", FT + "test_lora_adapter_loads_in_transformers_and_peft"),
+    ),
+    Mutant(
+        "train starts on data with errors",
+        "palikit/finetune/recipe.py",
+        "if not cfg.allow_data_errors and (problem := data_errors(",
+        "if False and (problem := data_errors(",
+        (FT + "test_train_refuses_bad_data_before_the_model_loads",
+         CLI + "test_train_verb_takes_overrides_resume_and_smoke"),
+    ),
+    Mutant(
+        "train ignores --allow-data-errors",
+        "palikit/cli.py",
+        '(["allow_data_errors=true"] if args.allow_data_errors else [])',
+        "[]",
+        (CLI + "test_train_verb_takes_overrides_resume_and_smoke",),
     ),
 ]
 

@@ -52,6 +52,9 @@ class TrainConfig:
     # {synthetic: {n_images: N, seed: S, size: PX}} (palikit.synthetic, written under out_dir/data).
     train_file: DataSpec = field(default_factory=lambda: DataSpec("data/train/annotations.jsonl"))
     eval_file: DataSpec | None = None
+    # Train even when the data has errors `palikit data check` reports (missing images, loc tokens
+    # out of range); by default the run refuses to start, before the model loads.
+    allow_data_errors: bool = False
     out_dir: str = "runs/palikit"
     # Length: exactly one of steps / epochs (epochs are rounded up to whole steps).
     steps: int | None = None

@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from ..api import CODEC_FILES, DTYPES, Pipeline, load, save_model_files
 from ..atomic import write_text_atomic
-from ..data import DataSpec, Example, PaliGemmaDataset, StepSampler, load_examples, make_collate
+from ..data import DataSpec, Example, PaliGemmaDataset, StepSampler, data_errors, load_examples, make_collate
 from ..evaluate import eval_example, evaluate, validation_values
 from ..paligemma import PaliGemma
 from ..processor import Tokenizer, suffix_logprobs
@@ -192,6 +192,9 @@ class Trainer:
             train_examples, eval_examples = train_examples[:8], eval_examples[:4]
         if not train_examples:
             raise ConfigError(f"no training examples in {cfg.train_file}")
+        for key, examples in (("train_file", train_examples), ("eval_file", eval_examples)):
+            if not cfg.allow_data_errors and (problem := data_errors(examples, f"{key} {getattr(cfg, key)}")):
+                raise ConfigError(problem)
 
         # The model: identical on every rank (same seed), frozen parts in cfg.dtype.
         torch.manual_seed(cfg.seed)
