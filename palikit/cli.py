@@ -110,7 +110,7 @@ def cmd_data_check(args) -> int:
 
     report = check_dataset(args.file, config=args.model, tokenizer=args.tokenizer,
                            max_text_len=args.max_text_len, split=args.split, open_images=args.open_images,
-                           task=args.task, codec=args.vae)
+                           task=args.task, codec=args.vae, image_dir=args.image_dir)
     print(json.dumps(report.to_dict(), ensure_ascii=False) if args.json else report.format())
     return 0 if report.ok else 1  # warnings alone pass
 
@@ -347,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="detect", choices=["detect", "segment"],
                    help="what a COCO file becomes, as in training (segment needs --vae)")
     p.add_argument("--vae", help="mask codec npz, to check a COCO file as segment examples")
+    p.add_argument("--image-dir", help="where a COCO file's images are (default: beside the file)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=cmd_data_check)
 

@@ -120,7 +120,7 @@ def read_jsonl(path: str | Path, errors: list[tuple[str, str]] | None = None) ->
 
 
 def read_coco(path: str | Path, task: str = "detect", codec=None, image_dir: str | Path | None = None,
-              classes: str = "all") -> list[Example]:
+              classes: str = "all", errors: list | None = None) -> list[Example]:
     """COCO detection/instances JSON -> examples.
 
     detect: one example per image, prefix `detect c1 ; c2 ; ...` (classes="all": every category,
@@ -129,6 +129,9 @@ def read_coco(path: str | Path, task: str = "detect", codec=None, image_dir: str
     segment: one example per (image, category present), prefix `segment label`, suffix
     `<loc>x4<seg>x16 label ; ...`; `codec` is a palikit MaskCodec (or the path of its npz).
     Crowd annotations are skipped. Images are found in `image_dir` (default: the JSON's folder).
+    An annotation with an empty or negative box or an unknown category id raises DatasetError, or,
+    when `errors` is a list, is recorded there as a Problem and skipped; a box reaching past the
+    image is clipped to it, and recorded there as a warning.
     """
     from . import tasks  # lazily: only COCO conversion needs the box and mask encoders
 
@@ -150,17 +153,40 @@ def read_coco(path: str | Path, task: str = "detect", codec=None, image_dir: str
 
             codec = MaskCodec.from_npz(codec)
     folder = Path(image_dir) if image_dir else path.parent
-    by_image: dict[int, list[dict]] = {}
-    for a in anns:
-        if not a.get("iscrowd", 0):
-            by_image.setdefault(a["image_id"], []).append(a)
     used = {a["category_id"] for a in anns}
     # Roboflow adds the dataset name as a category id 0 that is only a supercategory; drop such.
     supers = {c.get("supercategory") for c in cats}
     names = {c["id"]: c["name"] for c in cats if c["id"] in used or c["name"] not in supers}
+    sizes = {im["id"]: (im.get("width"), im.get("height")) for im in images}
+
+    def problem(where: str, kind: str, message: str, error: bool = True) -> None:
+        if errors is None and error:
+            raise DatasetError(f"{where}: {message}")
+        if errors is not None:
+            errors.append(Problem(where, kind, message, error))
+
+    by_image: dict[int, list[dict]] = {}
+    for a in anns:
+        where = f"{path}:annotation {a.get('id')}"
+        x, y, w, h = a.get("bbox") or (0, 0, 0, 0)
+        W, H = sizes.get(a["image_id"], (None, None))
+        if a.get("iscrowd", 0):
+            continue
+        if a["category_id"] not in names:
+            problem(where, "unknown-category", f"category_id {a['category_id']} is not among the file's "
+                    f"categories ({', '.join(map(str, sorted(names)))})")
+        elif w < 0 or h < 0:
+            problem(where, "box-size", f"bbox {a.get('bbox')} has a negative width or height")
+        elif w == 0 or h == 0:
+            problem(where, "box-size", f"bbox {a.get('bbox')} is empty; skipped", error=False)
+        else:
+            if W and H and (x < 0 or y < 0 or x + w > W or y + h > H):
+                problem(where, "box-outside", f"bbox {a['bbox']} reaches past the {W}x{H} image; it is "
+                        "clipped to the edge", error=False)
+            by_image.setdefault(a["image_id"], []).append(a)
     out = []
     for im in images:
-        objs = [a for a in by_image.get(im["id"], []) if a["category_id"] in names]
+        objs = by_image.get(im["id"], [])
         W, H, file = im["width"], im["height"], folder / im["file_name"]
         where = f"{path}:image {im['id']}"
         try:
@@ -206,21 +232,22 @@ def load_examples(path: str | Path, split: str = "train", task: str = "detect", 
 
 
 # The one place a file format is chosen (load_examples, check_dataset): annotation file suffix ->
-# reader(file, task, codec, errors). JSONL records bad lines in `errors` when it is a list; COCO
-# converts to `task` (detect / segment, the latter with the mask codec) and raises on a bad file.
+# reader(file, task, codec, errors, image_dir). Bad lines / annotations go to `errors` when it is a
+# list; COCO converts to `task` (detect / segment, the latter with the mask codec).
 READERS = {
-    ".jsonl": lambda file, task, codec, errors: read_jsonl(file, errors),
-    ".json": lambda file, task, codec, errors: read_coco(file, task, codec),
+    ".jsonl": lambda file, task, codec, errors, image_dir: read_jsonl(file, errors),
+    ".json": lambda file, task, codec, errors, image_dir: read_coco(file, task, codec, image_dir, errors=errors),
 }
 
 
-def read_annotations(file: Path, task: str = "detect", codec=None,
-                     errors: list | None = None) -> list[Example]:
-    """Examples of one annotation file, read by the READERS entry of its suffix."""
+def read_annotations(file: Path, task: str = "detect", codec=None, errors: list | None = None,
+                     image_dir: str | Path | None = None) -> list[Example]:
+    """Examples of one annotation file, read by the READERS entry of its suffix (image_dir: where a
+    COCO file's images are, when not beside it)."""
     reader = READERS.get(file.suffix)
     if reader is None:
         raise DatasetError(f"{file}: expected a .jsonl or COCO .json file")
-    return reader(file, task, codec, errors)
+    return reader(file, task, codec, errors, image_dir)
 
 
 # ---- checking ------------------------------------------------------------------------------
@@ -241,6 +268,7 @@ class DatasetReport:
     problems: list[Problem] = field(default_factory=list)
     tasks: Counter = field(default_factory=Counter)
     text_tokens: list[int] = field(default_factory=list)  # per example, when a tokenizer was given
+    lengths_checked: bool = False  # a tokenizer was given (or found beside --model)
 
     @property
     def ok(self) -> bool:
@@ -251,7 +279,7 @@ class DatasetReport:
         return {"path": self.path, "examples": self.examples, "ok": self.ok, "tasks": dict(self.tasks),
                 "counts": dict(Counter(p.kind for p in self.problems)),
                 "text_tokens": {"max": lengths[-1], "p95": lengths[int(0.95 * (len(lengths) - 1))]}
-                if lengths else None,
+                if lengths else None, "lengths_checked": self.lengths_checked,
                 "problems": [vars(p) for p in self.problems]}
 
     def format(self, limit: int = 20) -> str:
@@ -260,6 +288,8 @@ class DatasetReport:
         if d["text_tokens"]:
             n = d["text_tokens"]
             lines.append(f"text tokens per example: max {n['max']}, p95 {n['p95']}")
+        elif not self.lengths_checked:
+            lines.append("lengths: not checked (pass --tokenizer or --model)")
         for kind, n in sorted(d["counts"].items()):
             lines.append(f"{n:6d} x {kind}")
         for p in self.problems[:limit]:
@@ -272,7 +302,7 @@ class DatasetReport:
 
 def check_dataset(path: str | Path, config=None, tokenizer=None, max_text_len: int | None = None,
                   split: str = "train", open_images: bool = False, task: str = "detect",
-                  codec=None) -> DatasetReport:
+                  codec=None, image_dir: str | Path | None = None) -> DatasetReport:
     """Report what would go wrong when training on a dataset (`palikit data check`).
 
     Errors: unreadable lines, missing images, loc tokens outside <loc0000>..<loc1023>, seg tokens
@@ -303,9 +333,10 @@ def check_dataset(path: str | Path, config=None, tokenizer=None, max_text_len: i
         tokenizer = Tokenizer(tokenizer, image_token_id=config.image_token_id if config else None)
     file = find_annotations(path, split)
     report = DatasetReport(str(file))
-    errors: list[tuple[str, str]] = []
-    examples = read_annotations(file, task, codec, errors)
-    report.problems += [Problem(w, "bad-line", m) for w, m in errors]
+    errors: list = []  # (where, message) of bad JSONL lines, Problems of COCO annotations
+    examples = read_annotations(file, task, codec, errors, image_dir)
+    report.problems += [e if isinstance(e, Problem) else Problem(e[0], "bad-line", e[1]) for e in errors]
+    report.lengths_checked = tokenizer is not None
     report.examples = len(examples)
     n_image = config.num_image_tokens if config else 0
     limit = config.text.max_position_embeddings if config else None

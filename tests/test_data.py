@@ -303,3 +303,38 @@ def test_right_padding_does_not_change_the_loss(tok):
         alone = per_example([short], pixels[:1])
         padded = per_example([short, long], pixels)  # short is right-padded here
     torch.testing.assert_close(padded[0], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_data_check_reports_coco_annotation_problems_and_goes_on(tmp_path, capsys):
+    """A negative box, an unknown category id and a box past the edge are each one finding, and
+    the check goes on past them; training refuses the first two and clips the third. Lengths
+    unchecked without a tokenizer say so; --image-dir finds images kept elsewhere."""
+    from palikit.cli import main
+
+    path = _coco(tmp_path)
+    coco = json.loads(path.read_text())
+    coco["annotations"] += [
+        {"id": 7, "image_id": 2, "category_id": 1, "bbox": [10, 10, -5, 20], "iscrowd": 0},
+        {"id": 8, "image_id": 2, "category_id": 9, "bbox": [10, 10, 5, 20], "iscrowd": 0},
+        {"id": 9, "image_id": 2, "category_id": 2, "bbox": [40, 40, 20, 20], "iscrowd": 0},
+    ]
+    path.write_text(json.dumps(coco))
+    report = check_dataset(path)
+    found = {(p.where.rsplit(":", 1)[1], p.kind, p.error) for p in report.problems}
+    assert {("annotation 7", "box-size", True), ("annotation 8", "unknown-category", True),
+            ("annotation 9", "box-outside", False)} <= found
+    assert report.examples == 2 and not report.ok
+    assert "lengths: not checked" in report.format()
+    with pytest.raises(DatasetError, match="annotation 7: bbox .* negative"):
+        read_coco(path, "detect")
+    del coco["annotations"][-3:-1]  # the edge box alone trains, clipped to the image
+    path.write_text(json.dumps(coco))
+    assert read_coco(path, "detect")[1].suffix.startswith(f"{_loc(40 / 50)}{_loc(40 / 50)}{_loc(1)}{_loc(1)} dog")
+
+    elsewhere = tmp_path / "images"
+    elsewhere.mkdir()
+    for name in ("a.jpg", "b.jpg"):
+        (path.parent / name).rename(elsewhere / name)
+    assert main(["data", "check", str(path)]) == 1
+    assert "missing-image" in capsys.readouterr().out
+    assert main(["data", "check", str(path), "--image-dir", str(elsewhere)]) == 0

@@ -964,6 +964,27 @@ MUTANTS = [
         "[]",
         (CLI + "test_train_verb_takes_overrides_resume_and_smoke",),
     ),
+    Mutant(
+        "data check stops at the first bad COCO box",
+        "palikit/data.py",
+        "        if errors is None and error:",
+        "        if error:",
+        ("tests/test_data.py::test_data_check_reports_coco_annotation_problems_and_goes_on",),
+    ),
+    Mutant(
+        "box past the image edge clipped without a word",
+        "palikit/data.py",
+        'problem(where, "box-outside",',
+        'problem if False else (lambda *a, **k: None)(where, "box-outside",',
+        ("tests/test_data.py::test_data_check_reports_coco_annotation_problems_and_goes_on",),
+    ),
+    Mutant(
+        "data check ignores --image-dir",
+        "palikit/cli.py",
+        "codec=args.vae, image_dir=args.image_dir)",
+        "codec=args.vae, image_dir=None)",
+        ("tests/test_data.py::test_data_check_reports_coco_annotation_problems_and_goes_on",),
+    ),
 ]
 
 
