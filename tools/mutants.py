@@ -985,6 +985,17 @@ MUTANTS = [
         "codec=args.vae, image_dir=None)",
         ("tests/test_data.py::test_data_check_reports_coco_annotation_problems_and_goes_on",),
     ),
+    Mutant(
+        "FSDP refuses a bfloat16 base with float32 adapters again",
+        "palikit/finetune/recipe.py",
+        "            for layer in [*core.vision_tower.encoder.layers, *core.language_model.layers]:\n"
+        "                fully_shard(layer)",
+        "            if len({p.dtype for p in model.parameters()}) > 1:\n"
+        "                raise ConfigError(\"FSDP shards layers of one weight dtype\")\n"
+        "            for layer in [*core.vision_tower.encoder.layers, *core.language_model.layers]:\n"
+        "                fully_shard(layer)",
+        (FT + "test_fsdp_trains_the_shipped_lora_recipe",),
+    ),
 ]
 
 

@@ -239,8 +239,8 @@ class Trainer:
         elif self.world > 1:
             from torch.distributed.fsdp import fully_shard
 
-            if len({p.dtype for p in model.parameters()}) > 1:
-                raise ConfigError("FSDP shards layers of one weight dtype: use dtype = trainable_dtype")
+            # FSDP2 shards a group of mixed dtypes (LoRA's float32 adapters in bfloat16 layers, as
+            # configs/hf_lora.yaml trains): each parameter keeps its own dtype (torch's fully_shard).
             for layer in [*core.vision_tower.encoder.layers, *core.language_model.layers]:
                 fully_shard(layer)
             fully_shard(self.loss_module)
