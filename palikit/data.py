@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Sequence
 from itertools import count
@@ -60,6 +61,9 @@ class DataSpec:
     task: str = "detect"  # what a COCO file converts to: detect or segment
     codec: str | None = None  # COCO -> segment: the mask codec's npz
     synthetic: dict | None = None  # {n_images: N, seed: S, size: PX}: generated under out_dir/data
+    # A Hugging Face `datasets` source (see read_hf_dataset): example field -> column, or a format
+    # string over the columns: {image: img, prefix: "answer en {question}", suffix: answer}.
+    columns: dict | None = None
 
     def __str__(self) -> str:
         return self.path if self.path is not None else f"synthetic {self.synthetic}"
@@ -226,9 +230,85 @@ def _coco_mask(seg, H: int, W: int) -> np.ndarray:
 
 
 def load_examples(path: str | Path, split: str = "train", task: str = "detect", codec=None,
-                  errors: list | None = None) -> list[Example]:
+                  errors: list | None = None, columns: dict | None = None) -> list[Example]:
     """Examples of any supported layout; COCO files are converted to `task` (detect/segment)."""
+    if hf_dataset_kind(path) is not None:
+        return read_hf_dataset(path, split, columns)
     return read_annotations(find_annotations(path, split), task, codec, errors)
+
+
+# ---- Hugging Face `datasets` sources, read locally -------------------------------------------
+
+_FIELDS = ("image", "prefix", "suffix")
+
+
+def hf_dataset_kind(path: str | Path) -> str | None:
+    """What `datasets` reads `path` as: "disk" (a save_to_disk folder), "parquet" / "arrow" (a file,
+    or a folder of them, also under data/), "imagefolder" (images with a metadata.jsonl / .csv);
+    None for palikit's own layouts."""
+    path = Path(path)
+    if path.is_file():
+        return {".parquet": "parquet", ".arrow": "arrow"}.get(path.suffix)
+    if not path.is_dir():
+        return None
+    if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+        return "disk"
+    for kind in ("parquet", "arrow"):
+        if any(path.glob(f"*.{kind}")) or any(path.glob(f"data/*.{kind}")):
+            return kind
+    if any(path.glob("metadata.jsonl")) or any(path.glob("metadata.csv")) or any(path.glob("*/metadata.jsonl")):
+        return "imagefolder"
+    return None
+
+
+def read_hf_dataset(path: str | Path, split: str = "train", columns: dict | None = None) -> list[Example]:
+    """Examples of a Hugging Face `datasets` source on disk (never the hub): `columns` maps image /
+    prefix / suffix to a column each (default: those names), or to a format string over the
+    columns. Images come as the dataset's PIL images or paths (relative to the source)."""
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetError(f"{path} is a Hugging Face datasets source: pip install 'palikit[datasets]'") from None
+    path, kind = Path(path), hf_dataset_kind(path)
+    names = SPLITS.get(split, (split,))
+    try:
+        if kind == "disk":
+            data = datasets.load_from_disk(str(path))
+        elif kind == "imagefolder":
+            data = datasets.load_dataset("imagefolder", data_dir=str(path))
+        else:
+            files = [path] if path.is_file() else sorted([*path.glob(f"*.{kind}"), *path.glob(f"data/*.{kind}")])
+            by_split = {n: [str(f) for f in files if f.name.startswith(n)] for n in names}
+            chosen = next((f for f in by_split.values() if f), [str(f) for f in files])
+            data = datasets.load_dataset(kind, data_files={split: chosen})
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"{path}: not readable as a datasets {kind} source ({e})") from None
+    if isinstance(data, datasets.DatasetDict):
+        found = next((n for n in names if n in data), None)
+        if found is None:
+            raise DatasetError(f"{path}: no {split} split; it has {', '.join(data)}")
+        data = data[found]
+    mapping = {f: (columns or {}).get(f, f) for f in _FIELDS}
+    if unknown := sorted(set(columns or {}) - set(_FIELDS)):
+        raise DatasetError(f"columns: {unknown[0]!r} is not one of {', '.join(_FIELDS)}")
+    missing = sorted({m for m in mapping.values() if "{" not in m and m not in data.column_names}
+                     | {c for m in mapping.values() if "{" in m
+                        for c in re.findall(r"{(\w+)", m) if c not in data.column_names})
+    if missing:
+        raise DatasetError(f"{path}: no column {missing[0]!r}; the columns are {', '.join(data.column_names)} "
+                           "(map them with columns: {image: ..., prefix: ..., suffix: ...})")
+
+    def field(row: dict, name: str):
+        m = mapping[name]
+        return m.format(**row) if "{" in m else row[m]
+
+    out = []
+    for i, row in enumerate(data):
+        images = field(row, "image")
+        images = images if isinstance(images, list) else [images]
+        images = [path / im if isinstance(im, str) and not Path(im).is_absolute() else im for im in images]
+        out.append(Example(images, str(field(row, "prefix")), str(field(row, "suffix")), f"{path}[{split}][{i}]"))
+    return out
 
 
 # The one place a file format is chosen (load_examples, check_dataset): annotation file suffix ->
@@ -331,10 +411,13 @@ def check_dataset(path: str | Path, config=None, tokenizer=None, max_text_len: i
             config = PaliGemmaConfig.from_file(folder / "config.json")
     if isinstance(tokenizer, (str, Path)):
         tokenizer = Tokenizer(tokenizer, image_token_id=config.image_token_id if config else None)
-    file = find_annotations(path, split)
-    report = DatasetReport(str(file))
     errors: list = []  # (where, message) of bad JSONL lines, Problems of COCO annotations
-    examples = read_annotations(file, task, codec, errors, image_dir)
+    if hf_dataset_kind(path) is not None:
+        report, examples = DatasetReport(str(path)), read_hf_dataset(path, split)
+    else:
+        file = find_annotations(path, split)
+        report = DatasetReport(str(file))
+        examples = read_annotations(file, task, codec, errors, image_dir)
     report.problems += [e if isinstance(e, Problem) else Problem(e[0], "bad-line", e[1]) for e in errors]
     report.lengths_checked = tokenizer is not None
     report.examples = len(examples)
@@ -377,6 +460,8 @@ def data_errors(examples: Sequence[Example], what: str) -> str | None:
 def _check_example(ex: Example, open_images: bool) -> list[Problem]:
     out = []
     for image in ex.images:
+        if not isinstance(image, (str, Path)):  # a datasets source's decoded image
+            continue
         if not Path(image).is_file():
             out.append(Problem(ex.where, "missing-image", f"image not found: {image}"))
         elif open_images:

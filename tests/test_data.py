@@ -3,6 +3,7 @@ against an independent construction."""
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -338,3 +339,43 @@ def test_data_check_reports_coco_annotation_problems_and_goes_on(tmp_path, capsy
     assert main(["data", "check", str(path)]) == 1
     assert "missing-image" in capsys.readouterr().out
     assert main(["data", "check", str(path), "--image-dir", str(elsewhere)]) == 0
+
+
+@pytest.mark.parametrize("kind", ["disk", "parquet", "imagefolder"])
+def test_hugging_face_datasets_sources(tmp_path, kind):
+    """train_file as people hold their data: a save_to_disk folder, a parquet folder with splits,
+    an imagefolder with metadata.jsonl; columns mapped by name or by a format string."""
+    import datasets
+
+    images = [_image(tmp_path / "img" / f"{i}.png", (40, 30), (200, 30 * i, 30)) for i in range(3)]
+    rows = {"image": [str(p) for p in images], "question": ["what colour?", "how many?", "what is it?"],
+            "answer": ["red", "2", "a box"]}
+    columns = {"prefix": "answer en {question}", "suffix": "answer"}
+    if kind == "disk":
+        src = tmp_path / "disk"
+        data = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+        datasets.DatasetDict({"train": data, "validation": data.select([0])}).save_to_disk(str(src))
+    elif kind == "parquet":
+        src = tmp_path / "pq" / "data"
+        src.mkdir(parents=True)
+        data = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
+        data.to_parquet(str(src / "train-00000-of-00001.parquet"))
+        data.select([0]).to_parquet(str(src / "validation-00000-of-00001.parquet"))
+        src = src.parent
+    else:
+        src = tmp_path / "folder"
+        src.mkdir()
+        for i, p in enumerate(images):
+            p.rename(src / p.name)
+        (src / "metadata.jsonl").write_text("".join(
+            json.dumps({"file_name": f"{i}.png", "question": q, "answer": a}) + "\n"
+            for i, (q, a) in enumerate(zip(rows["question"], rows["answer"]))))
+    examples = load_examples(src, "train", columns=columns)
+    assert [(e.prefix, e.suffix) for e in examples] == [
+        ("answer en what colour?", "red"), ("answer en how many?", "2"), ("answer en what is it?", "a box")]
+    first = examples[0].images[0]
+    assert np.asarray(Image.open(first) if isinstance(first, Path) else first.convert("RGB"))[0, 0].tolist() == [200, 0, 30]
+    if kind != "imagefolder":
+        assert len(load_examples(src, "valid", columns=columns)) == 1  # the validation split
+    with pytest.raises(DatasetError, match="no column 'prefix'; the columns are"):
+        load_examples(src, "train")

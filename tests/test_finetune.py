@@ -609,3 +609,17 @@ def test_fsdp_trains_the_shipped_lora_recipe(cfg, tmp_path):
     assert single[-1] != single[0], "the adapters train"
     adapter = json.loads((tmp_path / "dist" / "final" / "adapter_config.json").read_text())
     assert adapter["target_modules"], "the FSDP run saved its adapters"
+
+
+def test_train_from_a_datasets_folder(cfg, data, tmp_path):
+    """train_file as a Hugging Face save_to_disk folder with its own column names, mapped in the config."""
+    import datasets
+
+    rows = [json.loads(line) for line in data["eight"].read_text().splitlines()]
+    table = {"img": [str(data["eight"].parent / r["image"]) for r in rows], "q": [r["prefix"] for r in rows],
+             "a": [r["suffix"] for r in rows]}
+    src = tmp_path / "hf"
+    datasets.Dataset.from_dict(table).cast_column("img", datasets.Image()).save_to_disk(str(src))
+    spec = {"path": str(src), "columns": {"image": "img", "prefix": "q", "suffix": "a"}}
+    result = train(cfg | {"train_file": spec, "eval_file": spec, "steps": 2, "eval_examples": 2})
+    assert result["step"] == 2 and "eval_loss" in result

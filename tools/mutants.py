@@ -996,6 +996,21 @@ MUTANTS = [
         "                fully_shard(layer)",
         (FT + "test_fsdp_trains_the_shipped_lora_recipe",),
     ),
+    Mutant(
+        "a datasets folder read as palikit's own layouts",
+        "palikit/data.py",
+        "    if hf_dataset_kind(path) is not None:\n        return read_hf_dataset(path, split, columns)",
+        "    pass",
+        ("tests/test_data.py::test_hugging_face_datasets_sources[disk]",
+         "tests/test_data.py::test_hugging_face_datasets_sources[parquet]", FT + "test_train_from_a_datasets_folder"),
+    ),
+    Mutant(
+        "datasets parquet split files ignored",
+        "palikit/data.py",
+        "chosen = next((f for f in by_split.values() if f), [str(f) for f in files])",
+        "chosen = [str(f) for f in files]",
+        ("tests/test_data.py::test_hugging_face_datasets_sources[parquet]",),
+    ),
 ]
 
 

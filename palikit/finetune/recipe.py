@@ -122,7 +122,7 @@ def read_split(spec: DataSpec, workdir: Path, split: str, rank: int) -> list[Exa
             generate_dataset(workdir / "data", s.pop("n_images"), s.pop("seed", 0), split_name=split, **s)
         dist.barrier()
         return load_examples(path)
-    return load_examples(spec.path, spec.split or split, spec.task, spec.codec)
+    return load_examples(spec.path, spec.split or split, spec.task, spec.codec, columns=spec.columns)
 
 
 
