@@ -623,3 +623,38 @@ def test_train_from_a_datasets_folder(cfg, data, tmp_path):
     spec = {"path": str(src), "columns": {"image": "img", "prefix": "q", "suffix": "a"}}
     result = train(cfg | {"train_file": spec, "eval_file": spec, "steps": 2, "eval_examples": 2})
     assert result["step"] == 2 and "eval_loss" in result
+
+
+def test_metrics_reach_wandb_and_mlflow_offline(cfg, tmp_path, monkeypatch):
+    """log_to: the same numbers as metrics.jsonl in an offline W&B run and a local MLflow store, one
+    run each per out_dir, continued by a resumed run."""
+    from mlflow.tracking import MlflowClient
+
+    from palikit.finetune.config import LOGGERS
+    from palikit.finetune.recipe import _SINKS
+
+    assert set(_SINKS) == set(LOGGERS)
+    import wandb
+
+    sent, log = [], wandb.Run.log
+    monkeypatch.setattr(wandb.Run, "log", lambda self, values, step=None, **kw: (sent.append((step, values)),
+                                                                                log(self, values, step=step, **kw)))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run = cfg | {"steps": 2, "save_every": 2, "log_to": ["wandb", "mlflow"]}
+    train(run)
+    train(run | {"steps": 3}, resume=True)
+    out = Path(cfg["out_dir"])
+    client = MlflowClient(f"sqlite:///{(out / 'mlflow.db').resolve()}")
+    run_id = (out / "mlflow_run_id").read_text().strip()
+    history = [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")]
+    assert history == [(r["step"], r["loss"]) for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                       if "loss" in r]
+    assert len(history) == 3 and client.get_run(run_id).data.params["lr"] == str(cfg["lr"])
+    wandb_id = (out / "wandb_run_id").read_text().strip()
+    runs = list((out / "wandb").glob(f"offline-run-*-{wandb_id}"))
+    assert len(runs) == 2 and all(list(r.glob("*.wandb")) for r in runs), "both runs logged under one id"
+    assert [(step, v["loss"]) for step, v in sent if "loss" in v] == history
+    with pytest.raises(ConfigError, match="log_to: 'comet' is not one of tensorboard, wandb, mlflow"):
+        load_config(cfg | {"log_to": ["comet"]})

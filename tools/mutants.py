@@ -1011,6 +1011,20 @@ MUTANTS = [
         "chosen = [str(f) for f in files]",
         ("tests/test_data.py::test_hugging_face_datasets_sources[parquet]",),
     ),
+    Mutant(
+        "a resumed run starts a new MLflow run",
+        "palikit/finetune/recipe.py",
+        "run = mlflow.start_run(run_id=id_file.read_text().strip() if id_file.exists() else None,",
+        "run = mlflow.start_run(run_id=None,",
+        (FT + "test_metrics_reach_wandb_and_mlflow_offline",),
+    ),
+    Mutant(
+        "W&B gets no numbers",
+        "palikit/finetune/recipe.py",
+        "        self.run.log(values, step=step)",
+        "        pass",
+        (FT + "test_metrics_reach_wandb_and_mlflow_offline",),
+    ),
 ]
 
 

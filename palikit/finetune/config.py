@@ -106,6 +106,10 @@ class TrainConfig:
     save_every: int | None = None
     keep_last: int = 2
     log_every: int = 1
+    # Where the logged numbers go besides out_dir/metrics.jsonl: tensorboard (out_dir/tensorboard),
+    # wandb (project $WANDB_PROJECT or "palikit"; WANDB_MODE=offline works without network),
+    # mlflow ($MLFLOW_TRACKING_URI, default out_dir/mlflow.db). A resumed run logs to the same run.
+    log_to: list[str] = field(default_factory=lambda: ["tensorboard"])
     distributed: Literal["ddp", "fsdp"] = "ddp"  # under torchrun; fsdp = FSDP2 fully_shard per layer
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = 0  # DataLoader workers that read the images
@@ -113,6 +117,8 @@ class TrainConfig:
     stop_after: int | None = None  # end this run after this many steps, without saving (time slices)
     smoke: bool = False  # a few steps on a few examples: checks that a config runs, in seconds
 
+
+LOGGERS = ("tensorboard", "wandb", "mlflow")  # TrainConfig.log_to; recipe.MetricLog writes to them
 
 TRAINABLE = {  # `trainable` preset -> regex over parameter names
     "all": r".*",
@@ -234,6 +240,8 @@ def validate(cfg: TrainConfig) -> None:
             metric(cfg.eval_metric)
         except ValueError as e:
             raise ConfigError(f"eval_metric: {e}") from None
+    if bad := [name for name in cfg.log_to if name not in LOGGERS]:
+        raise ConfigError(f"log_to: {bad[0]!r} is not one of {', '.join(LOGGERS)}")
     if (cfg.keep_best or cfg.early_stopping) and cfg.eval_file is None:
         raise ConfigError("keep_best and early_stopping need an eval_file to evaluate on")
     if cfg.early_stopping is not None and (cfg.keep_best is None or cfg.early_stopping < 1 or not cfg.eval_every):

@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -130,32 +131,97 @@ def read_split(spec: DataSpec, workdir: Path, split: str, rank: int) -> list[Exa
 
 
 class MetricLog:
-    """metrics.jsonl (one JSON object per line) always; TensorBoard as well when installed."""
+    """metrics.jsonl (one JSON object per line) always, and each logger of TrainConfig.log_to."""
 
-    def __init__(self, out_dir: Path, resume_step: int):
+    def __init__(self, out_dir: Path, resume_step: int, log_to=("tensorboard",), config: dict | None = None):
         self.path = out_dir / "metrics.jsonl"
         if self.path.exists():  # drop rows a killed run wrote after its last checkpoint
             rows = [r for r in self.path.read_text().splitlines() if json.loads(r)["step"] <= resume_step]
             write_text_atomic(self.path, "".join(r + "\n" for r in rows))
         self.file = self.path.open("a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(out_dir / "tensorboard", purge_step=resume_step + 1)
-        except ImportError:
-            self.tb = None
+        self.sinks = [sink for name in log_to if (sink := _SINKS[name](out_dir, resume_step, config or {}))]
 
     def write(self, step: int, **values) -> None:
         self.file.write(json.dumps({"step": step, **values}) + "\n")
         self.file.flush()
-        if self.tb:
-            for k, v in values.items():
-                self.tb.add_scalar(k, v, step)
+        for sink in self.sinks:
+            sink.write(step, values)
 
     def close(self) -> None:
         self.file.close()
-        if self.tb:
-            self.tb.close()
+        for sink in self.sinks:
+            sink.close()
+
+
+class _TensorBoard:
+    def __init__(self, out_dir: Path, resume_step: int, config: dict):
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package (train extra)
+
+        self.writer = SummaryWriter(out_dir / "tensorboard", purge_step=resume_step + 1)
+
+    def write(self, step: int, values: dict) -> None:
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class _WandB:
+    """One W&B run per out_dir: its id is kept in out_dir/wandb_run_id, so a resumed run goes on."""
+
+    def __init__(self, out_dir: Path, resume_step: int, config: dict):
+        import wandb
+
+        id_file = out_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+        write_text_atomic(id_file, run_id + "\n")
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "palikit"), name=out_dir.name, id=run_id,
+                              dir=str(out_dir), config=config, resume="allow")
+
+    def write(self, step: int, values: dict) -> None:
+        self.run.log(values, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class _MLflow:
+    """One MLflow run per out_dir (id in out_dir/mlflow_run_id); the store is $MLFLOW_TRACKING_URI,
+    or the SQLite file out_dir/mlflow.db (MLflow 3 no longer takes new runs in a ./mlruns folder)."""
+
+    def __init__(self, out_dir: Path, resume_step: int, config: dict):
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(out_dir / 'mlflow.db').resolve()}")
+        id_file = out_dir / "mlflow_run_id"
+        run = mlflow.start_run(run_id=id_file.read_text().strip() if id_file.exists() else None,
+                               run_name=out_dir.name)
+        if not id_file.exists():
+            write_text_atomic(id_file, run.info.run_id + "\n")
+            mlflow.log_params({k: str(v)[:500] for k, v in config.items()})
+
+    def write(self, step: int, values: dict) -> None:
+        self.mlflow.log_metrics({k.replace("/", "_"): v for k, v in values.items()}, step=step)
+
+    def close(self) -> None:
+        self.mlflow.end_run()
+
+
+def _optional(sink):
+    """A logger whose package is missing: one warning, then the run goes on without it."""
+    def make(out_dir: Path, resume_step: int, config: dict):
+        try:
+            return sink(out_dir, resume_step, config)
+        except ImportError as e:
+            log.warning("log_to %s: %s is not installed; not logging there", sink.__name__.strip("_").lower(),
+                        e.name)
+            return None
+    return make
+
+
+_SINKS = {"tensorboard": _optional(_TensorBoard), "wandb": _optional(_WandB), "mlflow": _optional(_MLflow)}
 
 
 # ---- the recipe ----------------------------------------------------------------------------------
@@ -273,7 +339,8 @@ class Trainer:
         self.loader = torch.utils.data.DataLoader(
             self.train_set, batch_sampler=self.sampler, collate_fn=self.collate, num_workers=cfg.num_workers,
             generator=torch.Generator())  # its own generator: iterating must not consume the global RNG
-        self.metrics = MetricLog(self.out, self.step) if self.rank == 0 else None
+        self.metrics = (MetricLog(self.out, self.step, cfg.log_to, dataclasses.asdict(cfg))
+                        if self.rank == 0 else None)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.autocast)
         self.saved_step = self.step if ckpt is not None and cfg.resume else -1
 
