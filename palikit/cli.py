@@ -122,7 +122,7 @@ def cmd_eval(args) -> None:
 
     if args.list_benchmarks:
         for b in BENCHMARKS.values():
-            print(f"{b.name:14} {b.metric:20} {b.split:14} {b.prompt!r:34} {b.layout}")
+            print(f"{b.name:14} {b.metric:23} {b.split:17} {b.prompt!r:24} {b.layout}")
         return
     if args.report and not args.out:
         raise InputError("--report needs --out PREDS.jsonl (the predictions it is computed from)")

@@ -135,21 +135,29 @@ def predict(pipe, examples: Sequence[EvalExample], indices: Sequence[int], *, na
                 records[i]["error"] = str(e)
         for (i, ex, images), (text, generated) in zip(ready, _generate(pipe, ready, max_new_tokens)):
             if isinstance(generated, Exception):
-                records[i]["error"], text = str(generated), ""
+                records[i]["error"] = str(generated)
+                continue
             records[i]["prediction"] = text
             records[i]["scores"] = score_example(pipe, ex, text, generated, images[0],
                                                  metrics_of(ex, bench_metric, metric), codec)
-        for i, ex in chunk:  # an example that could not run counts as wrong, not as absent
+        for i, ex in chunk:
             if "scores" not in records[i]:
-                records[i]["prediction"] = ""
-                records[i]["scores"] = {m: metric_named(m).score(_empty_inputs(ex))
-                                        for m in metrics_of(ex, bench_metric, metric)}
+                records[i] |= {"prediction": "", "scores": _failed_scores(ex, metrics_of(ex, bench_metric, metric))}
         yield [records[i] for i, _ in chunk]
 
 
-def _empty_inputs(ex: EvalExample) -> dict:
-    return {"prediction": "", "answers": ex.answers, "objects": [], "truth_objects": ex.truth_objects,
-            "width": 1, "height": 1, "extra": ex.extra}
+def _failed_scores(ex: EvalExample, names: Sequence[str]) -> dict:
+    """An example that could not run counts as an empty answer, not as absent, where its truth is
+    known without the image (answers, a benchmark's boxes); otherwise it is only in the error count."""
+    inputs = {"prediction": "", "answers": ex.answers, "objects": [], "truth_objects": ex.truth_objects,
+              "width": 1, "height": 1, "extra": ex.extra}
+    scores = {}
+    for name in names:
+        try:
+            scores[name] = metric_named(name).score(inputs)
+        except (IndexError, KeyError, ValueError):  # a mask metric without the truth mask
+            pass
+    return scores
 
 
 def _generate(pipe, ready: list, max_new_tokens: int | None) -> list:

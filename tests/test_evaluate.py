@@ -227,3 +227,26 @@ def test_report_shows_the_model_card_number_for_the_checkpoint():
                                                    "truth_objects": [{"label": "x", "box": [0, 0, 2, 2], "mask": np.eye(4, dtype=bool)}]})]
     rep = ev.report(seg, name="refcoco", model="google/paligemma2-3b-pt-448", split="testA")
     assert rep["results"][0]["model_card"] == benchmarks.published("refcoco/testA", "paligemma2-3b-pt-448")
+
+
+def test_failed_detect_and_segment_examples_do_not_stop_the_run(tmp_path):
+    """A detect or segment example whose image is missing (its truth is in the suffix, at the image's
+    size) is an error record; the others are scored."""
+    from palikit.synthetic import generate_dataset
+
+    from palikit.api import CODEC_FILES
+    from palikit.weights import BUNDLED
+    from palikit.maskcodec import MaskCodec
+
+    codec = MaskCodec.from_npz(BUNDLED / CODEC_FILES[0])
+    src = generate_dataset(tmp_path / "d", 2, seed=9, size=96, encode_mask=codec.encode_mask_in_box)
+    rows = [json.loads(r) for r in src.read_text().splitlines()]
+    rows = [r for r in rows if r["task"] in ("detect", "segment")]
+    for r in rows:
+        r["image"] = str(src.parent / r["image"])
+    rows[0]["image"] = rows[-1]["image"] = "gone.png"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rep = ev.evaluate(palikit.load("default", dtype="float32"), ev.jsonl_examples(bad), name="bad", by_task=True)
+    assert rep["examples"] == len(rows) and rep["errors"] == 2
+    assert {r["group"] for r in rep["results"]} == {"detect", "segment"}
