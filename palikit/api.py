@@ -94,8 +94,11 @@ def load(source: str | Path = "default", dtype: str | torch.dtype = "bfloat16", 
     if not tok_file.exists():
         raise CheckpointError(f"no tokenizer: {tok_file} not found (pass tokenizer=PATH)")
     if quantize is not None:
-        from .quantize import quantize_weights
+        from .quantize import QuantizeError, quantize_weights
 
+        if model.config.quantization:
+            raise QuantizeError(f"{path} holds {model.config.quantization['scheme']} weights already; load it "
+                                "without quantize")
         quantize_weights(model, quantize, group_size)
     folder = path.parent if path.is_file() else path
     codec = next((folder / n for n in CODEC_FILES if (folder / n).exists()), None)
@@ -336,7 +339,8 @@ class Pipeline:
         save_model_files' tokenizer, preprocessor config and mask codec. palikit.load reads it back
         with the same resize filter and segment still working."""
         if self.config.quantization:
-            raise InputError("a model quantised at load is not saved; save the model loaded without quantize")
+            raise InputError("a quantised model is saved by `palikit quantize` (quantize.save_quantized_folder); "
+                             "Pipeline.save writes the released layout, which has no quantised weights")
         save_hf_folder(self.model, folder)
         save_model_files(folder, self.config, self.tokenizer.path, self.codec_path)
 

@@ -99,6 +99,14 @@ def cmd_train(args) -> None:
         print(json.dumps(result))
 
 
+def cmd_quantize(args) -> None:
+    from .quantize import save_quantized_folder
+
+    pipe = load_model(args, quantize=args.to)
+    save_quantized_folder(pipe, args.out)
+    print(args.out)
+
+
 def cmd_merge(args) -> None:
     from .finetune import merge
 
@@ -326,6 +334,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-data-errors", action="store_true", help="train although `palikit data check` "
                                                                     "finds errors in the data")
     p.set_defaults(func=cmd_train)
+
+    p = verbs.add_parser("quantize", help="write an int8 / int4 model folder that loads without quantising again")
+    p.add_argument("model", help="folder, .npz, hub id, or 'default'")
+    p.add_argument("--to", required=True, choices=QUANT_SCHEMES)
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--group-size", type=number(int, 32), default=32, help="int4: inputs per scale (32, 64, 128, 256)")
+    p.set_defaults(func=cmd_quantize, logit_softcap=None, quantize=None)
 
     p = verbs.add_parser("merge", help="merge LoRA adapters into their base model")
     p.add_argument("--base", required=True)

@@ -14,8 +14,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -47,8 +49,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def _int8_per_row(weight: torch.Tensor, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 with one scale per row: weight ~= q * scale[:, None]. In blocks of `rows`,
     so that the float32 temporaries of a 257k-row embedding table stay small."""
-    q = torch.empty(weight.shape, dtype=torch.int8)
-    scale = torch.empty(weight.shape[0])
+    q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], device=weight.device)
     for start in range(0, weight.shape[0], rows):
         w = weight[start:start + rows].detach().float()
         s = w.abs().amax(dim=1).clamp(min=1e-12) / 127
@@ -129,10 +131,11 @@ class Int8Embedding(nn.Module):
 
 def quantize_weights(model: PaliGemma, scheme: str, group_size: int = 32, vision: bool = False) -> int:
     """Swap the decoder's linear layers (and with `vision` the vision tower's and the projector's)
-    for int8 / int4 ones and the embedding for Int8Embedding, in place -> layers swapped."""
+    for int8 / int4 ones and the embedding for Int8Embedding, in place -> layers swapped. On a
+    meta-device model it builds the layout only (load_quantized_folder fills it)."""
     if scheme not in QUANT_SCHEMES:
         raise QuantizeError(f"quantize must be one of {', '.join(QUANT_SCHEMES)}, got {scheme!r}")
-    if model.device.type != "cpu":
+    if model.device.type not in ("cpu", "meta"):
         raise QuantizeError(f"int8/int4 weights run on the CPU kernels of PyTorch; this model is on "
                             f"{model.device}: load it with device='cpu', or without quantize")
     if any(isinstance(m, (Int8Linear, Int4Linear, Int8Embedding)) for m in model.modules()):
@@ -154,6 +157,60 @@ def quantize_weights(model: PaliGemma, scheme: str, group_size: int = 32, vision
     model.config.quantization = {"scheme": scheme, **({"group_size": group_size} if scheme == "int4" else {}),
                                  "vision": vision}
     return len(names)
+
+
+# A quantised folder (`palikit quantize SRC --to int8 --out DIR`): config.json with this key beside
+# the released fields, and the quantised tensors under palikit's names (a layout of palikit's own:
+# transformers does not read it).
+QUANTIZED_KEY = "palikit_quantization"
+
+
+def save_quantized_folder(pipe, folder) -> None:
+    """A quantised model as a folder palikit.load reads back without quantising again."""
+    from safetensors.torch import save_file
+
+    from .api import save_model_files
+    from .atomic import atomic_write, write_text_atomic
+
+    config = pipe.config
+    if not config.quantization:
+        raise QuantizeError("this model is not quantised: load it with quantize='int8' or 'int4' first")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in pipe.model.state_dict().items()}
+    atomic_write(folder / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+    write_text_atomic(folder / "config.json",
+                      json.dumps(config.to_hf_config() | {QUANTIZED_KEY: config.quantization}, indent=2))
+    save_model_files(folder, config, pipe.tokenizer.path, pipe.codec_path)
+
+
+def load_quantized_folder(model: PaliGemma, quantization: dict, files: list, dtype, device) -> PaliGemma:
+    """Fill a meta-device model from a quantised folder's tensors: the quantised layout first, then
+    each tensor assigned as it is read (only the float weights that stayed unquantised convert to
+    `dtype`), so that no full-precision copy of the decoder is ever made."""
+    from .weights import CheckpointError, iter_safetensors
+
+    if torch.device(device).type != "cpu":
+        raise QuantizeError(f"{quantization['scheme']} weights run on the CPU kernels; load with device='cpu'")
+    with torch.device("meta"):  # the layout only: shapes and dtypes, no values
+        quantize_weights(model, quantization["scheme"], quantization.get("group_size", 32),
+                         quantization.get("vision", False))
+    expected = model.state_dict()
+    state = {}
+    for name, tensor in iter_safetensors(files, model.config.version):
+        if name not in expected or tensor.shape != expected[name].shape:
+            raise CheckpointError(f"{files[0].parent}: {name} does not fit its {quantization['scheme']} layout")
+        quantized = not tensor.is_floating_point() or name.endswith(("scales", "scales_and_zeros"))
+        # A fresh copy: the packed weights must be aligned for the kernels' vector loads, and a
+        # tensor read from the file may start at any byte offset (without the copy, int4 decoding
+        # crashed with SIGSEGV on the bundled model).
+        state[name] = tensor.clone() if quantized else tensor.to(dtype)
+    if missing := sorted(set(expected) - set(state)):
+        raise CheckpointError(f"{files[0].parent} lacks {len(missing)} tensors, e.g. {missing[0]}")
+    model.load_state_dict(state, assign=True)
+    model.language_model.embed_tokens.dtype = dtype  # what its lookups return: the model's dtype
+    model.config.quantization = quantization
+    return model.eval().requires_grad_(False)
 
 
 # ---- QLoRA -----------------------------------------------------------------------------------------

@@ -229,6 +229,10 @@ def load_hf_folder(folder: Path, dtype=torch.bfloat16, device="cpu", sliding_win
         raise CheckpointError(f"{config_path}: {e}") from e
     files = weight_files(folder)
     model = build_on_meta(config)
+    if "palikit_quantization" in hf:  # written by `palikit quantize` (quantize.save_quantized_folder)
+        from .quantize import load_quantized_folder
+
+        return load_quantized_folder(model, hf["palikit_quantization"], files, dtype, device)
     return load_tensors(model, iter_safetensors(files, config.version, dtype), dtype, device, folder)
 
 

@@ -4,6 +4,8 @@ of float32, and the errors."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -114,7 +116,29 @@ def test_errors(tmp_path, capsys):
     quantize_weights(pipe.model, "int8")
     with pytest.raises(QuantizeError, match="quantised already"):
         quantize_weights(pipe.model, "int4")
-    with pytest.raises(palikit.processor.InputError, match="not saved"):
+    with pytest.raises(palikit.processor.InputError, match="saved by `palikit quantize`"):
         pipe.save(tmp_path / "q")
     assert main(["caption", "x.png", "--quantize", "int2"]) == 2
     assert "invalid choice: 'int2'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_folder_loads_without_quantising_again(tmp_path, held_out, scheme):
+    """`palikit quantize` writes the quantised tensors and the scheme; palikit.load reads them into
+    the quantised layout directly, and computes exactly what quantising at load does."""
+    out = tmp_path / scheme
+    assert main(["quantize", "default", "--to", scheme, "--out", str(out), "--dtype", "float32"]) == 0
+    assert json.loads((out / "config.json").read_text())["palikit_quantization"]["scheme"] == scheme
+    from palikit.weights import BUNDLED
+
+    float32_bytes = (BUNDLED / "model.safetensors").stat().st_size  # the vision tower stays float32 here
+    assert (out / "model.safetensors").stat().st_size < 0.5 * float32_bytes
+    images, prefixes, suffixes = (x[:20] for x in held_out)
+    loaded, at_load = palikit.load(out, dtype="float32"), palikit.load("default", dtype="float32", quantize=scheme)
+    assert loaded.score(images, prefixes, suffixes) == at_load.score(images, prefixes, suffixes)
+    assert loaded.generate(images, prefixes) == at_load.generate(images, prefixes)
+    assert loaded.codec_path is not None and loaded.segment(images[0], "circle") is not None
+    with pytest.raises(QuantizeError, match=f"holds {scheme} weights already"):
+        palikit.load(out, quantize="int8")
+    with pytest.raises(palikit.processor.InputError, match="saved by `palikit quantize`"):
+        loaded.save(tmp_path / "again")

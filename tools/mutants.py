@@ -1025,6 +1025,13 @@ MUTANTS = [
         "        pass",
         (FT + "test_metrics_reach_wandb_and_mlflow_offline",),
     ),
+    Mutant(
+        "a quantised folder's scales converted to the load dtype",
+        "palikit/quantize.py",
+        'quantized = not tensor.is_floating_point() or name.endswith(("scales", "scales_and_zeros"))',
+        "quantized = not tensor.is_floating_point()",
+        ("tests/test_quantize.py::test_quantized_folder_loads_without_quantising_again[int8]",),
+    ),
 ]
 
 
