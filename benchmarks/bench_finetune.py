@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_inference import make_checkpoint  # noqa: E402
+from bench_inference import make_checkpoint, peak_rss_gb  # noqa: E402 (VmHWM, reset by reset_peak)
 
 SUFFIX = "a photo of a cat sitting on a red chair next to a window"
 
@@ -52,15 +51,6 @@ def make_data(folder: Path, n: int) -> Path:
         rows.append(json.dumps({"image": f"images/{i}.png", "prefix": "caption en", "suffix": SUFFIX}))
     (folder / "train.jsonl").write_text("\n".join(rows) + "\n")
     return folder / "train.jsonl"
-
-
-def peak_rss_gb() -> float:
-    """Peak RSS since the last reset_peak() (Linux VmHWM), else since the process started."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        return next(int(line.split()[1]) for line in status.read_text().splitlines()
-                    if line.startswith("VmHWM")) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def reset_peak() -> float:
