@@ -33,7 +33,6 @@ def load_model(args, **options):
 
 
 def cmd_generate(args) -> None:
-
     pipe = load_model(args)
     images = args.image if len(args.image) > 1 else args.image[0]
     text, out = pipe.generate_details(images, args.prompt, max_new_tokens=args.max_new_tokens,

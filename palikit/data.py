@@ -133,9 +133,9 @@ def read_coco(path: str | Path, task: str = "detect", codec=None, image_dir: str
     segment: one example per (image, category present), prefix `segment label`, suffix
     `<loc>x4<seg>x16 label ; ...`; `codec` is a palikit MaskCodec (or the path of its npz).
     Crowd annotations are skipped. Images are found in `image_dir` (default: the JSON's folder).
-    An annotation with an empty or negative box or an unknown category id raises DatasetError, or,
-    when `errors` is a list, is recorded there as a Problem and skipped; a box reaching past the
-    image is clipped to it, and recorded there as a warning.
+    An annotation with a negative box or an unknown category id raises DatasetError, or, when
+    `errors` is a list, is recorded there as a Problem and skipped; an empty box is skipped and a
+    box reaching past the image clipped to it, each recorded there as a warning.
     """
     from . import tasks  # lazily: only COCO conversion needs the box and mask encoders
 

@@ -36,6 +36,7 @@ from .atomic import read_records, write_text_atomic
 from .benchmarks import BENCHMARKS, EvalExample, benchmark, published, read_benchmark, read_synthetic
 from .data import DatasetError, Example, read_jsonl
 from .metrics import metric as metric_named
+from .api import generate_alone_on_failure
 from .processor import InputError, load_image
 
 
@@ -133,10 +134,11 @@ def predict(pipe, examples: Sequence[EvalExample], indices: Sequence[int], *, na
                 ready.append((i, ex, images))
             except (InputError, OSError) as e:
                 records[i]["error"] = str(e)
-        for (i, ex, images), (text, generated) in zip(ready, _generate(pipe, ready, max_new_tokens)):
-            if isinstance(generated, Exception):
-                records[i]["error"] = str(generated)
+        for (i, ex, images), out in zip(ready, _generate(pipe, ready, max_new_tokens)):
+            if isinstance(out, ValueError):
+                records[i]["error"] = str(out)
                 continue
+            text, generated = out
             records[i]["prediction"] = text
             records[i]["scores"] = score_example(pipe, ex, text, generated, images[0],
                                                  metrics_of(ex, bench_metric, metric), codec)
@@ -161,18 +163,12 @@ def _failed_scores(ex: EvalExample, names: Sequence[str]) -> dict:
 
 
 def _generate(pipe, ready: list, max_new_tokens: int | None) -> list:
-    """(text, Generated) per ready example; when the batch fails, each runs alone so that only the
-    bad one (an over-long prompt) fails, with its error in place of the Generated."""
+    """(text, Generated) per ready example, or the ValueError of one that failed alone."""
     if not ready:
         return []
     budget = max_new_tokens or max((task_of(ex).max_new_tokens if task_of(ex) else 32) for _, ex, _ in ready)
-    try:
-        return pipe.generate_details([imgs for _, _, imgs in ready], [ex.prefix for _, ex, _ in ready],
+    return generate_alone_on_failure(pipe, [imgs for _, _, imgs in ready], [ex.prefix for _, ex, _ in ready],
                                      max_new_tokens=budget, batch_size=len(ready))
-    except ValueError as e:
-        if len(ready) == 1:
-            return [("", e)]
-        return [out for r in ready for out in _generate(pipe, [r], max_new_tokens)]
 
 
 # ---- predictions files: resumable, one per rank, merged by rank 0
@@ -182,12 +178,17 @@ def rank_file(out: Path, rank: int) -> Path:
     return out.with_name(f"{out.stem}.rank{rank}{out.suffix}")
 
 
+def rank_files(out: Path) -> list[Path]:
+    """The rank files beside `out` now, whatever the number of ranks that wrote them."""
+    return sorted(out.parent.glob(f"{out.stem}.rank*{out.suffix}"))
+
+
 def finished(out: Path, rank: int, examples: Sequence[EvalExample]) -> dict[int, dict]:
     """Records already in the predictions file and every rank's file (a rank repairs only its own
     torn last line). A record whose id is not the example's at that index belongs to another
     evaluation: refuse rather than mix the two."""
     done = {}
-    for path in [out, *sorted(out.parent.glob(f"{out.stem}.rank*{out.suffix}"))]:
+    for path in [out, *rank_files(out)]:
         for rec in read_records(path, repair=path in (out, rank_file(out, rank))):
             i = rec.get("index")
             if not isinstance(i, int) or i >= len(examples) or rec.get("id") != examples[i].id:
@@ -200,7 +201,7 @@ def finished(out: Path, rank: int, examples: Sequence[EvalExample]) -> dict[int,
 
 def merge(out: Path, n_examples: int) -> list[dict]:
     """Every rank's records into `out`, in example order, written atomically; the rank files go."""
-    parts = sorted(out.parent.glob(f"{out.stem}.rank*{out.suffix}"))
+    parts = rank_files(out)
     records = {r["index"]: r for path in [out, *parts] for r in read_records(path, repair=False)}
     ordered = [records[i] for i in sorted(records)]
     if parts:

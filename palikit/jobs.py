@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import tasks
-from .api import PipelineProtocol
+from .api import PipelineProtocol, generate_alone_on_failure
 from .atomic import read_records
 from .maskcodec import MaskCodec
 from .processor import InputError, load_image
@@ -106,16 +106,14 @@ def _run_batch(pipe, jobs: list[tuple[int, str]], base: Path, max_new_tokens: in
 
 def _generate(pipe, ready: list, max_new_tokens: int, codec) -> dict[int, dict]:
     """Records of checked jobs; if the batch fails, each job runs alone so only the bad one fails."""
-    if not ready:
-        return {}
-    try:
-        outs = pipe.generate_details([r[4] for r in ready], [r[2] for r in ready], max_new_tokens=max_new_tokens)
-    except ValueError as e:  # InputError included
-        if len(ready) == 1:
-            return {ready[0][0]: {"line": ready[0][0], "error": str(e)}}
-        return {n: rec for r in ready for n, rec in _generate(pipe, [r], max_new_tokens, codec).items()}
+    outs = generate_alone_on_failure(pipe, [r[4] for r in ready], [r[2] for r in ready],
+                                     max_new_tokens=max_new_tokens)
     records = {}
-    for (n, job, prompt, spec, image), (text, g) in zip(ready, outs):
+    for (n, job, prompt, spec, image), out in zip(ready, outs):
+        if isinstance(out, ValueError):
+            records[n] = {"line": n, "error": str(out)}
+            continue
+        text, g = out
         rec = {"line": n, "id": job.get("id"), "prompt": prompt, "text": text}
         try:
             if spec.parse is not None:

@@ -188,29 +188,19 @@ def load_quantized_folder(model: PaliGemma, quantization: dict, files: list, dty
     """Fill a meta-device model from a quantised folder's tensors: the quantised layout first, then
     each tensor assigned as it is read (only the float weights that stayed unquantised convert to
     `dtype`), so that no full-precision copy of the decoder is ever made."""
-    from .weights import CheckpointError, iter_safetensors
+    from .weights import iter_safetensors, load_tensors
 
     if torch.device(device).type != "cpu":
         raise QuantizeError(f"{quantization['scheme']} weights run on the CPU kernels; load with device='cpu'")
     with torch.device("meta"):  # the layout only: shapes and dtypes, no values
         quantize_weights(model, quantization["scheme"], quantization.get("group_size", 32),
                          quantization.get("vision", False))
-    expected = model.state_dict()
-    state = {}
-    for name, tensor in iter_safetensors(files, model.config.version):
-        if name not in expected or tensor.shape != expected[name].shape:
-            raise CheckpointError(f"{files[0].parent}: {name} does not fit its {quantization['scheme']} layout")
-        quantized = not tensor.is_floating_point() or name.endswith(("scales", "scales_and_zeros"))
-        # A fresh copy: the packed weights must be aligned for the kernels' vector loads, and a
-        # tensor read from the file may start at any byte offset (without the copy, int4 decoding
-        # crashed with SIGSEGV on the bundled model).
-        state[name] = tensor.clone() if quantized else tensor.to(dtype)
-    if missing := sorted(set(expected) - set(state)):
-        raise CheckpointError(f"{files[0].parent} lacks {len(missing)} tensors, e.g. {missing[0]}")
-    model.load_state_dict(state, assign=True)
+    packed = lambda name, t: not t.is_floating_point() or name.endswith(("scales", "scales_and_zeros"))  # noqa: E731
+    load_tensors(model, iter_safetensors(files, model.config.version, dtype), dtype, device, files[0].parent,
+                 keep_dtype=packed)
     model.language_model.embed_tokens.dtype = dtype  # what its lookups return: the model's dtype
     model.config.quantization = quantization
-    return model.eval().requires_grad_(False)
+    return model
 
 
 # ---- QLoRA -----------------------------------------------------------------------------------------

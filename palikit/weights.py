@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -184,8 +184,10 @@ def build_on_meta(config: PaliGemmaConfig) -> PaliGemma:
         return PaliGemma(config)
 
 
-def load_tensors(model: PaliGemma, tensors: Iterator[tuple[str, torch.Tensor]], dtype, device, source) -> PaliGemma:
-    """Assign named tensors to a meta-device model, converting each one as it arrives."""
+def load_tensors(model: PaliGemma, tensors: Iterator[tuple[str, torch.Tensor]], dtype, device, source,
+                 keep_dtype: Callable[[str, torch.Tensor], bool] | None = None) -> PaliGemma:
+    """Assign named tensors to a meta-device model, converting each one as it arrives; those for which
+    `keep_dtype` holds (a quantised folder's packed weights and scales) are copied as they are."""
     expected = dict(model.state_dict())
     state, unexpected = {}, []
     for name, tensor in tensors:
@@ -198,7 +200,11 @@ def load_tensors(model: PaliGemma, tensors: Iterator[tuple[str, torch.Tensor]], 
                                   f"vocab_size={want[0]}")
         if tensor.shape != want:
             raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, expected {tuple(want)}")
-        state[name] = tensor.to(device=device, dtype=dtype)
+        # The quantised ones get a fresh copy: the packed weights must be aligned for the kernels'
+        # vector loads, and a tensor read from the file may start at any byte offset (without the
+        # copy, int4 decoding crashed with SIGSEGV on the bundled model).
+        keep = keep_dtype is not None and keep_dtype(name, tensor)
+        state[name] = tensor.to(device=device).clone() if keep else tensor.to(device=device, dtype=dtype)
     missing = [k for k in expected if k not in state]
     if missing or unexpected:
         raise CheckpointError(

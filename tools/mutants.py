@@ -1028,8 +1028,8 @@ MUTANTS = [
     Mutant(
         "a quantised folder's scales converted to the load dtype",
         "palikit/quantize.py",
-        'quantized = not tensor.is_floating_point() or name.endswith(("scales", "scales_and_zeros"))',
-        "quantized = not tensor.is_floating_point()",
+        'packed = lambda name, t: not t.is_floating_point() or name.endswith(("scales", "scales_and_zeros"))',
+        "packed = lambda name, t: not t.is_floating_point()",
         ("tests/test_quantize.py::test_quantized_folder_loads_without_quantising_again[int8]",),
     ),
 ]

@@ -412,7 +412,7 @@ class Trainer:
         bar.close()
         if self.step == self.total_steps or self.stopped_early:
             self.save_checkpoint()
-            self.save_final()
+            self.publish_step("final")  # the last step's model, as users load it
         return {"step": self.step, "out_dir": str(self.out), **last}
 
     def _grad_sync(self, sync: bool):
@@ -471,17 +471,8 @@ class Trainer:
         lower = key.endswith("loss")
         if best is None or (value < best["value"] if lower else value > best["value"]):
             self.save_checkpoint()
-            if self.rank == 0:
-                src = self.out / f"step-{self.step:06d}" / ("adapter" if self.lora else "model")
-
-                def link(folder: Path) -> None:
-                    shutil.copytree(src, folder, copy_function=checkpoint.link_or_copy)
-                    save_model_files(folder, self.core.config, self.tokenizer.path, self.codec_path)
-                    write_text_atomic(folder / "best.json", json.dumps({key: value, "value": value,
-                                                                         "step": self.step}) + "\n")
-
-                checkpoint.save_folder(self.out / "best", link)
-            dist.barrier()
+            self.publish_step("best", {"best.json": json.dumps({key: value, "value": value,
+                                                                 "step": self.step}) + "\n"})
             log.info("step %d: new best %s %.4f (out_dir/best)", self.step, key, value)
             return False
         patience = self.cfg.early_stopping
@@ -575,17 +566,20 @@ class Trainer:
             log.info("resumed from %s: step %d, epoch %d, position %d", ckpt, self.step, state["epoch"],
                      state["position"])
 
-    def save_final(self) -> None:
-        """out_dir/final: the model (or adapter) of the last step, as hard links, with the tokenizer,
-        preprocessor config and mask codec: a folder palikit.load (or merge, for an adapter) reads whole."""
+    def publish_step(self, name: str, extra: dict[str, str] | None = None) -> None:
+        """out_dir/NAME: this step's saved model (or adapter), as hard links, with the tokenizer,
+        preprocessor config and mask codec (a folder palikit.load, or merge for an adapter, reads
+        whole) and the `extra` files. Every rank waits for rank 0 to write it."""
         if self.rank == 0:
             src = self.out / f"step-{self.step:06d}" / ("adapter" if self.lora else "model")
 
             def link(folder: Path) -> None:
                 shutil.copytree(src, folder, copy_function=checkpoint.link_or_copy)
                 save_model_files(folder, self.core.config, self.tokenizer.path, self.codec_path)
+                for file, text in (extra or {}).items():
+                    write_text_atomic(folder / file, text)
 
-            checkpoint.save_folder(self.out / "final", link)
+            checkpoint.save_folder(self.out / name, link)
         dist.barrier()
 
     def cleanup(self, finished: bool = True) -> None:
