@@ -1,12 +1,12 @@
 """palikit vs transformers, side by side in one run, on a random-init full-size PaliGemma 2.
 
     .venv/bin/python benchmarks/bench_inference.py [--preset paligemma2-3b-pt-224] [--dtype bfloat16]
-        [--columns palikit palikit-int8 palikit-int4 transformers]
+        [--columns palikit palikit-int8 palikit-int4 palikit-int8-folder palikit-int4-folder transformers]
 
 Writes one checkpoint (palikit's writer, the released HF layout), then loads and runs it in a fresh
 subprocess per column, so load time and peak RSS are not polluted by the others. Columns: palikit
-in --dtype, palikit with int8 / int4 weights (palikit.quantize, the decoder and LM head), and
-transformers in --dtype. Rows: load time, peak RSS, time to first token (vision + prefill), decode
+in --dtype, palikit with int8 / int4 weights (palikit.quantize, the decoder and LM head) quantised at
+load or read from a `palikit quantize` folder, and transformers in --dtype. Rows: load time, peak RSS, time to first token (vision + prefill), decode
 tokens/s (batch 1), batch-8 captions/s, and decode as a fraction of its bandwidth floor: the bytes
 of the decoder's weights (the ones every decode step reads) against the read bandwidth this machine
 measures on a 512 MB tensor. Random weights rarely emit <eos>, and every column is forced to
@@ -158,6 +158,9 @@ def run_transformers(folder: str, dtype: str, new_tokens: int) -> dict:
 COLUMNS = {"palikit": lambda f, d, n: run_palikit(f, d, n),
            "palikit-int8": lambda f, d, n: run_palikit(f, d, n, "int8"),
            "palikit-int4": lambda f, d, n: run_palikit(f, d, n, "int4"),
+           # `palikit quantize` folders (written before the columns run): no quantising at load
+           "palikit-int8-folder": lambda f, d, n: run_palikit(f"{f}-int8", d, n),
+           "palikit-int4-folder": lambda f, d, n: run_palikit(f"{f}-int4", d, n),
            "transformers": run_transformers}
 
 ROWS = [("load_s", "load time (s)", False), ("peak_rss_gb", "peak RSS (GB)", False),
@@ -189,6 +192,11 @@ def main() -> None:
         make_checkpoint(Path(folder), args.preset, args.dtype, ["caption en", "a photo of a cat"] * 50)
         print(f"wrote random {args.preset} ({args.dtype}) to {folder} in {time.perf_counter() - t:.0f} s", flush=True)
     try:
+        for column in args.columns:
+            if column.endswith("-folder"):
+                scheme = column.split("-")[1]
+                subprocess.run([sys.executable, "-m", "palikit.cli", "quantize", folder, "--to", scheme, "--out",
+                                f"{folder}-{scheme}", "--dtype", args.dtype], check=True, cwd=ROOT)
         results = {}
         bandwidth = read_bandwidth_gb_s()
         print(f"read bandwidth: {bandwidth:.1f} GB/s (best of 5 sums over 512 MB)", flush=True)
@@ -199,6 +207,9 @@ def main() -> None:
             results[lib] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{lib}: {results[lib]}", flush=True)
     finally:
+        for scheme in ("int8", "int4"):
+            if f"palikit-{scheme}-folder" in args.columns:
+                shutil.rmtree(f"{folder}-{scheme}", ignore_errors=True)
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
