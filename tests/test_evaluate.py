@@ -250,3 +250,22 @@ def test_failed_detect_and_segment_examples_do_not_stop_the_run(tmp_path):
     rep = ev.evaluate(palikit.load("default", dtype="float32"), ev.jsonl_examples(bad), name="bad", by_task=True)
     assert rep["examples"] == len(rows) and rep["errors"] == 2
     assert {r["group"] for r in rep["results"]} == {"detect", "segment"}
+
+
+def test_an_overlong_prompt_fails_alone_in_its_batch(tmp_path, jsonl):
+    """Generation raises for the whole batch on one over-long prompt: that example gets the error,
+    the others of its batch are generated alone and score as in a clean run."""
+    rows = [json.loads(r) for r in jsonl.read_text().splitlines()[:4]]
+    for r in rows:
+        r["image"] = str(jsonl.parent / r["image"])
+    bad = rows[1] | {"prefix": "answer en " + "why " * 600}
+    path = tmp_path / "long.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], bad, *rows[2:]]))
+    pipe = palikit.load("default", dtype="float32")
+    out = tmp_path / "preds.jsonl"
+    ev.evaluate(pipe, ev.jsonl_examples(path), name="long", by_task=True, batch_size=4, out=out)
+    preds = _preds(out)
+    assert "error" in preds[1] and "limit" in preds[1]["error"]
+    alone = [t for t, _ in pipe.generate_details([r["image"] for r in rows], [r["prefix"] for r in rows],
+                                                max_new_tokens=64, batch_size=1)]
+    assert [p["prediction"] for i, p in enumerate(preds) if i != 1] == [alone[0], *alone[2:]]

@@ -1032,6 +1032,13 @@ MUTANTS = [
         "packed = lambda name, t: not t.is_floating_point()",
         ("tests/test_quantize.py::test_quantized_folder_loads_without_quantising_again[int8]",),
     ),
+    Mutant(
+        "a failed batch fails all its examples",
+        "palikit/api.py",
+        "        if len(prompts) == 1:\n            return [e]",
+        "        if True:\n            return [e] * len(prompts)",
+        ("tests/test_evaluate.py::test_an_overlong_prompt_fails_alone_in_its_batch",),
+    ),
 ]
 
 
