@@ -5,7 +5,7 @@
 
 Writes one checkpoint (palikit's writer, the released HF layout), then loads and runs it in a fresh
 subprocess per column, so load time and peak RSS are not polluted by the others. Columns: palikit
-in --dtype, palikit with int8 / int4 weights (palikit.quantize, the decoder and LM head) quantised at
+in --dtype, with its decode step compiled (torch.compile; "-compile"), palikit with int8 / int4 weights (palikit.quantize, the decoder and LM head) quantised at
 load or read from a `palikit quantize` folder, and transformers in --dtype. Rows: load time, peak RSS, time to first token (vision + prefill), decode
 tokens/s (batch 1), batch-8 captions/s, and decode as a fraction of its bandwidth floor: the bytes
 of the decoder's weights (the ones every decode step reads) against the read bandwidth this machine
@@ -89,7 +89,7 @@ def decoder_bytes(module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-def run_palikit(folder: str, dtype: str, new_tokens: int, quantize: str | None = None) -> dict:
+def run_palikit(folder: str, dtype: str, new_tokens: int, quantize: str | None = None, compile: bool = False) -> dict:
     import torch
 
     import palikit
@@ -97,7 +97,7 @@ def run_palikit(folder: str, dtype: str, new_tokens: int, quantize: str | None =
     from palikit.processor import encode_example
 
     t0 = time.perf_counter()
-    pipe = palikit.load(folder, dtype=dtype, quantize=quantize)
+    pipe = palikit.load(folder, dtype=dtype, quantize=quantize, compile=compile)
     load_s = time.perf_counter() - t0
     imgs = images(8)
     n = pipe.config.num_image_tokens
@@ -111,7 +111,8 @@ def run_palikit(folder: str, dtype: str, new_tokens: int, quantize: str | None =
         return time.perf_counter() - t
 
     with torch.inference_mode():
-        run(1, 2)  # warm-up
+        run(1, 2)  # warm-up (and, compiled, the compilation for both batch sizes)
+        run(8, 2)
         ttft = min(run(1, 1) for _ in range(2))
         full = run(1, new_tokens)
         batch8 = run(8, new_tokens)
@@ -147,6 +148,7 @@ def run_transformers(folder: str, dtype: str, new_tokens: int) -> dict:
 
     with torch.inference_mode():
         run(1, 2)
+        run(8, 2)
         ttft = min(run(1, 1) for _ in range(2))
         full = run(1, new_tokens)
         batch8 = run(8, new_tokens)
@@ -156,8 +158,10 @@ def run_transformers(folder: str, dtype: str, new_tokens: int) -> dict:
 
 
 COLUMNS = {"palikit": lambda f, d, n: run_palikit(f, d, n),
+           "palikit-compile": lambda f, d, n: run_palikit(f, d, n, compile=True),
            "palikit-int8": lambda f, d, n: run_palikit(f, d, n, "int8"),
            "palikit-int4": lambda f, d, n: run_palikit(f, d, n, "int4"),
+           "palikit-int4-compile": lambda f, d, n: run_palikit(f, d, n, "int4", compile=True),
            # `palikit quantize` folders (written before the columns run): no quantising at load
            "palikit-int8-folder": lambda f, d, n: run_palikit(f"{f}-int8", d, n),
            "palikit-int4-folder": lambda f, d, n: run_palikit(f"{f}-int4", d, n),
@@ -213,7 +217,7 @@ def main() -> None:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\n{args.preset}, {args.dtype}, {args.new_tokens} new tokens; ratios to transformers "
+    print(f"\n{args.checkpoint or args.preset}, {args.dtype}, {args.new_tokens} new tokens; ratios to transformers "
           f"(x: higher is better for palikit)\n")
     base = results.get("transformers")
     print("| metric | " + " | ".join(results) + " |\n|---|" + "---|" * len(results))

@@ -60,7 +60,8 @@ def check_device(device: str | torch.device) -> torch.device:
 
 def load(source: str | Path = "default", dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
          tokenizer: str | Path | None = None, sliding_window: bool = False,
-         logit_softcap: str | None = None, quantize: str | None = None, group_size: int = 32) -> Pipeline:
+         logit_softcap: str | None = None, quantize: str | None = None, group_size: int = 32,
+         compile: bool = False) -> Pipeline:
     """Load a PaliGemma / PaliGemma 2 checkpoint: an HF folder (single or sharded safetensors), a
     big_vision .npz (pass `tokenizer=` for it), a hub id, or "default" (the bundled tiny model).
 
@@ -71,6 +72,9 @@ def load(source: str | Path = "default", dtype: str | torch.dtype = "bfloat16", 
     default for .npz files, which come from big_vision) or "off".
     quantize: "int8" or "int4" weight-only decoder weights (int4 in groups of `group_size`
     inputs) and an int8 embedding / LM head, on the CPU (palikit.quantize).
+    compile=True compiles the decode step with torch.compile (generate.compile_decode): the first
+    generation of each batch size compiles it, later ones run the compiled step; outputs equal
+    the uncompiled path's.
     """
     check_device(device)
     if logit_softcap is not None and logit_softcap not in LOGIT_SOFTCAP_MODES:
@@ -100,6 +104,8 @@ def load(source: str | Path = "default", dtype: str | torch.dtype = "bfloat16", 
             raise QuantizeError(f"{path} holds {model.config.quantization['scheme']} weights already; load it "
                                 "without quantize")
         quantize_weights(model, quantize, group_size)
+    if compile:
+        gen.compile_decode(model)
     folder = path.parent if path.is_file() else path
     codec = next((folder / n for n in CODEC_FILES if (folder / n).exists()), None)
     return Pipeline(model, Tokenizer(tok_file, image_token_id=model.config.image_token_id), codec)

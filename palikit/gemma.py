@@ -16,6 +16,27 @@ from torch import nn
 from .config import GemmaConfig
 
 
+@torch.library.custom_op("palikit::matvec", mutates_args=())
+def matvec(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """torch.mv, opaque to torch.compile: inductor lowers mv to reduction loops of its own, which
+    read a PaliGemma 2 3B decode step's weights at less than half the speed of torch's GEMV."""
+    return torch.mv(matrix, vector)
+
+
+@matvec.register_fake
+def _(matrix, vector):
+    return matrix.new_empty(matrix.shape[0])
+
+
+def mv(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
+    """torch.mv; under torch.compile, matvec for matrices of a million entries and more. Smaller
+    ones are left to inductor, which fuses them with their neighbours: the bundled model's
+    compiled decode runs 1250 tokens/s that way, 935 with every product opaque."""
+    if torch.compiler.is_compiling() and matrix.numel() >= 1 << 20:
+        return matvec(matrix, vector)
+    return torch.mv(matrix, vector)
+
+
 class Linear(nn.Linear):
     """nn.Linear that runs one-row inputs (batch-1 decoding) as a matrix-vector product.
 
@@ -26,7 +47,7 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == self.in_features:
-            y = torch.mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
+            y = mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
         return super().forward(x)
 
@@ -61,20 +82,35 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class KVCache:
-    """Preallocated keys/values of every layer: (layers, B, K, S_max, Dh) each."""
+    """Preallocated keys/values, one (B, K, S_max, Dh) tensor per layer each. Separate tensors, not
+    one with a layer axis: a decode step then writes each in place (scatter_), where a write into
+    a slice of a shared tensor makes torch.compile copy the whole cache every step."""
 
-    k: torch.Tensor
-    v: torch.Tensor
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
 
     @classmethod
     def allocate(cls, config: GemmaConfig, batch: int, length: int, dtype, device) -> KVCache:
-        shape = (config.num_layers, batch, config.num_kv_heads, length, config.head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        shape = (batch, config.num_kv_heads, length, config.head_dim)
+        return cls(*([torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+                     for _ in "kv"))
+
+    def write(self, layer: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v (B, K, T, Dh) into slots [start, start + T): `start` an int for the whole batch, or
+        a tensor (B,) of one slot per row for a single token (T = 1) at a different slot per row,
+        as decode steps write (a tensor keeps the step's shapes and code constant for torch.compile)."""
+        if isinstance(start, int):
+            self.k[layer][:, :, start : start + k.shape[2]] = k
+            self.v[layer][:, :, start : start + v.shape[2]] = v
+        else:
+            index = start.view(-1, 1, 1, 1).expand(k.shape)
+            self.k[layer].scatter_(2, index, k)
+            self.v[layer].scatter_(2, index, v)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows `index` (beam search)."""
-        self.k = self.k[:, index]
-        self.v = self.v[:, index]
+        self.k = [k[index] for k in self.k]
+        self.v = [v[index] for v in self.v]
 
 
 class Attention(nn.Module):
@@ -88,18 +124,18 @@ class Attention(nn.Module):
         self.o_proj = Linear(H * Dh, D, bias=False)
         self.scale = config.query_pre_attn_scalar**-0.5
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, start: int = 0):
-        """x (B, T, D); mask bool (B, 1, T, S), True = may attend; cache slots [start, start+T) are written."""
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, start: int | torch.Tensor = 0):
+        """x (B, T, D); mask bool (B, 1, T, S), True = may attend; cache slots [start, start+T) are
+        written (see KVCache.write) and slots [0, S) attended."""
         B, T, _ = x.shape
         H, K, Dh = self.config.num_heads, self.config.num_kv_heads, self.config.head_dim
         q = apply_rope(self.q_proj(x).view(B, T, H, Dh).transpose(1, 2), cos, sin)  # (B, H, T, Dh)
         k = apply_rope(self.k_proj(x).view(B, T, K, Dh).transpose(1, 2), cos, sin)  # (B, K, T, Dh)
         v = self.v_proj(x).view(B, T, K, Dh).transpose(1, 2)
         if cache is not None:
-            cache.k[self.layer_idx, :, :, start : start + T] = k
-            cache.v[self.layer_idx, :, :, start : start + T] = v
-            k = cache.k[self.layer_idx, :, :, : mask.shape[-1]]
-            v = cache.v[self.layer_idx, :, :, : mask.shape[-1]]
+            cache.write(self.layer_idx, start, k, v)
+            k = cache.k[self.layer_idx][:, :, : mask.shape[-1]]
+            v = cache.v[self.layer_idx][:, :, : mask.shape[-1]]
         cap = self.config.attn_logit_softcap
         if cap is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=K != H)
@@ -170,7 +206,7 @@ class Gemma(nn.Module):
         rows = self.embed_tokens(ids)  # an nn.Embedding, or quantize.Int8Embedding's dequantised rows
         return rows * torch.tensor(self.config.hidden_size**0.5, dtype=rows.dtype)
 
-    def forward(self, x, positions, masks: dict, cache: KVCache | None = None, start: int = 0):
+    def forward(self, x, positions, masks: dict, cache: KVCache | None = None, start: int | torch.Tensor = 0):
         """x (B, T, D) embeddings; positions (B, T) -> final-normed hidden states (B, T, D)."""
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         for layer in self.layers:
@@ -185,8 +221,8 @@ class Gemma(nn.Module):
         table = self.embed_tokens.weight
         if hasattr(self.embed_tokens, "project"):  # quantised: palikit.quantize.Int8Embedding
             logits = self.embed_tokens.project(hidden).float()
-        elif hidden.numel() == hidden.shape[-1]:  # one row: matrix-vector product, see Linear
-            logits = torch.mv(table, hidden.reshape(-1)).view(*hidden.shape[:-1], -1).float()
+        elif hidden.numel() == hidden.shape[-1]:  # one row: see Linear
+            logits = mv(table, hidden.reshape(-1)).view(*hidden.shape[:-1], -1).float()
         else:
             logits = (hidden @ table.T).float()
         cap = self.config.final_logit_softcap

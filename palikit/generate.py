@@ -56,12 +56,18 @@ class PromptBatch:
         self.valid = torch.zeros((B, S), dtype=torch.bool, device=device)
         for i, p in enumerate(prompts):
             self.ids[i, P - len(p):] = torch.tensor(p, device=device)
-            self.valid[i, P - len(p):] = True  # generated slots are filled in as we go
-        self.valid[:, P:] = True
+            self.valid[i, P - len(p):] = True
+        self.valid[:, P:] = True  # generated slots: block numbers keep each out until it is written
         self.pos = (torch.cumsum(self.valid.long(), -1) - 1).clamp(min=0)  # (B, S) RoPE positions
         # Block numbers: 0 for the whole prompt (bidirectional), then 1, 2, ... per generated token.
         self.block = torch.clamp(torch.arange(S, device=device) - P + 1, min=0).expand(B, S)
         self.prompt_len = P
+
+
+def new_batch(model: PaliGemma, prompts: list[list[int]], pad_id: int, max_new_tokens: int) -> PromptBatch:
+    """The prompts laid out in a cache with room for max_new_tokens (see cache_slots)."""
+    P = max(len(p) for p in prompts)
+    return PromptBatch(prompts, pad_id, cache_slots(model, P, max_new_tokens), model.device)
 
 
 def logits_to_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
@@ -89,16 +95,53 @@ def prefill(model: PaliGemma, batch: PromptBatch, image_tokens, cache) -> torch.
     return model.logits(hidden[:, -1], "prefill")  # never the logits of the other prompt positions
 
 
-@torch.inference_mode()
-def decode_one_token(model: PaliGemma, batch: PromptBatch, token: torch.Tensor, slot: int, cache) -> torch.Tensor:
-    """token (B,) written at cache `slot` -> next-token logits (B, V)."""
+def decode_logits(model: PaliGemma, token: torch.Tensor, slot: torch.Tensor, block: torch.Tensor,
+                  pos: torch.Tensor, valid: torch.Tensor, cache) -> torch.Tensor:
+    """One decode step with constant shapes: token (B,) written at cache slot `slot` (B,), one slot
+    per row, attending over all S slots -> next-token logits (B, V).
+
+    block / pos / valid (B, S) describe every slot, the ones not written yet included: their block
+    numbers are above the query's, so the prefix-LM rule (attention_masks) keeps them out, and a
+    step needs no slicing, no per-step Python over rows, and no new shapes. That is what lets
+    torch.compile compile it once (compile_decode) and CUDA graphs replay it."""
+    rows = torch.arange(token.shape[0], device=token.device)
+    q_block, q_pos = block[rows, slot][:, None], pos[rows, slot][:, None]
+    masks = attention_masks(q_block, q_pos, block, pos, valid, model.config.text)
     x = model.language_model.embed(token[:, None])
-    q = slice(slot, slot + 1)
-    k = slice(0, slot + 1)
-    masks = attention_masks(batch.block[:, q], batch.pos[:, q], batch.block[:, k], batch.pos[:, k],
-                            batch.valid[:, k], model.config.text)
-    hidden = model.language_model(x, batch.pos[:, q], masks, cache, start=slot)
+    hidden = model.language_model(x, q_pos, masks, cache, start=slot)
     return model.logits(hidden[:, -1], "decode")
+
+
+def compile_decode(model: PaliGemma) -> None:
+    """Compile the decode step with torch.compile, with dynamic shapes: one compilation for batch
+    size 1 (which torch specialises) and one for every larger batch and any cache length, with CUDA
+    graphs on a GPU (those record one graph per shape: caches are allocated in multiples of
+    CACHE_BUCKET slots to keep them few). emulate_precision_casts rounds fused bf16 / fp16
+    intermediates as eager does, so compiled greedy outputs equal the uncompiled ones (without it,
+    int8 models on the bundled checkpoint changed their greedy text)."""
+    options = {"emulate_precision_casts": True, "triton.cudagraphs": model.device.type == "cuda"}
+    model.compiled_decode = torch.compile(decode_logits, fullgraph=True, dynamic=True, options=options)
+
+
+CACHE_BUCKET = 64
+
+
+def decode_step(model: PaliGemma, batch: PromptBatch, token: torch.Tensor, slot: torch.Tensor, cache) -> torch.Tensor:
+    """decode_logits, compiled when compile_decode was called on the model. Uncompiled, the step
+    sees only the slots written so far: attending over the empty rest costs eager mode ~10 % on
+    the bundled model, and shapes that change each step cost it nothing."""
+    step = getattr(model, "compiled_decode", None)
+    if step is not None:
+        return step(model, token, slot, batch.block, batch.pos, batch.valid, cache)
+    n = int(slot.max()) + 1
+    return decode_logits(model, token, slot, batch.block[:, :n], batch.pos[:, :n], batch.valid[:, :n], cache)
+
+
+def cache_slots(model: PaliGemma, prompt_len: int, max_new_tokens: int) -> int:
+    """Extra cache slots after a prompt: max_new_tokens, rounded up for a compiled step (CACHE_BUCKET)."""
+    if getattr(model, "compiled_decode", None) is None:
+        return max_new_tokens
+    return -(-(prompt_len + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET - prompt_len
 
 
 @torch.inference_mode()
@@ -107,10 +150,10 @@ def stream_tokens(model: PaliGemma, prompts: list[list[int]], image_tokens: torc
     """Yield (token (B,), its log-prob (B,)) per step until every row has produced <eos> or
     max_new_tokens is reached; a consumer may stop early (streaming). Rows that finished keep
     yielding tokens that the consumer ignores."""
-    batch = PromptBatch(prompts, pad_id, cfg.max_new_tokens, model.device)
-    P = batch.prompt_len
-    cache = model.new_cache(len(prompts), P + cfg.max_new_tokens)
+    batch = new_batch(model, prompts, pad_id, cfg.max_new_tokens)
+    cache = model.new_cache(len(prompts), batch.valid.shape[1])
     logits = prefill(model, batch, image_tokens, cache)
+    slot = torch.full((len(prompts),), batch.prompt_len, device=model.device)
     generator = torch.Generator(device=model.device)
     if cfg.seed is not None:
         generator.manual_seed(cfg.seed)
@@ -126,7 +169,8 @@ def stream_tokens(model: PaliGemma, prompts: list[list[int]], image_tokens: torc
         done |= token == eos_id
         if done.all() or step == cfg.max_new_tokens - 1:
             return
-        logits = decode_one_token(model, batch, token.masked_fill(done, pad_id), P + step, cache)
+        logits = decode_step(model, batch, token.masked_fill(done, pad_id), slot, cache)
+        slot += 1
 
 
 def generate(model: PaliGemma, prompts: list[list[int]], image_tokens: torch.Tensor | None,
@@ -150,10 +194,10 @@ def beam_search(model, prompts, image_tokens, cfg: SamplingConfig, eos_id: int, 
     """Standard beam search: keep the num_beams best partial sequences per prompt, collect those that
     end in <eos>, return the best finished one by length-normalised log-prob."""
     nb, B = cfg.num_beams, len(prompts)
-    batch = PromptBatch(prompts, pad_id, cfg.max_new_tokens, model.device)
-    P = batch.prompt_len
-    cache = model.new_cache(B, P + cfg.max_new_tokens)
+    batch = new_batch(model, prompts, pad_id, cfg.max_new_tokens)
+    cache = model.new_cache(B, batch.valid.shape[1])
     logits = prefill(model, batch, image_tokens, cache)
+    slot = torch.full((B * nb,), batch.prompt_len, device=model.device)
     rows = torch.arange(B, device=model.device).repeat_interleave(nb)  # expand every row to its beams
     cache.reorder(rows)
     batch.block, batch.pos, batch.valid = batch.block[rows], batch.pos[rows], batch.valid[rows]
@@ -194,7 +238,8 @@ def beam_search(model, prompts, image_tokens, cfg: SamplingConfig, eos_id: int, 
         if step == cfg.max_new_tokens - 1:
             break
         cache.reorder((torch.arange(B, device=model.device)[:, None] * nb + parents).view(-1))
-        logits = decode_one_token(model, batch, tokens.view(-1), P + step, cache)
+        logits = decode_step(model, batch, tokens.view(-1), slot, cache)
+        slot += 1
         logprobs = logits.log_softmax(-1)
     results = []
     for b in range(B):

@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
 import palikit
+from palikit import generate as gen
 from palikit.cli import main
 from palikit.synthetic import generate_dataset
 
@@ -43,6 +44,20 @@ def test_generate_and_task_verbs_print_what_the_api_returns(pipe, tiny_model_dir
     assert main(["segment", str(img), "circle", *model, "--json", "--out", str(tmp_path / "o.png")]) == 0
     assert printed_json(capsys) == [s.to_dict() for s in pipe.segment(str(img), "circle")]
     assert (tmp_path / "o.png").exists()
+
+
+def test_compile_flag_gives_the_same_text(pipe, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(gen, "compile_decode", lambda model, real=gen.compile_decode: compiled.append(real(model)))
+    img = tmp_path / "img.png"
+    synthetic_image(1).save(img)
+    argv = ["generate", "--model", str(tiny_model_dir), "--dtype", "float32", "--image", str(img), "--prompt",
+            "caption en", "--max-new-tokens", "6", "--json"]
+    assert main(argv) == 0
+    eager = printed_json(capsys)
+    assert main([*argv, "--compile"]) == 0
+    eager["logprob"] = pytest.approx(eager["logprob"], abs=1e-4)
+    assert printed_json(capsys) == eager and len(eager["tokens"]) > 2 and len(compiled) == 1
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import palikit
+from palikit import generate as gen
 from palikit.processor import collate
 from palikit.processor import encode_example, preprocess
 
@@ -62,8 +63,12 @@ def test_logits_match_transformers(loaded):
     assert ref.std() > 0.5  # the random weights give non-trivial logits
 
 
-def test_greedy_tokens_match_transformers(loaded):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_greedy_tokens_match_transformers(loaded, compiled, monkeypatch):
     pipe, hf = loaded
+    if compiled:  # the decode step under torch.compile (palikit.load(..., compile=True))
+        monkeypatch.setattr(pipe.model, "compiled_decode", None, raising=False)  # removed again afterwards
+        gen.compile_decode(pipe.model)
     images = [synthetic_image(2), synthetic_image(3)]
     enc, ids, mask, tti = hf_inputs(pipe, PROMPTS)
     pixels = preprocess(images, pipe.config.vision.image_size)

@@ -383,7 +383,7 @@ def test_client_disconnect_mid_stream(live, client, monkeypatch):
     url, app = live
     server = app.state.palikit
     reached, gate, closed, finished = (threading.Event() for _ in range(4))
-    decode, sse, batch = gen.decode_one_token, server.sse, server.metrics.batch
+    decode, sse, batch = gen.decode_step, server.sse, server.metrics.batch
     calls = []
 
     def held_decode(*args, **kwargs):
@@ -403,7 +403,7 @@ def test_client_disconnect_mid_stream(live, client, monkeypatch):
             await events.aclose()  # its own cleanup marks the request cancelled
             closed.set()
 
-    monkeypatch.setattr(gen, "decode_one_token", held_decode)
+    monkeypatch.setattr(gen, "decode_step", held_decode)
     monkeypatch.setattr(server, "sse", watched_sse)
     monkeypatch.setattr(server.metrics, "batch", lambda *a: (batch(*a), finished.set()))
     before = server.metrics.tokens

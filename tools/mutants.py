@@ -1039,6 +1039,35 @@ MUTANTS = [
         "        if True:\n            return [e] * len(prompts)",
         ("tests/test_evaluate.py::test_an_overlong_prompt_fails_alone_in_its_batch",),
     ),
+    # ---- compiled decode (torch.compile) ----
+    Mutant(
+        "the compiled step rounds bf16 intermediates its own way",
+        "palikit/generate.py",
+        '"emulate_precision_casts": True,',
+        '"emulate_precision_casts": False,',
+        ("tests/test_generate.py::test_compiled_int8_keeps_greedy_text",),
+    ),
+    Mutant(
+        "a decode step attends to the next, unwritten cache slot",
+        "palikit/generate.py",
+        "q_block, q_pos = block[rows, slot][:, None], pos[rows, slot][:, None]",
+        "q_block, q_pos = (block[rows, slot] + 1)[:, None], pos[rows, slot][:, None]",
+        ("tests/test_generate.py::test_batch_equals_alone[pg1]", "tests/test_generate.py::test_batch_equals_alone[pg2]"),
+    ),
+    Mutant(
+        "compiled caches are not rounded up to a shared length",
+        "palikit/generate.py",
+        "    if getattr(model, \"compiled_decode\", None) is None:\n        return max_new_tokens",
+        "    if True:\n        return max_new_tokens",
+        ("tests/test_generate.py::test_compiled_decode_equals_eager[pg1]",),
+    ),
+    Mutant(
+        "--compile is not passed on",
+        "palikit/cli.py",
+        '"compile": args.compile, **options}',
+        '**options}',
+        (CLI + "test_compile_flag_gives_the_same_text",),
+    ),
 ]
 
 
