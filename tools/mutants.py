@@ -301,8 +301,8 @@ MUTANTS = [
     Mutant(
         "decoding at the wrong position",
         "palikit/generate.py",
-        "hidden = model.language_model(x, batch.pos[:, q], masks, cache, start=slot)",
-        "hidden = model.language_model(x, batch.pos[:, q] + 1, masks, cache, start=slot)",
+        "hidden = model.language_model(x, q_pos, masks, cache, start=slot)",
+        "hidden = model.language_model(x, q_pos + 1, masks, cache, start=slot)",
         (WEIGHTS + "test_big_vision_npz[pg1-f32]", WEIGHTS + "test_big_vision_npz[pg2-f32]"),
     ),
     Mutant(
