@@ -303,6 +303,25 @@ def test_compiled_decode_equals_eager(pipe, compiled):
     assert (P + gen.cache_slots(pipe.model, P, 8)) % gen.CACHE_BUCKET == 0
 
 
+def test_unwritten_cache_slots_are_never_read(pipe, compiled, monkeypatch):
+    """The compiled step attends over the whole cache; slots not written yet must weigh nothing.
+    Filled with large values (not NaN: a zero weight times NaN is NaN), they would dominate."""
+    want = details(pipe, BATCH_IMAGES, BATCH_PROMPTS, max_new_tokens=6)
+    new_cache = pipe.model.new_cache
+
+    def filled(*args):
+        cache = new_cache(*args)
+        for t in cache.k + cache.v:
+            t.fill_(100.0)
+        return cache
+
+    monkeypatch.setattr(pipe.model, "new_cache", filled)
+    got = details(pipe, BATCH_IMAGES, BATCH_PROMPTS, max_new_tokens=6)
+    assert [g.tokens for g in got] == [g.tokens for g in want]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
+
+
 def test_compiled_int8_keeps_greedy_text():
     """A quantised model computes in bfloat16; the compiled step rounds as eager does (see
     compile_decode), so greedy text stays the same."""
