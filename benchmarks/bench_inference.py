@@ -1,15 +1,18 @@
 """palikit vs transformers, side by side in one run, on a random-init full-size PaliGemma 2.
 
     .venv/bin/python benchmarks/bench_inference.py [--preset paligemma2-3b-pt-224] [--dtype bfloat16]
-        [--columns palikit palikit-int8 palikit-int4 palikit-int8-folder palikit-int4-folder transformers]
+        [--columns palikit palikit-compile palikit-int8 palikit-int4 palikit-int4-compile
+                   palikit-int8-folder palikit-int4-folder transformers] [--checkpoint FOLDER]
 
-Writes one checkpoint (palikit's writer, the released HF layout), then loads and runs it in a fresh
-subprocess per column, so load time and peak RSS are not polluted by the others. Columns: palikit
-in --dtype, with its decode step compiled (torch.compile; "-compile"), palikit with int8 / int4 weights (palikit.quantize, the decoder and LM head) quantised at
-load or read from a `palikit quantize` folder, and transformers in --dtype. Rows: load time, peak RSS, time to first token (vision + prefill), decode
-tokens/s (batch 1), batch-8 captions/s, and decode as a fraction of its bandwidth floor: the bytes
-of the decoder's weights (the ones every decode step reads) against the read bandwidth this machine
-measures on a 512 MB tensor. Random weights rarely emit <eos>, and every column is forced to
+Writes one checkpoint (palikit's writer, the released HF layout), or takes --checkpoint (e.g.
+palikit/assets/default, the bundled model: the per-token overhead row), then loads and runs it in a
+fresh subprocess per column, so load time and peak RSS are not polluted by the others. Columns:
+palikit in --dtype, with its decode step compiled ("-compile": palikit.load(compile=True)), palikit
+with int8 / int4 weights (palikit.quantize, the decoder and LM head) quantised at load or read from
+a `palikit quantize` folder, and transformers in --dtype. Rows: load time, peak RSS, time to first
+token (vision + prefill), decode tokens/s (batch 1), batch-8 captions/s, and decode as a fraction
+of its bandwidth floor: the bytes of the decoder's weights (the ones every decode step reads)
+against the read bandwidth this machine measures on a 512 MB tensor. Random weights rarely emit <eos>, and every column is forced to
 produce exactly --new-tokens tokens.
 """
 

@@ -73,8 +73,8 @@ def load(source: str | Path = "default", dtype: str | torch.dtype = "bfloat16", 
     quantize: "int8" or "int4" weight-only decoder weights (int4 in groups of `group_size`
     inputs) and an int8 embedding / LM head, on the CPU (palikit.quantize).
     compile=True compiles the decode step with torch.compile (generate.compile_decode): the first
-    generation of each batch size compiles it, later ones run the compiled step; outputs equal
-    the uncompiled path's.
+    batch-1 generation and the first larger one compile it, later ones run the compiled step;
+    outputs equal the uncompiled path's.
     """
     check_device(device)
     if logit_softcap is not None and logit_softcap not in LOGIT_SOFTCAP_MODES:

@@ -303,9 +303,13 @@ def test_compiled_decode_equals_eager(pipe, compiled):
     assert (P + gen.cache_slots(pipe.model, P, 8)) % gen.CACHE_BUCKET == 0
 
 
-def test_unwritten_cache_slots_are_never_read(pipe, compiled, monkeypatch):
-    """The compiled step attends over the whole cache; slots not written yet must weigh nothing.
-    Filled with large values (not NaN: a zero weight times NaN is NaN), they would dominate."""
+@pytest.mark.parametrize("compile_step", [False, True], ids=["eager", "compiled"])
+def test_unwritten_cache_slots_are_never_read(pipe, compile_step, monkeypatch, request):
+    """The compiled step attends over the whole cache, the eager one over the slots written so far;
+    slots not written yet must weigh nothing. Filled with large values (not NaN: a zero weight
+    times NaN is NaN), they would dominate."""
+    if compile_step:
+        request.getfixturevalue("compiled")
     want = details(pipe, BATCH_IMAGES, BATCH_PROMPTS, max_new_tokens=6)
     new_cache = pipe.model.new_cache
 
