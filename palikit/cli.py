@@ -196,7 +196,9 @@ def cmd_serve(args) -> None:
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("PALIKIT_API_KEY"),
           dtype=args.dtype, device=args.device, logit_softcap=args.logit_softcap, quantize=args.quantize,
           group_size=args.group_size, compile=args.compile, max_batch=args.max_batch,
-          max_queue=args.max_queue, allow_local_paths=args.allow_local_paths or False, allow_urls=args.allow_urls)
+          max_queue=args.max_queue, allow_local_paths=args.allow_local_paths or False, allow_urls=args.allow_urls,
+          scheduler=args.scheduler, kv_cache_gb=args.kv_cache_gb, image_cache_mb=args.image_cache_mb,
+          max_len=args.max_len)
 
 
 def _model_args(p: argparse.ArgumentParser, json_output: bool = True) -> None:
@@ -378,8 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
     p.add_argument("--port", type=number(int, 0, 65535), default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $PALIKIT_API_KEY)")
-    p.add_argument("--max-batch", type=POSITIVE, default=8, help="most requests per model call")
+    p.add_argument("--max-batch", type=POSITIVE, default=8, help="most requests decoded together")
     p.add_argument("--max-queue", type=POSITIVE, default=64, help="queued requests before answering 503")
+    p.add_argument("--scheduler", choices=["continuous", "static"],
+                   help="continuous batching (requests join and leave between tokens) or static batches")
+    p.add_argument("--kv-cache-gb", type=number(float, 0.0), help="size the KV cache pool by memory: as many "
+                                                                   "requests as fit, at most --max-batch")
+    p.add_argument("--max-len", type=POSITIVE, help="most tokens (image + prompt + answer) of one request "
+                                                    "(default: the image tokens + 512)")
+    p.add_argument("--image-cache-mb", type=number(float, 0.0), default=256,
+                   help="image encodings kept for later prompts on the same image")
     p.add_argument("--allow-local-paths", metavar="DIR", help="let requests name image files under DIR")
     p.add_argument("--allow-urls", action="store_true", help="let requests give http(s) image URLs to fetch")
     p.set_defaults(func=cmd_serve)

@@ -46,6 +46,16 @@ class Generated:
     logprobs: list[float] = field(default_factory=list)  # model log-prob of each token in `tokens`
 
 
+@dataclass
+class Layout:
+    """What the masks need to know of each cache slot (B, S): its block number, RoPE position and
+    whether it holds a real token. A PromptBatch has one; the engine keeps one per pool row."""
+
+    block: torch.Tensor
+    pos: torch.Tensor
+    valid: torch.Tensor
+
+
 class PromptBatch:
     """Left-padded prompt ids plus the per-slot bookkeeping the masks need."""
 
@@ -126,7 +136,7 @@ def compile_decode(model: PaliGemma) -> None:
 CACHE_BUCKET = 64
 
 
-def decode_step(model: PaliGemma, batch: PromptBatch, token: torch.Tensor, slot: torch.Tensor, cache) -> torch.Tensor:
+def decode_step(model: PaliGemma, batch: PromptBatch | Layout, token: torch.Tensor, slot: torch.Tensor, cache) -> torch.Tensor:
     """decode_logits, compiled when compile_decode was called on the model. Uncompiled, the step
     sees only the slots written so far: attending over the empty rest costs eager mode ~10 % on
     the bundled model, and shapes that change each step cost it nothing."""

@@ -234,6 +234,79 @@ def test_concurrent_requests_are_batched_and_correct(pipe):
     assert int(re.search(r"^palikit_batch_size_max (\d+)$", metrics, re.M).group(1)) == 8
 
 
+def test_continuous_batching_answers_each_request_as_alone():
+    """24 concurrent requests on the bundled model through the engine (the default scheduler):
+    mixed tasks, lengths and streaming, several on one image. Each gets the answer of running it
+    alone, rows are decoded together, and the image cache is hit."""
+    from palikit.synthetic import make_scene
+
+    pipe = palikit.load("default", dtype="float32")
+    app = create_app(pipe, max_batch=6)
+    assert type(app.state.palikit.batcher).__name__ == "ContinuousBatcher"
+    images = [make_scene(np.random.default_rng(i)).image for i in range(6)]
+    prompts = ["caption en", "ocr", "answer en what colour is the square?", "detect circle ; square",
+               "segment triangle"]
+    cases = [(i % 6, i % 5, 4 + 3 * (i % 4), i % 3 == 0) for i in range(24)]  # image, prompt, max_tokens, stream
+    want = [pipe.generate(images[im], prompts[p], max_new_tokens=n) for im, p, n, _ in cases]
+    assert len(set(want)) >= 10, "answers must differ per request"
+
+    async def fire(url):
+        async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=30)) as c:
+            async def one(im, p, n, stream):
+                body = chat_body(data_url(images[im]), prompts[p], max_tokens=n, stream=stream)
+                if not stream:
+                    return (await c.post("/v1/chat/completions", json=body)).json()["choices"][0]["message"]["content"]
+                text = ""
+                async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                    async for line in r.aiter_lines():
+                        event = json.loads(line[6:]) if line.startswith("data: {") else {}
+                        if event.get("choices"):
+                            text += event["choices"][0]["delta"].get("content", "")
+                return text
+            return await asyncio.gather(*[one(*case) for case in cases])
+
+    with background(app) as url:
+        got = asyncio.run(fire(url))
+        metrics = httpx.get(url + "/metrics").text
+    assert got == want
+    assert int(re.search(r"^palikit_batch_size_max (\d+)$", metrics, re.M).group(1)) > 1
+    assert float(re.search(r"^palikit_image_cache_hit_rate (\S+)$", metrics, re.M).group(1)) > 0.5
+    assert re.search(r"^palikit_running_rows 0$", metrics, re.M)
+
+
+def test_full_engine_queue_answers_503(pipe, monkeypatch):
+    """The engine's queue full (one row held mid-decode, one request waiting): the next gets 503."""
+    from palikit import generate as gen
+
+    gate, inside = threading.Event(), threading.Event()
+    decode = gen.decode_step
+
+    def held(*args):
+        inside.set()
+        assert gate.wait(60)
+        return decode(*args)
+
+    monkeypatch.setattr(gen, "decode_step", held)
+    app = create_app(pipe, max_queue=1, max_batch=1)
+    body = {"image": data_url(synthetic_image(0)), "max_new_tokens": 3}
+
+    async def fire(url):
+        async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+            running = asyncio.ensure_future(c.post("/v1/caption", json=body))
+            assert await asyncio.to_thread(inside.wait, 30)
+            waiting = asyncio.ensure_future(c.post("/v1/caption", json=body))
+            while app.state.palikit.batcher.depth < 1:
+                await asyncio.sleep(0.01)
+            refused = await c.post("/v1/caption", json=body)
+            gate.set()
+            return [await running, await waiting], refused
+
+    with background(app) as url:
+        served, refused = asyncio.run(fire(url))
+    assert [r.status_code for r in served] == [200, 200]
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+
+
 # ---- native endpoints ------------------------------------------------------------------------------
 
 
@@ -375,9 +448,9 @@ def test_local_paths_and_urls_when_enabled(pipe, tmp_path):
 
 
 def test_client_disconnect_mid_stream(live, client, monkeypatch):
-    """A client that hangs up mid-stream frees the model: generation stops at the next token. The
-    model is held inside its 4th decoding step until the server has closed the stream, so the count
-    of generated tokens is exact. Catches a stream that keeps generating for a gone client."""
+    """A client that hangs up mid-stream frees its engine row: generation stops at the next step.
+    The model is held inside its 4th decoding step until the server has closed the stream, so the
+    count of generated tokens is exact. Catches a stream that keeps generating for a gone client."""
     from palikit import generate as gen
 
     url, app = live
@@ -405,7 +478,8 @@ def test_client_disconnect_mid_stream(live, client, monkeypatch):
 
     monkeypatch.setattr(gen, "decode_step", held_decode)
     monkeypatch.setattr(server, "sse", watched_sse)
-    monkeypatch.setattr(server.metrics, "batch", lambda *a: (batch(*a), finished.set()))
+    # The step that finds the request cancelled: one row, no token.
+    monkeypatch.setattr(server.metrics, "batch", lambda rows, n, s: (batch(rows, n, s), n == 0 and finished.set()))
     before = server.metrics.tokens
     body = chat_body(data_url(synthetic_image(5)), "describe en", max_tokens=400, stream=True)
     with httpx.Client(base_url=url, headers=AUTH, timeout=60) as c:
@@ -417,8 +491,8 @@ def test_client_disconnect_mid_stream(live, client, monkeypatch):
     assert closed.wait(30)
     gate.set()
     assert finished.wait(30)
-    # The prefill's token and three decoded ones, then the one being decoded when the client left.
-    assert server.metrics.tokens - before == 5
+    # The prefill's token and the three decoded before the client left; the 4th step's is dropped.
+    assert server.metrics.tokens - before == 4 and server.batcher.engine.running == 0
     monkeypatch.undo()
     body = chat_body(data_url(synthetic_image(0)), "caption en", max_tokens=3)
     r = client.post("/v1/chat/completions", json=body)

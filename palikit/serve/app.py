@@ -22,12 +22,15 @@ Endpoints (request and response schemas at /docs and /openapi.json):
     GET  /v1/models, /health, /tasks (the task list the web demo shows), /metrics (Prometheus text), /docs,
          / (the web demo)
 
-Batching: requests wait in one bounded queue (full: 503 + Retry-After). A single model thread takes the
-oldest request plus every queued request with the same sampling settings (greedy requests all batch
-together; a seeded request runs alone so its seed reproduces), waiting up to batch_wait_ms for more, up to
-max_batch, and makes one generate_details call for the batch (prompts and lengths may differ; the batch
-generates up to its longest max_tokens and each answer is cut to its own). Streaming requests run alone,
-in queue order, through the same thread, token by token. The event loop never runs the model.
+Batching: continuous (palikit.engine). One model thread decodes a token for every running request per
+step, up to max_batch rows (or as many as kv_cache_gb holds); a new request joins between steps and
+leaves the moment it is done, so a short `ocr` never waits for a long `describe`. Streaming, seeded and
+greedy requests all share the steps, each with its own sampling and seed, and each answer is the one the
+request gets alone. Images are encoded once while they stay in the image cache (image_cache_mb), so
+captioning, then detecting, then segmenting one photo encodes it once. Requests beyond max_queue waiting
+get 503 + Retry-After. scheduler="static" serves the older way: the oldest request plus every queued one
+with the same sampling run as one batch to the longest answer (the baseline of benchmarks/bench_serve.py,
+and the way to serve a pipeline that is not palikit's). The event loop never runs the model.
 
 Safety: binds 127.0.0.1 unless told otherwise; optional API key (`Authorization: Bearer KEY`) on /v1/*;
 request bodies over max_body_bytes get 413 and images over max_image_pixels 413 before decoding;
@@ -59,9 +62,10 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import tasks
-from ..api import PipelineProtocol
+from ..api import Pipeline, PipelineProtocol
+from ..paligemma import PaliGemma
 from ..processor import InputError
-from .batcher import Batcher, ImageSize, Job
+from .batcher import Batcher, ContinuousBatcher, ImageSize, Job
 from .guard import Guard
 from .images import ImageReader
 from .metrics import Metrics
@@ -108,11 +112,20 @@ class Server:
 
     def __init__(self, pipe: PipelineProtocol, model_name: str, max_body_bytes: int, max_image_pixels: int,
                  max_batch: int, batch_wait_ms: float, max_queue: int, request_timeout_s: float,
-                 allow_local_paths: bool | str | Path, allow_urls: bool, check_prompts: bool):
+                 allow_local_paths: bool | str | Path, allow_urls: bool, check_prompts: bool, scheduler: str | None,
+                 engine_options: dict):
         self.pipe, self.model_name = pipe, model_name
         self.request_timeout_s, self.check_prompts = request_timeout_s, check_prompts
         self.metrics = Metrics()
-        self.batcher = Batcher(pipe, self.metrics, max_batch, batch_wait_ms / 1000, max_queue)
+        if scheduler is None:  # the engine runs palikit's model; any other pipeline is served in batches
+            ours = isinstance(pipe, Pipeline) and isinstance(getattr(pipe, "model", None), PaliGemma)
+            scheduler = "continuous" if ours else "static"
+        if scheduler == "continuous":
+            self.batcher = ContinuousBatcher(pipe, self.metrics, max_batch, max_queue, **engine_options)
+        elif scheduler == "static":
+            self.batcher = Batcher(pipe, self.metrics, max_batch, batch_wait_ms / 1000, max_queue)
+        else:
+            raise ValueError(f"scheduler must be 'continuous' or 'static', got {scheduler!r}")
         self.images = ImageReader(max_bytes=max_body_bytes, max_pixels=max_image_pixels,
                                   allow_local_paths=allow_local_paths, allow_urls=allow_urls,
                                   prepare=pipe.prepare_image)
@@ -146,7 +159,7 @@ class Server:
         try:
             return await asyncio.wait_for(job.out.get(), max(0.0, job.deadline - time.monotonic()))
         except TimeoutError:
-            job.cancelled = True
+            job.cancel()
             raise HTTPException(504, f"no answer within {self.request_timeout_s:g} s; the server is busy "
                                      "or the request asks for too many tokens") from None
 
@@ -154,7 +167,7 @@ class Server:
         try:
             kind, payload = await self.next_event(job)
         finally:
-            job.cancelled = True  # a no-op once answered; otherwise the model skips it
+            job.cancel()  # a no-op once answered; otherwise the model skips it
         if kind == "error":
             raise _as_http(payload)
         return payload
@@ -194,7 +207,7 @@ class Server:
                 break
             yield "data: [DONE]\n\n"
         finally:
-            job.cancelled = True  # the client went away mid-stream: stop generating
+            job.cancel()  # the client went away mid-stream: stop generating
 
 
 def _last_user_message(req: ChatRequest) -> tuple[str, list[str]]:
@@ -223,7 +236,8 @@ def create_app(pipe, *, api_key: str | None = None, model_name: str = "palikit",
                max_body_bytes: int = 20 * 2**20, max_image_pixels: int = 25_000_000, max_batch: int = 8,
                batch_wait_ms: float = 5, max_queue: int = 64, request_timeout_s: float = 300,
                allow_local_paths: bool | str | Path = False, allow_urls: bool = False,
-               check_prompts: bool = True) -> FastAPI:
+               check_prompts: bool = True, scheduler: str | None = None, kv_cache_gb: float | None = None,
+               image_cache_mb: float = 256, max_len: int | None = None) -> FastAPI:
     """The FastAPI app serving `pipe`: a palikit Pipeline, or anything with the same surface
     (api.PipelineProtocol; e.g. an adapter around another library). There is a route
     /v1/<verb> per task of tasks.TASKS, and /tasks lists them for the web demo.
@@ -231,9 +245,13 @@ def create_app(pipe, *, api_key: str | None = None, model_name: str = "palikit",
     allow_local_paths: True lets requests name any server-side file; a folder allows files inside it.
     check_prompts=False accepts prompts without a known task prefix (transfer checkpoints trained on
     free-form prefixes); by default they get 400.
+    scheduler: "continuous" (palikit.engine; kv_cache_gb, image_cache_mb and max_len size it, see
+    engine.Engine) or "static" (batch_wait_ms applies; any PipelineProtocol); by default continuous
+    for a pipeline with a palikit model, static for any other.
     """
+    engine_options = dict(kv_cache_gb=kv_cache_gb, image_cache_mb=image_cache_mb, max_len=max_len)
     server = Server(pipe, model_name, max_body_bytes, max_image_pixels, max_batch, batch_wait_ms, max_queue,
-                    request_timeout_s, allow_local_paths, allow_urls, check_prompts)
+                    request_timeout_s, allow_local_paths, allow_urls, check_prompts, scheduler, engine_options)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -342,7 +360,7 @@ def create_app(pipe, *, api_key: str | None = None, model_name: str = "palikit",
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics():
-        return server.metrics.render(server.batcher.depth)
+        return server.metrics.render(server.batcher.depth, server.batcher.gauges())
 
     @app.get("/", include_in_schema=False)
     async def demo():

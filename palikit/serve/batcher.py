@@ -1,6 +1,9 @@
-"""The queue in front of the model: one thread takes the oldest request and every queued one with
-the same sampling, runs them as one batch, and answers each; streaming requests run alone, token by
-token. (A continuous-batching engine is to replace it.)"""
+"""What stands between the routes and the model: ContinuousBatcher (the default) hands every request
+to palikit.engine, which decodes all running requests one token per step and admits newcomers
+between steps; Batcher (scheduler="static") is the older scheme, kept for pipelines that are not
+palikit's (benchmarks/bench_serve.py serves transformers through it) and as the benchmark's
+baseline: one thread takes the oldest request and every queued one with the same sampling, runs
+them as one batch to the longest answer, and answers each; streaming requests run alone."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from PIL import Image
 
 from .. import generate as gen
 from ..api import PipelineProtocol
+from ..engine import Engine, EngineBusy
 from ..tasks import TaskSpec
 from .metrics import Metrics
 
@@ -43,13 +47,20 @@ class Job:
     deadline: float  # time.monotonic()
     out: asyncio.Queue  # ("delta", str) while streaming, then ("done", dict) or ("error", exception)
     loop: asyncio.AbstractEventLoop
-    cancelled: bool = False  # set by the handler when it gives up: timeout or client gone
+    cancelled: bool = False  # set by cancel(): the handler gave up (timeout or client gone)
+    on_cancel: object = None  # what else cancel() calls (the engine request's cancel)
+    sent: str = ""  # streamed text so far
     key: tuple = field(init=False)
 
     def __post_init__(self):
         # Jobs batch together only with equal sampling; a seeded job alone, so its seed reproduces.
         seeded = self.sampling.get("seed") is not None
         self.key = ("stream", id(self)) if self.stream or seeded else tuple(sorted(self.sampling.items()))
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.on_cancel is not None:
+            self.on_cancel()
 
     def deliver(self, kind: str, payload) -> None:  # called from the model thread
         with contextlib.suppress(RuntimeError):  # the loop is gone at shutdown
@@ -82,6 +93,9 @@ class Batcher:
     @property
     def depth(self) -> int:
         return len(self.waiting)
+
+    def gauges(self) -> list:
+        return []
 
     def submit(self, job: Job) -> None:
         with self.cond:
@@ -157,33 +171,96 @@ class Batcher:
         return tokens
 
     def _result(self, job: Job, text: str, g: gen.Generated) -> dict:
-        tokens, logprobs = g.tokens[: job.max_new_tokens], g.logprobs[: job.max_new_tokens]
-        if len(g.tokens) > job.max_new_tokens:  # the batch ran longer than this job asked for
-            text = self.pipe.tokenizer.decode(tokens)
-        out = {"text": text, "completion_tokens": len(tokens),
-               "finish_reason": "length" if len(tokens) >= job.max_new_tokens else "stop"}
-        if job.parse:
-            objects = self.pipe.parse_objects(job.parse, text, gen.Generated(tokens, logprobs), job.size)
-            out["objects"] = [o.to_dict() for o in objects]
-        return out
+        return answer(self.pipe, job, text, g)
 
     def _stream(self, job: Job) -> int:
         """Generate one job token by token, sending each new piece of text as it is complete."""
-        tok = self.pipe.tokenizer
-        tokens, sent = [], ""
+        tokens = []
         stream = self.pipe.stream(job.images, job.prompt, max_new_tokens=job.max_new_tokens, **job.sampling)
         with contextlib.closing(stream):  # closing it stops the generation
             for token in stream:
                 tokens.append(token)
-                text = tok.decode(tokens)
-                if not text.endswith("\ufffd") and len(text) > len(sent):  # hold back half a UTF-8 character
-                    job.deliver("delta", text[len(sent):])
-                    sent = text
+                send_delta(self.pipe, job, tokens)
                 if job.cancelled:
                     break
-        text = tok.decode(tokens)
-        if len(text) > len(sent):
-            job.deliver("delta", text[len(sent):])
-        job.deliver("done", {"text": text, "completion_tokens": len(tokens),
-                             "finish_reason": "length" if len(tokens) >= job.max_new_tokens else "stop"})
+        send_delta(self.pipe, job, tokens, final=True)
+        job.deliver("done", answer(self.pipe, job, self.pipe.tokenizer.decode(tokens), gen.Generated(tokens)))
         return len(tokens)
+
+
+def send_delta(pipe: PipelineProtocol, job: Job, tokens: list[int], final: bool = False) -> None:
+    """Stream the text the tokens add to what was sent, holding back half a UTF-8 character."""
+    text = pipe.tokenizer.decode(tokens)
+    if len(text) > len(job.sent) and (final or not text.endswith("\ufffd")):
+        job.deliver("delta", text[len(job.sent):])
+        job.sent = text
+
+
+def answer(pipe: PipelineProtocol, job: Job, text: str, g: gen.Generated) -> dict:
+    """A job's result: text, token count, finish reason, and the parsed objects of a detect / segment job."""
+    tokens, logprobs = g.tokens[: job.max_new_tokens], g.logprobs[: job.max_new_tokens]
+    if len(g.tokens) > job.max_new_tokens:  # the batch ran longer than this job asked for
+        text = pipe.tokenizer.decode(tokens)
+    out = {"text": text, "completion_tokens": len(tokens),
+           "finish_reason": "length" if len(tokens) >= job.max_new_tokens else "stop"}
+    if job.parse:
+        objects = pipe.parse_objects(job.parse, text, gen.Generated(tokens, logprobs), job.size)
+        out["objects"] = [o.to_dict() for o in objects]
+    return out
+
+
+class ContinuousBatcher:
+    """Every job a request of one palikit.engine.Engine (continuous batching, an image-encoding
+    cache, per-request seeds); streaming jobs get a delta per token from the engine's thread."""
+
+    def __init__(self, pipe: PipelineProtocol, metrics: Metrics, max_batch: int, max_queue: int, **engine_options):
+        self.pipe, self.metrics = pipe, metrics
+        self.engine = Engine(pipe, max_rows=max_batch, max_queue=max_queue, **engine_options)
+        self.engine.on_step = lambda *step: self.metrics.batch(*step)  # rows, tokens and seconds of each step
+        self.max_batch = self.engine.max_rows
+
+    def start(self) -> None:
+        self.engine.start()
+
+    def close(self) -> None:
+        self.engine.close()
+
+    @property
+    def depth(self) -> int:
+        return self.engine.depth
+
+    def gauges(self) -> list[tuple[str, str, float]]:
+        s = self.engine.stats()
+        return [("running_rows", "Requests being decoded.", s["running_rows"]),
+                ("kv_cache_rows", "Rows of the KV cache pool.", s["max_rows"]),
+                ("kv_cache_bytes", "Bytes of the KV cache pool.", s["kv_cache_bytes"]),
+                ("image_cache_hit_rate", "Images whose encoding came from the image cache.",
+                 s["image_cache_hit_rate"]),
+                ("image_cache_bytes", "Bytes held by the image cache.", s["image_cache_bytes"])]
+
+    def submit(self, job: Job) -> None:
+        def on_token(request, token):
+            if job.stream:
+                send_delta(self.pipe, job, request.tokens)
+
+        def on_done(request):
+            if request.finish_reason == "cancelled":
+                return
+            if request.error is not None:
+                job.deliver("error", request.error)
+                return
+            if job.stream:
+                send_delta(self.pipe, job, request.tokens, final=True)
+            try:
+                g = request.result()
+                job.deliver("done", answer(self.pipe, job, self.pipe.tokenizer.decode(g.tokens), g))
+            except Exception as e:
+                log.exception("post-processing failed")
+                job.deliver("error", e)
+
+        cfg = gen.SamplingConfig(max_new_tokens=job.max_new_tokens, **job.sampling)
+        try:
+            request = self.engine.submit(job.images, job.prompt, cfg, on_token=on_token, on_done=on_done)
+        except EngineBusy as e:
+            raise HTTPException(503, f"server busy: {e}; retry shortly", headers={"Retry-After": "1"}) from None
+        job.on_cancel = request.cancel

@@ -46,7 +46,8 @@ class Metrics:
     def max_batch_size(self) -> int:
         return max(self.batch_sizes, default=0)
 
-    def render(self, queue_depth: int) -> str:
+    def render(self, queue_depth: int, extra: list[tuple[str, str, float]] = ()) -> str:
+        """The exposition text; extra: more gauges, (name, help, value), from the scheduler."""
         with self.lock:
             busy = sum(s for _, _, s in self.recent)
             rate = sum(t for _, t, _ in self.recent) / busy if busy else 0.0
@@ -62,7 +63,7 @@ class Metrics:
                 out += [f'palikit_request_duration_seconds_bucket{{endpoint="{e}",le="+Inf"}} {h[-1]}',
                         f'palikit_request_duration_seconds_sum{{endpoint="{e}"}} {h[-2]:.6f}',
                         f'palikit_request_duration_seconds_count{{endpoint="{e}"}} {h[-1]}']
-            out += ["# HELP palikit_batch_size Requests per model call.",
+            out += ["# HELP palikit_batch_size Requests per model call (per decode step, continuous batching).",
                     "# TYPE palikit_batch_size histogram"]
             for b in BATCH_BUCKETS:
                 out.append(f'palikit_batch_size_bucket{{le="{b}"}} '
@@ -74,7 +75,8 @@ class Metrics:
             gauges = [("queue_depth", "Requests waiting for the model.", queue_depth),
                       ("requests_in_flight", "HTTP requests being handled.", self.in_flight),
                       ("batch_size_max", "Largest batch so far.", self.max_batch_size),
-                      ("generated_tokens_per_second", "Tokens per second of model time, last minute.", rate)]
+                      ("generated_tokens_per_second", "Tokens per second of model time, last minute.", rate),
+                      *extra]
             counters = [("generated_tokens_total", "Tokens generated.", self.tokens),
                         ("model_busy_seconds_total", "Seconds the model spent generating.", self.busy_s)]
             for kind, rows in (("gauge", gauges), ("counter", counters)):

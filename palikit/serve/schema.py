@@ -29,7 +29,7 @@ class Sampling(BaseModel):
     temperature: float = Field(0.0, ge=0, le=2, description="0: greedy; > 0: sample at this temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling (only when temperature > 0)")
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens, 0 = off (only when sampling)")
-    seed: int | None = Field(None, description="reproducible sampling (the request then runs unbatched)")
+    seed: int | None = Field(None, description="reproducible sampling: the same seed samples the same answer")
 
 
 class ImageRequest(Sampling):

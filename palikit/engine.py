@@ -1,0 +1,410 @@
+"""Continuous batching: one engine runs every request of a server, a `palikit run` or an eval.
+
+    engine = Engine(palikit.load("default"), max_rows=16)
+    engine.start()                                   # a model thread; or call engine.step() yourself
+    request = engine.submit(images, "caption en", gen.SamplingConfig(max_new_tokens=32))
+    request.wait(); print(request.text)
+
+Iteration-level scheduling (Orca, Yu et al., OSDI 2022; vLLM's scheduler): each step decodes one
+token for every active row, newcomers join between steps and a row leaves the moment it is done,
+its cache row reused by the next request. The KV cache is one preallocated pool of max_rows rows
+of max_len slots; active rows are kept at the front of the pool (a leaving row's place is taken by
+the last one), so a step runs the static decode step of palikit.generate on a view of the first n
+rows: every row has its own slot and its own layout of block numbers, positions and valid slots.
+
+Prefill is not chunked: the image + prefix of a PaliGemma prompt is one bidirectional block
+(big_vision's prefix-LM), so the keys of its first token depend on its last and no part of it can
+be computed before the whole prompt is seen. What bounds the stall of running rows instead is the
+prefill budget: one step admits newcomers up to `prefill_tokens` prompt tokens (at least one
+request), and decodes after that.
+
+Exactness: a row's tokens depend only on its own prompt and images, whatever it shares a step
+with: every row has its own positions and masks, slots it has not written are masked by block
+numbers (so what an earlier occupant left there is never read), and a seeded request samples from
+its own generator. Greedy output equals Pipeline.generate run alone (tests/test_engine.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+
+import torch
+
+from . import generate as gen
+from .gemma import KVCache
+from .processor import InputError, preprocess
+
+log = logging.getLogger(__name__)
+
+
+class EngineBusy(Exception):
+    """The queue is full: the caller should retry later (the server answers 503 + Retry-After)."""
+
+
+class ImageCache:
+    """SigLIP + projector outputs (N, D) of recent images, least recently used evicted first,
+    keyed by a hash of the preprocessed pixels and bounded in bytes: "caption, then detect, then
+    segment this photo" encodes it once.
+
+    Only the image encoding is reused, never the KV cache of the image tokens: in PaliGemma's
+    prefix-LM the image tokens attend to the text prefix after them (one bidirectional block), so
+    their keys and values differ from one prompt to the next."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def encode(self, model, pixels: torch.Tensor) -> torch.Tensor:
+        """pixels (I, 3, S, S) -> image tokens (I, N, D); images not cached are encoded in one batch."""
+        keys = [hashlib.sha256(p.numpy().tobytes()).digest() for p in pixels]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.entries))  # each image once
+        encoded = {}
+        if missing:
+            todo = torch.stack([pixels[keys.index(k)] for k in missing])
+            with torch.inference_mode():
+                encoded = dict(zip(missing, model.embed_images(todo.to(model.device))))
+        out = []
+        for k in keys:
+            if k in self.entries:
+                self.hits += 1
+                self.entries.move_to_end(k)
+                out.append(self.entries[k])
+            else:
+                self.misses += 1
+                out.append(encoded[k])
+                self._put(k, encoded[k])
+        return torch.stack(out)
+
+    def _put(self, key: bytes, value: torch.Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if key in self.entries or size > self.max_bytes:
+            return
+        self.entries[key] = value
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / max(1, self.hits + self.misses)
+
+
+class Request:
+    """One generation: prompt ids (with <image> placeholders) and its images, its own sampling,
+    stop rule and callbacks. The engine fills tokens / logprobs and sets finish_reason ("stop":
+    <eos>; "length": max_new_tokens; "cancelled") or error, then calls on_done."""
+
+    def __init__(self, prompt_ids: list[int], images: list, sampling: gen.SamplingConfig,
+                 on_token: Callable[[Request, int], None] | None = None,
+                 on_done: Callable[[Request], None] | None = None):
+        if sampling.num_beams > 1:
+            raise InputError("the engine does not run beam search; use Pipeline.generate for num_beams > 1")
+        self.prompt_ids, self.images, self.sampling = prompt_ids, images, sampling
+        self.on_token, self.on_done = on_token, on_done
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.finish_reason: str | None = None
+        self.error: Exception | None = None
+        self.cancelled = False
+        self.submitted = time.monotonic()
+        self.first_token_at: float | None = None
+        self._done = threading.Event()
+        self.generator: torch.Generator | None = None  # made on admission, on the model's device
+
+    def cancel(self) -> None:
+        """Stop generating (a client went away): the row is freed at the next step."""
+        self.cancelled = True
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def result(self) -> gen.Generated:
+        if self.error is not None:
+            raise self.error
+        return gen.Generated(self.tokens, self.logprobs)
+
+    def _finish(self, reason: str | None, error: Exception | None = None) -> None:
+        self.finish_reason, self.error = reason, error
+        self._done.set()
+        if self.on_done is not None:
+            try:
+                self.on_done(self)
+            except Exception:  # a consumer's bug must not stop the other rows
+                log.exception("on_done callback failed")
+
+
+class Engine:
+    """Continuous batching over a KV pool of max_rows rows of max_len slots (see the module doc).
+
+    kv_cache_gb: size the pool by memory instead: as many rows as fit (at most max_rows).
+    max_len: prompt (images included) + new tokens of one request; default the image tokens + 512.
+    image_cache_mb: the ImageCache bound (0: no cache). max_queue: requests waiting beyond it
+    make submit raise EngineBusy. prefill_tokens: the prompt tokens one step may prefill.
+    """
+
+    def __init__(self, pipe, max_rows: int = 16, kv_cache_gb: float | None = None, max_len: int | None = None,
+                 image_cache_mb: float = 256, max_queue: int = 256, prefill_tokens: int = 4096):
+        self.pipe, self.model = pipe, pipe.model
+        text = self.model.config.text
+        limit = text.max_position_embeddings
+        max_len = max_len or min(limit, self.model.config.num_image_tokens + 512)
+        if max_len > limit:
+            raise InputError(f"max_len {max_len} is more than the model's limit of {limit} positions")
+        self.max_len = -(-max_len // gen.CACHE_BUCKET) * gen.CACHE_BUCKET  # a compiled step's shapes, kept few
+        row_bytes = 2 * text.num_layers * text.num_kv_heads * text.head_dim * self.max_len * self.model.dtype.itemsize
+        if kv_cache_gb is not None:
+            fit = int(kv_cache_gb * 2**30 // row_bytes)
+            if fit < 1:
+                raise InputError(f"--kv-cache-gb {kv_cache_gb:g} holds no request of {self.max_len} tokens "
+                                 f"(one needs {row_bytes / 2**30:.3g} GB); raise it or lower --max-len")
+            max_rows = min(max_rows, fit)
+        self.max_rows, self.max_queue, self.prefill_tokens = max_rows, max_queue, prefill_tokens
+        self.kv_bytes = row_bytes * max_rows
+        dev = self.model.device
+        self.pool = self.model.new_cache(max_rows, self.max_len)
+        self.block = torch.zeros(max_rows, self.max_len, dtype=torch.long, device=dev)
+        self.pos = torch.zeros_like(self.block)
+        self.valid = torch.zeros(max_rows, self.max_len, dtype=torch.bool, device=dev)
+        self.slot = torch.zeros(max_rows, dtype=torch.long, device=dev)
+        self.logits = torch.zeros(max_rows, text.vocab_size, device=dev)  # each row's next-token logits
+        self.rows: list[Request] = []  # active requests, row i of the pool = rows[i]
+        self.images = ImageCache(int(image_cache_mb * 2**20))
+        self.queue: deque[Request] = deque()
+        self.cond = threading.Condition()
+        self.closed = False
+        self.thread: threading.Thread | None = None
+        self.tokens_out = self.steps = 0
+        self.on_step: Callable[[int, int, float], None] | None = None  # (rows, tokens, seconds) per step
+
+    # ---- submitting ----------------------------------------------------------------------
+
+    def check(self, n_prompt_tokens: int, max_new_tokens: int) -> None:
+        """InputError when a request cannot fit one cache row."""
+        if n_prompt_tokens + max_new_tokens > self.max_len:
+            raise InputError(f"{n_prompt_tokens} prompt tokens (images included) + {max_new_tokens} new tokens "
+                             f"do not fit the engine's {self.max_len} slots per request; raise --max-len")
+
+    def submit(self, images: list, prompt: str | list[int], sampling: gen.SamplingConfig,
+               force: bool = False, **callbacks) -> Request:
+        """Queue a request: its images (as the model sees them, or any PIL image), a prompt (text
+        or ids). force=True queues it even past max_queue (batch jobs that wait anyway)."""
+        ids = prompt if isinstance(prompt, list) else self.pipe.prompt_ids(prompt, len(images), sampling.max_new_tokens)
+        self.check(len(ids), sampling.max_new_tokens)
+        request = Request(ids, images, sampling, **callbacks)
+        with self.cond:
+            if self.closed:
+                raise EngineBusy("the engine is shut down")
+            if not force and len(self.queue) >= self.max_queue:
+                raise EngineBusy(f"{len(self.queue)} requests queued")
+            self.queue.append(request)
+            self.cond.notify()
+        return request
+
+    @property
+    def depth(self) -> int:
+        return len(self.queue)
+
+    @property
+    def running(self) -> int:
+        return len(self.rows)
+
+    # ---- one step --------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Admit newcomers, choose a token for every row, retire finished rows, decode the rest.
+        -> whether there was anything to do."""
+        start, tokens_before = time.perf_counter(), self.tokens_out
+        self._admit()
+        if not self.rows:
+            return False
+        rows = len(self.rows)
+        self._choose()
+        self._retire()
+        n = len(self.rows)
+        if n:
+            view = KVCache([k[:n] for k in self.pool.k], [v[:n] for v in self.pool.v])
+            layout = gen.Layout(self.block[:n], self.pos[:n], self.valid[:n])
+            token = torch.tensor([r.tokens[-1] for r in self.rows], device=self.slot.device)
+            self.logits[:n] = gen.decode_step(self.model, layout, token, self.slot[:n], view)
+            self.slot[:n] += 1
+        self.steps += 1
+        if self.on_step is not None:
+            self.on_step(rows, self.tokens_out - tokens_before, time.perf_counter() - start)
+        return True
+
+    def _admit(self) -> None:
+        """Prefill queued requests into free rows, up to the prefill budget."""
+        newcomers, budget = [], self.prefill_tokens
+        with self.cond:
+            while self.queue and len(self.rows) + len(newcomers) < self.max_rows:
+                r = self.queue[0]
+                if r.cancelled:
+                    self.queue.popleft()._finish("cancelled")
+                    continue
+                if newcomers and len(r.prompt_ids) > budget:
+                    break
+                budget -= len(r.prompt_ids)
+                newcomers.append(self.queue.popleft())
+        if not newcomers:
+            return
+        try:
+            self._prefill(newcomers)
+        except Exception as e:  # fail the newcomers, not the running rows
+            if not isinstance(e, ValueError):
+                log.exception("prefill failed")
+            if not isinstance(e, ValueError) or len(newcomers) == 1:
+                for r in newcomers:
+                    r._finish(None, e)
+                return
+            for r in newcomers:  # a bad request (images that do not match its prompt): find it
+                try:
+                    self._prefill([r])
+                except Exception as e:
+                    r._finish(None, e)
+
+    def _prefill(self, newcomers: list[Request]) -> None:
+        n, m = len(self.rows), len(newcomers)
+        cfg = self.model.config
+        pixels = preprocess([im for r in newcomers for im in r.images], cfg.vision.image_size, cfg.resample)
+        image_tokens = self.images.encode(self.model, pixels) if len(pixels) else None
+        P = max(len(r.prompt_ids) for r in newcomers)
+        batch = gen.PromptBatch([r.prompt_ids for r in newcomers], self.pipe.tokenizer.pad_id,
+                                self.max_len - P, self.model.device)
+        rows = slice(n, n + m)
+        view = KVCache([k[rows] for k in self.pool.k], [v[rows] for v in self.pool.v])
+        self.logits[rows] = gen.prefill(self.model, batch, image_tokens, view)
+        self.block[rows], self.pos[rows], self.valid[rows] = batch.block, batch.pos, batch.valid
+        self.slot[rows] = P
+        for r in newcomers:
+            if r.sampling.do_sample:  # as generate.stream_tokens makes it, so a seed samples the same
+                r.generator = torch.Generator(device=self.model.device)
+                if r.sampling.seed is None:
+                    r.generator.seed()
+                else:
+                    r.generator.manual_seed(r.sampling.seed)
+        self.rows += newcomers
+
+    def _choose(self) -> None:
+        """The next token of every row: greedy or sampled with the row's own generator."""
+        n = len(self.rows)
+        logits = self.logits[:n]
+        logprobs = logits.log_softmax(-1)
+        tokens = logits.argmax(-1).tolist()
+        for i, r in enumerate(self.rows):
+            if r.sampling.do_sample:
+                probs = gen.logits_to_probs(logits[i : i + 1], r.sampling)
+                tokens[i] = int(torch.multinomial(probs, 1, generator=r.generator))
+        eos = self.pipe.tokenizer.eos_id
+        chosen = logprobs[torch.arange(n), torch.tensor(tokens, device=logits.device)].tolist()
+        now = time.monotonic()
+        for r, t, lp in zip(self.rows, tokens, chosen):
+            if r.cancelled:
+                r.finish_reason = "cancelled"
+                continue
+            r.first_token_at = r.first_token_at or now
+            if t == eos:
+                r.finish_reason = "stop"
+                continue
+            r.tokens.append(t)
+            r.logprobs.append(lp)
+            self.tokens_out += 1
+            if r.on_token is not None:
+                try:
+                    r.on_token(r, t)
+                except Exception:
+                    log.exception("on_token callback failed")
+            if len(r.tokens) >= r.sampling.max_new_tokens:
+                r.finish_reason = "length"
+
+    def _retire(self) -> None:
+        """Free the rows of finished requests: the last active row moves into each freed one."""
+        i = 0
+        while i < len(self.rows):
+            r = self.rows[i]
+            if r.finish_reason is None:
+                i += 1
+                continue
+            last = len(self.rows) - 1
+            if i != last:
+                self._move(last, i)
+            self.rows[i] = self.rows[last]
+            self.rows.pop()
+            r._finish(r.finish_reason)
+
+    def _move(self, src: int, dst: int) -> None:
+        for cache in (self.pool.k, self.pool.v):
+            for layer in cache:
+                layer[dst] = layer[src]
+        for t in (self.block, self.pos, self.valid, self.slot):  # logits: the decode after this sets them
+            t[dst] = t[src]
+
+    # ---- running ---------------------------------------------------------------------------
+
+    def run_until_idle(self) -> None:
+        """Step until nothing is queued or running (the caller's thread; no engine thread)."""
+        while self.step():
+            pass
+
+    def start(self) -> None:
+        """Run the engine in a model thread until close()."""
+        self.thread = threading.Thread(target=self._loop, name="palikit-engine", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                while not self.closed and not self.queue and not self.rows:
+                    self.cond.wait()
+                if self.closed:
+                    break
+            try:
+                self.step()
+            except Exception as e:  # never kill the thread: fail the running rows, keep serving
+                log.exception("engine step failed")
+                for r in self.rows:
+                    r._finish(None, e)
+                self.rows = []
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+        for r in [*self.rows, *self.queue]:
+            r._finish(None, EngineBusy("the engine is shut down"))
+        self.rows, self.queue = [], deque()
+
+    def generate_details(self, images, prompts, **sampling) -> list[tuple[str, gen.Generated]]:
+        """Pipeline.generate_details through the engine (`palikit run`, `palikit eval`): every
+        prompt queued at once, so rows free as each finishes and the next prompt takes them.
+        Raises the first failed request's error once all are done."""
+        per_example, prompts, _ = self.pipe._normalise(images, prompts)
+        sampling.pop("batch_size", None)
+        cfg = gen.SamplingConfig(**sampling)
+        if cfg.num_beams > 1:
+            return self.pipe.generate_details(per_example, prompts, **sampling)
+        requests = [self.submit(ims, p, cfg, force=True) for ims, p in zip(per_example, prompts)]
+        if self.thread is None:
+            self.run_until_idle()
+        for r in requests:
+            r.wait()
+        tok = self.pipe.tokenizer
+        return [(tok.decode(g.tokens), g) for g in (r.result() for r in requests)]
+
+    def stats(self) -> dict:
+        return {"running_rows": len(self.rows), "max_rows": self.max_rows, "queue_depth": len(self.queue),
+                "image_cache_hit_rate": self.images.hit_rate, "image_cache_bytes": self.images.bytes,
+                "kv_cache_bytes": self.kv_bytes, "generated_tokens": self.tokens_out, "steps": self.steps}

@@ -1,0 +1,268 @@
+"""The continuous-batching engine (palikit.engine) on a tiny random PaliGemma 1 and the bundled
+(trained) PaliGemma 2 model, float32, on synthetic scenes: every request's output equals
+Pipeline.generate run alone, whatever it shares steps with and whenever it arrives; reused cache
+rows, the image cache, seeds, cancellation and the budgets. The bundled model answers each prompt
+differently and ends answers with its own <eos>; the random one repeats a token, so there the
+log-probs (which depend on every earlier token) are what tells the rows apart."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from palikit import generate as gen
+from palikit.engine import Engine, EngineBusy
+from palikit.processor import InputError
+
+import palikit
+from palikit.api import Pipeline
+from palikit.config import PaliGemmaConfig
+from palikit.paligemma import PaliGemma
+from palikit.processor import Tokenizer
+from palikit.synthetic import make_scene
+
+from .conftest import randomize
+
+LONG = " ".join(["a red circle above a blue square and the cow is standing on the beach"] * 4)
+IMG = [make_scene(np.random.default_rng(seed)).image for seed in range(5)]
+# Mixed tasks and lengths; one prompt with two images; IMG[0] appears under three prompts.
+CASES = [([IMG[0]], "caption en", 9), ([IMG[1], IMG[2]], "answer en what colour is the star?", 4),
+         ([IMG[3]], LONG, 12), ([IMG[2]], "detect circle ; square", 16), ([IMG[0]], "segment triangle", 20),
+         ([IMG[0]], "ocr", 3), ([IMG[1]], "caption en", 7), ([IMG[4]], "answer en how many circles?", 5)]
+
+
+@pytest.fixture(scope="module", params=["pg1", "default"])
+def pipe(request, tokenizer_file):
+    if request.param == "default":
+        return palikit.load("default", dtype="float32")
+    torch.manual_seed(0)
+    model = PaliGemma(PaliGemmaConfig.from_name("tiny-paligemma")).eval()
+    randomize(model, 101)
+    return Pipeline(model, Tokenizer(tokenizer_file, image_token_id=1552))
+
+
+@pytest.fixture
+def no_eos(pipe, monkeypatch):
+    """Never let the model pick <eos>, so every row runs for its max_new_tokens."""
+    original, eos = pipe.model.logits, pipe.tokenizer.eos_id
+
+    def logits(hidden, *where):
+        out = original(hidden, *where)
+        out[..., eos] = float("-inf")
+        return out
+
+    monkeypatch.setattr(pipe.model, "logits", logits)
+    return pipe
+
+
+def alone(pipe, images, prompt, n, **sampling):
+    return pipe.generate_details([images], [prompt], max_new_tokens=n, **sampling)[0][1]
+
+
+def assert_same(got: gen.Generated, want: gen.Generated):
+    assert got.tokens == want.tokens
+    torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-4, rtol=0)
+
+
+def run_with_arrivals(engine: Engine, cases, seed: int, **sampling) -> list:
+    """Submit the cases in a random order, a random number of them between steps, and step to the end."""
+    rng = random.Random(seed)
+    order = list(range(len(cases)))
+    rng.shuffle(order)
+    requests = {}
+    while order or engine.running or engine.depth:
+        for _ in range(rng.choice([0, 0, 1, 2])):
+            if order:
+                i = order.pop()
+                ims, p, n = cases[i]
+                requests[i] = engine.submit(ims, p, gen.SamplingConfig(max_new_tokens=n, **sampling))
+        engine.step()
+    return [requests[i] for i in range(len(cases))]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_greedy_equals_alone_whatever_the_arrival(pipe, no_eos, seed):
+    """Eight requests through three rows, arriving at random steps: each gives the tokens and
+    log-probs of running it alone. no_eos: every request runs its own max_new_tokens, so rows
+    finish at different steps, leave holes that the last row moves into, and are reused."""
+    want = [alone(pipe, *c) for c in CASES]
+    engine = Engine(pipe, max_rows=3)
+    moves = []
+    move = engine._move
+    engine._move = lambda src, dst: moves.append((src, dst)) or move(src, dst)
+    got = run_with_arrivals(engine, CASES, seed)
+    for r, w, (_, _, n) in zip(got, want, CASES):
+        assert r.finish_reason == "length" and len(r.tokens) == n
+        assert_same(r.result(), w)
+    assert moves, "no row left from the middle of the pool: the test does not exercise row moves"
+    assert engine.images.hits >= 2  # IMG[0] under three prompts
+
+
+def test_stops_at_eos_as_alone(pipe):
+    """Rows that end with the model's <eos> at different steps leave as alone."""
+    if pipe.config.text.post_norms is False:
+        pytest.skip("the random model does not choose <eos>")
+    cases = [(ims, p, 24) for ims, p, _ in CASES]
+    want = [alone(pipe, *c) for c in cases]
+    got = run_with_arrivals(Engine(pipe, max_rows=4), cases, seed=5)
+    assert len({len(w.tokens) for w in want if len(w.tokens) < 24}) >= 3, "too few answers end early"
+    assert len({tuple(w.tokens) for w in want}) >= 6, "answers must differ per request"
+    for r, w in zip(got, want):
+        assert r.finish_reason == ("stop" if len(w.tokens) < 24 else "length")
+        assert_same(r.result(), w)
+
+
+def test_reused_rows_never_read_what_they_held(pipe, no_eos):
+    """A pool full of large values and a layout that marks every slot seen (as finished requests
+    leave behind) changes nothing."""
+    want = [alone(pipe, *c) for c in CASES[:4]]
+    engine = Engine(pipe, max_rows=2)
+    for t in engine.pool.k + engine.pool.v:
+        t.fill_(100.0)
+    engine.valid.fill_(True)  # and a layout that lets every slot be seen
+    engine.block.zero_()
+    # All queued at once: the first two (one image and two) prefill together, the shorter left-padded.
+    got = [engine.submit(ims, p, gen.SamplingConfig(max_new_tokens=n)) for ims, p, n in CASES[:4]]
+    engine.run_until_idle()
+    for r, w in zip(got, want):
+        assert_same(r.result(), w)
+
+
+def test_two_prompts_on_one_image_encode_it_once(pipe):
+    """caption then detect the same photo: one SigLIP pass, and each result is that of running it alone."""
+    engine = Engine(pipe, max_rows=4)
+    calls = []
+    embed = pipe.model.embed_images
+    pipe.model.embed_images = lambda pixels: calls.append(len(pixels)) or embed(pixels)
+    try:
+        a = engine.submit([IMG[3]], "caption en", gen.SamplingConfig(max_new_tokens=6))
+        engine.step()
+        b = engine.submit([IMG[3]], "detect circle", gen.SamplingConfig(max_new_tokens=6))
+        engine.run_until_idle()
+    finally:
+        del pipe.model.embed_images
+    assert calls == [1]
+    assert engine.images.hits == 1 and engine.images.misses == 1
+    assert_same(a.result(), alone(pipe, [IMG[3]], "caption en", 6))
+    assert_same(b.result(), alone(pipe, [IMG[3]], "detect circle", 6))
+
+
+def test_image_cache_is_bounded_in_bytes(pipe):
+    engine = Engine(pipe)
+    n, d = pipe.config.num_image_tokens, pipe.config.text.hidden_size
+    engine.images.max_bytes = int(1.5 * n * d * 4)  # room for one float32 encoding
+    for im in (IMG[0], IMG[1], IMG[0]):
+        engine.submit([im], "ocr", gen.SamplingConfig(max_new_tokens=1))
+        engine.run_until_idle()
+    assert engine.images.misses == 3 and engine.images.hits == 0  # IMG[1] evicted IMG[0]
+    assert len(engine.images.entries) == 1 and engine.images.bytes == n * d * 4
+
+
+def test_seeded_sampling_is_reproducible_per_request(pipe, no_eos):
+    """Seeded requests sampled side by side each sample what they sample alone (Pipeline.generate),
+    whatever runs beside them; different seeds sample different tokens."""
+    kw = dict(do_sample=True, temperature=3.0)
+    seeds = [11, 12, 13]
+    want = [alone(pipe, [IMG[0]], "caption en", 16, **kw, seed=s) for s in seeds]
+    assert len({tuple(w.tokens) for w in want}) == 3
+    engine = Engine(pipe, max_rows=6)
+    others = [engine.submit(ims, p, gen.SamplingConfig(max_new_tokens=n)) for ims, p, n in CASES[2:5]]
+    engine.step()
+    got = [engine.submit([IMG[0]], "caption en", gen.SamplingConfig(max_new_tokens=16, **kw, seed=s))
+           for s in seeds]
+    engine.run_until_idle()
+    for r, w in zip(got, want):
+        assert_same(r.result(), w)
+    assert all(o.done for o in others)
+
+
+def test_cancel_frees_the_row(pipe, no_eos):
+    engine = Engine(pipe, max_rows=1)
+    long = engine.submit([IMG[0]], "caption en", gen.SamplingConfig(max_new_tokens=50))
+    short = engine.submit([IMG[1]], "ocr", gen.SamplingConfig(max_new_tokens=3))
+    for _ in range(3):
+        engine.step()
+    assert engine.running == 1 and engine.depth == 1  # short waits for the only row
+    long.cancel()
+    engine.run_until_idle()
+    assert long.finish_reason == "cancelled" and 0 < len(long.tokens) < 50
+    assert_same(short.result(), alone(pipe, [IMG[1]], "ocr", 3))
+
+
+def test_prefill_budget_admits_one_long_prompt_per_step(pipe):
+    engine = Engine(pipe, max_rows=4, prefill_tokens=1)  # below any prompt: one newcomer per step
+    for ims, p, n in CASES[:3]:
+        engine.submit(ims, p, gen.SamplingConfig(max_new_tokens=n))
+    engine.step()
+    assert engine.running == 1 and engine.depth == 2
+    engine.step()
+    assert engine.running == 2
+
+
+def test_budgets_and_bad_requests(pipe):
+    text = pipe.config.text
+    row = 2 * text.num_layers * text.num_kv_heads * text.head_dim * 4  # bytes per slot, float32
+    engine = Engine(pipe, max_rows=16, max_len=250, kv_cache_gb=3.5 * row * 256 / 2**30)  # 250 -> 256 slots
+    assert engine.max_rows == 3 and engine.pool.k[0].shape[:3] == (3, text.num_kv_heads, 256)
+    with pytest.raises(InputError, match="holds no request"):
+        Engine(pipe, max_len=256, kv_cache_gb=row * 200 / 2**30)
+    with pytest.raises(InputError, match="raise --max-len"):
+        engine.submit([IMG[0]], LONG, gen.SamplingConfig(max_new_tokens=200))
+    with pytest.raises(InputError, match="beam search"):
+        engine.submit([IMG[0]], "ocr", gen.SamplingConfig(num_beams=2))
+    engine.max_queue = 1
+    engine.submit([IMG[0]], "ocr", gen.SamplingConfig())
+    with pytest.raises(EngineBusy):
+        engine.submit([IMG[0]], "ocr", gen.SamplingConfig())
+    bad = engine.submit([], [pipe.tokenizer.image_token_id] * 3, gen.SamplingConfig(), force=True)  # no image
+    good = engine.submit([IMG[0]], "ocr", gen.SamplingConfig(max_new_tokens=2), force=True)
+    engine.run_until_idle()
+    assert isinstance(bad.error, ValueError) and good.error is None and good.done  # only the bad one fails
+
+
+def test_engine_thread_and_generate_details(pipe):
+    """Requests from several threads through the engine's own thread, and the Pipeline-style batch call."""
+    engine = Engine(pipe, max_rows=2)
+    engine.start()
+    try:
+        results = {}
+
+        def client(i):
+            ims, p, n = CASES[i]
+            r = engine.submit(ims, p, gen.SamplingConfig(max_new_tokens=n))
+            r.wait(60)
+            results[i] = r.result()
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        batch = engine.generate_details([c[0] for c in CASES[:4]], [c[1] for c in CASES[:4]], max_new_tokens=5)
+    finally:
+        engine.close()
+    for i in range(4):
+        assert_same(results[i], alone(pipe, *CASES[i]))
+    want = pipe.generate_details([c[0] for c in CASES[:4]], [c[1] for c in CASES[:4]], max_new_tokens=5)
+    assert [t for t, _ in batch] == [t for t, _ in want]
+
+
+def test_compiled_step_equals_alone(pipe, no_eos, monkeypatch):
+    """The engine on a compiled decode step (generate.compile_decode: constant shapes over the
+    whole pool row) gives the uncompiled tokens. PaliGemma 2 only (the bundled model), as each
+    compilation takes ~25 s here; tests/test_generate.py compiles both."""
+    if not pipe.config.text.post_norms:
+        pytest.skip("compiled for PaliGemma 2 only")
+    want = [alone(pipe, *c) for c in CASES[:5]]
+    monkeypatch.setattr(pipe.model, "compiled_decode", None, raising=False)  # removed again afterwards
+    gen.compile_decode(pipe.model)
+    step, calls = pipe.model.compiled_decode, []
+    pipe.model.compiled_decode = lambda *a: calls.append(1) or step(*a)
+    got = run_with_arrivals(Engine(pipe, max_rows=3), CASES[:5], seed=4)
+    for r, w in zip(got, want):
+        assert_same(r.result(), w)
+    assert len(calls) >= 10
