@@ -26,6 +26,7 @@ from palikit.processor import Tokenizer
 from palikit.synthetic import make_scene
 
 from .conftest import randomize
+from .test_generate import no_eos  # noqa: F401  (a fixture: it uses this module's pipe)
 
 LONG = " ".join(["a red circle above a blue square and the cow is standing on the beach"] * 4)
 IMG = [make_scene(np.random.default_rng(seed)).image for seed in range(5)]
@@ -43,20 +44,6 @@ def pipe(request, tokenizer_file):
     model = PaliGemma(PaliGemmaConfig.from_name("tiny-paligemma")).eval()
     randomize(model, 101)
     return Pipeline(model, Tokenizer(tokenizer_file, image_token_id=1552))
-
-
-@pytest.fixture
-def no_eos(pipe, monkeypatch):
-    """Never let the model pick <eos>, so every row runs for its max_new_tokens."""
-    original, eos = pipe.model.logits, pipe.tokenizer.eos_id
-
-    def logits(hidden, *where):
-        out = original(hidden, *where)
-        out[..., eos] = float("-inf")
-        return out
-
-    monkeypatch.setattr(pipe.model, "logits", logits)
-    return pipe
 
 
 def alone(pipe, images, prompt, n, **sampling):
