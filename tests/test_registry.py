@@ -105,7 +105,7 @@ def test_a_registered_task_is_offered_everywhere(toy_task, answers, tiny_model_d
     assert answers[-1] == (["find de a bird"], 16) and (tmp_path / "o.png").exists()
 
     # the server: /v1/find, the web demo's /tasks, the OpenAPI schema
-    with background(create_app(pipe)) as url:
+    with background(create_app(pipe, scheduler="static")) as url:  # it serves the scripted generate_details
         from .test_serve import data_url
 
         r = httpx.post(url + "/v1/find", json={"image": data_url(img), "thing": "a fox"}, timeout=60)
@@ -140,7 +140,7 @@ def test_removing_a_task_removes_it_everywhere(tiny_model_dir):
     with pytest.raises(ValueError, match="unknown task prefix 'find'"):
         tasks.parse_task("find en a dog")
     assert main(["find", "img.png", "a dog"]) == 2
-    with background(create_app(pipe)) as url:
+    with background(create_app(pipe, scheduler="static")) as url:  # it serves the scripted generate_details
         assert httpx.post(url + "/v1/find", json={"image": "x", "thing": "a"}).status_code == 404
         assert "find" not in {t["verb"] for t in httpx.get(url + "/tasks").json()}
 

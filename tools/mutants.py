@@ -224,8 +224,8 @@ MUTANTS = [
     Mutant(
         "finish_reason is always stop",
         "palikit/serve/batcher.py",
-        '"finish_reason": "length" if len(tokens) >= job.max_new_tokens else "stop"}\n        if job.parse:',
-        '"finish_reason": "stop"}\n        if job.parse:',
+        '"finish_reason": "length" if len(tokens) >= job.max_new_tokens else "stop"}\n    if job.parse:',
+        '"finish_reason": "stop"}\n    if job.parse:',
         (SERVE + "test_openai_client", SERVE + "test_finish_reason_stop_and_length"),
     ),
     Mutant(

@@ -217,7 +217,7 @@ class ContinuousBatcher:
         self.pipe, self.metrics = pipe, metrics
         self.engine = Engine(pipe, max_rows=max_batch, max_queue=max_queue, **engine_options)
         self.engine.on_step = lambda *step: self.metrics.batch(*step)  # rows, tokens and seconds of each step
-        self.max_batch = self.engine.max_rows
+        self.max_batch, self.max_queue = self.engine.max_rows, max_queue
 
     def start(self) -> None:
         self.engine.start()
