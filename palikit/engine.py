@@ -3,7 +3,7 @@
     engine = Engine(palikit.load("default"), max_rows=16)
     engine.start()                                   # a model thread; or call engine.step() yourself
     request = engine.submit(images, "caption en", gen.SamplingConfig(max_new_tokens=32))
-    request.wait(); print(request.text)
+    request.wait(); print(engine.pipe.tokenizer.decode(request.result().tokens))
 
 Iteration-level scheduling (Orca, Yu et al., OSDI 2022; vLLM's scheduler): each step decodes one
 token for every active row, newcomers join between steps and a row leaves the moment it is done,
@@ -113,8 +113,6 @@ class Request:
         self.finish_reason: str | None = None
         self.error: Exception | None = None
         self.cancelled = False
-        self.submitted = time.monotonic()
-        self.first_token_at: float | None = None
         self._done = threading.Event()
         self.generator: torch.Generator | None = None  # made on admission, on the model's device
 
@@ -261,18 +259,19 @@ class Engine:
             return
         try:
             self._prefill(newcomers)
-        except Exception as e:  # fail the newcomers, not the running rows
-            if not isinstance(e, ValueError):
-                log.exception("prefill failed")
-            if not isinstance(e, ValueError) or len(newcomers) == 1:
-                for r in newcomers:
-                    r._finish(None, e)
+        except ValueError as e:  # a bad request (images that do not match its prompt): find it
+            if len(newcomers) == 1:
+                newcomers[0]._finish(None, e)
                 return
-            for r in newcomers:  # a bad request (images that do not match its prompt): find it
+            for r in newcomers:
                 try:
                     self._prefill([r])
-                except Exception as e:
-                    r._finish(None, e)
+                except Exception as alone_error:
+                    r._finish(None, alone_error)
+        except Exception as e:  # fail the newcomers, not the running rows
+            log.exception("prefill failed")
+            for r in newcomers:
+                r._finish(None, e)
 
     def _prefill(self, newcomers: list[Request]) -> None:
         n, m = len(self.rows), len(newcomers)
@@ -289,11 +288,7 @@ class Engine:
         self.slot[rows] = P
         for r in newcomers:
             if r.sampling.do_sample:  # as generate.stream_tokens makes it, so a seed samples the same
-                r.generator = torch.Generator(device=self.model.device)
-                if r.sampling.seed is None:
-                    r.generator.seed()
-                else:
-                    r.generator.manual_seed(r.sampling.seed)
+                r.generator = gen.new_generator(self.model.device, r.sampling.seed)
         self.rows += newcomers
 
     def _choose(self) -> None:
@@ -308,12 +303,10 @@ class Engine:
                 tokens[i] = int(torch.multinomial(probs, 1, generator=r.generator))
         eos = self.pipe.tokenizer.eos_id
         chosen = logprobs[torch.arange(n), torch.tensor(tokens, device=logits.device)].tolist()
-        now = time.monotonic()
         for r, t, lp in zip(self.rows, tokens, chosen):
             if r.cancelled:
                 r.finish_reason = "cancelled"
                 continue
-            r.first_token_at = r.first_token_at or now
             if t == eos:
                 r.finish_reason = "stop"
                 continue

@@ -154,6 +154,16 @@ def cache_slots(model: PaliGemma, prompt_len: int, max_new_tokens: int) -> int:
     return -(-(prompt_len + max_new_tokens) // CACHE_BUCKET) * CACHE_BUCKET - prompt_len
 
 
+def new_generator(device, seed: int | None) -> torch.Generator:
+    """The sampling generator of one request: seeded, or from fresh entropy."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
 @torch.inference_mode()
 def stream_tokens(model: PaliGemma, prompts: list[list[int]], image_tokens: torch.Tensor | None,
                   cfg: SamplingConfig, eos_id: int, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -164,11 +174,7 @@ def stream_tokens(model: PaliGemma, prompts: list[list[int]], image_tokens: torc
     cache = model.new_cache(len(prompts), batch.valid.shape[1])
     logits = prefill(model, batch, image_tokens, cache)
     slot = torch.full((len(prompts),), batch.prompt_len, device=model.device)
-    generator = torch.Generator(device=model.device)
-    if cfg.seed is not None:
-        generator.manual_seed(cfg.seed)
-    else:
-        generator.seed()
+    generator = new_generator(model.device, cfg.seed)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=model.device)
     for step in range(cfg.max_new_tokens):
         if cfg.do_sample:

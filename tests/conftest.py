@@ -40,6 +40,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def no_eos(pipe, monkeypatch):
+    """Never let the model pick <eos>, so every row runs for max_new_tokens (`pipe`: the test module's)."""
+    original = pipe.model.logits
+    eos = pipe.tokenizer.eos_id
+
+    def logits(hidden, *where):
+        out = original(hidden, *where)
+        out[..., eos] = float("-inf")
+        return out
+
+    monkeypatch.setattr(pipe.model, "logits", logits)
+    return pipe
+
+
 @pytest.fixture(scope="session")
 def tokenizer_file(tmp_path_factory):
     path = train_tokenizer(CORPUS, tmp_path_factory.mktemp("tok") / "tokenizer.model", vocab_size=400)

@@ -26,7 +26,6 @@ from palikit.processor import Tokenizer
 from palikit.synthetic import make_scene
 
 from .conftest import randomize
-from .test_generate import no_eos  # noqa: F401  (a fixture: it uses this module's pipe)
 
 LONG = " ".join(["a red circle above a blue square and the cow is standing on the beach"] * 4)
 IMG = [make_scene(np.random.default_rng(seed)).image for seed in range(5)]

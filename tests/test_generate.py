@@ -41,21 +41,6 @@ def details(pipe, images, prompts, **kw):
     return [g for _, g in pipe.generate_details(images, prompts, **kw)]
 
 
-@pytest.fixture
-def no_eos(pipe, monkeypatch):
-    """Never let the model pick <eos>, so every row runs for max_new_tokens."""
-    original = pipe.model.logits
-    eos = pipe.tokenizer.eos_id
-
-    def logits(hidden, *where):
-        out = original(hidden, *where)
-        out[..., eos] = float("-inf")
-        return out
-
-    monkeypatch.setattr(pipe.model, "logits", logits)
-    return pipe
-
-
 def teacher_forced(pipe, images, prompt: str, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward pass over image + prompt + `tokens` (as suffix) -> ids (L,), hidden states (L, D)."""
     enc = encode_example(pipe.tokenizer, pipe.config.num_image_tokens * len(images), prompt)
