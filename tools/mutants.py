@@ -234,7 +234,14 @@ MUTANTS = [
         "palikit/serve/batcher.py",
         "                if job.cancelled:\n                    break",
         "                if False:\n                    break",
-        (SERVE + "test_client_disconnect_mid_stream",),
+        (SERVE + "test_client_disconnect_mid_stream[static]",),
+    ),
+    Mutant(
+        "engine stream goes on for a gone client",
+        "palikit/serve/batcher.py",
+        "        job.on_cancel = request.cancel",
+        "        job.on_cancel = None",
+        (SERVE + "test_client_disconnect_mid_stream[continuous]",),
     ),
     Mutant(
         "queue without a limit",
