@@ -12,11 +12,14 @@ of max_len slots; active rows are kept at the front of the pool (a leaving row's
 the last one), so a step runs the static decode step of palikit.generate on a view of the first n
 rows: every row has its own slot and its own layout of block numbers, positions and valid slots.
 
-Prefill is not chunked: the image + prefix of a PaliGemma prompt is one bidirectional block
-(big_vision's prefix-LM), so the keys of its first token depend on its last and no part of it can
-be computed before the whole prompt is seen. What bounds the stall of running rows instead is the
-prefill budget: one step admits newcomers up to `prefill_tokens` prompt tokens (at least one
-request), and decodes after that.
+Prefill is chunked by layers, not by tokens: the image + prefix of a PaliGemma prompt is one
+bidirectional block (big_vision's prefix-LM), so the keys of its first token depend on its last and
+no part of it can be computed before the whole prompt is seen; the layers of the decoder, though,
+can run a few per step (generate.prefill_by_layer). One group of newcomers is prefilled at a time,
+into the pool rows after the running ones, while those keep decoding a token per step; the prefill
+budget bounds how long a step takes: newcomers are admitted up to `prefill_tokens` prompt tokens
+(at least one request), and a group longer than that runs `prefill_tokens / its tokens` of the
+layers per step (at least one), after its images are encoded.
 
 Exactness: a row's tokens depend only on its own prompt and images, whatever it shares a step
 with: every row has its own positions and masks, slots it has not written are masked by block
@@ -31,7 +34,8 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -113,6 +117,7 @@ class Request:
         self.finish_reason: str | None = None
         self.error: Exception | None = None
         self.cancelled = False
+        self.alone = False  # prefill it in a group of its own (its group failed: find the bad request)
         self._done = threading.Event()
         self.generator: torch.Generator | None = None  # made on admission, on the model's device
 
@@ -140,6 +145,18 @@ class Request:
                 self.on_done(self)
             except Exception:  # a consumer's bug must not stop the other rows
                 log.exception("on_done callback failed")
+
+
+@dataclass
+class Prefill:
+    """Newcomers being prefilled into pool rows [start, start + len(requests)), a few decoder
+    layers per step."""
+
+    requests: list[Request]
+    start: int
+    batch: gen.PromptBatch
+    layers: Iterator[torch.Tensor | None]  # generate.prefill_by_layer
+    layers_per_step: int
 
 
 class Engine:
@@ -177,6 +194,7 @@ class Engine:
         self.slot = torch.zeros(max_rows, dtype=torch.long, device=dev)
         self.logits = torch.zeros(max_rows, text.vocab_size, device=dev)  # each row's next-token logits
         self.rows: list[Request] = []  # active requests, row i of the pool = rows[i]
+        self.prefilling: Prefill | None = None  # the group being prefilled, in the rows after them
         self.images = ImageCache(int(image_cache_mb * 2**20))
         self.queue: deque[Request] = deque()
         self.cond = threading.Condition()
@@ -217,16 +235,22 @@ class Engine:
     def running(self) -> int:
         return len(self.rows)
 
+    @property
+    def busy(self) -> bool:
+        return bool(self.queue or self.rows or self.prefilling)
+
     # ---- one step --------------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self) -> bool:
-        """Admit newcomers, choose a token for every row, retire finished rows, decode the rest.
-        -> whether there was anything to do."""
+        """Admit newcomers, run some layers of their prefill, choose a token for every row, retire
+        finished rows, decode the rest. -> whether there was anything to do."""
         start, tokens_before = time.perf_counter(), self.tokens_out
         self._admit()
+        if self.prefilling is not None:
+            self._advance_prefill()
         if not self.rows:
-            return False
+            return self.busy  # a prefill under way, or requests put back to find a bad one
         rows = len(self.rows)
         self._choose()
         self._retire()
@@ -243,7 +267,9 @@ class Engine:
         return True
 
     def _admit(self) -> None:
-        """Prefill queued requests into free rows, up to the prefill budget."""
+        """Start prefilling queued requests in free rows, up to the prefill budget; one group at a time."""
+        if self.prefilling is not None:
+            return
         newcomers, budget = [], self.prefill_tokens
         with self.cond:
             while self.queue and len(self.rows) + len(newcomers) < self.max_rows:
@@ -251,45 +277,75 @@ class Engine:
                 if r.cancelled:
                     self.queue.popleft()._finish("cancelled")
                     continue
-                if newcomers and len(r.prompt_ids) > budget:
+                if newcomers and (len(r.prompt_ids) > budget or r.alone):
                     break
                 budget -= len(r.prompt_ids)
                 newcomers.append(self.queue.popleft())
+                if r.alone:
+                    break
         if not newcomers:
             return
         try:
-            self._prefill(newcomers)
-        except ValueError as e:  # a bad request (images that do not match its prompt): find it
+            self.prefilling = self._start_prefill(newcomers)
+        except ValueError as e:  # a bad request (images that do not match its prompt)
             if len(newcomers) == 1:
                 newcomers[0]._finish(None, e)
                 return
-            for r in newcomers:
-                try:
-                    self._prefill([r])
-                except Exception as alone_error:
-                    r._finish(None, alone_error)
+            for r in newcomers:  # find it: each again in a group of its own, the others unharmed
+                r.alone = True
+            with self.cond:
+                self.queue.extendleft(reversed(newcomers))
         except Exception as e:  # fail the newcomers, not the running rows
             log.exception("prefill failed")
             for r in newcomers:
                 r._finish(None, e)
 
-    def _prefill(self, newcomers: list[Request]) -> None:
-        n, m = len(self.rows), len(newcomers)
+    def _start_prefill(self, newcomers: list[Request]) -> Prefill:
+        """Encode the newcomers' images (the image cache first) and embed their prompts: the errors
+        of a bad request come from here, before any layer runs."""
         cfg = self.model.config
         pixels = preprocess([im for r in newcomers for im in r.images], cfg.vision.image_size, cfg.resample)
         image_tokens = self.images.encode(self.model, pixels) if len(pixels) else None
         P = max(len(r.prompt_ids) for r in newcomers)
         batch = gen.PromptBatch([r.prompt_ids for r in newcomers], self.pipe.tokenizer.pad_id,
                                 self.max_len - P, self.model.device)
-        rows = slice(n, n + m)
-        view = KVCache([k[rows] for k in self.pool.k], [v[rows] for v in self.pool.v])
-        self.logits[rows] = gen.prefill(self.model, batch, image_tokens, view)
-        self.block[rows], self.pos[rows], self.valid[rows] = batch.block, batch.pos, batch.valid
-        self.slot[rows] = P
-        for r in newcomers:
+        x = self.model.embed(batch.ids, image_tokens)
+        start, m = len(self.rows), len(newcomers)
+        view = KVCache([k[start:start + m] for k in self.pool.k], [v[start:start + m] for v in self.pool.v])
+        n_layers = cfg.text.num_layers
+        per_step = max(1, n_layers * self.prefill_tokens // (m * P))
+        return Prefill(newcomers, start, batch, gen.prefill_by_layer(self.model, batch, x, view), per_step)
+
+    def _advance_prefill(self) -> None:
+        """Run the next layers of the group being prefilled; when it is done, its rows join the
+        running ones (moved down to follow them if rows left meanwhile)."""
+        p = self.prefilling
+        try:
+            for _ in range(p.layers_per_step):
+                logits = next(p.layers)
+                if logits is not None:
+                    break
+            else:
+                return
+        except Exception as e:
+            log.exception("prefill failed")
+            self.prefilling = None
+            for r in p.requests:
+                r._finish(None, e)
+            return
+        m, n = len(p.requests), len(self.rows)
+        rows = slice(p.start, p.start + m)
+        self.block[rows], self.pos[rows], self.valid[rows] = p.batch.block, p.batch.pos, p.batch.valid
+        self.slot[rows] = p.batch.prompt_len
+        for j in range(m):  # ascending: safe where the two ranges overlap
+            if p.start + j != n + j:
+                self._move(p.start + j, n + j)
+        self.logits[n:n + m] = logits
+        for r in p.requests:
             if r.sampling.do_sample:  # as generate.stream_tokens makes it, so a seed samples the same
                 r.generator = gen.new_generator(self.model.device, r.sampling.seed)
-        self.rows += newcomers
+        self.rows += p.requests
+        self.prefilling = None
 
     def _choose(self) -> None:
         """The next token of every row: greedy or sampled with the row's own generator."""
@@ -358,7 +414,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self.cond:
-                while not self.closed and not self.queue and not self.rows:
+                while not self.closed and not self.busy:
                     self.cond.wait()
                 if self.closed:
                     break
@@ -366,9 +422,9 @@ class Engine:
                 self.step()
             except Exception as e:  # never kill the thread: fail the running rows, keep serving
                 log.exception("engine step failed")
-                for r in self.rows:
+                for r in self._in_flight():
                     r._finish(None, e)
-                self.rows = []
+                self.rows, self.prefilling = [], None
 
     def close(self) -> None:
         with self.cond:
@@ -376,9 +432,12 @@ class Engine:
             self.cond.notify_all()
         if self.thread is not None:
             self.thread.join(timeout=30)
-        for r in [*self.rows, *self.queue]:
+        for r in [*self._in_flight(), *self.queue]:
             r._finish(None, EngineBusy("the engine is shut down"))
-        self.rows, self.queue = [], deque()
+        self.rows, self.prefilling, self.queue = [], None, deque()
+
+    def _in_flight(self) -> list[Request]:
+        return [*self.rows, *(self.prefilling.requests if self.prefilling else [])]
 
     def generate_details(self, images, prompts, **sampling) -> list[tuple[str, gen.Generated]]:
         """Pipeline.generate_details through the engine (`palikit run`, `palikit eval`): every
@@ -399,5 +458,6 @@ class Engine:
 
     def stats(self) -> dict:
         return {"running_rows": len(self.rows), "max_rows": self.max_rows, "queue_depth": len(self.queue),
+                "prefilling_rows": len(self.prefilling.requests) if self.prefilling else 0,
                 "image_cache_hit_rate": self.images.hit_rate, "image_cache_bytes": self.images.bytes,
                 "kv_cache_bytes": self.kv_bytes, "generated_tokens": self.tokens_out, "steps": self.steps}

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .gemma import attention_masks
+from .gemma import attention_masks, rope_cos_sin
 from .paligemma import PaliGemma
 
 
@@ -97,12 +97,29 @@ def logits_to_probs(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
 @torch.inference_mode()
 def prefill(model: PaliGemma, batch: PromptBatch, image_tokens, cache) -> torch.Tensor:
     """Run the whole prompt under the prefix-LM mask; returns the logits of its last slot (B, V)."""
+    *_, logits = prefill_by_layer(model, batch, model.embed(batch.ids, image_tokens), cache)
+    return logits
+
+
+@torch.inference_mode()
+def prefill_by_layer(model: PaliGemma, batch: PromptBatch, x: torch.Tensor, cache) -> Iterator[torch.Tensor | None]:
+    """prefill of the prompt embeddings x (B, P, D), one decoder layer per iteration: yields None
+    after each layer but the last, then the logits of the last slot (B, V).
+
+    The prompt cannot be split by tokens as causal models chunk their prefill: image + prefix are
+    one bidirectional block (big_vision's prefix-LM), so a layer's keys for the first token depend
+    on the last one. It can be split by layers, which is how the engine bounds the time a long
+    prompt holds back the rows it decodes."""
     P = batch.prompt_len
-    x = model.embed(batch.ids, image_tokens)
     pos, block, valid = batch.pos[:, :P], batch.block[:, :P], batch.valid[:, :P]
     masks = attention_masks(block, pos, block, pos, valid, model.config.text)
-    hidden = model.language_model(x, pos, masks, cache, start=0)
-    return model.logits(hidden[:, -1], "prefill")  # never the logits of the other prompt positions
+    lm = model.language_model
+    cos, sin = rope_cos_sin(pos, lm.config.head_dim, lm.config.rope_theta, x.dtype)
+    for i, layer in enumerate(lm.layers):
+        x = layer(x, cos, sin, masks, cache, 0)
+        if i < len(lm.layers) - 1:
+            yield None
+    yield model.logits(lm.norm(x[:, -1]), "prefill")  # never the logits of the other prompt positions
 
 
 def decode_logits(model: PaliGemma, token: torch.Tensor, slot: torch.Tensor, block: torch.Tensor,

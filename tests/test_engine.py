@@ -180,13 +180,36 @@ def test_cancel_frees_the_row(pipe, no_eos):
 
 
 def test_prefill_budget_admits_one_long_prompt_per_step(pipe):
-    engine = Engine(pipe, max_rows=4, prefill_tokens=1)  # below any prompt: one newcomer per step
+    engine = Engine(pipe, max_rows=4, prefill_tokens=1)  # below any prompt: one newcomer per group
     for ims, p, n in CASES[:3]:
         engine.submit(ims, p, gen.SamplingConfig(max_new_tokens=n))
     engine.step()
-    assert engine.running == 1 and engine.depth == 2
-    engine.step()
-    assert engine.running == 2
+    assert len(engine.prefilling.requests) == 1 and engine.depth == 2
+
+
+def test_a_long_prefill_runs_layer_by_layer_beside_decoding(pipe, no_eos):
+    """A budget below every prompt: each newcomer is prefilled alone, one decoder layer per step,
+    while the running rows get a token every step. The first request leaves during the third
+    one's prefill, whose rows then move down to follow the running one. Every output equals
+    running it alone."""
+    layers = pipe.config.text.num_layers
+    cases = [CASES[6][:2] + (layers + 2,), CASES[0][:2] + (40,), CASES[2], CASES[1]]  # LONG; two images
+    want = [alone(pipe, *c) for c in cases]
+    engine = Engine(pipe, max_rows=4, prefill_tokens=1)
+    got = [engine.submit(ims, p, gen.SamplingConfig(max_new_tokens=n)) for ims, p, n in cases]
+    joined, moved_down, step = {}, False, 0
+    while engine.busy:
+        before = {id(r): len(r.tokens) for r in engine.rows}
+        engine.step()
+        step += 1
+        for r in engine.rows:
+            assert len(r.tokens) == before.get(id(r), 0) + 1, "a token per step, and one for a newcomer"
+        joined |= {i: step for i, r in enumerate(got) if i not in joined and (r in engine.rows or r.done)}
+        moved_down |= engine.prefilling is not None and engine.prefilling.start > engine.running
+    assert joined == {i: (i + 1) * layers for i in range(4)}, "each prefill takes one step per layer"
+    assert moved_down
+    for r, w in zip(got, want):
+        assert_same(r.result(), w)
 
 
 def test_budgets_and_bad_requests(pipe):

@@ -1088,17 +1088,17 @@ MUTANTS = [
     Mutant(
         name="engine: a reused row keeps the old occupant's layout",
         path="palikit/engine.py",
-        old="self.block[rows], self.pos[rows], self.valid[rows] = batch.block, batch.pos, batch.valid",
-        new="self.block[rows], self.pos[rows] = batch.block, batch.pos\n"
-            "        self.valid[rows] |= batch.valid",
+        old="self.block[rows], self.pos[rows], self.valid[rows] = p.batch.block, p.batch.pos, p.batch.valid",
+        new="self.block[rows], self.pos[rows] = p.batch.block, p.batch.pos\n"
+            "        self.valid[rows] |= p.batch.valid",
         tests=(ENGINE + "test_reused_rows_never_read_what_they_held[pg1]",
                ENGINE + "test_reused_rows_never_read_what_they_held[default]"),
     ),
     Mutant(
         name="engine: the first decode overwrites the prompt's last slot",
         path="palikit/engine.py",
-        old="        self.slot[rows] = P\n",
-        new="        self.slot[rows] = P - 1\n",
+        old="        self.slot[rows] = p.batch.prompt_len\n",
+        new="        self.slot[rows] = p.batch.prompt_len - 1\n",
         tests=(ENGINE + "test_greedy_equals_alone_whatever_the_arrival[pg1-0]",
                ENGINE + "test_stops_at_eos_as_alone[default]"),
     ),
@@ -1138,9 +1138,23 @@ MUTANTS = [
     Mutant(
         name="engine: the prefill budget is ignored",
         path="palikit/engine.py",
-        old="                if newcomers and len(r.prompt_ids) > budget:",
-        new="                if False:",
+        old="                if newcomers and (len(r.prompt_ids) > budget or r.alone):",
+        new="                if newcomers and r.alone:",
         tests=(ENGINE + "test_prefill_budget_admits_one_long_prompt_per_step[pg1]",),
+    ),
+    Mutant(
+        name="engine: a long prompt is prefilled in one step",
+        path="palikit/engine.py",
+        old="        per_step = max(1, n_layers * self.prefill_tokens // (m * P))",
+        new="        per_step = n_layers",
+        tests=(ENGINE + "test_a_long_prefill_runs_layer_by_layer_beside_decoding[pg1]",),
+    ),
+    Mutant(
+        name="engine: a prefilled group joins where it was, not after the running rows",
+        path="palikit/engine.py",
+        old="            if p.start + j != n + j:",
+        new="            if False:",
+        tests=(ENGINE + "test_a_long_prefill_runs_layer_by_layer_beside_decoding[default]",),
     ),
     Mutant(
         name="engine: one bad newcomer fails the others",
