@@ -1,15 +1,21 @@
-"""Load test of `palikit serve`: N concurrent clients on loopback against the same FastAPI app serving
-palikit batched, palikit one request at a time (max_batch=1), and transformers (batched and not).
+"""Load test of `palikit serve` under a mixed workload: continuous batching (palikit.engine) against
+the static batcher it replaced and against transformers behind the same app.
 
-    .venv/bin/python benchmarks/bench_serve.py [--clients 16] [--requests 128] [--max-tokens 16]
+    .venv/bin/python benchmarks/bench_serve.py [--clients 8 32] [--requests 160] [--think-ms 100] [--stream]
+
+Short requests (`ocr`, `answer`: 4 tokens) and long ones (`describe`: 48 tokens, `segment`: 20)
+arrive mixed, from N concurrent clients with exponential think times (Poisson arrivals while the
+server keeps up), on eight 640x480 JPEGs that several prompts share. The static batcher runs the
+oldest request with every queued one to the longest answer, so a short request that arrives behind
+a long one waits for it; the engine lets it join and leave between steps.
 
 The model is a random-init PaliGemma 2, tiny-paligemma2 scaled up (BENCH_MODEL below), written once with
 palikit's writer; transformers loads the same folder with from_pretrained. For transformers the app serves
 `TransformersPipe`, an adapter whose generate_details left-pads palikit's prompt ids and pixels and calls
-PaliGemmaForConditionalGeneration.generate, so both sides go through the same HTTP stack, queue and batcher.
-Each server runs in its own subprocess; the clients post /v1/chat/completions requests that mix three task
-prompts and eight 640x480 JPEGs, greedy, max_tokens=--max-tokens (random weights rarely stop early, and the
-tokens per request are reported to show equal work). Prints a markdown table: requests/s and p50/p99 latency.
+PaliGemmaForConditionalGeneration.generate, so both sides go through the same HTTP stack and static batcher.
+Each server runs in its own subprocess. Prints a markdown table: requests/s, tokens/s, and per class
+(short, long) p50 / p99 latency and time to first token (streamed: the first content event; not
+streamed: the whole answer, which is when a client sees it).
 """
 
 from __future__ import annotations
@@ -19,7 +25,6 @@ import asyncio
 import base64
 import io
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -39,7 +44,6 @@ BENCH_MODEL = {"vision": dict(image_size=112, patch_size=14, hidden_size=256, in
                               num_layers=4, num_heads=4),
                "text": dict(hidden_size=512, intermediate_size=2048, num_layers=4, num_heads=8, num_kv_heads=4,
                             head_dim=64, query_pre_attn_scalar=64, max_position_embeddings=1024)}
-PROMPTS = ["caption en", "answer en what is in the picture?", "detect cat ; dog"]
 CORPUS = ["caption en", "answer en what is in the picture?", "detect cat ; dog", "a photo of a cat on a sofa",
           "two dogs playing in the park", "segment the red car", "ocr", "where is the cat?",
           "un chat noir", "1234 5678", "hello world this is a test"] * 40
@@ -129,7 +133,7 @@ class TransformersPipe(Pipeline):
         return results
 
 
-def run_server(library: str, checkpoint: str, max_batch: int, threads: int) -> None:
+def run_server(library: str, checkpoint: str, scheduler: str, max_batch: int, threads: int) -> None:
     """Subprocess: serve on a free loopback port, print the URL, stop when stdin closes."""
     import torch
 
@@ -140,112 +144,161 @@ def run_server(library: str, checkpoint: str, max_batch: int, threads: int) -> N
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     pipe = palikit.load(checkpoint, dtype="float32") if library == "palikit" else TransformersPipe(checkpoint)
-    app = create_app(pipe, model_name=library, max_batch=max_batch, max_queue=1024, request_timeout_s=3600)
+    app = create_app(pipe, model_name=library, max_batch=max_batch, max_queue=4096, request_timeout_s=3600,
+                     scheduler=scheduler, check_prompts=False)
     with background(app) as url:
         print(url, flush=True)
         sys.stdin.read()
 
 
-def request_bodies(max_tokens: int) -> list[dict]:
-    rng = np.random.default_rng(0)
+# Request classes: short answers (ocr, a question) and long ones (a description, a segmentation:
+# 4 <loc> + 16 <seg> tokens). Random weights seldom emit <eos>, so max_tokens is what a request costs.
+CLASSES = {"ocr": ("ocr", 4, "short"), "answer": ("answer en what is in the picture?", 4, "short"),
+           "describe": ("describe en", 48, "long"), "segment": ("segment cat", 20, "long")}
+
+
+def workload(n: int, seed: int) -> list[tuple[str, str]]:
+    """n (class, image data URL) pairs: short and long requests alike, eight images shared by all
+    (the image cache sees the same photo under several prompts)."""
+    rng = np.random.default_rng(seed)
     urls = []
     for _ in range(8):
         buf = io.BytesIO()
-        pixels = rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(buf, format="JPEG", quality=90)
+        Image.fromarray(rng.integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
         urls.append("data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode())
-    def body(i: int) -> dict:
-        content = [{"type": "image_url", "image_url": {"url": urls[i % 8]}},
-                   {"type": "text", "text": PROMPTS[i % 3]}]
-        return {"model": "x", "max_tokens": max_tokens, "temperature": 0,
-                "messages": [{"role": "user", "content": content}]}
-
-    return [body(i) for i in range(24)]
+    names = list(CLASSES)
+    return [(names[rng.integers(len(names))], urls[rng.integers(len(urls))]) for _ in range(n)]
 
 
-async def load_test(url: str, bodies: list[dict], clients: int, requests: int) -> dict:
+async def load_test(url: str, requests: list[tuple[str, str]], clients: int, think_s: float, stream: bool,
+                    seed: int) -> dict:
+    """`clients` clients, each waiting an exponential think time (mean think_s) before its next
+    request: Poisson arrivals while the clients keep up. Each request's latency, time to its first
+    token (streamed: the first content event; otherwise the whole response) and tokens."""
     import httpx
 
-    latencies, tokens = [], []
+    rng = np.random.default_rng(seed)
+    done: list[dict] = []
 
-    async def client(c, todo):
-        for i in todo:  # clients share one iterator: each takes the next request as it frees up
-            t = time.perf_counter()
-            r = await c.post("/v1/chat/completions", json=bodies[i % len(bodies)])
+    async def one(c, name: str, image: str) -> dict:
+        prompt, max_tokens, _ = CLASSES[name]
+        body = {"model": "x", "max_tokens": max_tokens, "temperature": 0, "stream": stream,
+                "stream_options": {"include_usage": True} if stream else None,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                                          {"type": "text", "text": prompt}]}]}
+        t = time.perf_counter()
+        first = None
+        if not stream:
+            r = await c.post("/v1/chat/completions", json=body)
             r.raise_for_status()
-            latencies.append(time.perf_counter() - t)
-            tokens.append(r.json()["usage"]["completion_tokens"])
+            tokens = r.json()["usage"]["completion_tokens"]
+        else:
+            tokens = 0
+            async with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    event = json.loads(line[6:])
+                    if first is None and any(ch["delta"].get("content") for ch in event.get("choices", [])):
+                        first = time.perf_counter() - t
+                    if event.get("usage"):
+                        tokens = event["usage"]["completion_tokens"]
+        latency = time.perf_counter() - t
+        return {"class": name, "latency": latency, "ttft": first if first is not None else latency, "tokens": tokens}
 
-    async def batch_stats(c) -> dict[str, float]:
-        text = (await c.get("/metrics")).text
-        return {k: float(v) for k, v in re.findall(r"^palikit_batch_size_(sum|count) (\S+)$", text, re.M)}
+    async def client(c, todo, gaps):
+        for i in todo:
+            await asyncio.sleep(next(gaps))
+            done.append(await one(c, *requests[i]))
+
+    def gaps():
+        while True:
+            yield float(rng.exponential(think_s)) if think_s > 0 else 0.0
 
     limits = httpx.Limits(max_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as c:
-        warm_up = iter(range(2 * clients))
-        await asyncio.gather(*[client(c, warm_up) for _ in range(clients)])
-        latencies.clear()
-        tokens.clear()
-        before = await batch_stats(c)
-        todo = iter(range(requests))
+        warm_up = iter(range(min(len(requests), 2 * clients)))
+        await asyncio.gather(*[client(c, warm_up, gaps()) for _ in range(clients)])
+        done.clear()
+        todo = iter(range(len(requests)))
         start = time.perf_counter()
-        await asyncio.gather(*[client(c, todo) for _ in range(clients)])
+        await asyncio.gather(*[client(c, todo, gaps()) for _ in range(clients)])
         wall = time.perf_counter() - start
-        after = await batch_stats(c)
-    return {"req_s": requests / wall, "p50_s": float(np.percentile(latencies, 50)),
-            "p99_s": float(np.percentile(latencies, 99)), "tokens_per_req": float(np.mean(tokens)),
-            "mean_batch": (after["sum"] - before["sum"]) / (after["count"] - before["count"]), "wall_s": wall}
+    out = {"req_s": len(done) / wall, "tok_s": sum(d["tokens"] for d in done) / wall, "wall_s": wall}
+    for kind in ("short", "long"):
+        rows = [d for d in done if CLASSES[d["class"]][2] == kind]
+        lat, ttft = [d["latency"] for d in rows], [d["ttft"] for d in rows]
+        out[kind] = {"n": len(rows), "p50_s": float(np.percentile(lat, 50)), "p99_s": float(np.percentile(lat, 99)),
+                     "ttft_p50_s": float(np.percentile(ttft, 50)), "ttft_p99_s": float(np.percentile(ttft, 99)),
+                     "tokens": float(np.mean([d["tokens"] for d in rows]))}
+    return out
+
+
+SERVERS = {"palikit-continuous": ("palikit", "continuous"), "palikit-static": ("palikit", "static"),
+           "transformers-static": ("transformers", "static")}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--requests", type=int, default=128)
-    ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--max-batch", type=int, default=8, help="the batched servers' max_batch")
+    ap.add_argument("--clients", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--requests", type=int, default=160, help="requests per measurement")
+    ap.add_argument("--think-ms", type=float, default=100, help="mean of each client's exponential think time")
+    ap.add_argument("--max-batch", type=int, default=16, help="rows of the engine; the static batchers' max_batch")
+    ap.add_argument("--stream", action="store_true", help="stream every answer (SSE): time to first token "
+                    "measured at the first content event (the static batcher runs streamed requests alone)")
+    ap.add_argument("--servers", nargs="+", choices=list(SERVERS), default=list(SERVERS))
     ap.add_argument("--checkpoint", help="reuse a checkpoint folder written by an earlier run")
-    ap.add_argument("--only", choices=["palikit", "transformers"], help="benchmark one library only")
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads per server (0: torch's default); 1 is steadier on a busy machine")
     ap.add_argument("--out", help="also write the results as JSON here")
-    ap.add_argument("--serve", nargs=3, metavar=("LIBRARY", "CHECKPOINT", "MAX_BATCH"),
+    ap.add_argument("--serve", nargs=4, metavar=("LIBRARY", "CHECKPOINT", "SCHEDULER", "MAX_BATCH"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        return run_server(args.serve[0], args.serve[1], int(args.serve[2]), args.threads)
+        return run_server(*args.serve[:3], int(args.serve[3]), args.threads)
 
     folder = args.checkpoint
     if folder is None:
         folder = tempfile.mkdtemp(prefix="palikit-bench-serve-")
         make_checkpoint(Path(folder))
         print(f"wrote the random benchmark model to {folder}", flush=True)
-    bodies = request_bodies(args.max_tokens)
-    libraries = [args.only] if args.only else ["palikit", "transformers"]
+    requests = workload(args.requests, seed=0)
     rows = []
-    for library in libraries:
-        for max_batch in (args.max_batch, 1):
-            proc = subprocess.Popen([sys.executable, __file__, "--serve", library, folder, str(max_batch),
-                                     "--threads", str(args.threads)],
-                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-            try:
-                url = proc.stdout.readline().strip()
-                if not url.startswith("http"):
-                    raise RuntimeError(f"{library} server did not start")
-                result = asyncio.run(load_test(url, bodies, args.clients, args.requests))
-            finally:
-                proc.stdin.close()
-                proc.wait(timeout=60)
-            rows.append({"server": library, "max_batch": max_batch, **result})
-            print(json.dumps(rows[-1]), flush=True)
+    for server in args.servers:
+        library, scheduler = SERVERS[server]
+        proc = subprocess.Popen([sys.executable, __file__, "--serve", library, folder, scheduler, str(args.max_batch),
+                                 "--threads", str(args.threads)],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        try:
+            url = proc.stdout.readline().strip()
+            if not url.startswith("http"):
+                raise RuntimeError(f"{server} did not start")
+            for clients in args.clients:
+                result = asyncio.run(load_test(url, requests, clients, args.think_ms / 1000, args.stream, seed=1))
+                rows.append({"server": server, "clients": clients, **result})
+                print(json.dumps(rows[-1]), flush=True)
+        finally:
+            proc.stdin.close()
+            proc.wait(timeout=60)
 
-    print(f"\n{args.clients} concurrent clients, {args.requests} requests, greedy, "
-          f"max_tokens={args.max_tokens}, torch threads per server: {args.threads or 'default'}\n")
-    print("| server | max_batch | requests/s | p50 latency (s) | p99 latency (s) | mean batch "
-          "| tokens/request |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n{args.requests} requests per row ({', '.join(f'{k}: {v[1]} tokens' for k, v in CLASSES.items())}), "
+          f"mean think time {args.think_ms:g} ms, max_batch {args.max_batch}, "
+          f"{'streamed' if args.stream else 'not streamed'}, torch threads per server: {args.threads or 'default'}\n")
+    print("| server | clients | requests/s | tokens/s | short p50 / p99 (s) | short TTFT p50 / p99 (s) "
+          "| long p50 / p99 (s) | long TTFT p50 / p99 (s) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['server']} | {r['max_batch']} | {r['req_s']:.2f} | {r['p50_s']:.3f} | {r['p99_s']:.3f} "
-              f"| {r['mean_batch']:.1f} | {r['tokens_per_req']:.1f} |")
+        sh, lo = r["short"], r["long"]
+        print(f"| {r['server']} | {r['clients']} | {r['req_s']:.2f} | {r['tok_s']:.0f} "
+              f"| {sh['p50_s']:.2f} / {sh['p99_s']:.2f} | {sh['ttft_p50_s']:.2f} / {sh['ttft_p99_s']:.2f} "
+              f"| {lo['p50_s']:.2f} / {lo['p99_s']:.2f} | {lo['ttft_p50_s']:.2f} / {lo['ttft_p99_s']:.2f} |")
+    base = {r["clients"]: r for r in rows if r["server"] == "palikit-static"}
+    for r in rows:
+        if r["server"] == "palikit-continuous" and r["clients"] in base:
+            b = base[r["clients"]]
+            print(f"\ncontinuous vs static at {r['clients']} clients: {r['req_s'] / b['req_s']:.2f}x requests/s, "
+                  f"short-request p99 latency {r['short']['p99_s'] / b['short']['p99_s']:.2f}x")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
 

@@ -111,23 +111,8 @@ def load(source: str | Path = "default", dtype: str | torch.dtype = "bfloat16", 
     return Pipeline(model, Tokenizer(tok_file, image_token_id=model.config.image_token_id), codec)
 
 
-def generate_alone_on_failure(pipe: PipelineProtocol, images: list, prompts: list[str], **sampling) -> list:
-    """pipe.generate_details over a batch -> (text, Generated) per example. When the batch fails (a
-    ValueError: an over-long prompt, a bad image), each example runs alone, so that only the bad one
-    fails, with its ValueError in its place. `palikit run` and `palikit eval` batch this way."""
-    if not prompts:
-        return []
-    try:
-        return pipe.generate_details(images, prompts, **sampling)
-    except ValueError as e:  # InputError included
-        if len(prompts) == 1:
-            return [e]
-        return [out for image, prompt in zip(images, prompts)
-                for out in generate_alone_on_failure(pipe, [image], [prompt], **sampling)]
-
-
 class PipelineProtocol(Protocol):
-    """What the server, `palikit run` and the task methods need of a pipeline: palikit's Pipeline,
+    """What the server and the task methods need of a pipeline: palikit's Pipeline,
     or an adapter around another library (benchmarks/bench_serve.py wraps transformers' model)."""
 
     config: PaliGemmaConfig

@@ -58,3 +58,28 @@ def read_records(path: str | Path, repair: bool = True) -> list[dict]:
         with open(path, "ab") as f:
             f.write(b"\n")
     return records
+
+
+# ---- one file per rank under torchrun (`palikit run`, `palikit eval`), merged by rank 0
+
+
+def rank_file(out: Path, rank: int) -> Path:
+    return out.with_name(f"{out.stem}.rank{rank}{out.suffix}")
+
+
+def rank_files(out: Path) -> list[Path]:
+    """The rank files beside `out` now, whatever the number of ranks that wrote them."""
+    return sorted(out.parent.glob(f"{out.stem}.rank*{out.suffix}"))
+
+
+def merge_rank_files(out: Path, key: str) -> list[dict]:
+    """The records of `out` and of every rank file beside it, in the order of their `key`; when
+    there are rank files, they are written into `out` (atomically) and removed."""
+    parts = rank_files(out)
+    records = {r[key]: r for path in [out, *parts] for r in read_records(path, repair=False)}
+    ordered = [records[k] for k in sorted(records)]
+    if parts:
+        write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
+        for path in parts:
+            path.unlink()
+    return ordered

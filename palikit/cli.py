@@ -81,12 +81,17 @@ def write_image_atomic(image, path) -> None:
 
 
 def cmd_run(args) -> None:
+    from palikit.finetune.dist import all_sum, init_distributed, leave
     from palikit.jobs import run_jobs
 
-    pipe = load_model(args)
+    rank, world, device = init_distributed(args.device)  # one process unless started by torchrun
+    pipe = load_model(args, device=str(device))
     stats = run_jobs(pipe, args.input, args.output, batch_size=args.batch_size,
-                     max_new_tokens=args.max_new_tokens, codec=args.vae)
-    print(json.dumps(stats))
+                     max_new_tokens=args.max_new_tokens, codec=args.vae, rank=rank, world=world)
+    stats["answered"], stats["errors"] = map(int, all_sum(stats["answered"], stats["errors"]))  # every rank's
+    leave()
+    if rank == 0:
+        print(json.dumps(stats))
 
 
 def cmd_train(args) -> None:
@@ -125,7 +130,7 @@ def cmd_data_check(args) -> int:
 def cmd_eval(args) -> None:
     from palikit.benchmarks import BENCHMARKS
     from palikit.evaluate import evaluate, load_examples, markdown, write_report
-    from palikit.finetune.dist import init_distributed
+    from palikit.finetune.dist import init_distributed, leave
 
     if args.list_benchmarks:
         for b in BENCHMARKS.values():
@@ -142,6 +147,7 @@ def cmd_eval(args) -> None:
                    metric=args.metric, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                    codec=args.vae, out=args.out, rank=rank, world=world, model=args.model, split=args.split,
                    by_task=bench is None or bench.name == "synthetic")
+    leave()
     if rank != 0:
         return
     if args.out:
@@ -297,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=POSITIVE, default=8)
     p.add_argument("--max-new-tokens", type=POSITIVE, default=128)
     p.add_argument("--vae", help="mask codec npz for segment jobs")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: a GPU if there is one")
     p.set_defaults(func=cmd_run)
 
     p = verbs.add_parser("demo", help="run every task on a generated image with the bundled model")

@@ -34,8 +34,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -44,6 +45,8 @@ from .gemma import KVCache
 from .processor import InputError, preprocess
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+_END = object()
 
 
 class EngineBusy(Exception):
@@ -439,25 +442,70 @@ class Engine:
     def _in_flight(self) -> list[Request]:
         return [*self.rows, *(self.prefilling.requests if self.prefilling else [])]
 
-    def generate_details(self, images, prompts, **sampling) -> list[tuple[str, gen.Generated]]:
-        """Pipeline.generate_details through the engine (`palikit run`, `palikit eval`): every
-        prompt queued at once, so rows free as each finishes and the next prompt takes them.
-        Raises the first failed request's error once all are done."""
-        per_example, prompts, _ = self.pipe._normalise(images, prompts)
-        sampling.pop("batch_size", None)
-        cfg = gen.SamplingConfig(**sampling)
-        if cfg.num_beams > 1:
-            return self.pipe.generate_details(per_example, prompts, **sampling)
-        requests = [self.submit(ims, p, cfg, force=True) for ims, p in zip(per_example, prompts)]
-        if self.thread is None:
-            self.run_until_idle()
-        for r in requests:
-            r.wait()
-        tok = self.pipe.tokenizer
-        return [(tok.decode(g.tokens), g) for g in (r.result() for r in requests)]
+    def in_order(self, items: Iterable[T], submit: Callable[[T], Request | None],
+                 window: int) -> Iterator[list[tuple[T, Request | None]]]:
+        """Stream items through the engine in their order (`palikit run`, `palikit eval`).
+        submit(item) queues the item's request and returns it, or None when the item failed before
+        it had one. Yields lists of (item, request) in the items' order, each item as soon as it and
+        every item before it are done; at most `window` items are submitted and not yet yielded, so
+        a freed row takes the next item at once and a long answer holds back only the records after
+        it (within the window), never the model. Steps the engine in this thread unless it runs its own."""
+        items, pending, more = iter(items), deque(), True
+        while more or pending:
+            while more and len(pending) < window:
+                item = next(items, _END)
+                if item is _END:
+                    more = False
+                else:
+                    pending.append((item, submit(item)))
+            ready = []
+            while pending and (pending[0][1] is None or pending[0][1].done):
+                ready.append(pending.popleft())
+            if ready:
+                yield ready
+            elif self.thread is None:
+                self.step()
+            else:
+                pending[0][1].wait()
 
     def stats(self) -> dict:
         return {"running_rows": len(self.rows), "max_rows": self.max_rows, "queue_depth": len(self.queue),
                 "prefilling_rows": len(self.prefilling.requests) if self.prefilling else 0,
                 "image_cache_hit_rate": self.images.hit_rate, "image_cache_bytes": self.images.bytes,
                 "kv_cache_bytes": self.kv_bytes, "generated_tokens": self.tokens_out, "steps": self.steps}
+
+
+@dataclass(eq=False)
+class Work:
+    """One prompt of a batch run (`palikit run`, `palikit eval`): its ids (checked against the
+    model's length limit beforehand) or the error that stopped it, and its images, read only when
+    it is submitted so that a long run holds the images of its window only."""
+
+    key: object  # the caller's: a line number, an example index
+    ids: list[int] | None
+    max_new_tokens: int
+    read_images: Callable[[], list]  # raises InputError / OSError for an unreadable image
+    about: object = None  # the caller's own: what the work is (a job, an example)
+    error: str | None = None
+    images: list | None = None
+
+
+def run_in_order(pipe, works: list[Work], max_rows: int) -> Iterator[list[tuple[Work, Request | None]]]:
+    """Every work through one engine (max_rows rows, its KV pool as long as the longest prompt and
+    answer need), yielded in order as Engine.in_order does; a work that failed before generating,
+    or whose images cannot be read, comes back with its error and no request."""
+    todo = [w for w in works if w.error is None]
+    engine = Engine(pipe, max_rows=max_rows, max_len=max((len(w.ids) + w.max_new_tokens for w in todo), default=1))
+
+    def submit(work: Work) -> Request | None:
+        if work.error is not None:
+            return None
+        try:
+            work.images = work.read_images()
+        except (InputError, OSError) as e:
+            work.error = str(e)
+            return None
+        return engine.submit(work.images, work.ids, gen.SamplingConfig(max_new_tokens=work.max_new_tokens),
+                             force=True)
+
+    yield from engine.in_order(works, submit, window=4 * max_rows)

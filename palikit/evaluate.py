@@ -32,11 +32,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from . import tasks
-from .atomic import read_records, write_text_atomic
+from .atomic import merge_rank_files, rank_file, rank_files, read_records, write_text_atomic
 from .benchmarks import BENCHMARKS, EvalExample, benchmark, published, read_benchmark, read_synthetic
 from .data import DatasetError, Example, read_jsonl
 from .metrics import metric as metric_named
-from .api import generate_alone_on_failure
+from .engine import Work, run_in_order
 from .processor import InputError, load_image
 
 
@@ -122,30 +122,37 @@ def group_of(ex: EvalExample, name: str, by_task: bool) -> str:
 def predict(pipe, examples: Sequence[EvalExample], indices: Sequence[int], *, name: str, by_task: bool,
             bench_metric: str | None, metric: str | None, batch_size: int, max_new_tokens: int | None,
             codec=None):
-    """Yield a list of records per batch, one per index, in order."""
-    for start in range(0, len(indices), batch_size):
-        chunk = [(i, examples[i]) for i in indices[start:start + batch_size]]
-        ready, records = [], {}
-        for i, ex in chunk:
-            records[i] = {"index": i, "id": ex.id, "group": group_of(ex, name, by_task), "prefix": ex.prefix,
-                          "answers": ex.answers}
-            try:
-                images = [load_image(p) for p in (ex.image if isinstance(ex.image, list) else [ex.image])]
-                ready.append((i, ex, images))
-            except (InputError, OSError) as e:
-                records[i]["error"] = str(e)
-        for (i, ex, images), out in zip(ready, _generate(pipe, ready, max_new_tokens)):
-            if isinstance(out, ValueError):
-                records[i]["error"] = str(out)
-                continue
-            text, generated = out
-            records[i]["prediction"] = text
-            records[i]["scores"] = score_example(pipe, ex, text, generated, images[0],
-                                                 metrics_of(ex, bench_metric, metric), codec)
-        for i, ex in chunk:
-            if "scores" not in records[i]:
-                records[i] |= {"prediction": "", "scores": _failed_scores(ex, metrics_of(ex, bench_metric, metric))}
-        yield [records[i] for i, _ in chunk]
+    """Yield lists of records, one per index, in order, as palikit.engine finishes them: batch_size
+    rows decode together and a freed row takes the next example at once. Each example gets its
+    task's token budget (max_new_tokens overrides it), whatever it runs beside."""
+    works = []
+    for i in indices:
+        ex = examples[i]
+        paths = ex.image if isinstance(ex.image, list) else [ex.image]
+        spec = task_of(ex)
+        budget = max_new_tokens or (spec.max_new_tokens if spec else 32)
+        work = Work(i, None, budget, lambda paths=paths: [load_image(p) for p in paths])
+        try:
+            work.ids = pipe.prompt_ids(ex.prefix, len(paths), budget)
+        except InputError as e:  # a newline in the prefix, or too long for the model
+            work.error = str(e)
+        works.append(work)
+    for ready in run_in_order(pipe, works, batch_size):
+        yield [_record(pipe, examples[w.key], w, request, name, by_task, bench_metric, metric, codec)
+               for w, request in ready]
+
+
+def _record(pipe, ex: EvalExample, work: Work, request, name, by_task, bench_metric, metric, codec) -> dict:
+    rec = {"index": work.key, "id": ex.id, "group": group_of(ex, name, by_task), "prefix": ex.prefix,
+           "answers": ex.answers}
+    names = metrics_of(ex, bench_metric, metric)
+    error = work.error or (request.error and str(request.error))
+    if error:
+        return rec | {"error": error, "prediction": "", "scores": _failed_scores(ex, names)}
+    generated = request.result()
+    text = pipe.tokenizer.decode(generated.tokens)
+    return rec | {"prediction": text,
+                  "scores": score_example(pipe, ex, text, generated, work.images[0], names, codec)}
 
 
 def _failed_scores(ex: EvalExample, names: Sequence[str]) -> dict:
@@ -162,25 +169,7 @@ def _failed_scores(ex: EvalExample, names: Sequence[str]) -> dict:
     return scores
 
 
-def _generate(pipe, ready: list, max_new_tokens: int | None) -> list:
-    """(text, Generated) per ready example, or the ValueError of one that failed alone."""
-    if not ready:
-        return []
-    budget = max_new_tokens or max((task_of(ex).max_new_tokens if task_of(ex) else 32) for _, ex, _ in ready)
-    return generate_alone_on_failure(pipe, [imgs for _, _, imgs in ready], [ex.prefix for _, ex, _ in ready],
-                                     max_new_tokens=budget, batch_size=len(ready))
-
-
 # ---- predictions files: resumable, one per rank, merged by rank 0
-
-
-def rank_file(out: Path, rank: int) -> Path:
-    return out.with_name(f"{out.stem}.rank{rank}{out.suffix}")
-
-
-def rank_files(out: Path) -> list[Path]:
-    """The rank files beside `out` now, whatever the number of ranks that wrote them."""
-    return sorted(out.parent.glob(f"{out.stem}.rank*{out.suffix}"))
 
 
 def finished(out: Path, rank: int, examples: Sequence[EvalExample]) -> dict[int, dict]:
@@ -201,13 +190,7 @@ def finished(out: Path, rank: int, examples: Sequence[EvalExample]) -> dict[int,
 
 def merge(out: Path, n_examples: int) -> list[dict]:
     """Every rank's records into `out`, in example order, written atomically; the rank files go."""
-    parts = rank_files(out)
-    records = {r["index"]: r for path in [out, *parts] for r in read_records(path, repair=False)}
-    ordered = [records[i] for i in sorted(records)]
-    if parts:
-        write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
-        for path in parts:
-            path.unlink()
+    ordered = merge_rank_files(out, "index")
     if len(ordered) != n_examples:
         raise InputError(f"{out}: {len(ordered)} of {n_examples} predictions; a rank stopped early, run again "
                          "to finish")

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +16,8 @@ import palikit
 from palikit.generate import Generated
 
 from .conftest import box_pixels, kill_when_it_says, synthetic_image
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -173,10 +179,7 @@ def test_run_keeps_a_complete_last_record_without_its_newline(tiny_model_dir, tm
     recs = read_output(out)
     recs[1]["text"] = "kept"
     out.write_text("".join(json.dumps(r) + "\n" for r in recs[:1]) + json.dumps(recs[1]))  # no newline
-    generated = []
-    generate = pipe.generate_details
-    monkeypatch.setattr(pipe, "generate_details",
-                        lambda ims, ps, **kw: (generated.extend(ps), generate(ims, ps, **kw))[1])
+    generated = count_submissions(monkeypatch)
     run_jobs(pipe, tmp_path / "jobs.jsonl", out, batch_size=2, max_new_tokens=3)
     again = read_output(out)
     assert [r["line"] for r in again] == list(range(1, 9)) and again[1]["text"] == "kept"
@@ -184,34 +187,44 @@ def test_run_keeps_a_complete_last_record_without_its_newline(tiny_model_dir, tm
     assert again[2:] == recs[2:]
 
 
-# `palikit run` that hangs before its model call number `after` (0-based), once it has said so on
-# stdout: the parent kills it there, with `after` batches written and the next one in flight.
-HANG_BEFORE_BATCH = textwrap.dedent("""
+def count_submissions(monkeypatch) -> list:
+    """The prompts `palikit run` hands to its engine from now on (one per generated job)."""
+    from palikit.engine import Engine
+
+    generated, submit = [], Engine.submit
+    monkeypatch.setattr(Engine, "submit", lambda self, images, prompt, *a, **kw: (
+        generated.append(prompt), submit(self, images, prompt, *a, **kw))[1])
+    return generated
+
+
+# `palikit run` that hangs before it submits job number `after` (0-based) to its engine, once it has
+# said so on stdout: the parent kills it there, with the jobs before it written or in flight.
+HANG_BEFORE_JOB = textwrap.dedent("""
     import sys
 
     import torch
 
     from palikit import cli
-    from palikit.api import Pipeline
+    from palikit.engine import Engine
 
     torch.set_num_threads(1)
     after, calls = int(sys.argv[1]), []
-    generate = Pipeline.generate_details
+    submit = Engine.submit
 
-    def generate_or_hang(self, *args, **kwargs):
+    def submit_or_hang(self, *args, **kwargs):
         if len(calls) == after:
             print("hanging", flush=True)
             sys.stdin.read()  # until killed
         calls.append(1)
-        return generate(self, *args, **kwargs)
+        return submit(self, *args, **kwargs)
 
-    Pipeline.generate_details = generate_or_hang
+    Engine.submit = submit_or_hang
     cli.main(sys.argv[2:])
 """)
 
 
 def test_run_resumes_after_kill(tiny_model_dir, tmp_path, pipe, monkeypatch):
-    """kill -9 while a batch is in flight, a torn last line added (as a crash inside a write leaves),
+    """kill -9 while jobs are in flight, a torn last line added (as a crash inside a write leaves),
     then a rerun: every line answered once, as an uninterrupted run answers it, and no finished job
     runs again. Catches a rerun that starts over (the planted record would be rewritten and every
     job generated again) or that loses or repeats lines."""
@@ -222,29 +235,48 @@ def test_run_resumes_after_kill(tiny_model_dir, tmp_path, pipe, monkeypatch):
     out = tmp_path / "out.jsonl"
     args = ["run", "--model", str(tiny_model_dir), "--input", str(tmp_path / "jobs.jsonl"), "--output",
             str(out), "--batch-size", "2", "--max-new-tokens", "6", "--dtype", "float32"]
-    kill_when_it_says(["-c", HANG_BEFORE_BATCH, "3", *args], "hanging")  # before its 4th batch
+    # A window of 4 rows x 2: the 24th job waits for the first ones to be written.
+    kill_when_it_says(["-c", HANG_BEFORE_JOB, "20", *args], "hanging")
     before = read_output(out)
-    assert [r["line"] for r in before] == list(range(1, 7))  # 3 batches of 2 lines (line 6 is an error)
+    m = len(before)
+    assert m >= 8 and [r["line"] for r in before] == list(range(1, m + 1)), "finished jobs, in line order"
     before[0]["text"] = "written before the kill"  # a rerun that starts over would lose this
     out.write_text("".join(json.dumps(r) + "\n" for r in before) + '{"line": 999, "text": "torn')
 
-    generated = []
-    generate = pipe.generate_details
-
-    def counting(images, prompts, **kw):
-        generated.extend(prompts)
-        return generate(images, prompts, **kw)
-
-    monkeypatch.setattr(pipe, "generate_details", counting)
+    generated = count_submissions(monkeypatch)
     run_jobs(pipe, tmp_path / "jobs.jsonl", out, batch_size=2, max_new_tokens=6)
     recs = read_output(out)
-    assert sorted(r["line"] for r in recs) == list(range(1, n + 1))  # nothing lost, nothing duplicated
+    assert [r["line"] for r in recs] == list(range(1, n + 1))  # nothing lost, nothing duplicated, in order
     assert recs[0] == before[0]
-    assert len(generated) == n - 6 - 1  # only the unfinished jobs ran (line 8 is not JSON)
+    errors = sum(1 for r in recs[m:] if "error" in r)  # lines 6 and 8 are bad (a missing image, not JSON)
+    assert len(generated) == n - m - errors, "only the unfinished jobs ran"
     monkeypatch.undo()
     run_jobs(pipe, tmp_path / "jobs.jsonl", tmp_path / "ref.jsonl", batch_size=2, max_new_tokens=6)
     ref = {r["line"]: r for r in read_output(tmp_path / "ref.jsonl")}
     assert all(r == ref[r["line"]] for r in recs[1:])  # resumed results equal an uninterrupted run
+
+
+def test_run_under_torchrun_equals_one_process(tiny_model_dir, tmp_path):
+    """Two ranks (gloo, two CPU processes) each answer every other line and rank 0 merges their
+    files into the output: the file one process writes, byte for byte, and every line counted once.
+    One row per process: which jobs run side by side differs between the two, and float32 GEMMs of
+    a few rows round differently from one (MKL), which can flip a near tie."""
+    from palikit.cli import main
+
+    write_jobs(tmp_path, 12)
+    args = ["run", "--model", str(tiny_model_dir), "--input", str(tmp_path / "jobs.jsonl"), "--batch-size", "1",
+            "--max-new-tokens", "5", "--dtype", "float32", "--device", "cpu"]
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    assert main([*args, "--output", str(one)]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1",
+           "--nproc_per_node", "2", "-m", "palikit", *args, "--output", str(two)]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert printed == [{"total": 12, "skipped": 0, "answered": 12, "errors": 2}], "rank 0 prints every rank's count"
+    assert not list(tmp_path.glob("two.rank*.jsonl")), "the rank files are merged and removed"
+    assert two.read_text() == one.read_text()
 
 
 def test_score_prefers_the_suffix_the_model_generates(pipe, monkeypatch):

@@ -233,8 +233,10 @@ def test_budgets_and_bad_requests(pipe):
     assert isinstance(bad.error, ValueError) and good.error is None and good.done  # only the bad one fails
 
 
-def test_engine_thread_and_generate_details(pipe):
-    """Requests from several threads through the engine's own thread, and the Pipeline-style batch call."""
+def test_engine_thread_and_in_order(pipe, no_eos):
+    """Requests from several threads through the engine's own thread, then a stream of requests
+    in order (as `palikit run` and `palikit eval` use it): at most `window` submitted and not yet
+    yielded, every one yielded once, in order, each as alone."""
     engine = Engine(pipe, max_rows=2)
     engine.start()
     try:
@@ -251,13 +253,28 @@ def test_engine_thread_and_generate_details(pipe):
             t.start()
         for t in threads:
             t.join()
-        batch = engine.generate_details([c[0] for c in CASES[:4]], [c[1] for c in CASES[:4]], max_new_tokens=5)
+        in_flight, most = [], []
+
+        def submit(i):
+            in_flight.append(i)
+            most.append(len(in_flight))
+            ims, p, n = CASES[i]
+            return engine.submit(ims, p, gen.SamplingConfig(max_new_tokens=n)) if i != 3 else None  # 3: failed before
+        streamed = []
+        for ready in engine.in_order(range(len(CASES)), submit, window=3):
+            for i, request in ready:
+                in_flight.remove(i)
+                streamed.append((i, request))
     finally:
         engine.close()
     for i in range(4):
         assert_same(results[i], alone(pipe, *CASES[i]))
-    want = pipe.generate_details([c[0] for c in CASES[:4]], [c[1] for c in CASES[:4]], max_new_tokens=5)
-    assert [t for t, _ in batch] == [t for t, _ in want]
+    assert [i for i, _ in streamed] == list(range(len(CASES))) and max(most) == 3
+    for i, request in streamed:
+        if i == 3:
+            assert request is None
+        else:
+            assert_same(request.result(), alone(pipe, *CASES[i]))
 
 
 def test_compiled_step_equals_alone(pipe, no_eos, monkeypatch, request):

@@ -15,6 +15,7 @@ import palikit
 from palikit import tasks
 from palikit.api import Pipeline
 from palikit.cli import main
+from palikit.engine import Engine, Request
 from palikit.generate import Generated
 from palikit.serve import background, create_app
 
@@ -47,8 +48,9 @@ def toy_task():
 
 @pytest.fixture
 def answers(monkeypatch):
-    """Every Pipeline answers a `find` prompt with a box around the top-left quarter and the thing
-    asked for (so each request's answer differs); records (prompt, max_new_tokens) per call."""
+    """Every Pipeline (and the engine of `palikit run` / `palikit eval`) answers a `find` prompt with
+    a box around the top-left quarter and the thing asked for (so each request's answer differs);
+    records (prompt, max_new_tokens) per call."""
     calls = []
     real = Pipeline.generate_details
 
@@ -63,7 +65,21 @@ def answers(monkeypatch):
             out.append((self.tokenizer.decode(ids), Generated(ids, [-0.5] * len(ids))))
         return out
 
+    submit = Engine.submit
+
+    def engine_submit(self, images, prompt, sampling, **kw):  # `palikit run` and `palikit eval`
+        text = prompt if isinstance(prompt, str) else self.pipe.tokenizer.decode(
+            [i for i in prompt if i != self.pipe.tokenizer.image_token_id]).strip()
+        if not text.startswith("find "):
+            return submit(self, images, prompt, sampling, **kw)
+        (_, g), = generate_details(self.pipe, images, [text], max_new_tokens=sampling.max_new_tokens)
+        request = Request(prompt, images, sampling)
+        request.tokens, request.logprobs = g.tokens, g.logprobs
+        request._finish("stop")
+        return request
+
     monkeypatch.setattr(Pipeline, "generate_details", generate_details)
+    monkeypatch.setattr(Engine, "submit", engine_submit)
     return calls
 
 

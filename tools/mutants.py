@@ -501,11 +501,8 @@ MUTANTS = [
     Mutant(
         "a bad job aborts palikit run",
         "palikit/jobs.py",
-        (
-            "            pipe.prompt_ids(prompt, 1, max_new_tokens)  # a newline or an over-long prompt fails this job only\n",
-            "            if spec.masks and codec is None and pipe.codec_path is None:",
-        ),
-        ("", "            if False:"),
+        "        if spec.masks and codec is None and pipe.codec_path is None:",
+        "        if False:",
         (API + "test_run_gives_a_bad_job_its_error_and_runs_the_rest",),
     ),
     Mutant(
@@ -873,11 +870,12 @@ MUTANTS = [
         ("tests/test_evaluate.py::test_torchrun_two_ranks_equal_one_process",),
     ),
     Mutant(
-        "eval leaves the rank files behind",
-        "palikit/evaluate.py",
+        "eval and run leave the rank files behind",
+        "palikit/atomic.py",
         "        for path in parts:\n            path.unlink()\n",
         "",
-        ("tests/test_evaluate.py::test_torchrun_two_ranks_equal_one_process",),
+        ("tests/test_evaluate.py::test_torchrun_two_ranks_equal_one_process",
+         API + "test_run_under_torchrun_equals_one_process"),
     ),
     Mutant(
         "eval scores every .jsonl example by exact match",
@@ -889,8 +887,10 @@ MUTANTS = [
     Mutant(
         "an eval example that fails is dropped",
         "palikit/evaluate.py",
-        "        yield [records[i] for i, _ in chunk]",
-        '        yield [records[i] for i, _ in chunk if "error" not in records[i]]',
+        "        yield [_record(pipe, examples[w.key], w, request, name, by_task, bench_metric, metric, codec)\n"
+        "               for w, request in ready]",
+        "        yield [r for r in (_record(pipe, examples[w.key], w, request, name, by_task, bench_metric, metric, codec)\n"
+        "               for w, request in ready) if 'error' not in r]",
         ("tests/test_evaluate.py::test_an_example_that_fails_counts_as_wrong",),
     ),
     Mutant(
@@ -1041,11 +1041,41 @@ MUTANTS = [
         ("tests/test_quantize.py::test_quantized_folder_loads_without_quantising_again[int8]",),
     ),
     Mutant(
-        "a failed batch fails all its examples",
-        "palikit/api.py",
-        "        if len(prompts) == 1:\n            return [e]",
-        "        if True:\n            return [e] * len(prompts)",
+        "an example over the length limit stops the evaluation",
+        "palikit/evaluate.py",
+        "        except InputError as e:  # a newline in the prefix, or too long for the model",
+        "        except KeyError as e:",
         ("tests/test_evaluate.py::test_an_overlong_prompt_fails_alone_in_its_batch",),
+    ),
+    Mutant(
+        "run and eval records come out as they finish, not in order",
+        "palikit/engine.py",
+        "            while pending and (pending[0][1] is None or pending[0][1].done):\n"
+        "                ready.append(pending.popleft())",
+        "            ready = [e for e in pending if e[1] is None or e[1].done]\n"
+        "            for e in ready:\n                pending.remove(e)",
+        (ENGINE + "test_engine_thread_and_in_order[pg1]", API + "test_run_reports_bad_lines_and_goes_on"),
+    ),
+    Mutant(
+        "run and eval submit everything at once",
+        "palikit/engine.py",
+        "            while more and len(pending) < window:",
+        "            while more:",
+        (ENGINE + "test_engine_thread_and_in_order[default]",),
+    ),
+    Mutant(
+        "every torchrun rank runs every job",
+        "palikit/jobs.py",
+        " and (n - 1) % world == rank]",
+        "]",
+        (API + "test_run_under_torchrun_equals_one_process",),
+    ),
+    Mutant(
+        "run leaves the ranks' files unmerged",
+        "palikit/jobs.py",
+        '        merge_rank_files(output_path, "line")',
+        "        pass",
+        (API + "test_run_under_torchrun_equals_one_process",),
     ),
     # ---- compiled decode (torch.compile) ----
     Mutant(

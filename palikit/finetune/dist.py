@@ -39,3 +39,12 @@ def all_sum(*values: float) -> list[float]:
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
+
+
+def leave() -> None:
+    """Wait for every rank, then leave the process group (`palikit run` / `palikit eval` when done):
+    an interpreter that exits with gloo's work alive can abort ("terminate called without an active
+    exception", pytorch/pytorch#190489)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
