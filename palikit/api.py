@@ -17,7 +17,7 @@ from PIL import Image
 from . import generate as gen
 from . import tasks
 from .atomic import atomic_write, write_text_atomic
-from .config import LOGIT_SOFTCAP_MODES, PaliGemmaConfig
+from .config import ATTENTION_KERNELS, LOGIT_SOFTCAP_MODES, PaliGemmaConfig
 from .maskcodec import paste_mask
 from .paligemma import PaliGemma
 from .processor import (RESAMPLE, RESAMPLE_OF_PIL_ID, InputError, Tokenizer, collate, encode_example, load_image,
@@ -61,7 +61,7 @@ def check_device(device: str | torch.device) -> torch.device:
 def load(source: str | Path = "default", dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
          tokenizer: str | Path | None = None, sliding_window: bool = False,
          logit_softcap: str | None = None, quantize: str | None = None, group_size: int = 32,
-         compile: bool = False) -> Pipeline:
+         compile: bool = False, attention: str = "auto") -> Pipeline:
     """Load a PaliGemma / PaliGemma 2 checkpoint: an HF folder (single or sharded safetensors), a
     big_vision .npz (pass `tokenizer=` for it), a hub id, or "default" (the bundled tiny model).
 
@@ -75,8 +75,14 @@ def load(source: str | Path = "default", dtype: str | torch.dtype = "bfloat16", 
     compile=True compiles the decode step with torch.compile (generate.compile_decode): the first
     batch-1 generation and the first larger one compile it, later ones run the compiled step;
     outputs equal the uncompiled path's.
+    attention: the kernel of prompts (prefill, scoring) and training sequences: "flex"
+    (FlexAttention, compiled: Gemma 2's soft-cap as a score_mod, the prefix-LM and sliding masks as
+    block masks, no score matrix in memory), "eager" (SDPA for PaliGemma 1, soft-capped scores
+    written out for PaliGemma 2), or "auto": flex for PaliGemma 2 on a GPU, eager otherwise.
     """
     check_device(device)
+    if attention not in ATTENTION_KERNELS:
+        raise InputError(f"attention must be one of {', '.join(ATTENTION_KERNELS)}, got {attention!r}")
     if logit_softcap is not None and logit_softcap not in LOGIT_SOFTCAP_MODES:
         raise InputError(f"logit_softcap must be one of {', '.join(LOGIT_SOFTCAP_MODES)}, got {logit_softcap!r}")
     path = resolve_source(source)
@@ -106,6 +112,9 @@ def load(source: str | Path = "default", dtype: str | torch.dtype = "bfloat16", 
         quantize_weights(model, quantize, group_size)
     if compile:
         gen.compile_decode(model)
+    if attention == "auto":
+        attention = "flex" if model.device.type == "cuda" and model.config.text.attn_logit_softcap else "eager"
+    model.language_model.attention = attention
     folder = path.parent if path.is_file() else path
     codec = next((folder / n for n in CODEC_FILES if (folder / n).exists()), None)
     return Pipeline(model, Tokenizer(tok_file, image_token_id=model.config.image_token_id), codec)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from . import tasks
-from .config import LOGIT_SOFTCAP_MODES, QUANT_SCHEMES
+from .config import ATTENTION_KERNELS, LOGIT_SOFTCAP_MODES, QUANT_SCHEMES
 from .processor import InputError, load_image
 from .weights import CheckpointError
 
@@ -28,7 +28,7 @@ def load_model(args, **options):
     import palikit
 
     options = {"logit_softcap": args.logit_softcap, "quantize": args.quantize, "group_size": args.group_size,
-               "compile": args.compile, **options}
+               "compile": args.compile, "attention": args.attention, **options}
     return palikit.load(args.model, **options if "dtype" in options else options | {"dtype": args.dtype})
 
 
@@ -201,7 +201,7 @@ def cmd_serve(args) -> None:
 
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("PALIKIT_API_KEY"),
           dtype=args.dtype, device=args.device, logit_softcap=args.logit_softcap, quantize=args.quantize,
-          group_size=args.group_size, compile=args.compile, max_batch=args.max_batch,
+          group_size=args.group_size, compile=args.compile, attention=args.attention, max_batch=args.max_batch,
           max_queue=args.max_queue, allow_local_paths=args.allow_local_paths or False, allow_urls=args.allow_urls,
           scheduler=args.scheduler, kv_cache_gb=args.kv_cache_gb, image_cache_mb=args.image_cache_mb,
           max_len=args.max_len)
@@ -220,6 +220,9 @@ def _fast_path_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=QUANT_SCHEMES, help="weight-only int8 or int4 decoder weights (CPU; "
                                                        "the embedding / LM head in int8)")
     p.add_argument("--group-size", type=number(int, 32), default=32, help="int4: inputs per scale (32, 64, 128, 256)")
+    p.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
+                   help="prompt attention kernel: flex (FlexAttention, compiled), eager, or auto (flex for "
+                        "PaliGemma 2 on a GPU)")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step with torch.compile (CUDA graphs on a GPU): faster decoding "
                         "after a first call that compiles it (about half a minute on a CPU)")
@@ -352,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--group-size", type=number(int, 32), default=32, help="int4: inputs per scale (32, 64, 128, 256)")
-    p.set_defaults(func=cmd_quantize, logit_softcap=None, quantize=None, compile=False)
+    p.set_defaults(func=cmd_quantize, logit_softcap=None, quantize=None, compile=False, attention="auto")
 
     p = verbs.add_parser("merge", help="merge LoRA adapters into their base model")
     p.add_argument("--base", required=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 LOGIT_SOFTCAP_MODES = ("config", "big_vision", "off")  # see PaliGemmaConfig.logit_softcap
 QUANT_SCHEMES = ("int8", "int4")  # weight-only, at load: palikit.quantize.quantize_weights
+ATTENTION_KERNELS = ("auto", "eager", "flex")  # of prompts and training sequences: see palikit.load
 
 
 @dataclass

@@ -7,11 +7,13 @@ Module names follow transformers so LoRA target lists (q_proj, ..., down_proj) w
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from .config import GemmaConfig
 
@@ -125,8 +127,9 @@ class Attention(nn.Module):
         self.scale = config.query_pre_attn_scalar**-0.5
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, start: int | torch.Tensor = 0):
-        """x (B, T, D); mask bool (B, 1, T, S), True = may attend; cache slots [start, start+T) are
-        written (see KVCache.write) and slots [0, S) attended."""
+        """x (B, T, D); mask bool (B, 1, T, S), True = may attend, or the same as a FlexAttention
+        BlockMask (Gemma.attention = "flex"); cache slots [start, start+T) are written (see
+        KVCache.write) and slots [0, S) attended."""
         B, T, _ = x.shape
         H, K, Dh = self.config.num_heads, self.config.num_kv_heads, self.config.head_dim
         q = apply_rope(self.q_proj(x).view(B, T, H, Dh).transpose(1, 2), cos, sin)  # (B, H, T, Dh)
@@ -137,7 +140,9 @@ class Attention(nn.Module):
             k = cache.k[self.layer_idx][:, :, : mask.shape[-1]]
             v = cache.v[self.layer_idx][:, :, : mask.shape[-1]]
         cap = self.config.attn_logit_softcap
-        if cap is None:
+        if isinstance(mask, BlockMask):
+            out = flex(q, k, v, mask, cap, self.scale)
+        elif cap is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=K != H)
         else:
             # SDPA has no soft-cap, so Gemma 2 runs the scores explicitly. Queries are grouped per kv
@@ -200,6 +205,10 @@ class Gemma(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
+        # The attention kernel of prompts and training sequences: "eager" (SDPA, or Gemma 2's
+        # soft-capped scores written out) or "flex" (FlexAttention); palikit.load(attention=...).
+        # Decode steps (one query) always run eager.
+        self.attention = "eager"
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings times sqrt(D), the factor rounded to the table's dtype (big_vision)."""
@@ -209,12 +218,23 @@ class Gemma(nn.Module):
     def forward(self, x, positions, masks: dict, cache: KVCache | None = None, start: int | torch.Tensor = 0):
         """x (B, T, D) embeddings; positions (B, T) -> final-normed hidden states (B, T, D)."""
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        masks = self.kernel_masks(masks)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, masks, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, masks, cache, start)
         return self.norm(x)
+
+    def kernel_masks(self, masks: dict) -> dict:
+        """attention_masks' boolean masks as the attention kernel takes them: FlexAttention's
+        BlockMasks (made once per forward, shared by the layers) for prompts and training sequences
+        when self.attention is "flex", else as they are. FlexAttention has no backward on a CPU
+        (torch 2.13), so training there runs eager."""
+        mask = masks["global"]
+        if self.attention != "flex" or mask.shape[2] == 1 or (torch.is_grad_enabled() and mask.device.type == "cpu"):
+            return masks
+        return {name: block_mask(m) for name, m in masks.items()}
 
     def logits(self, hidden: torch.Tensor, capped: bool = True) -> torch.Tensor:
         """Tied output layer, Gemma 2's final soft-cap when `capped`; float32 for stable log-probs."""
@@ -244,3 +264,39 @@ def attention_masks(q_block, q_pos, k_block, k_pos, k_valid, config: GemmaConfig
         both_prefix = (q_block[:, :, None] == 0) & (k_block[:, None, :] == 0)
         masks["sliding"] = (allowed & (near | both_prefix))[:, None]
     return masks
+
+
+# ---- FlexAttention (Dong et al., "Flex Attention", 2024; torch.nn.attention.flex_attention)
+
+
+def block_mask(mask: torch.Tensor) -> BlockMask:
+    """A boolean mask (B, 1, T, S) as a BlockMask: FlexAttention skips the blocks it excludes (the
+    suffix's future, the keys beyond a sliding window) and never writes out a (T, S) score matrix."""
+    B, _, T, S = mask.shape
+    return create_block_mask(lambda b, h, q, kv: mask[b, 0, q, kv], B, None, T, S, device=mask.device)
+
+
+@functools.cache
+def _softcap(cap: float):
+    def score_mod(score, b, h, q, kv):
+        return cap * torch.tanh(score / cap)  # before the mask, as in big_vision and transformers
+
+    return score_mod
+
+
+@functools.cache
+def _compiled_flex(device_type: str):
+    # Uncompiled, flex_attention runs a slow reference; compiled, fused kernels (Triton on a GPU,
+    # C++ on a CPU), one compilation per process reused by every layer. On a CPU with static shapes
+    # (a compilation per prompt length): once torch 2.13 turned the shapes dynamic there, after a
+    # PaliGemma 1 model had run, the C++ kernel of a soft-capped one failed to compile
+    # ("cur_kvSplitSize5 was not declared"). On a GPU shapes go dynamic after the first change.
+    return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
+
+
+def flex(q, k, v, mask: BlockMask, cap: float | None, scale: float) -> torch.Tensor:
+    """q (B, H, T, Dh), k / v (B, K, S, Dh) -> (B, H, T, Dh): Gemma 2's soft-capped attention (the
+    cap a score_mod) under the prefix-LM mask, grouped queries without repeating k / v."""
+    attend = _compiled_flex(q.device.type)
+    return attend(q, k, v, score_mod=_softcap(cap) if cap else None, block_mask=mask, scale=scale,
+                  enable_gqa=k.shape[1] != q.shape[1])

@@ -112,8 +112,8 @@ def prefill_by_layer(model: PaliGemma, batch: PromptBatch, x: torch.Tensor, cach
     prompt holds back the rows it decodes."""
     P = batch.prompt_len
     pos, block, valid = batch.pos[:, :P], batch.block[:, :P], batch.valid[:, :P]
-    masks = attention_masks(block, pos, block, pos, valid, model.config.text)
     lm = model.language_model
+    masks = lm.kernel_masks(attention_masks(block, pos, block, pos, valid, model.config.text))
     cos, sin = rope_cos_sin(pos, lm.config.head_dim, lm.config.rope_theta, x.dtype)
     for i, layer in enumerate(lm.layers):
         x = layer(x, cos, sin, masks, cache, 0)

@@ -1077,6 +1077,28 @@ MUTANTS = [
         "        pass",
         (API + "test_run_under_torchrun_equals_one_process",),
     ),
+    # ---- FlexAttention ----
+    Mutant(
+        "FlexAttention without the soft-cap",
+        "palikit/gemma.py",
+        "score_mod=_softcap(cap) if cap else None",
+        "score_mod=None",
+        ("tests/test_flex_attention.py::test_teacher_forced_equals_eager[pg2]",),
+    ),
+    Mutant(
+        "FlexAttention's sliding layers see every key",
+        "palikit/gemma.py",
+        "        return {name: block_mask(m) for name, m in masks.items()}",
+        '        return {name: block_mask(masks["global"]) for name in masks}',
+        ("tests/test_flex_attention.py::test_teacher_forced_equals_eager[pg2]",),  # a prompt is one block: no window
+    ),
+    Mutant(
+        "palikit.load ignores attention",
+        "palikit/api.py",
+        "    model.language_model.attention = attention\n",
+        "",
+        ("tests/test_flex_attention.py::test_load_and_cli_choose_the_kernel",),
+    ),
     # ---- compiled decode (torch.compile) ----
     Mutant(
         "the compiled step rounds bf16 intermediates its own way",

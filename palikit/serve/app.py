@@ -381,14 +381,15 @@ def _spec_or_none(prompt: str) -> tasks.TaskSpec | None:
 
 def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           dtype: str = "bfloat16", device: str = "cpu", logit_softcap: str | None = None,
-          quantize: str | None = None, group_size: int = 32, compile: bool = False, **options) -> None:
+          quantize: str | None = None, group_size: int = 32, compile: bool = False, attention: str = "auto",
+          **options) -> None:
     """Load `model` and serve it with uvicorn until interrupted; options go to create_app."""
     import uvicorn
 
     import palikit
 
     pipe = palikit.load(model, dtype=dtype, device=device, logit_softcap=logit_softcap, quantize=quantize,
-                        group_size=group_size, compile=compile)
+                        group_size=group_size, compile=compile, attention=attention)
     name = Path(model).name if Path(model).exists() else str(model)  # a folder's name, not the server's paths
     app = create_app(pipe, api_key=api_key, model_name=options.pop("model_name", name), **options)
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):

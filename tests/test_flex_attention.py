@@ -1,0 +1,134 @@
+"""FlexAttention (palikit.load(attention="flex")) against the eager path, float32, on tiny random
+PaliGemma 1 and 2 models: teacher-forced hidden states of a padded batch (prefix-LM blocks, Gemma
+2's sliding window of 6 shorter than the sequences), generation (the prefill runs through it, also
+in the engine's layer-by-layer prefill), and gradients. The PaliGemma 2 fixture's attention scores
+reach far past the soft-cap of 50, so a kernel that dropped or misplaced the cap would differ."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from palikit import generate as gen
+from palikit.api import Pipeline
+from palikit.config import PaliGemmaConfig
+from palikit.engine import Engine
+from palikit.paligemma import PaliGemma
+from palikit.processor import Tokenizer, collate, encode_example, preprocess
+
+from .conftest import randomize, synthetic_image
+
+IMAGES = [synthetic_image(30), synthetic_image(31, size=(50, 20)), synthetic_image(32)]
+PROMPTS = ["caption en", "answer en what colour is the big star on the left?", "detect circle ; square"]
+SUFFIXES = ["a red circle", "blue", "<loc0001><loc0002><loc0100><loc0200> circle"]
+
+
+@pytest.fixture(scope="module", params=["tiny-paligemma", "tiny-paligemma2"], ids=["pg1", "pg2"])
+def pipe(request, tokenizer_file):
+    config = PaliGemmaConfig.from_name(request.param)
+    if config.text.post_norms:
+        config.text.sliding_window = 6
+    torch.manual_seed(0)
+    model = PaliGemma(config).eval()
+    randomize(model, 7)
+    with torch.no_grad():  # scores of up to ~200: the soft-cap of 50 bends them hard
+        for layer in model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    return Pipeline(model, Tokenizer(tokenizer_file, image_token_id=config.image_token_id))
+
+
+def forward(pipe, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced hidden states (B, L, D) of the three examples, right-padded, and input_mask."""
+    pipe.model.language_model.attention = kernel
+    enc = [encode_example(pipe.tokenizer, pipe.config.num_image_tokens, p, s) for p, s in zip(PROMPTS, SUFFIXES)]
+    batch = collate(enc, pipe.tokenizer.pad_id)
+    try:
+        hidden = pipe.model(batch["ids"], preprocess(IMAGES, pipe.config.vision.image_size),
+                            batch["input_mask"], batch["mask_ar"])
+    finally:
+        pipe.model.language_model.attention = "eager"
+    return hidden, batch["input_mask"].bool()
+
+
+def test_teacher_forced_equals_eager(pipe):
+    with torch.no_grad():
+        eager, real = forward(pipe, "eager")
+        flex, _ = forward(pipe, "flex")
+    torch.testing.assert_close(flex[real], eager[real], atol=1e-4, rtol=1e-4)
+    text = pipe.config.text
+    if text.attn_logit_softcap:  # the fixture is strong enough for the cap to matter
+        cap, text.attn_logit_softcap = text.attn_logit_softcap, None
+        try:
+            with torch.no_grad():
+                uncapped, _ = forward(pipe, "eager")
+        finally:
+            text.attn_logit_softcap = cap
+        assert (uncapped[real] - eager[real]).abs().max() > 0.1
+
+
+def gradients(pipe, kernel: str) -> dict:
+    pipe.model.zero_grad()
+    hidden, real = forward(pipe, kernel)
+    hidden[real].pow(2).mean().backward()
+    out = {n: p.grad.clone() for n, p in pipe.model.language_model.named_parameters()
+           if p.grad is not None and "self_attn" in n}
+    pipe.model.zero_grad()
+    return out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward on a CPU (torch 2.13)")
+def test_gradients_equal_eager_on_a_gpu(pipe):
+    """Fine-tuning through FlexAttention: the gradients of a loss on the real tokens."""
+    pipe.model.cuda()
+    try:
+        eager, flex = gradients(pipe, "eager"), gradients(pipe, "flex")
+    finally:
+        pipe.model.cpu()
+    assert eager and eager.keys() == flex.keys()
+    for name, g in eager.items():
+        torch.testing.assert_close(flex[name], g, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_training_on_a_cpu_runs_eager(pipe):
+    """With gradients on a CPU, where FlexAttention has no backward, "flex" trains as eager does."""
+    eager, flex = gradients(pipe, "eager"), gradients(pipe, "flex")
+    assert eager and all(torch.equal(flex[n], g) for n, g in eager.items())
+
+
+def test_generation_equals_eager(pipe, no_eos):
+    """Greedy tokens and log-probs, the prefill through FlexAttention, alone and in a batch, and in
+    the engine, whose prefill runs a layer per step."""
+    images = [IMAGES[0], [IMAGES[1], IMAGES[2]], IMAGES[2]]
+    want = pipe.generate_details(images, PROMPTS, max_new_tokens=6)
+    pipe.model.language_model.attention = "flex"
+    try:
+        got = pipe.generate_details(images, PROMPTS, max_new_tokens=6)
+        engine = Engine(pipe, max_rows=2, prefill_tokens=1)
+        requests = [engine.submit(ims if isinstance(ims, list) else [ims], p, gen.SamplingConfig(max_new_tokens=6))
+                    for ims, p in zip(images, PROMPTS)]
+        engine.run_until_idle()
+    finally:
+        pipe.model.language_model.attention = "eager"
+    for (_, g), (_, w), r in zip(got, want, requests):
+        assert g.tokens == w.tokens == r.result().tokens
+        torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(r.result().logprobs), torch.tensor(w.logprobs), atol=1e-4, rtol=0)
+
+
+def test_load_and_cli_choose_the_kernel(tiny_model_dir, monkeypatch):
+    """attention= reaches the model ("auto" is eager on a CPU); --attention reaches palikit.load;
+    an unknown kernel is one clear error."""
+    import palikit
+    from palikit import cli
+
+    assert palikit.load(tiny_model_dir, dtype="float32").model.language_model.attention == "eager"
+    pipe = palikit.load(tiny_model_dir, dtype="float32", attention="flex")
+    assert pipe.model.language_model.attention == "flex"
+    with pytest.raises(palikit.InputError, match="attention must be one of"):
+        palikit.load(tiny_model_dir, attention="sdpa")
+    seen = []
+    monkeypatch.setattr(palikit, "load", lambda *a, **kw: seen.append(kw["attention"]) or pipe)
+    cli.main(["generate", "--model", str(tiny_model_dir), "--image", "x.png", "--prompt", "caption en",
+              "--attention", "flex"])
+    assert seen == ["flex"]
