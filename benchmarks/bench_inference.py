@@ -1,19 +1,22 @@
 """palikit vs transformers, side by side in one run, on a random-init full-size PaliGemma 2.
 
     .venv/bin/python benchmarks/bench_inference.py [--preset paligemma2-3b-pt-224] [--dtype bfloat16]
-        [--columns palikit palikit-compile palikit-int8 palikit-int4 palikit-int4-compile
-                   palikit-int8-folder palikit-int4-folder transformers] [--checkpoint FOLDER]
+        [--columns palikit palikit-compile palikit-int8 palikit-int4 palikit-int4-compile palikit-int8-folder
+                   palikit-int4-folder transformers transformers-eager transformers-sdpa
+                   transformers-torchao-int8] [--checkpoint FOLDER]
 
 Writes one checkpoint (palikit's writer, the released HF layout), or takes --checkpoint (e.g.
 palikit/assets/default, the bundled model: the per-token overhead row), then loads and runs it in a
 fresh subprocess per column, so load time and peak RSS are not polluted by the others. Columns:
 palikit in --dtype, with its decode step compiled ("-compile": palikit.load(compile=True)), palikit
 with int8 / int4 weights (palikit.quantize, the decoder and LM head) quantised at load or read from
-a `palikit quantize` folder, and transformers in --dtype. Rows: load time, peak RSS, time to first
-token (vision + prefill), decode tokens/s (batch 1), batch-8 captions/s, and decode as a fraction
-of its bandwidth floor: the bytes of the decoder's weights (the ones every decode step reads)
-against the read bandwidth this machine measures on a 512 MB tensor. Random weights rarely emit <eos>, and every column is forced to
-produce exactly --new-tokens tokens.
+a `palikit quantize` folder; transformers in --dtype with its default attention, eager or SDPA, and
+with torchao's int8 weight-only decoder (needs `pip install torchao`; a column that fails is left
+out). Rows: load time, peak RSS, time to first token (vision + prefill), decode tokens/s (batch 1),
+batch-8 captions/s, and decode as a fraction of its bandwidth floor: the bytes of the decoder's
+weights (the ones every decode step reads) against the read bandwidth this machine measures on a
+512 MB tensor. Random weights rarely emit <eos>, and every column is forced to produce exactly
+--new-tokens tokens. Ratios are to transformers' default column, else its eager or SDPA one.
 """
 
 from __future__ import annotations
@@ -87,9 +90,17 @@ def read_bandwidth_gb_s(repeats: int = 5) -> float:
     return x.numel() * 4 / best / 1e9
 
 
+def tensor_bytes(t) -> int:
+    """Bytes of a tensor, or of the plain tensors inside a tensor subclass (torchao's Int8Tensor)."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
 def decoder_bytes(module) -> int:
     """Bytes of the decoder's weights and buffers (the embedding table is the LM head too)."""
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    return sum(tensor_bytes(t) for t in module.state_dict().values())
 
 
 def run_palikit(folder: str, dtype: str, new_tokens: int, quantize: str | None = None, compile: bool = False) -> dict:
@@ -124,7 +135,11 @@ def run_palikit(folder: str, dtype: str, new_tokens: int, quantize: str | None =
             "decoder_gb": decoder_bytes(pipe.model.language_model) / 1e9}
 
 
-def run_transformers(folder: str, dtype: str, new_tokens: int) -> dict:
+def run_transformers(folder: str, dtype: str, new_tokens: int, attention: str | None = None,
+                     torchao_int8: bool = False) -> dict:
+    """transformers' PaliGemmaForConditionalGeneration: its default attention, or attn_implementation
+    `attention`; torchao_int8: the decoder's Linear layers in torchao's int8 weight-only layout
+    (pip install torchao; the way transformers' TorchAoConfig quantises)."""
     import torch
     from transformers import PaliGemmaForConditionalGeneration, SiglipImageProcessor
 
@@ -132,7 +147,12 @@ def run_transformers(folder: str, dtype: str, new_tokens: int) -> dict:
     from palikit.processor import encode_example
 
     t0 = time.perf_counter()
-    model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    options = {"attn_implementation": attention} if attention else {}
+    model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype), **options).eval()
+    if torchao_int8:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(model.model.language_model, Int8WeightOnlyConfig())
     load_s = time.perf_counter() - t0
     S = model.config.vision_config.image_size
     proc = SiglipImageProcessor(size={"height": S, "width": S}, resample=3, image_mean=[0.5] * 3, image_std=[0.5] * 3)
@@ -168,7 +188,12 @@ COLUMNS = {"palikit": lambda f, d, n: run_palikit(f, d, n),
            # `palikit quantize` folders (written before the columns run): no quantising at load
            "palikit-int8-folder": lambda f, d, n: run_palikit(f"{f}-int8", d, n),
            "palikit-int4-folder": lambda f, d, n: run_palikit(f"{f}-int4", d, n),
-           "transformers": run_transformers}
+           "transformers": run_transformers,  # its default attention
+           "transformers-eager": lambda f, d, n: run_transformers(f, d, n, "eager"),
+           "transformers-sdpa": lambda f, d, n: run_transformers(f, d, n, "sdpa"),
+           "transformers-torchao-int8": lambda f, d, n: run_transformers(f, d, n, torchao_int8=True)}
+DEFAULT_COLUMNS = ["palikit", "palikit-compile", "palikit-int8-folder", "palikit-int4-folder", "transformers-eager",
+                   "transformers-sdpa", "transformers-torchao-int8"]
 
 ROWS = [("load_s", "load time (s)", False), ("peak_rss_gb", "peak RSS (GB)", False),
         ("ttft_s", "time to first token (s)", False), ("decode_tok_s", "decode tokens/s, batch 1", True),
@@ -181,7 +206,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--checkpoint", help="reuse a checkpoint folder instead of writing a new one")
-    ap.add_argument("--columns", nargs="+", choices=list(COLUMNS), default=list(COLUMNS))
+    ap.add_argument("--columns", nargs="+", choices=list(COLUMNS), default=DEFAULT_COLUMNS)
     ap.add_argument("--worker", choices=list(COLUMNS), help=argparse.SUPPRESS)
     ap.add_argument("--out", help="also write the results as JSON here")
     args = ap.parse_args()
@@ -210,7 +235,10 @@ def main() -> None:
         for lib in args.columns:
             cmd = [sys.executable, __file__, "--worker", lib, "--checkpoint", folder, "--dtype", args.dtype,
                    "--new-tokens", str(args.new_tokens)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if out.returncode:  # e.g. torchao not installed: the other columns still run
+                print(f"{lib}: failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
             results[lib] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{lib}: {results[lib]}", flush=True)
     finally:
@@ -220,9 +248,10 @@ def main() -> None:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\n{args.checkpoint or args.preset}, {args.dtype}, {args.new_tokens} new tokens; ratios to transformers "
-          f"(x: higher is better for palikit)\n")
-    base = results.get("transformers")
+    base_name = next((c for c in ("transformers", "transformers-eager", "transformers-sdpa") if c in results), None)
+    print(f"\n{args.checkpoint or args.preset}, {args.dtype}, {args.new_tokens} new tokens; ratios to {base_name} "
+          f"(x: higher is better)\n")
+    base = results.get(base_name)
     print("| metric | " + " | ".join(results) + " |\n|---|" + "---|" * len(results))
     for key, label, higher_is_better in ROWS:
         cells = []
