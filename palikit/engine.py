@@ -103,17 +103,24 @@ class ImageCache:
         return self.hits / max(1, self.hits + self.misses)
 
 
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """text up to the first of the stop strings it contains (OpenAI's `stop`), and whether one was."""
+    ends = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return (text[:min(ends)], True) if ends else (text, False)
+
+
 class Request:
     """One generation: prompt ids (with <image> placeholders) and its images, its own sampling,
-    stop rule and callbacks. The engine fills tokens / logprobs and sets finish_reason ("stop":
-    <eos>; "length": max_new_tokens; "cancelled") or error, then calls on_done."""
+    stop strings and callbacks. The engine fills tokens / logprobs and sets finish_reason ("stop":
+    <eos> or a stop string in the text; "length": max_new_tokens; "cancelled") or error, then calls
+    on_done. The tokens that completed a stop string are kept: cut_at_stop cuts the text."""
 
     def __init__(self, prompt_ids: list[int], images: list, sampling: gen.SamplingConfig,
                  on_token: Callable[[Request, int], None] | None = None,
-                 on_done: Callable[[Request], None] | None = None):
+                 on_done: Callable[[Request], None] | None = None, stop: tuple[str, ...] = ()):
         if sampling.num_beams > 1:
             raise InputError("the engine does not run beam search; use Pipeline.generate for num_beams > 1")
-        self.prompt_ids, self.images, self.sampling = prompt_ids, images, sampling
+        self.prompt_ids, self.images, self.sampling, self.stop = prompt_ids, images, sampling, tuple(stop)
         self.on_token, self.on_done = on_token, on_done
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
@@ -215,12 +222,13 @@ class Engine:
                              f"do not fit the engine's {self.max_len} slots per request; raise --max-len")
 
     def submit(self, images: list, prompt: str | list[int], sampling: gen.SamplingConfig,
-               force: bool = False, **callbacks) -> Request:
+               force: bool = False, **options) -> Request:
         """Queue a request: its images (as the model sees them, or any PIL image), a prompt (text
-        or ids). force=True queues it even past max_queue (batch jobs that wait anyway)."""
+        or ids), and Request's options (callbacks, stop strings). force=True queues it even past
+        max_queue (batch jobs that wait anyway)."""
         ids = prompt if isinstance(prompt, list) else self.pipe.prompt_ids(prompt, len(images), sampling.max_new_tokens)
         self.check(len(ids), sampling.max_new_tokens)
-        request = Request(ids, images, sampling, **callbacks)
+        request = Request(ids, images, sampling, **options)
         with self.cond:
             if self.closed:
                 raise EngineBusy("the engine is shut down")
@@ -377,7 +385,9 @@ class Engine:
                     r.on_token(r, t)
                 except Exception:
                     log.exception("on_token callback failed")
-            if len(r.tokens) >= r.sampling.max_new_tokens:
+            if r.stop and cut_at_stop(self.pipe.tokenizer.decode(r.tokens), r.stop)[1]:
+                r.finish_reason = "stop"
+            elif len(r.tokens) >= r.sampling.max_new_tokens:
                 r.finish_reason = "length"
 
     def _retire(self) -> None:

@@ -178,6 +178,40 @@ def test_openai_client_streaming(live, pipe):
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
 
 
+def straddling_stop(pipe, image, prompt: str, n: int) -> tuple[str, str]:
+    """The greedy answer of n tokens, and a stop string that starts inside one token and ends in
+    the next (so a stream must hold back its first characters), found first where it ends."""
+    (_, g), = pipe.generate_details(image, prompt, max_new_tokens=n)
+    texts = [pipe.tokenizer.decode(g.tokens[:i]) for i in range(n + 1)]
+    for i in range(1, n - 2):
+        if len(texts[i]) >= 2 and len(texts[i + 1]) > len(texts[i]):
+            stop = texts[i][-2:] + texts[i + 1][len(texts[i])]
+            if texts[-1].find(stop) == len(texts[i]) - 2 and stop.strip():
+                return texts[-1], stop
+    raise AssertionError("no token boundary to put a stop string across")
+
+
+@pytest.mark.parametrize("scheduler", ["continuous", "static"])
+def test_stop_strings(pipe, scheduler):
+    """OpenAI's `stop`: the answer ends before the stop string, streamed or not (the stream never
+    sends a character of it), finish_reason "stop"; the engine stops generating there."""
+    img = synthetic_image(3)
+    full, stop = straddling_stop(pipe, img, "caption en", 16)
+    want = full[: full.find(stop)]
+    with TestClient(create_app(pipe, scheduler=scheduler)) as c:
+        body = chat_body(data_url(img), "caption en", max_tokens=16) | {"stop": [stop, "never said"]}
+        r = c.post("/v1/chat/completions", json=body).json()
+        assert r["choices"][0]["message"]["content"] == want and r["choices"][0]["finish_reason"] == "stop"
+        if scheduler == "continuous":
+            assert r["usage"]["completion_tokens"] < 16, "the engine stops at the stop string"
+        with c.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]) == want
+        assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "stop"
+        too_many = c.post("/v1/chat/completions", json=body | {"stop": list("abcde")})
+        assert too_many.status_code == 400 and "up to 4" in too_many.text
+
+
 def test_raw_stream_ends_with_done(client):
     body = chat_body(data_url(synthetic_image(2)), "caption en", max_tokens=3, stream=True)
     with client.stream("POST", "/v1/chat/completions", json=body) as r:

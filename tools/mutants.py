@@ -244,6 +244,27 @@ MUTANTS = [
         (SERVE + "test_client_disconnect_mid_stream[continuous]",),
     ),
     Mutant(
+        "the engine generates past a stop string",
+        "palikit/engine.py",
+        "            if r.stop and cut_at_stop(self.pipe.tokenizer.decode(r.tokens), r.stop)[1]:",
+        "            if False:",
+        (SERVE + "test_stop_strings[continuous]",),
+    ),
+    Mutant(
+        "a stream sends the start of a stop string",
+        "palikit/serve/batcher.py",
+        "        text = text[: len(text) - max((len(s) - 1 for s in job.stop), default=0)]",
+        "        pass",
+        (SERVE + "test_stop_strings[continuous]", SERVE + "test_stop_strings[static]"),
+    ),
+    Mutant(
+        "the answer keeps its stop string",
+        "palikit/serve/batcher.py",
+        "    text, stopped = cut_at_stop(text, job.stop)\n",
+        "    stopped = False\n",
+        (SERVE + "test_stop_strings[continuous]", SERVE + "test_stop_strings[static]"),
+    ),
+    Mutant(
         "queue without a limit",
         "palikit/serve/batcher.py",
         "if len(self.waiting) >= self.max_queue:",

@@ -145,13 +145,13 @@ class Server:
             raise HTTPException(400, str(e)) from None
 
     def submit(self, images, size: ImageSize, prompt: str, max_new_tokens: int, sampling: dict,
-               parse: tasks.TaskSpec | None = None, stream: bool = False) -> Job:
+               parse: tasks.TaskSpec | None = None, stream: bool = False, stop: list[str] = ()) -> Job:
         if parse is not None and parse.masks and not self.can_mask:
             raise HTTPException(501, "segmentation masks are not available: this server has no mask codec "
                                      "(mask_codec.npz / vae-oid.npz beside the model)")
         loop = asyncio.get_running_loop()
         job = Job(images, size, prompt, max_new_tokens, sampling, parse, stream,
-                  time.monotonic() + self.request_timeout_s, asyncio.Queue(), loop)
+                  time.monotonic() + self.request_timeout_s, asyncio.Queue(), loop, tuple(stop))
         self.batcher.submit(job)
         return job
 
@@ -303,7 +303,7 @@ def create_app(pipe, *, api_key: str | None = None, model_name: str = "palikit",
         n_prompt = server.check(prompt, len(refs), max_new)  # cheap checks before decoding the images
         images, size = await server.images.read(refs)
         sampling = _sampling(req.temperature, req.top_p, seed=req.seed)
-        job = server.submit(images, size, prompt, max_new, sampling, stream=req.stream)
+        job = server.submit(images, size, prompt, max_new, sampling, stream=req.stream, stop=req.stop)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(server.sse(job, n_prompt, include_usage), media_type="text/event-stream",

@@ -20,7 +20,7 @@ from PIL import Image
 
 from .. import generate as gen
 from ..api import PipelineProtocol
-from ..engine import Engine, EngineBusy
+from ..engine import Engine, EngineBusy, cut_at_stop
 from ..tasks import TaskSpec
 from .metrics import Metrics
 
@@ -47,6 +47,7 @@ class Job:
     deadline: float  # time.monotonic()
     out: asyncio.Queue  # ("delta", str) while streaming, then ("done", dict) or ("error", exception)
     loop: asyncio.AbstractEventLoop
+    stop: tuple[str, ...] = ()  # OpenAI's `stop`: the answer ends before the first of these
     cancelled: bool = False  # set by cancel(): the handler gave up (timeout or client gone)
     on_cancel: object = None  # what else cancel() calls (the engine request's cancel)
     sent: str = ""  # streamed text so far
@@ -181,7 +182,7 @@ class Batcher:
             for token in stream:
                 tokens.append(token)
                 send_delta(self.pipe, job, tokens)
-                if job.cancelled:
+                if job.cancelled or cut_at_stop(self.pipe.tokenizer.decode(tokens), job.stop)[1]:
                     break
         send_delta(self.pipe, job, tokens, final=True)
         job.deliver("done", answer(self.pipe, job, self.pipe.tokenizer.decode(tokens), gen.Generated(tokens)))
@@ -189,9 +190,14 @@ class Batcher:
 
 
 def send_delta(pipe: PipelineProtocol, job: Job, tokens: list[int], final: bool = False) -> None:
-    """Stream the text the tokens add to what was sent, holding back half a UTF-8 character."""
-    text = pipe.tokenizer.decode(tokens)
-    if len(text) > len(job.sent) and (final or not text.endswith("\ufffd")):
+    """Stream the text the tokens add to what was sent, holding back half a UTF-8 character and
+    what could be the start of a stop string; never a stop string or what follows it."""
+    text, stopped = cut_at_stop(pipe.tokenizer.decode(tokens), job.stop)
+    if not (final or stopped):
+        if text.endswith("\ufffd"):
+            return
+        text = text[: len(text) - max((len(s) - 1 for s in job.stop), default=0)]
+    if len(text) > len(job.sent):
         job.deliver("delta", text[len(job.sent):])
         job.sent = text
 
@@ -201,8 +207,9 @@ def answer(pipe: PipelineProtocol, job: Job, text: str, g: gen.Generated) -> dic
     tokens, logprobs = g.tokens[: job.max_new_tokens], g.logprobs[: job.max_new_tokens]
     if len(g.tokens) > job.max_new_tokens:  # the batch ran longer than this job asked for
         text = pipe.tokenizer.decode(tokens)
+    text, stopped = cut_at_stop(text, job.stop)
     out = {"text": text, "completion_tokens": len(tokens),
-           "finish_reason": "length" if len(tokens) >= job.max_new_tokens else "stop"}
+           "finish_reason": "length" if len(tokens) >= job.max_new_tokens and not stopped else "stop"}
     if job.parse:
         objects = pipe.parse_objects(job.parse, text, gen.Generated(tokens, logprobs), job.size)
         out["objects"] = [o.to_dict() for o in objects]
@@ -260,7 +267,8 @@ class ContinuousBatcher:
 
         cfg = gen.SamplingConfig(max_new_tokens=job.max_new_tokens, **job.sampling)
         try:
-            request = self.engine.submit(job.images, job.prompt, cfg, on_token=on_token, on_done=on_done)
+            request = self.engine.submit(job.images, job.prompt, cfg, on_token=on_token, on_done=on_done,
+                                         stop=job.stop)
         except EngineBusy as e:
             raise HTTPException(503, f"server busy: {e}; retry shortly", headers={"Retry-After": "1"}) from None
         job.on_cancel = request.cancel

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, Field, create_model, field_validator
 
 from .. import tasks
 
@@ -119,6 +119,16 @@ class ChatRequest(BaseModel):
     n: int | None = Field(None, ge=1, le=1, description="only 1")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = Field(None, description="up to 4 strings: the answer ends before the first "
+                                                           "of them it contains (finish_reason stop)")
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop):
+        stop = [stop] if isinstance(stop, str) else stop or []
+        if len(stop) > 4 or not all(stop):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stop
 
 
 class ChatMessageOut(BaseModel):
