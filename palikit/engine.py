@@ -24,7 +24,10 @@ layers per step (at least one), after its images are encoded.
 Exactness: a row's tokens depend only on its own prompt and images, whatever it shares a step
 with: every row has its own positions and masks, slots it has not written are masked by block
 numbers (so what an earlier occupant left there is never read), and a seeded request samples from
-its own generator. Greedy output equals Pipeline.generate run alone (tests/test_engine.py).
+its own generator. Greedy output equals Pipeline.generate run alone (tests/test_engine.py), to
+float rounding: a step's matrix products take as many rows as requests are running, and MKL's
+float32 GEMM of a few rows rounds differently from a GEMV or a GEMM of many (bfloat16 measured
+the same here), so where two tokens tie to the last bits the choice can differ with the company.
 """
 
 from __future__ import annotations

@@ -225,15 +225,15 @@ MUTANTS = [
     Mutant(
         "finish_reason is always stop",
         "palikit/serve/batcher.py",
-        '"finish_reason": "length" if len(tokens) >= job.max_new_tokens else "stop"}\n    if job.parse:',
-        '"finish_reason": "stop"}\n    if job.parse:',
+        '"finish_reason": "length" if len(tokens) >= job.max_new_tokens and not stopped else "stop"}',
+        '"finish_reason": "stop"}',
         (SERVE + "test_openai_client", SERVE + "test_finish_reason_stop_and_length"),
     ),
     Mutant(
         "stream goes on for a gone client",
         "palikit/serve/batcher.py",
-        "                if job.cancelled:\n                    break",
-        "                if False:\n                    break",
+        "                if job.cancelled or cut_at_stop(",
+        "                if False and cut_at_stop(",
         (SERVE + "test_client_disconnect_mid_stream[static]",),
     ),
     Mutant(
@@ -550,8 +550,8 @@ MUTANTS = [
     Mutant(
         "CUDA asked of a CPU-only torch",
         "palikit/api.py",
-        "    check_device(device)\n    if logit_softcap is not None",
-        "    if logit_softcap is not None",
+        "    check_device(device)\n    if attention not in ATTENTION_KERNELS:",
+        "    if attention not in ATTENTION_KERNELS:",
         (CLI + "test_load_on_cuda_without_cuda_is_one_clear_error",
          CLI + "test_cli_checks_arguments_as_the_server_checks_requests"),
     ),
@@ -1146,8 +1146,8 @@ MUTANTS = [
     Mutant(
         "--compile is not passed on",
         "palikit/cli.py",
-        '"compile": args.compile, **options}',
-        '**options}',
+        '"compile": args.compile, "attention": args.attention',
+        '"attention": args.attention',
         (CLI + "test_compile_flag_gives_the_same_text",),
     ),
     Mutant(

@@ -303,7 +303,7 @@ def create_app(pipe, *, api_key: str | None = None, model_name: str = "palikit",
         n_prompt = server.check(prompt, len(refs), max_new)  # cheap checks before decoding the images
         images, size = await server.images.read(refs)
         sampling = _sampling(req.temperature, req.top_p, seed=req.seed)
-        job = server.submit(images, size, prompt, max_new, sampling, stream=req.stream, stop=req.stop)
+        job = server.submit(images, size, prompt, max_new, sampling, stream=req.stream, stop=req.stop or ())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(server.sse(job, n_prompt, include_usage), media_type="text/event-stream",
