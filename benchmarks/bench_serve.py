@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from palikit.api import Pipeline
+from palikit.serve.app import server_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -249,8 +250,8 @@ def main() -> None:
                     "measured at the first content event (the static batcher runs streamed requests alone)")
     ap.add_argument("--servers", nargs="+", choices=list(SERVERS), default=list(SERVERS))
     ap.add_argument("--checkpoint", help="reuse a checkpoint folder written by an earlier run")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="torch threads per server (0: torch's default); 1 is steadier on a busy machine")
+    ap.add_argument("--threads", type=int, default=server_threads(),
+                    help="torch threads per server; default: as `palikit serve`, all cores but one (0: torch's own)")
     ap.add_argument("--out", help="also write the results as JSON here")
     ap.add_argument("--serve", nargs=4, metavar=("LIBRARY", "CHECKPOINT", "SCHEDULER", "MAX_BATCH"),
                     help=argparse.SUPPRESS)

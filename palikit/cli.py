@@ -204,7 +204,7 @@ def cmd_serve(args) -> None:
           group_size=args.group_size, compile=args.compile, attention=args.attention, max_batch=args.max_batch,
           max_queue=args.max_queue, allow_local_paths=args.allow_local_paths or False, allow_urls=args.allow_urls,
           scheduler=args.scheduler, kv_cache_gb=args.kv_cache_gb, image_cache_mb=args.image_cache_mb,
-          max_len=args.max_len)
+          max_len=args.max_len, threads=args.threads)
 
 
 def _model_args(p: argparse.ArgumentParser, json_output: bool = True) -> None:
@@ -388,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     _softcap_arg(p)
     _fast_path_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
+    p.add_argument("--threads", type=POSITIVE, help="torch CPU threads (default: all cores but one, left to the "
+                                                    "HTTP loop)")
     p.add_argument("--port", type=number(int, 0, 65535), default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $PALIKIT_API_KEY)")
     p.add_argument("--max-batch", type=POSITIVE, default=8, help="most requests decoded together")

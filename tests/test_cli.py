@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
@@ -182,16 +184,19 @@ def served(monkeypatch):
     """Run `palikit serve` up to uvicorn.run, which records what it was given instead of serving."""
     import uvicorn
 
-    calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    calls, threads = [], torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() + 1)  # none of the counts serve may choose
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw | {"threads": torch.get_num_threads()})))
     monkeypatch.delenv("PALIKIT_API_KEY", raising=False)
-    return calls
+    yield calls
+    torch.set_num_threads(threads)  # serve sets the process's torch threads
 
 
 def test_serve_verb_binds_localhost_without_a_key_by_default(served, tiny_model_dir):
     assert main(["serve", "--model", str(tiny_model_dir), "--dtype", "float32"]) == 0
     (app, kw), = served
     assert (kw["host"], kw["port"]) == ("127.0.0.1", 8000)
+    assert kw["threads"] == max(1, os.cpu_count() - 1), "a core is left to the HTTP loop"
     with TestClient(app) as c:
         health = c.get("/health").json()
         assert health["auth"] is False and health["model"] == tiny_model_dir.name
@@ -202,12 +207,12 @@ def test_serve_verb_binds_localhost_without_a_key_by_default(served, tiny_model_
 def test_serve_verb_options(served, tiny_model_dir, monkeypatch, caplog):
     monkeypatch.setenv("PALIKIT_API_KEY", "from-env")
     assert main(["serve", "--model", str(tiny_model_dir), "--host", "0.0.0.0", "--port", "9123",
-                 "--max-batch", "3", "--max-queue", "5"]) == 0
+                 "--max-batch", "3", "--max-queue", "5", "--threads", str(os.cpu_count() + 2)]) == 0
     with caplog.at_level(logging.WARNING, logger="palikit.serve"):
         assert main(["serve", "--model", str(tiny_model_dir), "--host", "0.0.0.0"]) == 0
     assert "without an API key" not in caplog.text  # the key came from the environment
     (app, kw), _ = served
-    assert (kw["host"], kw["port"]) == ("0.0.0.0", 9123)
+    assert (kw["host"], kw["port"], kw["threads"]) == ("0.0.0.0", 9123, os.cpu_count() + 2)
     with TestClient(app) as c:
         assert c.get("/health").json() | {"model": None} == {"status": "ok", "model": None, "auth": True,
                                                               "queue_depth": 0, "max_batch": 3}

@@ -265,6 +265,13 @@ MUTANTS = [
         (SERVE + "test_stop_strings[continuous]", SERVE + "test_stop_strings[static]"),
     ),
     Mutant(
+        "serve takes every core from the HTTP loop",
+        "palikit/serve/app.py",
+        "    torch.set_num_threads(threads or server_threads())\n",
+        "",
+        (CLI + "test_serve_verb_binds_localhost_without_a_key_by_default", CLI + "test_serve_verb_options"),
+    ),
+    Mutant(
         "queue without a limit",
         "palikit/serve/batcher.py",
         "if len(self.waiting) >= self.max_queue:",

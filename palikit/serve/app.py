@@ -46,6 +46,7 @@ import contextlib
 import inspect
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -53,6 +54,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import torch
 from fastapi import APIRouter, FastAPI, HTTPException, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
@@ -382,11 +384,18 @@ def _spec_or_none(prompt: str) -> tasks.TaskSpec | None:
 def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           dtype: str = "bfloat16", device: str = "cpu", logit_softcap: str | None = None,
           quantize: str | None = None, group_size: int = 32, compile: bool = False, attention: str = "auto",
-          **options) -> None:
-    """Load `model` and serve it with uvicorn until interrupted; options go to create_app."""
+          threads: int | None = None, **options) -> None:
+    """Load `model` and serve it with uvicorn until interrupted; options go to create_app.
+
+    threads: torch's CPU threads; by default all cores but one, which the HTTP loop keeps (decoding
+    images, parsing requests): with every core, the model's many short ops of continuous batching
+    fight the loop for the CPU (benchmarks/bench_serve.py on 2 cores: 17-19 requests/s either way
+    for the engine, 10 vs 13.6 for the static batcher, whose ops are few and long)."""
     import uvicorn
 
     import palikit
+
+    torch.set_num_threads(threads or server_threads())
 
     pipe = palikit.load(model, dtype=dtype, device=device, logit_softcap=logit_softcap, quantize=quantize,
                         group_size=group_size, compile=compile, attention=attention)
@@ -395,6 +404,11 @@ def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     uvicorn.run(app, host=host, port=port, timeout_keep_alive=5, log_level="info")
+
+
+def server_threads() -> int:
+    """All cores but one (see serve), at least one."""
+    return max(1, (os.cpu_count() or 2) - 1)
 
 
 @contextlib.contextmanager
