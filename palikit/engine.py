@@ -483,7 +483,6 @@ class Engine:
 
     def stats(self) -> dict:
         return {"running_rows": len(self.rows), "max_rows": self.max_rows, "queue_depth": len(self.queue),
-                "prefilling_rows": len(self.prefilling.requests) if self.prefilling else 0,
                 "image_cache_hit_rate": self.images.hit_rate, "image_cache_bytes": self.images.bytes,
                 "kv_cache_bytes": self.kv_bytes, "generated_tokens": self.tokens_out, "steps": self.steps}
 
@@ -505,8 +504,9 @@ class Work:
 
 def run_in_order(pipe, works: list[Work], max_rows: int) -> Iterator[list[tuple[Work, Request | None]]]:
     """Every work through one engine (max_rows rows, its KV pool as long as the longest prompt and
-    answer need), yielded in order as Engine.in_order does; a work that failed before generating,
-    or whose images cannot be read, comes back with its error and no request."""
+    answer need), yielded in order as Engine.in_order does; a work that failed, before generating
+    (no request then), on reading its images (no request) or in the engine, comes back with its
+    error in work.error."""
     todo = [w for w in works if w.error is None]
     engine = Engine(pipe, max_rows=max_rows, max_len=max((len(w.ids) + w.max_new_tokens for w in todo), default=1))
 
@@ -521,4 +521,8 @@ def run_in_order(pipe, works: list[Work], max_rows: int) -> Iterator[list[tuple[
         return engine.submit(work.images, work.ids, gen.SamplingConfig(max_new_tokens=work.max_new_tokens),
                              force=True)
 
-    yield from engine.in_order(works, submit, window=4 * max_rows)
+    for ready in engine.in_order(works, submit, window=4 * max_rows):
+        for work, request in ready:
+            if request is not None and request.error is not None:
+                work.error = str(request.error)
+        yield ready

@@ -146,9 +146,8 @@ def _record(pipe, ex: EvalExample, work: Work, request, name, by_task, bench_met
     rec = {"index": work.key, "id": ex.id, "group": group_of(ex, name, by_task), "prefix": ex.prefix,
            "answers": ex.answers}
     names = metrics_of(ex, bench_metric, metric)
-    error = work.error or (request.error and str(request.error))
-    if error:
-        return rec | {"error": error, "prediction": "", "scores": _failed_scores(ex, names)}
+    if work.error:
+        return rec | {"error": work.error, "prediction": "", "scores": _failed_scores(ex, names)}
     generated = request.result()
     text = pipe.tokenizer.decode(generated.tokens)
     return rec | {"prediction": text,

@@ -123,9 +123,8 @@ def _check(pipe, n: int, text: str, base: Path, max_new_tokens: int, codec) -> W
 
 def _record(pipe, work: Work, request, codec) -> dict:
     n = work.key
-    error = work.error or (request.error and str(request.error))
-    if error:
-        return {"line": n, "error": error}
+    if work.error:
+        return {"line": n, "error": work.error}
     job, prompt, spec = work.about
     g = request.result()
     text = pipe.tokenizer.decode(g.tokens)

@@ -181,25 +181,27 @@ class Batcher:
         with contextlib.closing(stream):  # closing it stops the generation
             for token in stream:
                 tokens.append(token)
-                send_delta(self.pipe, job, tokens)
-                if job.cancelled or cut_at_stop(self.pipe.tokenizer.decode(tokens), job.stop)[1]:
+                stopped = send_delta(self.pipe, job, tokens)
+                if job.cancelled or stopped:
                     break
         send_delta(self.pipe, job, tokens, final=True)
         job.deliver("done", answer(self.pipe, job, self.pipe.tokenizer.decode(tokens), gen.Generated(tokens)))
         return len(tokens)
 
 
-def send_delta(pipe: PipelineProtocol, job: Job, tokens: list[int], final: bool = False) -> None:
+def send_delta(pipe: PipelineProtocol, job: Job, tokens: list[int], final: bool = False) -> bool:
     """Stream the text the tokens add to what was sent, holding back half a UTF-8 character and
-    what could be the start of a stop string; never a stop string or what follows it."""
+    what could be the start of a stop string; never a stop string or what follows it.
+    -> whether the text has reached a stop string."""
     text, stopped = cut_at_stop(pipe.tokenizer.decode(tokens), job.stop)
     if not (final or stopped):
         if text.endswith("\ufffd"):
-            return
+            return False
         text = text[: len(text) - max((len(s) - 1 for s in job.stop), default=0)]
     if len(text) > len(job.sent):
         job.deliver("delta", text[len(job.sent):])
         job.sent = text
+    return stopped
 
 
 def answer(pipe: PipelineProtocol, job: Job, text: str, g: gen.Generated) -> dict:
