@@ -1,7 +1,7 @@
 """palikit vs transformers, side by side in one run, on a random-init full-size PaliGemma 2.
 
     .venv/bin/python benchmarks/bench_inference.py [--preset paligemma2-3b-pt-224] [--dtype bfloat16]
-        [--columns palikit palikit-compile palikit-int8 palikit-int4 palikit-int4-compile palikit-int8-folder
+        [--columns palikit palikit-compile palikit-int8 palikit-int4 palikit-int8-compile palikit-int4-compile palikit-int8-folder
                    palikit-int4-folder transformers transformers-eager transformers-sdpa
                    transformers-torchao-int8] [--checkpoint FOLDER]
 
@@ -184,6 +184,7 @@ COLUMNS = {"palikit": lambda f, d, n: run_palikit(f, d, n),
            "palikit-compile": lambda f, d, n: run_palikit(f, d, n, compile=True),
            "palikit-int8": lambda f, d, n: run_palikit(f, d, n, "int8"),
            "palikit-int4": lambda f, d, n: run_palikit(f, d, n, "int4"),
+           "palikit-int8-compile": lambda f, d, n: run_palikit(f, d, n, "int8", compile=True),
            "palikit-int4-compile": lambda f, d, n: run_palikit(f, d, n, "int4", compile=True),
            # `palikit quantize` folders (written before the columns run): no quantising at load
            "palikit-int8-folder": lambda f, d, n: run_palikit(f"{f}-int8", d, n),
@@ -192,8 +193,8 @@ COLUMNS = {"palikit": lambda f, d, n: run_palikit(f, d, n),
            "transformers-eager": lambda f, d, n: run_transformers(f, d, n, "eager"),
            "transformers-sdpa": lambda f, d, n: run_transformers(f, d, n, "sdpa"),
            "transformers-torchao-int8": lambda f, d, n: run_transformers(f, d, n, torchao_int8=True)}
-DEFAULT_COLUMNS = ["palikit", "palikit-compile", "palikit-int8-folder", "palikit-int4-folder", "transformers-eager",
-                   "transformers-sdpa", "transformers-torchao-int8"]
+DEFAULT_COLUMNS = ["palikit", "palikit-compile", "palikit-int8-folder", "palikit-int8-compile", "palikit-int4-folder",
+                   "palikit-int4-compile", "transformers-eager", "transformers-sdpa", "transformers-torchao-int8"]
 
 ROWS = [("load_s", "load time (s)", False), ("peak_rss_gb", "peak RSS (GB)", False),
         ("ttft_s", "time to first token (s)", False), ("decode_tok_s", "decode tokens/s, batch 1", True),

@@ -18,40 +18,51 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from .config import GemmaConfig
 
 
-@torch.library.custom_op("palikit::matvec", mutates_args=())
-def matvec(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-    """torch.mv, opaque to torch.compile: inductor lowers mv to reduction loops of its own, which
-    read a PaliGemma 2 3B decode step's weights at less than half the speed of torch's GEMV."""
-    return torch.mv(matrix, vector)
+@torch.library.custom_op("palikit::materialize", mutates_args=())
+def materialize(x: torch.Tensor) -> torch.Tensor:
+    """A copy of x that torch.compile cannot see into, so x is computed once into memory."""
+    return x.clone()
 
 
-@matvec.register_fake
-def _(matrix, vector):
-    return matrix.new_empty(matrix.shape[0])
+@materialize.register_fake
+def _(x):
+    return torch.empty_like(x)
 
 
-def mv(matrix: torch.Tensor, vector: torch.Tensor) -> torch.Tensor:
-    """torch.mv; under torch.compile, matvec for matrices of a million entries and more. Smaller
-    ones are left to inductor, which fuses them with their neighbours: the bundled model's
-    compiled decode runs 1250 tokens/s that way, 935 with every product opaque."""
-    if torch.compiler.is_compiling() and matrix.numel() >= 1 << 20:
-        return matvec(matrix, vector)
-    return torch.mv(matrix, vector)
+# Under torch.compile, a matrix-vector product is left to inductor, whose reduction loop reads a
+# PaliGemma 2 3B decode step's bf16 weights at 24-32 GB/s on a 2-core Zen 4 (torch's own GEMV and
+# F.linear: 16-19; benchmarks/bench_inference.py). But inductor inlines the vector's producers into
+# that loop (RMSNorm, GELU(gate) * up, ...) and recomputes them for every output row: then the step
+# ran at half of torch's speed. Matrices of this many entries and more therefore read a materialised
+# vector; smaller ones stay fused with their neighbours (the bundled model's compiled decode, best
+# of 5: 1291-1443 tokens/s fused, 918-1055 with every vector materialised).
+MATERIALIZE_FROM_ENTRIES = 1 << 20
+
+
+def gemv_input(matrix_entries: int, vector: torch.Tensor) -> torch.Tensor:
+    """The vector of a one-row product, materialised under torch.compile for a large matrix."""
+    if torch.compiler.is_compiling() and matrix_entries >= MATERIALIZE_FROM_ENTRIES:
+        return materialize(vector)
+    return vector
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; one row under torch.compile as a matrix-vector product, which inductor generates
+    (for F.linear it calls the GEMM), over a materialised row (MATERIALIZE_FROM_ENTRIES). Uncompiled,
+    torch.mv measured no faster than F.linear's one-row GEMM on any PaliGemma 2 3B matrix (16-19 GB/s
+    both; for o_proj's 10 against 18)."""
+    if x.numel() == weight.shape[1] and torch.compiler.is_compiling():
+        y = torch.mv(weight, gemv_input(weight.numel(), x.reshape(-1))).view(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
 
 
 class Linear(nn.Linear):
-    """nn.Linear that runs one-row inputs (batch-1 decoding) as a matrix-vector product.
-
-    torch's bf16 GEMV streams the weight 25-70% faster on CPU than the matrix-matrix kernel
-    F.linear picks for a single row (benchmarks/bench_inference.py); the result is the same
-    dot products. Still an nn.Linear, so peft's LoRA wraps it like any other.
-    """
+    """nn.Linear through `linear` (batch-1 decoding compiled as inductor's matrix-vector product).
+    Still an nn.Linear, so peft's LoRA wraps it like any other."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == self.in_features:
-            y = mv(self.weight, x.reshape(-1)).view(*x.shape[:-1], self.out_features)
-            return y if self.bias is None else y + self.bias
-        return super().forward(x)
+        return linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -238,13 +249,10 @@ class Gemma(nn.Module):
 
     def logits(self, hidden: torch.Tensor, capped: bool = True) -> torch.Tensor:
         """Tied output layer, Gemma 2's final soft-cap when `capped`; float32 for stable log-probs."""
-        table = self.embed_tokens.weight
         if hasattr(self.embed_tokens, "project"):  # quantised: palikit.quantize.Int8Embedding
             logits = self.embed_tokens.project(hidden).float()
-        elif hidden.numel() == hidden.shape[-1]:  # one row: see Linear
-            logits = mv(table, hidden.reshape(-1)).view(*hidden.shape[:-1], -1).float()
         else:
-            logits = (hidden @ table.T).float()
+            logits = linear(hidden, self.embed_tokens.weight).float()
         cap = self.config.final_logit_softcap
         return cap * torch.tanh(logits / cap) if cap and capped else logits
 

@@ -6,7 +6,9 @@
   LM head in int8 in both (it is ~23 % of PaliGemma 2 3B's bytes and read every token), the
   vision tower and projector when asked. The matmuls are PyTorch's own weight-only kernels,
   `aten._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu`: activations stay in the
-  model's dtype, the weights are unpacked inside the kernel.
+  model's dtype, the weights are unpacked inside the kernel. Two int8 cases run otherwise
+  (int8_matmul): many rows (a prefill) as the dense GEMM on the dequantised weight, and one row in
+  a compiled decode step as the reduction inductor generates.
 - Training: the settings and the bitsandbytes 4-bit swap that QLoRA trains on (CUDA only; anything
   else fails loudly rather than training unquantised weights). palikit.finetune uses it; it
   imports nothing of palikit.finetune.
@@ -16,12 +18,16 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from . import gemma
 
 from .api import DTYPES
 from .config import QUANT_SCHEMES
@@ -59,8 +65,42 @@ def _int8_per_row(weight: torch.Tensor, rows: int = 4096) -> tuple[torch.Tensor,
     return q, scale
 
 
+# From this many rows on, an int8 product dequantises the weight into a bfloat16 scratch matrix and
+# runs the dense GEMM: aten._weight_int8pack_mm is a GEMV kernel, 3x slower than bf16 at a 272-row
+# prefill (85 against 29 ms for a 9216 x 2304 matrix); the copy into a reused matrix costs 1.7 ms
+# (into a fresh one 13 ms: the page faults of 42 MB). Below it, the int8 kernel wins.
+DEQUANTIZE_FROM_ROWS = 32
+
+_scratch = threading.local()  # one matrix per thread, reused by every layer: threads never share it
+
+
+def _dequantized(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The int8 weight as `dtype` (exact: -128..127 are bfloat16 integers), in this thread's scratch;
+    a new tensor where autograd may keep it for a backward pass."""
+    if torch.is_grad_enabled():
+        return weight.to(dtype)
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None or buffer.numel() < weight.numel() or buffer.dtype != dtype:
+        with torch.inference_mode(False):  # an inference tensor could not be written outside inference mode
+            buffer = _scratch.buffer = torch.empty(weight.numel(), dtype=dtype)
+    return buffer[:weight.numel()].view(weight.shape).copy_(weight)
+
+
+def int8_matmul(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """rows (M, in) @ (weight * scales[:, None]).T in the scales' dtype (= rows'), the sums taken in
+    float32 on every path. One row under torch.compile: inductor's reduction over a materialised row (22
+    against 18 GB/s for the int8 kernel, see gemma.MATERIALIZE_FROM_ENTRIES); many rows: the dense
+    GEMM on the dequantised weight (DEQUANTIZE_FROM_ROWS)."""
+    if rows.shape[0] == 1 and torch.compiler.is_compiling() and weight.numel() >= gemma.MATERIALIZE_FROM_ENTRIES:
+        row = gemma.gemv_input(weight.numel(), rows[0].float())  # float32: no conversion per weight row
+        return ((weight.float() * row).sum(-1) * scales.float()).to(scales.dtype)[None]
+    if rows.shape[0] >= DEQUANTIZE_FROM_ROWS and not torch.compiler.is_compiling():
+        return F.linear(rows, _dequantized(weight, rows.dtype)).mul_(scales)
+    return torch.ops.aten._weight_int8pack_mm(rows, weight, scales)
+
+
 class Int8Linear(nn.Module):
-    """A Linear with int8 weights, one scale per output channel (aten._weight_int8pack_mm)."""
+    """A Linear with int8 weights, one scale per output channel (int8_matmul)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -72,7 +112,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(self.scales.dtype)
-        y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales).to(x.dtype)
+        y = int8_matmul(rows, self.weight, self.scales).to(x.dtype)
         y = y.view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
@@ -126,7 +166,14 @@ class Int8Embedding(nn.Module):
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         rows = hidden.reshape(-1, hidden.shape[-1]).to(self.scales.dtype)
-        return torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales).view(*hidden.shape[:-1], -1)
+        return int8_matmul(rows, self.weight, self.scales).view(*hidden.shape[:-1], -1)
+
+
+def int4_packing() -> str:
+    """The int4 kernel's weight layout here: _convert_weight_to_int4pack_for_cpu packs blocks of 64
+    rows with AVX-512, 32 with AVX2, pairs without either (aten/src/ATen/native/cpu/int4mm_kernel.cpp),
+    so an int4 folder is only read on a CPU of the same kind."""
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def quantize_weights(model: PaliGemma, scheme: str, group_size: int = 32, vision: bool = False) -> int:
@@ -154,8 +201,8 @@ def quantize_weights(model: PaliGemma, scheme: str, group_size: int = 32, vision
         setattr(model.get_submodule(parent), child,
                 Int8Linear(old) if scheme == "int8" else Int4Linear(old, group_size))
     model.language_model.embed_tokens = Int8Embedding(model.language_model.embed_tokens)
-    model.config.quantization = {"scheme": scheme, **({"group_size": group_size} if scheme == "int4" else {}),
-                                 "vision": vision}
+    int4 = {"group_size": group_size, "packed_for": int4_packing()} if scheme == "int4" else {}
+    model.config.quantization = {"scheme": scheme, **int4, "vision": vision}
     return len(names)
 
 
@@ -192,6 +239,10 @@ def load_quantized_folder(model: PaliGemma, quantization: dict, files: list, dty
 
     if torch.device(device).type != "cpu":
         raise QuantizeError(f"{quantization['scheme']} weights run on the CPU kernels; load with device='cpu'")
+    if quantization["scheme"] == "int4" and quantization.get("packed_for", int4_packing()) != int4_packing():
+        raise QuantizeError(f"these int4 weights are packed for {quantization['packed_for']} CPUs and this one runs "
+                            f"{int4_packing()} kernels, which read another layout: quantise the original weights "
+                            f"here (palikit quantize SRC --to int4), or use int8 (one layout everywhere)")
     with torch.device("meta"):  # the layout only: shapes and dtypes, no values
         quantize_weights(model, quantization["scheme"], quantization.get("group_size", 32),
                          quantization.get("vision", False))

@@ -15,7 +15,8 @@ import palikit
 from palikit.cli import main
 from palikit.config import PRESETS
 from palikit.paligemma import PaliGemma
-from palikit.quantize import Int4Linear, Int8Embedding, Int8Linear, QuantizeError, quantize_weights
+from palikit.quantize import (DEQUANTIZE_FROM_ROWS, Int4Linear, Int8Embedding, Int8Linear, QuantizeError,
+                              int4_packing, quantize_weights)
 from palikit.synthetic import iter_examples
 
 
@@ -39,8 +40,14 @@ def _linear(n_out=96, n_in=128, seed=0) -> nn.Linear:
     return layer
 
 
-def test_int8_linear_is_its_dequantised_weight():
-    layer, x = _linear(), torch.randn(5, 128)
+@pytest.mark.parametrize("rows", [5, DEQUANTIZE_FROM_ROWS], ids=["int8-kernel", "dequantised"])
+@torch.no_grad()
+def test_int8_linear_is_its_dequantised_weight(rows):
+    """Both paths: the int8 kernel for a few rows, the dense GEMM on the dequantised weight (in a
+    scratch matrix every layer reuses) for many."""
+    layer, x = _linear(), torch.randn(rows, 128)
+    with torch.inference_mode():  # a scratch made in inference mode is written outside it too
+        Int8Linear(_linear())(x)
     q = Int8Linear(layer)
     assert q.weight.dtype == torch.int8 and q.weight.shape == (96, 128)
     assert q.scales.dtype == torch.bfloat16, "a float32 model's activations run in bfloat16"
@@ -50,7 +57,12 @@ def test_int8_linear_is_its_dequantised_weight():
     step = layer.weight.abs().amax(1, keepdim=True) / 127  # one scale per output row
     rounded = (step - q.scales.float()[:, None]).abs() * 127  # bfloat16's rounding of the scale
     assert ((dequant - layer.weight).abs() <= step / 2 + rounded + 1e-6).all()
-    torch.testing.assert_close(q(x[:1]), q(x)[:1])  # the one-row (decode) shape too
+    _close(q(x[:1]), bf16[:1] @ dequant.T + layer.bias)  # the one-row (decode) shape too
+    other = Int8Linear(_linear(n_out=64, seed=1))  # another layer fills the scratch in between
+    _close(other(x), bf16 @ (other.weight.float() * other.scales.float()[:, None]).T + other.bias)
+    _close(q(x), bf16 @ dequant.T + layer.bias)
+    with torch.enable_grad():  # autograd could keep the weight: a copy of its own, not the scratch
+        _close(q(x), bf16 @ dequant.T + layer.bias)
 
 
 @pytest.mark.parametrize("group_size", [32, 64])
@@ -142,3 +154,10 @@ def test_quantized_folder_loads_without_quantising_again(tmp_path, held_out, sch
         palikit.load(out, quantize="int8")
     with pytest.raises(palikit.processor.InputError, match="saved by `palikit quantize`"):
         loaded.save(tmp_path / "again")
+    if scheme == "int4":  # the int4 kernel's layout depends on the CPU's vector width: another is refused
+        config = json.loads((out / "config.json").read_text())
+        assert config["palikit_quantization"]["packed_for"] == int4_packing()
+        config["palikit_quantization"]["packed_for"] = "AVX2" if int4_packing() != "AVX2" else "AVX512"
+        (out / "config.json").write_text(json.dumps(config))
+        with pytest.raises(QuantizeError, match="packed for AVX.* CPUs and this one runs"):
+            palikit.load(out, dtype="float32")
