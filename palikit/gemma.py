@@ -30,12 +30,13 @@ def _(x):
 
 
 # Under torch.compile, a matrix-vector product is left to inductor, whose reduction loop reads a
-# PaliGemma 2 3B decode step's bf16 weights at 24-32 GB/s on a 2-core Zen 4 (torch's own GEMV and
-# F.linear: 16-19; benchmarks/bench_inference.py). But inductor inlines the vector's producers into
-# that loop (RMSNorm, GELU(gate) * up, ...) and recomputes them for every output row: then the step
-# ran at half of torch's speed. Matrices of this many entries and more therefore read a materialised
-# vector; smaller ones stay fused with their neighbours (the bundled model's compiled decode, best
-# of 5: 1291-1443 tokens/s fused, 918-1055 with every vector materialised).
+# PaliGemma 2 3B decode step's bf16 matrices at 24-32 GB/s on a 2-core Zen 4 (torch's own GEMV and
+# F.linear: 16-19; one matrix at a time, 16 of them in turn so none stays in cache). But inductor
+# inlines the vector's producers into that loop (RMSNorm, GELU(gate) * up, the final norm into the
+# 257k-row head) and recomputes them for every output row: the 3B step ran 3.1-3.5 tokens/s so,
+# 5.2-5.8 with a materialised vector. Matrices of this many entries and more therefore read one;
+# smaller ones stay fused with their neighbours (the bundled model's compiled decode, best of 5:
+# 1291-1443 tokens/s fused, 918-1055 with every vector materialised).
 MATERIALIZE_FROM_ENTRIES = 1 << 20
 
 
