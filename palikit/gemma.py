@@ -40,20 +40,16 @@ def _(x):
 MATERIALIZE_FROM_ENTRIES = 1 << 20
 
 
-def gemv_input(matrix_entries: int, vector: torch.Tensor) -> torch.Tensor:
-    """The vector of a one-row product, materialised under torch.compile for a large matrix."""
-    if torch.compiler.is_compiling() and matrix_entries >= MATERIALIZE_FROM_ENTRIES:
-        return materialize(vector)
-    return vector
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear; one row under torch.compile as a matrix-vector product, which inductor generates
     (for F.linear it calls the GEMM), over a materialised row (MATERIALIZE_FROM_ENTRIES). Uncompiled,
     torch.mv measured no faster than F.linear's one-row GEMM on any PaliGemma 2 3B matrix (16-19 GB/s
     both; for o_proj's 10 against 18)."""
     if x.numel() == weight.shape[1] and torch.compiler.is_compiling():
-        y = torch.mv(weight, gemv_input(weight.numel(), x.reshape(-1))).view(*x.shape[:-1], weight.shape[0])
+        row = x.reshape(-1)
+        if weight.numel() >= MATERIALIZE_FROM_ENTRIES:
+            row = materialize(row)
+        y = torch.mv(weight, row).view(*x.shape[:-1], weight.shape[0])
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
 

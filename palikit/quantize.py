@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import gemma
-
 from .api import DTYPES
 from .config import QUANT_SCHEMES
 from .paligemma import PaliGemma
@@ -68,8 +67,11 @@ def _int8_per_row(weight: torch.Tensor, rows: int = 4096) -> tuple[torch.Tensor,
 # From this many rows on, an int8 product dequantises the weight into a bfloat16 scratch matrix and
 # runs the dense GEMM: aten._weight_int8pack_mm is a GEMV kernel, 3x slower than bf16 at a 272-row
 # prefill (85 against 29 ms for a 9216 x 2304 matrix); the copy into a reused matrix costs 1.7 ms
-# (into a fresh one 13 ms: the page faults of 42 MB). Below it, the int8 kernel wins.
+# (into a fresh one 13 ms: the page faults of 42 MB). Below it, the int8 kernel wins. Only matrices
+# up to DEQUANTIZE_MAX_ENTRIES: the scratch stays at 64 MB, where the 257k-row LM head would keep
+# 1.2 GB of bfloat16 alive for a model quantised to save memory.
 DEQUANTIZE_FROM_ROWS = 32
+DEQUANTIZE_MAX_ENTRIES = 1 << 25
 
 _scratch = threading.local()  # one matrix per thread, reused by every layer: threads never share it
 
@@ -88,13 +90,14 @@ def _dequantized(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def int8_matmul(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """rows (M, in) @ (weight * scales[:, None]).T in the scales' dtype (= rows'), the sums taken in
-    float32 on every path. One row under torch.compile: inductor's reduction over a materialised row (22
+    float32 on every path. One row under torch.compile: inductor's reduction over a materialised row (25
     against 18 GB/s for the int8 kernel, see gemma.MATERIALIZE_FROM_ENTRIES); many rows: the dense
     GEMM on the dequantised weight (DEQUANTIZE_FROM_ROWS)."""
     if rows.shape[0] == 1 and torch.compiler.is_compiling() and weight.numel() >= gemma.MATERIALIZE_FROM_ENTRIES:
-        row = gemma.gemv_input(weight.numel(), rows[0].float())  # float32: no conversion per weight row
+        row = gemma.materialize(rows[0].float())  # float32: no conversion per weight row
         return ((weight.float() * row).sum(-1) * scales.float()).to(scales.dtype)[None]
-    if rows.shape[0] >= DEQUANTIZE_FROM_ROWS and not torch.compiler.is_compiling():
+    if (rows.shape[0] >= DEQUANTIZE_FROM_ROWS and weight.numel() <= DEQUANTIZE_MAX_ENTRIES
+            and not torch.compiler.is_compiling()):
         return F.linear(rows, _dequantized(weight, rows.dtype)).mul_(scales)
     return torch.ops.aten._weight_int8pack_mm(rows, weight, scales)
 
@@ -239,9 +242,10 @@ def load_quantized_folder(model: PaliGemma, quantization: dict, files: list, dty
 
     if torch.device(device).type != "cpu":
         raise QuantizeError(f"{quantization['scheme']} weights run on the CPU kernels; load with device='cpu'")
-    if quantization["scheme"] == "int4" and quantization.get("packed_for", int4_packing()) != int4_packing():
+    here = int4_packing()
+    if quantization["scheme"] == "int4" and quantization.get("packed_for", here) != here:
         raise QuantizeError(f"these int4 weights are packed for {quantization['packed_for']} CPUs and this one runs "
-                            f"{int4_packing()} kernels, which read another layout: quantise the original weights "
+                            f"{here} kernels, which read another layout: quantise the original weights "
                             f"here (palikit quantize SRC --to int4), or use int8 (one layout everywhere)")
     with torch.device("meta"):  # the layout only: shapes and dtypes, no values
         quantize_weights(model, quantization["scheme"], quantization.get("group_size", 32),

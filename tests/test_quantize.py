@@ -13,6 +13,7 @@ from torch import nn
 
 import palikit
 from palikit.cli import main
+from palikit import quantize
 from palikit.config import PRESETS
 from palikit.paligemma import PaliGemma
 from palikit.quantize import (DEQUANTIZE_FROM_ROWS, Int4Linear, Int8Embedding, Int8Linear, QuantizeError,
@@ -78,7 +79,10 @@ def test_int4_linear_is_its_dequantised_weight(group_size):
     assert not ((dequant.reshape(w.shape) - w).abs() <= step / 8).all(), "it is 4-bit, not exact"
 
 
-def test_int8_embedding_looks_up_and_projects_the_same_table():
+@torch.no_grad()
+def test_int8_embedding_looks_up_and_projects_the_same_table(monkeypatch):
+    """Many rows too, without dequantising a table over DEQUANTIZE_MAX_ENTRIES into the scratch
+    (a 257k-row LM head would keep 1.2 GB of it)."""
     torch.manual_seed(0)
     emb = nn.Embedding(50, 64)
     q = Int8Embedding(emb)
@@ -88,6 +92,11 @@ def test_int8_embedding_looks_up_and_projects_the_same_table():
     _close(q(ids), table[ids])
     hidden = torch.randn(2, 3, 64)
     _close(q.project(hidden), hidden.bfloat16().float() @ table.T)
+    monkeypatch.setattr(quantize, "DEQUANTIZE_MAX_ENTRIES", table.numel() - 1)
+    monkeypatch.setattr(quantize._scratch, "buffer", None, raising=False)
+    many = torch.randn(DEQUANTIZE_FROM_ROWS, 64)
+    _close(q.project(many), many.bfloat16().float() @ table.T)
+    assert quantize._scratch.buffer is None
 
 
 @pytest.mark.parametrize("scheme, bound", [("int8", 0.5), ("int4", 2.0)])

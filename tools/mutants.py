@@ -960,9 +960,16 @@ MUTANTS = [
     Mutant(
         "an int4 folder packed for another CPU is read anyway",
         "palikit/quantize.py",
-        'if quantization["scheme"] == "int4" and quantization.get("packed_for", int4_packing()) != int4_packing():',
+        'if quantization["scheme"] == "int4" and quantization.get("packed_for", here) != here:',
         "if False:",
         ("tests/test_quantize.py::test_quantized_folder_loads_without_quantising_again[int4]",),
+    ),
+    Mutant(
+        "the LM head is dequantised into the scratch too",
+        "palikit/quantize.py",
+        " and weight.numel() <= DEQUANTIZE_MAX_ENTRIES",
+        "",
+        ("tests/test_quantize.py::test_int8_embedding_looks_up_and_projects_the_same_table",),
     ),
     Mutant(
         "the dequantised int8 GEMM forgets the scales",
