@@ -1,16 +1,17 @@
 """palikit vs transformers, side by side in one run, on a random-init full-size PaliGemma 2.
 
     .venv/bin/python benchmarks/bench_inference.py [--preset paligemma2-3b-pt-224] [--dtype bfloat16]
-        [--columns palikit palikit-compile palikit-int8 palikit-int4 palikit-int8-compile palikit-int4-compile palikit-int8-folder
-                   palikit-int4-folder transformers transformers-eager transformers-sdpa
+        [--columns palikit palikit-compile palikit-int8 palikit-int4 palikit-w8a8 palikit-int8-compile
+                   palikit-int4-compile palikit-w8a8-compile palikit-int8-folder palikit-int4-folder
+                   palikit-w8a8-folder transformers transformers-eager transformers-sdpa
                    transformers-torchao-int8] [--checkpoint FOLDER]
 
 Writes one checkpoint (palikit's writer, the released HF layout), or takes --checkpoint (e.g.
 palikit/assets/default, the bundled model: the per-token overhead row), then loads and runs it in a
 fresh subprocess per column, so load time and peak RSS are not polluted by the others. Columns:
 palikit in --dtype, with its decode step compiled ("-compile": palikit.load(compile=True)), palikit
-with int8 / int4 weights (palikit.quantize, the decoder and LM head) quantised at load or read from
-a `palikit quantize` folder; transformers in --dtype with its default attention, eager or SDPA, and
+with int8 / int4 / w8a8 weights (palikit.quantize: the decoder and LM head; w8a8 also the vision
+tower, and int8 activations) quantised at load or read from a `palikit quantize` folder; transformers in --dtype with its default attention, eager or SDPA, and
 with torchao's int8 weight-only decoder (needs `pip install torchao`; a column that fails is left
 out). Rows: load time, peak RSS, time to first token (vision + prefill), decode tokens/s (batch 1),
 batch-8 captions/s, and decode as a fraction of its bandwidth floor: the bytes of the decoder's
@@ -184,17 +185,21 @@ COLUMNS = {"palikit": lambda f, d, n: run_palikit(f, d, n),
            "palikit-compile": lambda f, d, n: run_palikit(f, d, n, compile=True),
            "palikit-int8": lambda f, d, n: run_palikit(f, d, n, "int8"),
            "palikit-int4": lambda f, d, n: run_palikit(f, d, n, "int4"),
+           "palikit-w8a8": lambda f, d, n: run_palikit(f, d, n, "w8a8"),
            "palikit-int8-compile": lambda f, d, n: run_palikit(f, d, n, "int8", compile=True),
+           "palikit-w8a8-compile": lambda f, d, n: run_palikit(f, d, n, "w8a8", compile=True),
            "palikit-int4-compile": lambda f, d, n: run_palikit(f, d, n, "int4", compile=True),
            # `palikit quantize` folders (written before the columns run): no quantising at load
            "palikit-int8-folder": lambda f, d, n: run_palikit(f"{f}-int8", d, n),
            "palikit-int4-folder": lambda f, d, n: run_palikit(f"{f}-int4", d, n),
+           "palikit-w8a8-folder": lambda f, d, n: run_palikit(f"{f}-w8a8", d, n),
            "transformers": run_transformers,  # its default attention
            "transformers-eager": lambda f, d, n: run_transformers(f, d, n, "eager"),
            "transformers-sdpa": lambda f, d, n: run_transformers(f, d, n, "sdpa"),
            "transformers-torchao-int8": lambda f, d, n: run_transformers(f, d, n, torchao_int8=True)}
-DEFAULT_COLUMNS = ["palikit", "palikit-compile", "palikit-int8-folder", "palikit-int8-compile", "palikit-int4-folder",
-                   "palikit-int4-compile", "transformers-eager", "transformers-sdpa", "transformers-torchao-int8"]
+DEFAULT_COLUMNS = ["palikit", "palikit-compile", "palikit-int8-folder", "palikit-int8-compile", "palikit-w8a8-folder",
+                   "palikit-w8a8-compile", "palikit-int4-folder", "palikit-int4-compile", "transformers-eager",
+                   "transformers-sdpa", "transformers-torchao-int8"]
 
 ROWS = [("load_s", "load time (s)", False), ("peak_rss_gb", "peak RSS (GB)", False),
         ("ttft_s", "time to first token (s)", False), ("decode_tok_s", "decode tokens/s, batch 1", True),
@@ -243,9 +248,9 @@ def main() -> None:
             results[lib] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{lib}: {results[lib]}", flush=True)
     finally:
-        for scheme in ("int8", "int4"):
-            if f"palikit-{scheme}-folder" in args.columns:
-                shutil.rmtree(f"{folder}-{scheme}", ignore_errors=True)
+        for column in args.columns:
+            if column.endswith("-folder"):
+                shutil.rmtree(f"{folder}-{column.split('-')[1]}", ignore_errors=True)
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 

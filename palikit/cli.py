@@ -218,7 +218,8 @@ def _model_args(p: argparse.ArgumentParser, json_output: bool = True) -> None:
 
 def _fast_path_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=QUANT_SCHEMES, help="weight-only int8 or int4 decoder weights (CPU; "
-                                                       "the embedding / LM head in int8)")
+                                                       "the embedding / LM head in int8); w8a8: int8 weights "
+                                                       "and int8 prompt activations (faster prefill)")
     p.add_argument("--group-size", type=number(int, 32), default=32, help="int4: inputs per scale (32, 64, 128, 256)")
     p.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
                    help="prompt attention kernel: flex (FlexAttention, compiled), eager, or auto (flex for "
@@ -349,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                     "finds errors in the data")
     p.set_defaults(func=cmd_train)
 
-    p = verbs.add_parser("quantize", help="write an int8 / int4 model folder that loads without quantising again")
+    p = verbs.add_parser("quantize", help="write an int8 / int4 / w8a8 model folder that loads without quantising again")
     p.add_argument("model", help="folder, .npz, hub id, or 'default'")
     p.add_argument("--to", required=True, choices=QUANT_SCHEMES)
     p.add_argument("--out", required=True)

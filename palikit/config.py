@@ -14,7 +14,9 @@ from pathlib import Path
 
 
 LOGIT_SOFTCAP_MODES = ("config", "big_vision", "off")  # see PaliGemmaConfig.logit_softcap
-QUANT_SCHEMES = ("int8", "int4")  # weight-only, at load: palikit.quantize.quantize_weights
+# At load (palikit.quantize.quantize_weights): int8 / int4 weight-only; w8a8 the int8 weights with
+# prompts' activations in int8 too (dynamic, per token) for an int8 x int8 prefill.
+QUANT_SCHEMES = ("int8", "int4", "w8a8")
 ATTENTION_KERNELS = ("auto", "eager", "flex")  # of prompts and training sequences: see palikit.load
 
 
@@ -93,7 +95,7 @@ class PaliGemmaConfig:
     # "off": none.
     logit_softcap: str = "config"
     # Weight-only quantisation applied at load (palikit.quantize.quantize_weights), a run-time
-    # choice like logit_softcap: {"scheme": "int8" | "int4", "group_size": ..., "vision": ...}.
+    # choice like logit_softcap: {"scheme": "int8" | "int4" | "w8a8", "group_size": ..., "vision": ...}.
     quantization: dict | None = None
 
     @property

@@ -7,6 +7,7 @@ Dims: B batch (rows x beams), P padded prompt length, S cache slots, V vocab.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -147,7 +148,13 @@ def compile_decode(model: PaliGemma) -> None:
     intermediates as eager does, so compiled greedy outputs equal the uncompiled ones (without it,
     an int8 bundled model's log-probs moved by 0.09 instead of 0.005)."""
     options = {"emulate_precision_casts": True, "triton.cudagraphs": model.device.type == "cuda"}
-    model.compiled_decode = torch.compile(decode_logits, fullgraph=True, dynamic=True, options=options)
+    # Dynamo keeps its graphs, and counts recompilations against its limit (8), per code object. On
+    # decode_logits' own, every compiled model of another dtype or scheme added two graphs (batch 1,
+    # larger), and the fifth kind in one process failed ("recompile limit"): a copy of the code per
+    # model gives each model its own count and cache, freed with it.
+    code = decode_logits.__code__.replace()  # equal, not the same object
+    step = types.FunctionType(code, decode_logits.__globals__, decode_logits.__name__)
+    model.compiled_decode = torch.compile(step, fullgraph=True, dynamic=True, options=options)
 
 
 CACHE_BUCKET = 64

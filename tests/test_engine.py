@@ -277,7 +277,7 @@ def test_engine_thread_and_in_order(pipe, no_eos):
             assert_same(request.result(), alone(pipe, *CASES[i]))
 
 
-def test_compiled_step_equals_alone(pipe, no_eos, monkeypatch, request):
+def test_compiled_step_equals_alone(pipe, no_eos, monkeypatch):
     """The engine on a compiled decode step (generate.compile_decode: constant shapes over the
     whole pool row) gives the uncompiled tokens. PaliGemma 2 only (the bundled model), as each
     compilation takes ~25 s here; tests/test_generate.py compiles both."""
@@ -285,9 +285,6 @@ def test_compiled_step_equals_alone(pipe, no_eos, monkeypatch, request):
         pytest.skip("compiled for PaliGemma 2 only")
     want = [alone(pipe, *c) for c in CASES[:5]]
     monkeypatch.setattr(pipe.model, "compiled_decode", None, raising=False)  # removed again afterwards
-    # Dynamo's recompile limit counts the compilations of decode_logits of every model of the
-    # process: forget this test's, so that later tests compiling other models stay within it.
-    request.addfinalizer(torch._dynamo.reset)
     gen.compile_decode(pipe.model)
     step, calls = pipe.model.compiled_decode, []
     pipe.model.compiled_decode = lambda *a: calls.append(1) or step(*a)

@@ -263,11 +263,9 @@ def test_eos_from_the_weights_stops_generation(pipe):
 
 
 @pytest.fixture
-def compiled(pipe, monkeypatch, request):
+def compiled(pipe, monkeypatch):
     """pipe with its decode step compiled (generate.compile_decode), counting the compiled calls."""
     monkeypatch.setattr(pipe.model, "compiled_decode", None, raising=False)  # removed again afterwards
-    # Dynamo's recompile limit (8) counts every model's compilations of decode_logits in a process
-    request.addfinalizer(torch._dynamo.reset)
     gen.compile_decode(pipe.model)
     step, calls = pipe.model.compiled_decode, []
     pipe.model.compiled_decode = lambda *a: calls.append(1) or step(*a)
@@ -319,25 +317,38 @@ def test_unwritten_cache_slots_are_never_read(pipe, compile_step, monkeypatch, r
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("scheme", ["int8", "w8a8"])
 @pytest.mark.parametrize("materialize_from", [gemma.MATERIALIZE_FROM_ENTRIES, 0], ids=["fused", "materialised"])
-def test_compiled_int8_keeps_greedy_text(materialize_from, monkeypatch, request):
+def test_compiled_int8_keeps_greedy_text(materialize_from, scheme, monkeypatch):
     """A quantised model computes in bfloat16; the compiled step rounds as eager does (see
     compile_decode), so greedy text stays the same and log-probs within 0.02 (measured: 0.0045;
     0.09 when inductor keeps fused bf16 intermediates in float32). "materialised": every one-row
     product of the compiled step is inductor's reduction over a materialised row (int8_matmul,
-    gemma.linear), as PaliGemma 2 3B's matrices are; the bundled model's are below that size."""
+    gemma.linear), as PaliGemma 2 3B's matrices are; the bundled model's are below that size.
+    w8a8: the compiled step rounds its rows to int8 as eager does (torch._int_mm for several rows)."""
     monkeypatch.setattr(gemma, "MATERIALIZE_FROM_ENTRIES", materialize_from)
-    request.addfinalizer(torch._dynamo.reset)  # see `compiled`
     noise = [Image.fromarray(np.random.RandomState(i).randint(0, 255, (64, 64, 3), dtype=np.uint8)) for i in range(3)]
     prompts = ["caption en", "detect cat ; dog", "answer en what is this?"]
-    eager = palikit.load("default", dtype="float32", quantize="int8")
-    fast = palikit.load("default", dtype="float32", quantize="int8", compile=True)
+    eager = palikit.load("default", dtype="float32", quantize=scheme)
+    fast = palikit.load("default", dtype="float32", quantize=scheme, compile=True)
     for images, texts in [(noise, prompts), (noise[:1], prompts[:1])]:  # batch 1: the one-row products
         want, got = details(eager, images, texts, max_new_tokens=20), details(fast, images, texts, max_new_tokens=20)
         assert [g.tokens for g in got] == [w.tokens for w in want]
         assert len({tuple(w.tokens) for w in want}) == len(texts) and max(len(w.tokens) for w in want) > 10
         for a, b in zip(got, want):
             torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=0.02, rtol=0)
+
+
+@torch._dynamo.config.patch(recompile_limit=2)
+def test_compiled_models_of_every_kind_in_one_process():
+    """Dynamo limits the graphs of one code object (8 by default); a model of another dtype or scheme
+    needs graphs of its own (batch 1 and larger), and when all shared decode_logits' code the fifth
+    kind of compiled model in a process failed. With the limit at one model's two graphs, a second
+    kind still compiles."""
+    for dtype in ("float32", "bfloat16"):
+        pipe = palikit.load("default", dtype=dtype, compile=True)
+        assert pipe.generate(IMG[0], "caption en", max_new_tokens=3)
+        assert all(pipe.generate(IMG[:2], ["caption en", "ocr"], max_new_tokens=3))
 
 
 # ---- errors ---------------------------------------------------------------------------------
