@@ -11,9 +11,10 @@ palikit/assets/default, the bundled model: the per-token overhead row), then loa
 fresh subprocess per column, so load time and peak RSS are not polluted by the others. Columns:
 palikit in --dtype, with its decode step compiled ("-compile": palikit.load(compile=True)), palikit
 with int8 / int4 / w8a8 weights (palikit.quantize: the decoder and LM head; w8a8 also the vision
-tower, and int8 activations) quantised at load or read from a `palikit quantize` folder; transformers in --dtype with its default attention, eager or SDPA, and
-with torchao's int8 weight-only decoder (needs `pip install torchao`; a column that fails is left
-out). Rows: load time, peak RSS, time to first token (vision + prefill), decode tokens/s (batch 1),
+tower, and int8 activations) quantised at load or read from a `palikit quantize` folder;
+transformers in --dtype with its default attention, eager or SDPA, and with torchao's int8
+weight-only decoder (needs `pip install torchao`; a column that fails is left out). Rows: load
+time, peak RSS, time to first token (vision + prefill), decode tokens/s (batch 1),
 batch-8 captions/s, and decode as a fraction of its bandwidth floor: the bytes of the decoder's
 weights (the ones every decode step reads) against the read bandwidth this machine measures on a
 512 MB tensor. Random weights rarely emit <eos>, and every column is forced to produce exactly
@@ -229,12 +230,11 @@ def main() -> None:
         t = time.perf_counter()
         make_checkpoint(Path(folder), args.preset, args.dtype, ["caption en", "a photo of a cat"] * 50)
         print(f"wrote random {args.preset} ({args.dtype}) to {folder} in {time.perf_counter() - t:.0f} s", flush=True)
+    folder_schemes = [column.split("-")[1] for column in args.columns if column.endswith("-folder")]
     try:
-        for column in args.columns:
-            if column.endswith("-folder"):
-                scheme = column.split("-")[1]
-                subprocess.run([sys.executable, "-m", "palikit.cli", "quantize", folder, "--to", scheme, "--out",
-                                f"{folder}-{scheme}", "--dtype", args.dtype], check=True, cwd=ROOT)
+        for scheme in folder_schemes:
+            subprocess.run([sys.executable, "-m", "palikit.cli", "quantize", folder, "--to", scheme, "--out",
+                            f"{folder}-{scheme}", "--dtype", args.dtype], check=True, cwd=ROOT)
         results = {}
         bandwidth = read_bandwidth_gb_s()
         print(f"read bandwidth: {bandwidth:.1f} GB/s (best of 5 sums over 512 MB)", flush=True)
@@ -248,9 +248,8 @@ def main() -> None:
             results[lib] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{lib}: {results[lib]}", flush=True)
     finally:
-        for column in args.columns:
-            if column.endswith("-folder"):
-                shutil.rmtree(f"{folder}-{column.split('-')[1]}", ignore_errors=True)
+        for scheme in folder_schemes:
+            shutil.rmtree(f"{folder}-{scheme}", ignore_errors=True)
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -72,7 +72,7 @@ def load(source: str | Path = "default", dtype: str | torch.dtype = "bfloat16", 
     default for .npz files, which come from big_vision) or "off".
     quantize: "int8" or "int4" weight-only decoder weights (int4 in groups of `group_size`
     inputs) and an int8 embedding / LM head, on the CPU (palikit.quantize); "w8a8": int8 weights,
-    the vision tower's too, and int8 activations in prompts (faster prefill, a second rounding).
+    the vision tower's too, and int8 activations (faster prefill and batches, a second rounding).
     compile=True compiles the decode step with torch.compile (generate.compile_decode): the first
     batch-1 generation and the first larger one compile it, later ones run the compiled step;
     outputs equal the uncompiled path's.

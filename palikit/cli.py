@@ -219,7 +219,7 @@ def _model_args(p: argparse.ArgumentParser, json_output: bool = True) -> None:
 def _fast_path_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=QUANT_SCHEMES, help="weight-only int8 or int4 decoder weights (CPU; "
                                                        "the embedding / LM head in int8); w8a8: int8 weights "
-                                                       "and int8 prompt activations (faster prefill)")
+                                                       "and int8 activations (faster prefill and batches)")
     p.add_argument("--group-size", type=number(int, 32), default=32, help="int4: inputs per scale (32, 64, 128, 256)")
     p.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
                    help="prompt attention kernel: flex (FlexAttention, compiled), eager, or auto (flex for "

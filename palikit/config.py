@@ -15,7 +15,7 @@ from pathlib import Path
 
 LOGIT_SOFTCAP_MODES = ("config", "big_vision", "off")  # see PaliGemmaConfig.logit_softcap
 # At load (palikit.quantize.quantize_weights): int8 / int4 weight-only; w8a8 the int8 weights with
-# prompts' activations in int8 too (dynamic, per token) for an int8 x int8 prefill.
+# their input activations in int8 too (dynamic, per token), multiplied int8 x int8.
 QUANT_SCHEMES = ("int8", "int4", "w8a8")
 ATTENTION_KERNELS = ("auto", "eager", "flex")  # of prompts and training sequences: see palikit.load
 

@@ -99,22 +99,28 @@ def _dequantized(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 INT8_ROWS_BLOCK = 512
 
 
-def _int8_rows_block(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """rows @ (weight * scales[:, None]).T with the rows in int8 too: symmetric, one scale per row, set
-    by its largest |value| (the dynamic per-token scheme of LLM.int8(), Dettmers et al. 2022, without
-    its float outlier columns; SmoothQuant's W8A8 baseline, Xiao et al. 2023). torch._int_mm sums the
-    int8 products exactly in int32, on AVX-512 VNNI at twice bfloat16's rate (272 x 2304 x 9216: 15
-    against 28 ms) and, for the few rows of decode steps, reading the weight once (8 rows x 9216 x
-    2304: 1.8 ms, against 3.4 for _weight_int8pack_mm; one row: 0.77 against 1.13)."""
+def _round_rows_to_int8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows ~= q * row_scales: symmetric, one scale per row, set by its largest |value| (the dynamic
+    per-token scheme of LLM.int8(), Dettmers et al. 2022, without its float outlier columns;
+    SmoothQuant's W8A8 baseline, Xiao et al. 2023) -> q (integers -127..127, as float32), row_scales."""
     x = rows.float()
     row_scales = x.abs().amax(-1, keepdim=True).clamp_(min=1e-12) / 127
-    q = (x / row_scales).round_().clamp_(-127, 127).to(torch.int8)
-    return torch._int_mm(q, weight.t()).float().mul_(row_scales).mul_(scales.float()).to(scales.dtype)
+    return (x / row_scales).round_().clamp_(-127, 127), row_scales
+
+
+def _int8_rows_block(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """rows @ (weight * scales[:, None]).T with the rows in int8 too (_round_rows_to_int8).
+    torch._int_mm sums the int8 products exactly in int32, on AVX-512 VNNI at twice bfloat16's rate
+    (272 x 2304 x 9216: 15 against 28 ms) and, for the few rows of decode steps, reading the weight
+    once (8 rows x 9216 x 2304: 1.8 ms, against 3.4 for _weight_int8pack_mm; one row: 0.77 against 1.13)."""
+    q, row_scales = _round_rows_to_int8(rows)
+    products = torch._int_mm(q.to(torch.int8), weight.t())
+    return products.float().mul_(row_scales).mul_(scales.float()).to(scales.dtype)
 
 
 def _int8_rows_matmul(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """_int8_rows_block over all rows, in blocks of at most INT8_ROWS_BLOCK."""
-    if rows.shape[0] <= INT8_ROWS_BLOCK or torch.compiler.is_compiling():  # decode steps: one block
+    if rows.shape[0] <= INT8_ROWS_BLOCK:
         return _int8_rows_block(rows, weight, scales)
     out = torch.empty(rows.shape[0], weight.shape[0], dtype=scales.dtype)
     size = -(-rows.shape[0] // -(-rows.shape[0] // INT8_ROWS_BLOCK))  # 544 rows: 272 + 272, not 512 + 32
@@ -133,14 +139,14 @@ def int8_matmul(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
     below it the int8 kernel."""
     compiling = torch.compiler.is_compiling()
     if rows.shape[0] == 1 and compiling and weight.numel() >= gemma.MATERIALIZE_FROM_ENTRIES:
-        row, row_scale = rows[0].float(), 1
-        if int8_rows:  # rounded as in _int8_rows_block; float32 sums integer products exactly to 2^24
-            row_scale = row.abs().amax().clamp(min=1e-12) / 127
-            row = (row / row_scale).round().clamp(-127, 127)
-        row = gemma.materialize(row)  # float32: no conversion per weight row
-        return ((weight.float() * row).sum(-1) * (scales.float() * row_scale)).to(scales.dtype)[None]
-    if int8_rows:
-        return _int8_rows_matmul(rows, weight, scales)
+        row, row_scale = rows.float(), 1
+        if int8_rows:  # float32 sums of the integer products are exact up to 2^24
+            row, row_scale = _round_rows_to_int8(rows)
+        row = gemma.materialize(row[0])  # float32: no conversion per weight row
+        sums = (weight.float() * row).sum(-1) * (scales.float() * row_scale)
+        return sums.to(scales.dtype).view(1, -1)
+    if int8_rows:  # compiled: one block (a loop over blocks does not trace with dynamic shapes)
+        return (_int8_rows_block if compiling else _int8_rows_matmul)(rows, weight, scales)
     if rows.shape[0] >= DEQUANTIZE_FROM_ROWS and weight.numel() <= DEQUANTIZE_MAX_ENTRIES and not compiling:
         return F.linear(rows, _dequantized(weight, rows.dtype)).mul_(scales)
     return torch.ops.aten._weight_int8pack_mm(rows, weight, scales)
@@ -230,7 +236,8 @@ def quantize_weights(model: PaliGemma, scheme: str, group_size: int = 32, vision
     the projector's: they only ever multiply prompts) for int8 / int4 ones and the embedding for
     Int8Embedding, in place -> layers swapped. On a meta-device model it builds the layout only
     (load_quantized_folder fills it)."""
-    vision = vision or scheme == "w8a8"
+    int8_rows = scheme == "w8a8"
+    vision = vision or int8_rows
     if scheme not in QUANT_SCHEMES:
         raise QuantizeError(f"quantize must be one of {', '.join(QUANT_SCHEMES)}, got {scheme!r}")
     if model.device.type not in ("cpu", "meta"):
@@ -250,8 +257,8 @@ def quantize_weights(model: PaliGemma, scheme: str, group_size: int = 32, vision
         old = model.get_submodule(name)
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child,
-                Int4Linear(old, group_size) if scheme == "int4" else Int8Linear(old, scheme == "w8a8"))
-    model.language_model.embed_tokens = Int8Embedding(model.language_model.embed_tokens, scheme == "w8a8")
+                Int4Linear(old, group_size) if scheme == "int4" else Int8Linear(old, int8_rows))
+    model.language_model.embed_tokens = Int8Embedding(model.language_model.embed_tokens, int8_rows)
     int4 = {"group_size": group_size, "packed_for": int4_packing()} if scheme == "int4" else {}
     model.config.quantization = {"scheme": scheme, **int4, "vision": vision}
     return len(names)
@@ -292,8 +299,8 @@ def load_quantized_folder(model: PaliGemma, quantization: dict, files: list, dty
         raise QuantizeError(f"{quantization['scheme']} weights run on the CPU kernels; load with device='cpu'")
     here = int4_packing()
     if quantization["scheme"] == "int4" and quantization.get("packed_for", here) != here:
-        raise QuantizeError(f"these int4 weights are packed for {quantization['packed_for']} CPUs and this one runs "
-                            f"{here} kernels, which read another layout: quantise the original weights "
+        raise QuantizeError(f"these int4 weights are packed for {quantization['packed_for']} CPUs and this one "
+                            f"runs {here} kernels, which read another layout: quantise the original weights "
                             f"here (palikit quantize SRC --to int4), or use int8 (one layout everywhere)")
     with torch.device("meta"):  # the layout only: shapes and dtypes, no values
         quantize_weights(model, quantization["scheme"], quantization.get("group_size", 32),
