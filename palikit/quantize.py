@@ -129,16 +129,28 @@ def _int8_rows_matmul(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Te
     return out
 
 
+# Under torch.compile, a one-row int8 product is inductor's reduction over a materialised float32
+# row only for rows of up to this many entries (16 KB, half of Zen 4's 32 KB L1 data cache). A longer
+# row no longer stays in L1 beside the weight rows it is multiplied with, and past 4096 inductor sums
+# through its cascade helper (torch/_inductor/codegen/cpp.py): PaliGemma 2 3B's down projection (9216
+# inputs) read at 10-13 GB/s so, against 19-22 for aten._weight_int8pack_mm and 25-28 for
+# torch._int_mm; with 2304 inputs (gate, up) the reduction read at 18-23 against 14-19 and 17-19.
+# Compiled 3B decode step, median of 72: int8 119 ms (151 all reductions, 182 all kernel), w8a8 110
+# (148, 131).
+MATERIALIZE_MAX_ROW = 4096
+
+
 def int8_matmul(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
                 int8_rows: bool = False) -> torch.Tensor:
     """rows (M, in) @ (weight * scales[:, None]).T in the scales' dtype (= rows'), the sums taken in
     float32 or int32 on every path; with `int8_rows` (w8a8) each row rounded to int8 first
-    (_int8_rows_block). One row under torch.compile: inductor's reduction over a materialised row (25
-    against 18 GB/s for the int8 kernel, see gemma.MATERIALIZE_FROM_ENTRIES). Otherwise w8a8 runs
-    torch._int_mm; int8 from DEQUANTIZE_FROM_ROWS rows on the dense GEMM on the dequantised weight,
-    below it the int8 kernel."""
+    (_round_rows_to_int8). One row of at most MATERIALIZE_MAX_ROW under torch.compile: inductor's
+    reduction over a materialised row (gemma.MATERIALIZE_FROM_ENTRIES). Otherwise w8a8 runs
+    torch._int_mm (_int8_rows_block); int8 from DEQUANTIZE_FROM_ROWS rows the dense GEMM on the
+    dequantised weight, below it the int8 kernel."""
     compiling = torch.compiler.is_compiling()
-    if rows.shape[0] == 1 and compiling and weight.numel() >= gemma.MATERIALIZE_FROM_ENTRIES:
+    if (rows.shape[0] == 1 and compiling and weight.numel() >= gemma.MATERIALIZE_FROM_ENTRIES
+            and weight.shape[1] <= MATERIALIZE_MAX_ROW):
         row, row_scale = rows.float(), 1
         if int8_rows:  # float32 sums of the integer products are exact up to 2^24
             row, row_scale = _round_rows_to_int8(rows)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 import palikit
-from palikit import gemma
+from palikit import gemma, quantize
 from palikit import generate as gen
 from palikit.api import Pipeline
 from palikit.processor import collate
@@ -318,15 +318,20 @@ def test_unwritten_cache_slots_are_never_read(pipe, compile_step, monkeypatch, r
 
 
 @pytest.mark.parametrize("scheme", ["int8", "w8a8"])
-@pytest.mark.parametrize("materialize_from", [gemma.MATERIALIZE_FROM_ENTRIES, 0], ids=["fused", "materialised"])
-def test_compiled_int8_keeps_greedy_text(materialize_from, scheme, monkeypatch):
+@pytest.mark.parametrize("materialize_from, max_row", [(gemma.MATERIALIZE_FROM_ENTRIES, quantize.MATERIALIZE_MAX_ROW),
+                                                       (0, quantize.MATERIALIZE_MAX_ROW), (0, 256)],
+                         ids=["fused", "materialised", "long-rows"])
+def test_compiled_int8_keeps_greedy_text(materialize_from, max_row, scheme, monkeypatch):
     """A quantised model computes in bfloat16; the compiled step rounds as eager does (see
     compile_decode), so greedy text stays the same and log-probs within 0.02 (measured: 0.0045;
     0.09 when inductor keeps fused bf16 intermediates in float32). "materialised": every one-row
     product of the compiled step is inductor's reduction over a materialised row (int8_matmul,
-    gemma.linear), as PaliGemma 2 3B's matrices are; the bundled model's are below that size.
-    w8a8: the compiled step rounds its rows to int8 as eager does (torch._int_mm for several rows)."""
+    gemma.linear), as most of PaliGemma 2 3B's matrices are; the bundled model's are below that size.
+    "long-rows": rows wider than the bundled model's 256 (its down projection's 512) go to the int8
+    kernels instead, as 3B's down projection does (quantize.MATERIALIZE_MAX_ROW). w8a8: the compiled
+    step rounds its rows to int8 as eager does (torch._int_mm for several rows)."""
     monkeypatch.setattr(gemma, "MATERIALIZE_FROM_ENTRIES", materialize_from)
+    monkeypatch.setattr(quantize, "MATERIALIZE_MAX_ROW", max_row)
     noise = [Image.fromarray(np.random.RandomState(i).randint(0, 255, (64, 64, 3), dtype=np.uint8)) for i in range(3)]
     prompts = ["caption en", "detect cat ; dog", "answer en what is this?"]
     eager = palikit.load("default", dtype="float32", quantize=scheme)

@@ -86,6 +86,30 @@ def test_w8a8_linear_multiplies_int8_rows(monkeypatch):
     _close(q(x[:1]), want[:1])
 
 
+@pytest.mark.parametrize("scheme", ["int8", "w8a8"])
+@torch.no_grad()
+def test_compiled_one_row_is_a_reduction_up_to_its_width_limit(scheme, monkeypatch):
+    """Under torch.compile one row of up to MATERIALIZE_MAX_ROW inputs is multiplied as inductor's
+    reduction over a materialised row, a wider one by the int8 kernels (3B's down projection ran
+    twice as fast so); both give the layer's product. Run eagerly here, with is_compiling faked."""
+    materialised = []
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(quantize.gemma, "MATERIALIZE_FROM_ENTRIES", 0)
+    monkeypatch.setattr(quantize.gemma, "materialize", lambda row: materialised.append(row.shape) or row.clone())
+    monkeypatch.setattr(quantize, "MATERIALIZE_MAX_ROW", 128)
+    for n_in, reduced in [(128, True), (256, False)]:
+        layer, x = _linear(n_in=n_in), torch.randn(1, n_in)
+        q = Int8Linear(layer, int8_rows=scheme == "w8a8")
+        dequant = q.weight.float() * q.scales.float()[:, None]
+        row = x.bfloat16().float()
+        if scheme == "w8a8":
+            step = row.abs().amax(-1, keepdim=True) / 127
+            row = (row / step).round() * step
+        materialised.clear()
+        _close(q(x), row @ dequant.T + layer.bias)
+        assert materialised == ([(n_in,)] if reduced else [])
+
+
 @pytest.mark.parametrize("group_size", [32, 64])
 def test_int4_linear_is_its_dequantised_weight(group_size):
     layer, x = _linear(), torch.randn(5, 128)

@@ -1033,7 +1033,16 @@ MUTANTS = [
         "palikit/quantize.py",
         "sums = (weight.float() * row).sum(-1) * (scales.float() * row_scale)",
         "sums = (weight.float() * row).sum(-1) * scales.float()",
-        ("tests/test_generate.py::test_compiled_int8_keeps_greedy_text[materialised-w8a8]",),
+        ("tests/test_generate.py::test_compiled_int8_keeps_greedy_text[materialised-w8a8]",
+         "tests/test_quantize.py::test_compiled_one_row_is_a_reduction_up_to_its_width_limit[w8a8]"),
+    ),
+    Mutant(
+        "a compiled one-row int8 product of a long row stays inductor's slow reduction",
+        "palikit/quantize.py",
+        "            and weight.shape[1] <= MATERIALIZE_MAX_ROW):",
+        "            ):",
+        ("tests/test_quantize.py::test_compiled_one_row_is_a_reduction_up_to_its_width_limit[int8]",
+         "tests/test_quantize.py::test_compiled_one_row_is_a_reduction_up_to_its_width_limit[w8a8]"),
     ),
     Mutant(
         "w8a8 leaves the vision tower in float",
@@ -1247,7 +1256,8 @@ MUTANTS = [
         "palikit/quantize.py",
         "sums = (weight.float() * row).sum(-1) * (scales.float() * row_scale)",
         "sums = (weight.float() * row).sum(-1) * row_scale",
-        ("tests/test_generate.py::test_compiled_int8_keeps_greedy_text[materialised-int8]",),
+        ("tests/test_generate.py::test_compiled_int8_keeps_greedy_text[materialised-int8]",
+         "tests/test_quantize.py::test_compiled_one_row_is_a_reduction_up_to_its_width_limit[int8]"),
     ),
     Mutant(
         "a decode step attends to the next, unwritten cache slot",
