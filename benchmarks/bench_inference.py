@@ -4,7 +4,7 @@
         [--columns palikit palikit-compile palikit-int8 palikit-int4 palikit-w8a8 palikit-int8-compile
                    palikit-int4-compile palikit-w8a8-compile palikit-int8-folder palikit-int4-folder
                    palikit-w8a8-folder transformers transformers-eager transformers-sdpa
-                   transformers-torchao-int8] [--checkpoint FOLDER]
+                   transformers-torchao-int8] [--checkpoint FOLDER] [--device cuda]
 
 Writes one checkpoint (palikit's writer, the released HF layout), or takes --checkpoint (e.g.
 palikit/assets/default, the bundled model: the per-token overhead row), then loads and runs it in a
@@ -19,6 +19,11 @@ batch-8 captions/s, and decode as a fraction of its bandwidth floor: the bytes o
 weights (the ones every decode step reads) against the read bandwidth this machine measures on a
 512 MB tensor. Random weights rarely emit <eos>, and every column is forced to produce exactly
 --new-tokens tokens. Ratios are to transformers' default column, else its eager or SDPA one.
+
+--device cuda runs every column on the GPU (the quantised ones are CPU-only and drop out): the
+compiled column then replays CUDA graphs, the floor is the GPU memory's read bandwidth (the same
+sum, on the GPU), and a row gives each column's peak GPU memory. Use --new-tokens 128 or more
+there: a 3B decode step takes a few milliseconds.
 """
 
 from __future__ import annotations
@@ -79,17 +84,35 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def read_bandwidth_gb_s(repeats: int = 5) -> float:
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued work, so that a timer stops when the work has run."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def read_bandwidth_gb_s(device: str = "cpu", repeats: int = 5) -> float:
     """Best of `repeats` sums over a 512 MB float32 tensor: what a weight read can stream here."""
     import torch
 
-    x = torch.ones(2**27)
+    x = torch.ones(2**27, device=device)
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         t = time.perf_counter()
         x.sum()
+        synchronize(device)
         best = min(best, time.perf_counter() - t)
     return x.numel() * 4 / best / 1e9
+
+
+def peak_memory(device: str) -> dict:
+    """Peak RSS, and on a GPU the peak of torch's GPU allocations."""
+    import torch
+
+    gpu = {"peak_gpu_gb": torch.cuda.max_memory_allocated(device) / 1e9} if device.startswith("cuda") else {}
+    return {"peak_rss_gb": peak_rss_gb(), **gpu}
 
 
 def tensor_bytes(t) -> int:
@@ -105,7 +128,8 @@ def decoder_bytes(module) -> int:
     return sum(tensor_bytes(t) for t in module.state_dict().values())
 
 
-def run_palikit(folder: str, dtype: str, new_tokens: int, quantize: str | None = None, compile: bool = False) -> dict:
+def run_palikit(folder: str, dtype: str, new_tokens: int, device: str, quantize: str | None = None,
+                compile: bool = False) -> dict:
     import torch
 
     import palikit
@@ -113,7 +137,8 @@ def run_palikit(folder: str, dtype: str, new_tokens: int, quantize: str | None =
     from palikit.processor import encode_example
 
     t0 = time.perf_counter()
-    pipe = palikit.load(folder, dtype=dtype, quantize=quantize, compile=compile)
+    pipe = palikit.load(folder, dtype=dtype, device=device, quantize=quantize, compile=compile)
+    synchronize(device)
     load_s = time.perf_counter() - t0
     imgs = images(8)
     n = pipe.config.num_image_tokens
@@ -124,6 +149,7 @@ def run_palikit(folder: str, dtype: str, new_tokens: int, quantize: str | None =
         image_tokens = pipe.embed_images([[im] for im in imgs[:batch]])
         cfg = gen.SamplingConfig(max_new_tokens=tokens)
         gen.generate(pipe.model, prompts[:batch], image_tokens, cfg, eos_id=-1, pad_id=0)  # no early stop
+        synchronize(device)
         return time.perf_counter() - t
 
     with torch.inference_mode():
@@ -132,12 +158,12 @@ def run_palikit(folder: str, dtype: str, new_tokens: int, quantize: str | None =
         ttft = min(run(1, 1) for _ in range(2))
         full = run(1, new_tokens)
         batch8 = run(8, new_tokens)
-    return {"load_s": load_s, "peak_rss_gb": peak_rss_gb(), "ttft_s": ttft,
+    return {"load_s": load_s, **peak_memory(device), "ttft_s": ttft,
             "decode_tok_s": (new_tokens - 1) / (full - ttft), "batch8_captions_s": 8 / batch8,
             "decoder_gb": decoder_bytes(pipe.model.language_model) / 1e9}
 
 
-def run_transformers(folder: str, dtype: str, new_tokens: int, attention: str | None = None,
+def run_transformers(folder: str, dtype: str, new_tokens: int, device: str, attention: str | None = None,
                      torchao_int8: bool = False) -> dict:
     """transformers' PaliGemmaForConditionalGeneration: its default attention, or attn_implementation
     `attention`; torchao_int8: the decoder's Linear layers in torchao's int8 weight-only layout
@@ -150,11 +176,13 @@ def run_transformers(folder: str, dtype: str, new_tokens: int, attention: str | 
 
     t0 = time.perf_counter()
     options = {"attn_implementation": attention} if attention else {}
-    model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype), **options).eval()
+    model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype), **options)
+    model = model.eval().to(device)
     if torchao_int8:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
         quantize_(model.model.language_model, Int8WeightOnlyConfig())
+    synchronize(device)
     load_s = time.perf_counter() - t0
     S = model.config.vision_config.image_size
     proc = SiglipImageProcessor(size={"height": S, "width": S}, resample=3, image_mean=[0.5] * 3, image_std=[0.5] * 3)
@@ -164,11 +192,12 @@ def run_transformers(folder: str, dtype: str, new_tokens: int, attention: str | 
 
     def run(batch: int, tokens: int) -> float:
         t = time.perf_counter()
-        pixels = proc(imgs[:batch], return_tensors="pt")["pixel_values"].to(model.dtype)
-        input_ids = torch.tensor([ids] * batch)
+        pixels = proc(imgs[:batch], return_tensors="pt")["pixel_values"].to(device, model.dtype)
+        input_ids = torch.tensor([ids] * batch, device=device)
         model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                        token_type_ids=torch.zeros_like(input_ids), pixel_values=pixels,
                        max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+        synchronize(device)
         return time.perf_counter() - t
 
     with torch.inference_mode():
@@ -177,32 +206,33 @@ def run_transformers(folder: str, dtype: str, new_tokens: int, attention: str | 
         ttft = min(run(1, 1) for _ in range(2))
         full = run(1, new_tokens)
         batch8 = run(8, new_tokens)
-    return {"load_s": load_s, "peak_rss_gb": peak_rss_gb(), "ttft_s": ttft,
+    return {"load_s": load_s, **peak_memory(device), "ttft_s": ttft,
             "decode_tok_s": (new_tokens - 1) / (full - ttft), "batch8_captions_s": 8 / batch8,
             "decoder_gb": decoder_bytes(model.model.language_model) / 1e9}
 
 
-COLUMNS = {"palikit": lambda f, d, n: run_palikit(f, d, n),
-           "palikit-compile": lambda f, d, n: run_palikit(f, d, n, compile=True),
-           "palikit-int8": lambda f, d, n: run_palikit(f, d, n, "int8"),
-           "palikit-int4": lambda f, d, n: run_palikit(f, d, n, "int4"),
-           "palikit-w8a8": lambda f, d, n: run_palikit(f, d, n, "w8a8"),
-           "palikit-int8-compile": lambda f, d, n: run_palikit(f, d, n, "int8", compile=True),
-           "palikit-w8a8-compile": lambda f, d, n: run_palikit(f, d, n, "w8a8", compile=True),
-           "palikit-int4-compile": lambda f, d, n: run_palikit(f, d, n, "int4", compile=True),
+COLUMNS = {"palikit": lambda f, d, n, dev: run_palikit(f, d, n, dev),
+           "palikit-compile": lambda f, d, n, dev: run_palikit(f, d, n, dev, compile=True),
+           "palikit-int8": lambda f, d, n, dev: run_palikit(f, d, n, dev, "int8"),
+           "palikit-int4": lambda f, d, n, dev: run_palikit(f, d, n, dev, "int4"),
+           "palikit-w8a8": lambda f, d, n, dev: run_palikit(f, d, n, dev, "w8a8"),
+           "palikit-int8-compile": lambda f, d, n, dev: run_palikit(f, d, n, dev, "int8", compile=True),
+           "palikit-w8a8-compile": lambda f, d, n, dev: run_palikit(f, d, n, dev, "w8a8", compile=True),
+           "palikit-int4-compile": lambda f, d, n, dev: run_palikit(f, d, n, dev, "int4", compile=True),
            # `palikit quantize` folders (written before the columns run): no quantising at load
-           "palikit-int8-folder": lambda f, d, n: run_palikit(f"{f}-int8", d, n),
-           "palikit-int4-folder": lambda f, d, n: run_palikit(f"{f}-int4", d, n),
-           "palikit-w8a8-folder": lambda f, d, n: run_palikit(f"{f}-w8a8", d, n),
+           "palikit-int8-folder": lambda f, d, n, dev: run_palikit(f"{f}-int8", d, n, dev),
+           "palikit-int4-folder": lambda f, d, n, dev: run_palikit(f"{f}-int4", d, n, dev),
+           "palikit-w8a8-folder": lambda f, d, n, dev: run_palikit(f"{f}-w8a8", d, n, dev),
            "transformers": run_transformers,  # its default attention
-           "transformers-eager": lambda f, d, n: run_transformers(f, d, n, "eager"),
-           "transformers-sdpa": lambda f, d, n: run_transformers(f, d, n, "sdpa"),
-           "transformers-torchao-int8": lambda f, d, n: run_transformers(f, d, n, torchao_int8=True)}
+           "transformers-eager": lambda f, d, n, dev: run_transformers(f, d, n, dev, "eager"),
+           "transformers-sdpa": lambda f, d, n, dev: run_transformers(f, d, n, dev, "sdpa"),
+           "transformers-torchao-int8": lambda f, d, n, dev: run_transformers(f, d, n, dev, torchao_int8=True)}
 DEFAULT_COLUMNS = ["palikit", "palikit-compile", "palikit-int8-folder", "palikit-int8-compile", "palikit-w8a8-folder",
                    "palikit-w8a8-compile", "palikit-int4-folder", "palikit-int4-compile", "transformers-eager",
                    "transformers-sdpa", "transformers-torchao-int8"]
 
 ROWS = [("load_s", "load time (s)", False), ("peak_rss_gb", "peak RSS (GB)", False),
+        ("peak_gpu_gb", "peak GPU memory (GB)", False),
         ("ttft_s", "time to first token (s)", False), ("decode_tok_s", "decode tokens/s, batch 1", True),
         ("batch8_captions_s", "batch-8 captions/s", True)]
 
@@ -216,10 +246,11 @@ def main() -> None:
     ap.add_argument("--columns", nargs="+", choices=list(COLUMNS), default=DEFAULT_COLUMNS)
     ap.add_argument("--worker", choices=list(COLUMNS), help=argparse.SUPPRESS)
     ap.add_argument("--out", help="also write the results as JSON here")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: every column on the GPU (see above)")
     args = ap.parse_args()
 
     if args.worker:
-        print(json.dumps(COLUMNS[args.worker](args.checkpoint, args.dtype, args.new_tokens)))
+        print(json.dumps(COLUMNS[args.worker](args.checkpoint, args.dtype, args.new_tokens, args.device)))
         return
 
     tmp = None
@@ -236,11 +267,11 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "palikit.cli", "quantize", folder, "--to", scheme, "--out",
                             f"{folder}-{scheme}", "--dtype", args.dtype], check=True, cwd=ROOT)
         results = {}
-        bandwidth = read_bandwidth_gb_s()
-        print(f"read bandwidth: {bandwidth:.1f} GB/s (best of 5 sums over 512 MB)", flush=True)
+        bandwidth = read_bandwidth_gb_s(args.device)
+        print(f"read bandwidth ({args.device}): {bandwidth:.1f} GB/s (best of 5 sums over 512 MB)", flush=True)
         for lib in args.columns:
             cmd = [sys.executable, __file__, "--worker", lib, "--checkpoint", folder, "--dtype", args.dtype,
-                   "--new-tokens", str(args.new_tokens)]
+                   "--new-tokens", str(args.new_tokens), "--device", args.device]
             out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if out.returncode:  # e.g. torchao not installed: the other columns still run
                 print(f"{lib}: failed: {out.stderr.strip().splitlines()[-1:]}", flush=True)
@@ -254,11 +285,13 @@ def main() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
     base_name = next((c for c in ("transformers", "transformers-eager", "transformers-sdpa") if c in results), None)
-    print(f"\n{args.checkpoint or args.preset}, {args.dtype}, {args.new_tokens} new tokens; ratios to {base_name} "
+    print(f"\n{args.checkpoint or args.preset}, {args.dtype}, {args.device}, {args.new_tokens} new tokens; ratios to {base_name} "
           f"(x: higher is better)\n")
     base = results.get(base_name)
     print("| metric | " + " | ".join(results) + " |\n|---|" + "---|" * len(results))
     for key, label, higher_is_better in ROWS:
+        if not all(key in r for r in results.values()):  # peak GPU memory: only with --device cuda
+            continue
         cells = []
         for r in results.values():
             ratio = "" if base is None else f" ({(r[key] / base[key] if higher_is_better else base[key] / r[key]):.2f}x)"
@@ -268,7 +301,7 @@ def main() -> None:
               for r in results.values()]
     print("| decode vs bandwidth floor (tok/s) | " + " | ".join(floors) + " |")
     if args.out:
-        Path(args.out).write_text(json.dumps({"preset": args.preset, "dtype": args.dtype,
+        Path(args.out).write_text(json.dumps({"preset": args.preset, "dtype": args.dtype, "device": args.device,
                                               "read_bandwidth_gb_s": bandwidth, **results}, indent=2))
 
 

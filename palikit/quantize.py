@@ -7,8 +7,8 @@
   vision tower and projector when asked. The matmuls are PyTorch's own weight-only kernels,
   `aten._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu`: activations stay in the
   model's dtype, the weights are unpacked inside the kernel. Two int8 cases run otherwise
-  (int8_matmul): many rows (a prefill) as the dense GEMM on the dequantised weight, and one row in
-  a compiled decode step as the reduction inductor generates.
+  (int8_matmul): many rows (a prefill) as the dense GEMM on the dequantised weight, and one row of
+  up to MATERIALIZE_MAX_ROW inputs in a compiled decode step as the reduction inductor generates.
 - w8a8 (`quantize="w8a8"`): the int8 weights, the vision tower's and the projector's too, and the
   activations entering them rounded to int8 per token, multiplied int8 by int8 (torch._int_mm: twice
   bfloat16's rate in a prefill on AVX-512 VNNI, and a batch of decode rows reads the weight once).
