@@ -130,14 +130,14 @@ def _int8_rows_matmul(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Te
 
 
 # Under torch.compile, a one-row int8 product is inductor's reduction over a materialised float32
-# row only for rows of up to this many entries (16 KB, half of Zen 4's 32 KB L1 data cache). A longer
-# row no longer stays in L1 beside the weight rows it is multiplied with, and past 4096 inductor sums
-# through its cascade helper (torch/_inductor/codegen/cpp.py): PaliGemma 2 3B's down projection (9216
-# inputs) read at 10-13 GB/s so, against 19-22 for aten._weight_int8pack_mm and 25-28 for
-# torch._int_mm; with 2304 inputs (gate, up) the reduction read at 18-23 against 14-19 and 17-19.
-# Compiled 3B decode step, median of 72: int8 119 ms (151 all reductions, 182 all kernel), w8a8 110
-# (148, 131).
-MATERIALIZE_MAX_ROW = 4096
+# row only for rows of up to this many entries (PaliGemma 2 3B's width, 9 KB). Wider rows crowd the
+# weight rows they meet out of Zen 4's 32 KB L1 data cache, and past 4096 inductor sums through its
+# cascade helper (torch/_inductor/codegen/cpp.py): per matrix, one row, the reduction read 10B's
+# width (3584) at 13-14 GB/s, against 13-18 for aten._weight_int8pack_mm and 18-26 for
+# torch._int_mm, and 3B's down projection (9216 inputs) at 10-13 against 19-22 and 25-28; with 2304
+# inputs (3B's gate, up, head) it read 18-23 against 14-19 and 17-19. Compiled 3B decode step,
+# median of 72: int8 119 ms (151 all reductions, 182 all kernel), w8a8 110 (148, 131).
+MATERIALIZE_MAX_ROW = 2304
 
 
 def int8_matmul(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
