@@ -252,6 +252,13 @@ def main() -> None:
     if args.worker:
         print(json.dumps(COLUMNS[args.worker](args.checkpoint, args.dtype, args.new_tokens, args.device)))
         return
+    from palikit.api import check_device
+    from palikit.processor import InputError
+
+    try:  # before a checkpoint is written or quantised
+        check_device(args.device)
+    except InputError as e:
+        ap.error(str(e))
 
     tmp = None
     folder = args.checkpoint
