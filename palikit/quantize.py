@@ -6,9 +6,9 @@
   LM head in int8 in both (it is ~23 % of PaliGemma 2 3B's bytes and read every token), the
   vision tower and projector when asked. The matmuls are PyTorch's own weight-only kernels,
   `aten._weight_int8pack_mm` and `aten._weight_int4pack_mm_for_cpu`: activations stay in the
-  model's dtype, the weights are unpacked inside the kernel. Two int8 cases run otherwise
-  (int8_matmul): many rows (a prefill) as the dense GEMM on the dequantised weight, and one row of
-  up to MATERIALIZE_MAX_ROW inputs in a compiled decode step as the reduction inductor generates.
+  model's dtype, the weights are unpacked inside the kernel. Many rows (a prompt) run otherwise, as
+  the dense GEMM on the dequantised weight (those kernels are GEMV kernels), and so does one int8 row
+  of up to MATERIALIZE_MAX_ROW inputs in a compiled decode step: the reduction inductor generates.
 - w8a8 (`quantize="w8a8"`): the int8 weights, the vision tower's and the projector's too, and the
   activations entering them rounded to int8 per token, multiplied int8 by int8 (torch._int_mm: twice
   bfloat16's rate in a prefill on AVX-512 VNNI, and a batch of decode rows reads the weight once).
@@ -78,19 +78,26 @@ def _int8_per_row(weight: torch.Tensor, rows: int = 4096) -> tuple[torch.Tensor,
 DEQUANTIZE_FROM_ROWS = 32
 DEQUANTIZE_MAX_ENTRIES = 1 << 25
 
-_scratch = threading.local()  # one matrix per thread, reused by every layer: threads never share it
+_scratch = threading.local()  # matrices per thread, reused by every layer: threads never share them
+
+
+def _scratch_matrix(shape: tuple[int, int], dtype: torch.dtype, slot: str = "buffer") -> torch.Tensor:
+    """An uninitialised (rows, cols) matrix in this thread's scratch `slot`, grown when too small;
+    a new tensor where autograd may keep it for a backward pass."""
+    numel = shape[0] * shape[1]
+    if torch.is_grad_enabled():
+        return torch.empty(shape, dtype=dtype)
+    buffer = getattr(_scratch, slot, None)
+    if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+        with torch.inference_mode(False):  # an inference tensor could not be written outside inference mode
+            buffer = torch.empty(numel, dtype=dtype)
+            setattr(_scratch, slot, buffer)
+    return buffer[:numel].view(shape)
 
 
 def _dequantized(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The int8 weight as `dtype` (exact: -128..127 are bfloat16 integers), in this thread's scratch;
-    a new tensor where autograd may keep it for a backward pass."""
-    if torch.is_grad_enabled():
-        return weight.to(dtype)
-    buffer = getattr(_scratch, "buffer", None)
-    if buffer is None or buffer.numel() < weight.numel() or buffer.dtype != dtype:
-        with torch.inference_mode(False):  # an inference tensor could not be written outside inference mode
-            buffer = _scratch.buffer = torch.empty(weight.numel(), dtype=dtype)
-    return buffer[:weight.numel()].view(weight.shape).copy_(weight)
+    """The int8 weight as `dtype` (exact: -128..127 are bfloat16 integers), in this thread's scratch."""
+    return _scratch_matrix(weight.shape, dtype).copy_(weight)
 
 
 # w8a8: rows quantised and multiplied in equal blocks of at most this many, so that the int32 products
@@ -184,9 +191,46 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+# The int4 kernel's weight layout, read back to dequantise a prompt's weights: for each input in
+# turn, _convert_weight_to_int4pack_for_cpu (aten/src/ATen/native/cpu/int4mm_kernel.cpp) packs the
+# output rows in blocks of 64 (AVX-512) or 32 (AVX2), row j of a block in a byte's low 4 bits and row
+# j + 32 (16) in its high ones, and the rows past the last whole block in pairs (2i low, 2i + 1 high).
+# Without AVX2 the kernel interleaves otherwise, and prompts run the kernel itself.
+INT4_BLOCK_ROWS = {"AVX512": 64, "AVX2": 32}
+
+# From this many rows on, an int4 product dequantises the weight (13 ms for a 9216 x 2304 one) and runs
+# the dense GEMM: aten._weight_int4pack_mm_for_cpu is a GEMV kernel, 66 against 44 ms at a 261-row
+# prefill, 530 against 230 at eight prompts (2088 rows); at 64 rows still 16 against 22.
+INT4_DEQUANTIZE_FROM_ROWS = 128
+
+
+def _int4_values(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
+    """The (n, k) values q - 8 (-8..7) of a packed int4 weight (INT4_BLOCK_ROWS), in an int8 scratch
+    matrix."""
+    values = _scratch_matrix((n, k), torch.int8, "int4_values")
+    packed = packed.reshape(-1).view(torch.int8)
+    whole = n - n % block
+    if whole:
+        _split_bytes(packed[:whole * k // 2].view(whole // block, k, block // 2).transpose(1, 2),
+                     *values[:whole].view(whole // block, 2, block // 2, k).unbind(1))
+    if whole < n:
+        _split_bytes(packed[whole * k // 2:].view(k, (n - whole) // 2).t(),
+                     *values[whole:].view((n - whole) // 2, 2, k).unbind(1))
+    return values.sub_(8)
+
+
+def _split_bytes(bytes_: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> None:
+    """low, high = the low and high 4 bits of bytes_; the bytes are moved into `high` first, so that
+    the bit operations run along contiguous rows (6.5 against 3.9 ms for a 9216 x 2304 weight)."""
+    high.copy_(bytes_)
+    torch.bitwise_and(high, 15, out=low)
+    high.bitwise_right_shift_(4).bitwise_and_(15)
+
+
 class Int4Linear(nn.Module):
     """A Linear with 4-bit weights: per group of `group_size` inputs, w ~= (q - 8) * scale + zero
-    with q in 0..15 (gpt-fast's group-wise scheme), packed for aten._weight_int4pack_mm_for_cpu."""
+    with q in 0..15 (gpt-fast's group-wise scheme), packed for aten._weight_int4pack_mm_for_cpu; from
+    INT4_DEQUANTIZE_FROM_ROWS rows (a prompt) the dense GEMM on the dequantised weight."""
 
     def __init__(self, linear: nn.Linear, group_size: int):
         super().__init__()
@@ -202,19 +246,28 @@ class Int4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.stack([scale[..., 0], zero[..., 0]], -1)
                              .transpose(0, 1).contiguous().to(_compute_dtype(linear.weight.dtype)))
         self.bias = linear.bias
+        self.block_rows = INT4_BLOCK_ROWS.get(int4_packing())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight, self.group_size,
-                                                       self.scales_and_zeros).to(x.dtype)
-        y = y.view(*x.shape[:-1], self.out_features)
+        if (rows.shape[0] >= INT4_DEQUANTIZE_FROM_ROWS and self.block_rows and not torch.compiler.is_compiling()
+                and self.weight.numel() * 2 <= DEQUANTIZE_MAX_ENTRIES):
+            y = F.linear(rows, self.dequantized())
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight, self.group_size,
+                                                           self.scales_and_zeros)
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
 
     def dequantized(self) -> torch.Tensor:
-        """The (out, in) weight the kernel multiplies by, as float32, for tests."""
-        eye = torch.eye(self.in_features, dtype=self.scales_and_zeros.dtype)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.group_size,
-                                                          self.scales_and_zeros).float().T
+        """The (out, in) weight, (q - 8) * scale + zero, in the activations' dtype and this thread's
+        scratch (rounded to it twice, after the product and after the sum: the kernel rounds never)."""
+        n, k, g = self.out_features, self.in_features, self.group_size
+        w = _scratch_matrix((n, k), self.scales_and_zeros.dtype)
+        w.copy_(_int4_values(self.weight, n, k, self.block_rows))
+        scales, zeros = self.scales_and_zeros.permute(2, 1, 0).contiguous()[..., None]  # (n, k / group, 1) each
+        w.view(n, k // g, g).mul_(scales).add_(zeros)
+        return w
 
 
 class Int8Embedding(nn.Module):

@@ -5,6 +5,9 @@ answers within stated bounds of float32, and the errors."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -16,8 +19,8 @@ from palikit.cli import main
 from palikit import quantize
 from palikit.config import PRESETS
 from palikit.paligemma import PaliGemma
-from palikit.quantize import (DEQUANTIZE_FROM_ROWS, Int4Linear, Int8Embedding, Int8Linear, QuantizeError,
-                              int4_packing, quantize_weights)
+from palikit.quantize import (DEQUANTIZE_FROM_ROWS, INT4_DEQUANTIZE_FROM_ROWS, Int4Linear, Int8Embedding, Int8Linear,
+                              QuantizeError, int4_packing, quantize_weights)
 from palikit.synthetic import iter_examples
 
 
@@ -110,17 +113,52 @@ def test_compiled_one_row_is_a_reduction_up_to_its_width_limit(scheme, monkeypat
         assert materialised == ([(n_in,)] if reduced else [])
 
 
+def _int4_kernel_weight(q: Int4Linear) -> torch.Tensor:
+    """The (out, in) weight the int4 kernel multiplies by: its product with the identity."""
+    eye = torch.eye(q.in_features, dtype=q.scales_and_zeros.dtype)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(eye, q.weight, q.group_size, q.scales_and_zeros).float().T
+
+
 @pytest.mark.parametrize("group_size", [32, 64])
-def test_int4_linear_is_its_dequantised_weight(group_size):
-    layer, x = _linear(), torch.randn(5, 128)
+@pytest.mark.parametrize("rows", [5, INT4_DEQUANTIZE_FROM_ROWS], ids=["int4-kernel", "dequantised"])
+@torch.no_grad()
+def test_int4_linear_is_its_dequantised_weight(rows, group_size, monkeypatch):
+    """Both paths: the int4 kernel for a few rows; for a prompt's many, the weight unpacked from the
+    kernel's layout into a scratch matrix every layer reuses (96 outputs: on AVX-512 one block of 64
+    rows and 32 rows in pairs) and the dense GEMM."""
+    layer, x = _linear(), torch.randn(rows, 128)
     q = Int4Linear(layer, group_size)
-    dequant = q.dequantized()
+    dequant = _int4_kernel_weight(q)
+    with torch.inference_mode():
+        _close(q.dequantized(), dequant)
+    unpacked = []
+    monkeypatch.setattr(Int4Linear, "dequantized", lambda self, f=Int4Linear.dequantized: unpacked.append(1) or f(self))
+    _close(q(x), x.bfloat16().float() @ dequant.T + layer.bias)
+    assert len(unpacked) == (rows >= INT4_DEQUANTIZE_FROM_ROWS and q.block_rows is not None)
+    other = Int4Linear(_linear(n_out=64, seed=1), group_size)  # another layer fills the scratch in between
+    _close(other(x), x.bfloat16().float() @ _int4_kernel_weight(other).T + other.bias)
     _close(q(x), x.bfloat16().float() @ dequant.T + layer.bias)
     w = layer.weight.detach().reshape(96, -1, group_size)
     step = (w.amax(-1, keepdim=True) - w.amin(-1, keepdim=True)) / 15  # per group: 16 levels
     # half a step, plus bfloat16's rounding of the scale and offset (relative 2^-8 of |w|)
     assert ((dequant.reshape(w.shape) - w).abs() <= step / 2 + w.abs().amax(-1, keepdim=True) / 64).all()
     assert not ((dequant.reshape(w.shape) - w).abs() <= step / 8).all(), "it is 4-bit, not exact"
+
+
+def test_int4_weight_unpacks_from_the_avx2_layout():
+    """The AVX2 kernel packs blocks of 32 rows: ATEN_CPU_CAPABILITY=avx2 makes this CPU run it
+    (112 outputs: three blocks and 16 rows in pairs)."""
+    code = ("import torch; from palikit.quantize import Int4Linear, int4_packing\n"
+            "torch.manual_seed(0); q = Int4Linear(torch.nn.Linear(128, 112), 32)\n"
+            "eye = torch.eye(128, dtype=torch.bfloat16)\n"
+            "want = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, q.weight, 32, q.scales_and_zeros).float().T\n"
+            "with torch.inference_mode(): got = q.dequantized().float()\n"
+            "print(int4_packing(), q.block_rows, float((got - want).abs().max() / want.abs().max()))")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    capability, block_rows, error = out.stdout.split()
+    assert (capability, block_rows) == ("AVX2", "32")
+    assert float(error) <= 2**-7
 
 
 @torch.no_grad()
