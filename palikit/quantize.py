@@ -58,9 +58,12 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _int8_per_row(weight: torch.Tensor, rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 with one scale per row: weight ~= q * scale[:, None]. In blocks of `rows`,
-    so that the float32 temporaries of a 257k-row embedding table stay small."""
+    so that the float32 temporaries of a 257k-row embedding table stay small. On the meta device (the
+    layout of a quantised folder) the shapes only: its arithmetic there cost seconds per model."""
     q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scale = torch.empty(weight.shape[0], device=weight.device)
+    if weight.is_meta:
+        return q, scale
     for start in range(0, weight.shape[0], rows):
         w = weight[start:start + rows].detach().float()
         s = w.abs().amax(dim=1).clamp(min=1e-12) / 127
@@ -236,15 +239,20 @@ class Int4Linear(nn.Module):
         super().__init__()
         n, k = linear.out_features, linear.in_features
         self.in_features, self.out_features, self.group_size = k, n, group_size
-        w = linear.weight.detach().float().reshape(n, k // group_size, group_size)
-        low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-        scale = (high - low).clamp(min=1e-6) / 15
-        q = ((w - low) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
-        zero = low + 8 * scale
-        self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-        # (k / group, n, 2): scale and zero of each group, as the kernel reads them
-        self.register_buffer("scales_and_zeros", torch.stack([scale[..., 0], zero[..., 0]], -1)
-                             .transpose(0, 1).contiguous().to(_compute_dtype(linear.weight.dtype)))
+        dtype = _compute_dtype(linear.weight.dtype)
+        if linear.weight.is_meta:  # the layout of a quantised folder (load_quantized_folder): no values
+            self.register_buffer("weight", torch.empty(n, k // 2, dtype=torch.uint8, device="meta"))
+            self.register_buffer("scales_and_zeros", torch.empty(k // group_size, n, 2, dtype=dtype, device="meta"))
+        else:
+            w = linear.weight.detach().float().reshape(n, k // group_size, group_size)
+            low, high = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+            scale = (high - low).clamp(min=1e-6) / 15
+            q = ((w - low) / scale).round().clamp(0, 15).to(torch.int32).reshape(n, k)
+            zero = low + 8 * scale
+            self.register_buffer("weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
+            # (k / group, n, 2): scale and zero of each group, as the kernel reads them
+            self.register_buffer("scales_and_zeros", torch.stack([scale[..., 0], zero[..., 0]], -1)
+                                 .transpose(0, 1).contiguous().to(dtype))
         self.bias = linear.bias
         self.block_rows = INT4_BLOCK_ROWS.get(int4_packing())
 

@@ -137,6 +137,7 @@ def weight_files(folder: Path) -> list[Path]:
 
 
 _SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+ALIGNMENT = 64  # bytes: an AVX-512 vector, and what torch's CPU allocator aligns every tensor to
 
 
 def iter_safetensors(files: list[Path], version: int, dtype: torch.dtype | None = None
@@ -200,11 +201,13 @@ def load_tensors(model: PaliGemma, tensors: Iterator[tuple[str, torch.Tensor]], 
                                   f"vocab_size={want[0]}")
         if tensor.shape != want:
             raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, expected {tuple(want)}")
-        # The quantised ones get a fresh copy: the packed weights must be aligned for the kernels'
-        # vector loads, and a tensor read from the file may start at any byte offset (without the
-        # copy, int4 decoding crashed with SIGSEGV on the bundled model).
-        keep = keep_dtype is not None and keep_dtype(name, tensor)
-        state[name] = tensor.to(device=device).clone() if keep else tensor.to(device=device, dtype=dtype)
+        # The packed weights must be aligned for the kernels' vector loads, and a tensor mapped from the
+        # file may start at any byte offset: such a one is copied (int4 decoding crashed with SIGSEGV
+        # on the bundled model without it). A tensor read into memory of its own is aligned already.
+        if keep_dtype is not None and keep_dtype(name, tensor):
+            state[name] = tensor.clone() if tensor.data_ptr() % ALIGNMENT else tensor
+        else:
+            state[name] = tensor.to(device=device, dtype=dtype)
     missing = [k for k in expected if k not in state]
     if missing or unexpected:
         raise CheckpointError(

@@ -241,6 +241,8 @@ def test_quantized_folder_loads_without_quantising_again(tmp_path, held_out, sch
     assert (out / "model.safetensors").stat().st_size < 0.5 * float32_bytes
     images, prefixes, suffixes = (x[:20] for x in held_out)
     loaded, at_load = palikit.load(out, dtype="float32"), palikit.load("default", dtype="float32", quantize=scheme)
+    packed = [t for t in loaded.model.state_dict().values() if not t.is_floating_point()]
+    assert packed and all(t.data_ptr() % 64 == 0 for t in packed), "aligned for the kernels' vector loads"
     assert loaded.score(images, prefixes, suffixes) == at_load.score(images, prefixes, suffixes)
     assert loaded.generate(images, prefixes) == at_load.generate(images, prefixes)
     assert loaded.codec_path is not None and loaded.segment(images[0], "circle") is not None

@@ -981,6 +981,13 @@ MUTANTS = [
         ("tests/test_quantize.py::test_int4_linear_is_its_dequantised_weight[dequantised-32]",),
     ),
     Mutant(
+        "a quantised folder's packed tensor is used at an unaligned address",
+        "palikit/weights.py",
+        "state[name] = tensor.clone() if tensor.data_ptr() % ALIGNMENT else tensor",
+        "state[name] = tensor",
+        ("tests/test_quantize.py::test_quantized_folder_loads_without_quantising_again[int8]",),
+    ),
+    Mutant(
         "int8 weights truncated instead of rounded",
         "palikit/quantize.py",
         "q[start:start + rows] = (w / s[:, None]).round().clamp(-128, 127)",
