@@ -98,6 +98,12 @@ def _scratch_matrix(shape: tuple[int, int], dtype: torch.dtype, slot: str = "buf
     return buffer[:numel].view(shape)
 
 
+def _dequantizes(rows: int, entries: int, from_rows: int) -> bool:
+    """Whether a product of `rows` rows with a weight of `entries` runs the dense GEMM on the weight
+    dequantised into the scratch: a prompt's rows, a weight the scratch may hold, eager mode."""
+    return rows >= from_rows and entries <= DEQUANTIZE_MAX_ENTRIES and not torch.compiler.is_compiling()
+
+
 def _dequantized(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The int8 weight as `dtype` (exact: -128..127 are bfloat16 integers), in this thread's scratch."""
     return _scratch_matrix(weight.shape, dtype).copy_(weight)
@@ -169,7 +175,7 @@ def int8_matmul(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor,
         return sums.to(scales.dtype).view(1, -1)
     if int8_rows:  # compiled: one block (a loop over blocks does not trace with dynamic shapes)
         return (_int8_rows_block if compiling else _int8_rows_matmul)(rows, weight, scales)
-    if rows.shape[0] >= DEQUANTIZE_FROM_ROWS and weight.numel() <= DEQUANTIZE_MAX_ENTRIES and not compiling:
+    if _dequantizes(rows.shape[0], weight.numel(), DEQUANTIZE_FROM_ROWS):
         return F.linear(rows, _dequantized(weight, rows.dtype)).mul_(scales)
     return torch.ops.aten._weight_int8pack_mm(rows, weight, scales)
 
@@ -258,8 +264,8 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(self.scales_and_zeros.dtype)
-        if (rows.shape[0] >= INT4_DEQUANTIZE_FROM_ROWS and self.block_rows and not torch.compiler.is_compiling()
-                and self.weight.numel() * 2 <= DEQUANTIZE_MAX_ENTRIES):
+        if self.block_rows and _dequantizes(rows.shape[0], self.in_features * self.out_features,
+                                            INT4_DEQUANTIZE_FROM_ROWS):
             y = F.linear(rows, self.dequantized())
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, self.weight, self.group_size,

@@ -205,6 +205,7 @@ def load_tensors(model: PaliGemma, tensors: Iterator[tuple[str, torch.Tensor]], 
         # file may start at any byte offset: such a one is copied (int4 decoding crashed with SIGSEGV
         # on the bundled model without it). A tensor read into memory of its own is aligned already.
         if keep_dtype is not None and keep_dtype(name, tensor):
+            tensor = tensor.to(device=device)
             state[name] = tensor.clone() if tensor.data_ptr() % ALIGNMENT else tensor
         else:
             state[name] = tensor.to(device=device, dtype=dtype)

@@ -976,8 +976,8 @@ MUTANTS = [
     Mutant(
         "an int4 prompt runs the GEMV kernel",
         "palikit/quantize.py",
-        "if (rows.shape[0] >= INT4_DEQUANTIZE_FROM_ROWS and self.block_rows",
-        "if (False and self.block_rows",
+        "if self.block_rows and _dequantizes(",
+        "if False and _dequantizes(",
         ("tests/test_quantize.py::test_int4_linear_is_its_dequantised_weight[dequantised-32]",),
     ),
     Mutant(
@@ -1004,7 +1004,7 @@ MUTANTS = [
     Mutant(
         "the LM head is dequantised into the scratch too",
         "palikit/quantize.py",
-        " and weight.numel() <= DEQUANTIZE_MAX_ENTRIES",
+        " and entries <= DEQUANTIZE_MAX_ENTRIES",
         "",
         ("tests/test_quantize.py::test_int8_embedding_looks_up_and_projects_the_same_table",),
     ),
