@@ -177,7 +177,27 @@ class MLP(nn.Module):
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
 
+def in_row_blocks(fn, x: torch.Tensor, at_most: int | None) -> torch.Tensor:
+    """fn(x) for a row-wise fn (each row of x's last dimension computed on its own), over more than
+    `at_most` rows in the fewest equal blocks of at most that many, one after the other (544 rows:
+    272 + 272, not 512 + 32), so that what one block's products write is still in cache for the
+    operations that follow (quantize.INT8_ROWS_BLOCK). All at once under torch.compile, where a
+    loop over blocks does not trace with dynamic shapes."""
+    rows = x.reshape(-1, x.shape[-1])
+    n = rows.shape[0]
+    if at_most is None or n <= at_most or torch.compiler.is_compiling():
+        return fn(x)
+    size, out = -(-n // -(-n // at_most)), None
+    for start in range(0, n, size):
+        y = fn(rows[start:start + size])
+        out = y.new_empty(n, y.shape[-1]) if out is None else out
+        out[start:start + size] = y
+    return out.view(*x.shape[:-1], -1)
+
+
 class DecoderLayer(nn.Module):
+    feed_forward_block_rows: int | None = None  # feed_forward in blocks of rows (quantize.quantize_weights: w8a8)
+
     def __init__(self, config: GemmaConfig, layer_idx: int):
         super().__init__()
         D, eps = config.hidden_size, config.rms_norm_eps
@@ -199,6 +219,10 @@ class DecoderLayer(nn.Module):
         if self.post_norms:
             h = self.post_attention_layernorm(h)
         x = x + h
+        return in_row_blocks(self.feed_forward, x, self.feed_forward_block_rows)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x plus its normed MLP: row by row."""
         h = self.mlp(self.pre_feedforward_layernorm(x))
         if self.post_norms:
             h = self.post_feedforward_layernorm(h)

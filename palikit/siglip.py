@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SiglipConfig
+from .gemma import in_row_blocks
 
 
 class SiglipEmbeddings(nn.Module):
@@ -50,6 +51,8 @@ class SiglipMLP(nn.Module):
 
 
 class SiglipLayer(nn.Module):
+    feed_forward_block_rows: int | None = None  # feed_forward in blocks of rows (quantize.quantize_weights: w8a8)
+
     def __init__(self, config: SiglipConfig):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -59,6 +62,10 @@ class SiglipLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x))
+        return in_row_blocks(self.feed_forward, x, self.feed_forward_block_rows)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x plus its normed MLP: row by row."""
         return x + self.mlp(self.layer_norm2(x))
 
 

@@ -203,6 +203,28 @@ def test_bundled_model_stays_close_to_float32(held_out, scheme, bound):
     assert np.mean([x == y for x, y in zip(a, b)]) >= 0.9
 
 
+@torch.no_grad()
+def test_w8a8_prompts_run_their_feed_forward_in_row_blocks(held_out):
+    """A w8a8 model's layers run a prompt's rows through their feed-forward halves (norms, MLP,
+    residual) in blocks (gemma.in_row_blocks), each row on its own: scores equal to the bit with
+    blocks of 37 rows (uneven, across examples) and with one block for all."""
+    images, prefixes, suffixes = (part[:4] for part in held_out)
+    pipe = palikit.load("default", dtype="float32", quantize="w8a8")
+    layers = [*pipe.model.language_model.layers, *pipe.model.vision_tower.encoder.layers]
+    assert {layer.feed_forward_block_rows for layer in layers} == {quantize.INT8_ROWS_BLOCK}
+    rows = []
+    for layer in layers:
+        layer.mlp.register_forward_hook(lambda m, args, out: rows.append(args[0].reshape(-1, args[0].shape[-1]).shape[0]))
+        layer.feed_forward_block_rows = 10**6
+    whole = pipe.score(images, prefixes, suffixes)
+    assert len(rows) == len(layers) and min(rows) > 4 * 37
+    rows.clear()
+    for layer in layers:
+        layer.feed_forward_block_rows = 37
+    assert pipe.score(images, prefixes, suffixes) == whole
+    assert len(rows) > 4 * len(layers) and max(rows) <= 37
+
+
 def test_vision_tower_too_when_asked():
     pipe = palikit.load("default", dtype="float32")
     n = quantize_weights(pipe.model, "int8", vision=True)
