@@ -134,15 +134,19 @@ class Attention(nn.Module):
         self.o_proj = Linear(H * Dh, D, bias=False)
         self.scale = config.query_pre_attn_scalar**-0.5
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, start: int | torch.Tensor = 0):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, start: int | torch.Tensor = 0,
+                last_rows: int | None = None):
         """x (B, T, D); mask bool (B, 1, T, S), True = may attend, or the same as a FlexAttention
         BlockMask (Gemma.attention = "flex"); cache slots [start, start+T) are written (see
-        KVCache.write) and slots [0, S) attended."""
+        KVCache.write) and slots [0, S) attended. With `last_rows`, keys and values come from all T
+        rows but queries, and so the output, from the last ones only (mask (B, 1, last_rows, S))."""
         B, T, _ = x.shape
         H, K, Dh = self.config.num_heads, self.config.num_kv_heads, self.config.head_dim
-        q = apply_rope(self.q_proj(x).view(B, T, H, Dh).transpose(1, 2), cos, sin)  # (B, H, T, Dh)
         k = apply_rope(self.k_proj(x).view(B, T, K, Dh).transpose(1, 2), cos, sin)  # (B, K, T, Dh)
         v = self.v_proj(x).view(B, T, K, Dh).transpose(1, 2)
+        if last_rows is not None:
+            x, cos, sin, T = x[:, -last_rows:], cos[:, :, -last_rows:], sin[:, :, -last_rows:], last_rows
+        q = apply_rope(self.q_proj(x).view(B, T, H, Dh).transpose(1, 2), cos, sin)  # (B, H, T, Dh)
         if cache is not None:
             cache.write(self.layer_idx, start, k, v)
             k = cache.k[self.layer_idx][:, :, : mask.shape[-1]]
@@ -213,9 +217,12 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(D, eps)
         self.post_norms = config.post_norms
 
-    def forward(self, x, cos, sin, masks: dict, cache=None, start=0):
+    def forward(self, x, cos, sin, masks: dict, cache=None, start=0, last_rows: int | None = None):
+        """x (B, T, D) -> (B, T, D), or (B, last_rows, D): see Attention.forward."""
         mask = masks["sliding"] if self.local_if_windowed and "sliding" in masks else masks["global"]
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start, last_rows)
+        if last_rows is not None:
+            x = x[:, -last_rows:]
         if self.post_norms:
             h = self.post_attention_layernorm(h)
         x = x + h

@@ -114,13 +114,18 @@ def prefill_by_layer(model: PaliGemma, batch: PromptBatch, x: torch.Tensor, cach
     P = batch.prompt_len
     pos, block, valid = batch.pos[:, :P], batch.block[:, :P], batch.valid[:, :P]
     lm = model.language_model
-    masks = lm.kernel_masks(attention_masks(block, pos, block, pos, valid, model.config.text))
+    masks = attention_masks(block, pos, block, pos, valid, model.config.text)
+    # Only the last slot's logits are wanted, so the last layer needs every slot's keys and values
+    # (the cache) but the queries, attention output and feed-forward of the last slot alone: ~3 %
+    # of a PG2-3B-224 prompt's multiply-adds skipped (llama.cpp does the same: its inp_out_ids).
+    last_slot_masks = {name: m[:, :, -1:] for name, m in masks.items()}
+    masks = lm.kernel_masks(masks)
     cos, sin = rope_cos_sin(pos, lm.config.head_dim, lm.config.rope_theta, x.dtype)
-    for i, layer in enumerate(lm.layers):
+    for layer in lm.layers[:-1]:
         x = layer(x, cos, sin, masks, cache, 0)
-        if i < len(lm.layers) - 1:
-            yield None
-    yield model.logits(lm.norm(x[:, -1]), "prefill")  # never the logits of the other prompt positions
+        yield None
+    x = lm.layers[-1](x, cos, sin, last_slot_masks, cache, 0, last_rows=1)
+    yield model.logits(lm.norm(x[:, -1]), "prefill")
 
 
 def decode_logits(model: PaliGemma, token: torch.Tensor, slot: torch.Tensor, block: torch.Tensor,

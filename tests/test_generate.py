@@ -93,6 +93,28 @@ def test_batch_equals_alone(pipe):
         assert sum(g.logprobs) == pytest.approx(sequence_logprob(pipe, ims, p, g.tokens), abs=1e-4)
 
 
+def test_prefill_runs_the_last_layer_for_the_last_slot_alone(pipe):
+    """Only the last slot's logits leave a prefill (generate.prefill_by_layer), so the last layer's
+    feed-forward gets one row per prompt while the layer before gets them all; its keys and values
+    still cover every slot (decoding reads them: test_batch_equals_alone). The first token and its
+    log-prob are the teacher-forced ones, for left-padded prompts of two lengths."""
+    layers = pipe.model.language_model.layers
+    shapes = []
+    hooks = [layer.mlp.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape[:-1])))
+             for layer in layers[-2:]]
+    try:
+        first = details(pipe, BATCH_IMAGES[2:], BATCH_PROMPTS[2:], max_new_tokens=1)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    before_last, last = shapes
+    assert before_last[0] == last[0] == 2 and last[1] == 1 and before_last[1] > pipe.config.num_image_tokens
+    for im, p, g in zip(BATCH_IMAGES[2:], BATCH_PROMPTS[2:], first):
+        logprobs = next_token_logprobs(pipe, [im], p, [])
+        assert g.tokens[0] == int(logprobs.argmax())
+        assert g.logprobs[0] == pytest.approx(float(logprobs.max()), abs=1e-5)
+
+
 def test_single_prompt_returns_str(pipe):
     out = pipe.generate(IMG[0], "caption en", max_new_tokens=3)
     assert isinstance(out, str)

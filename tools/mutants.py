@@ -1046,6 +1046,23 @@ MUTANTS = [
          "tests/test_quantize.py::test_w8a8_prompts_run_their_feed_forward_in_row_blocks"),
     ),
     Mutant(
+        "prefill runs its last layer on every slot",
+        "palikit/generate.py",
+        "x = lm.layers[-1](x, cos, sin, last_slot_masks, cache, 0, last_rows=1)",
+        "x = lm.layers[-1](x, cos, sin, masks, cache, 0)",
+        ("tests/test_generate.py::test_prefill_runs_the_last_layer_for_the_last_slot_alone[pg2]",),
+    ),
+    Mutant(
+        "the last layer's values come from the last slot alone",
+        "palikit/gemma.py",
+        ("        v = self.v_proj(x).view(B, T, K, Dh).transpose(1, 2)\n        if last_rows is not None:\n"
+         "            x, cos, sin, T = x[:, -last_rows:], cos[:, :, -last_rows:], sin[:, :, -last_rows:], last_rows\n"),
+        ("        if last_rows is not None:\n"
+         "            x, cos, sin, T = x[:, -last_rows:], cos[:, :, -last_rows:], sin[:, :, -last_rows:], last_rows\n"
+         "        v = self.v_proj(x).view(B, T, K, Dh).transpose(1, 2)\n"),
+        ("tests/test_generate.py::test_batch_equals_alone[pg1]", "tests/test_generate.py::test_batch_equals_alone[pg2]"),
+    ),
+    Mutant(
         "row blocks skip the last block",
         "palikit/gemma.py",
         "for start in range(0, n, size):",
