@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -42,6 +43,8 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import AVX2_ENV, describe, results_file  # noqa: E402
 
 
 def make_checkpoint(folder: Path, preset: str, dtype: str, tokenizer_texts: list[str]) -> None:
@@ -133,22 +136,17 @@ def run_palikit(folder: str, dtype: str, new_tokens: int, device: str, quantize:
     import torch
 
     import palikit
-    from palikit import generate as gen
-    from palikit.processor import encode_example
 
     t0 = time.perf_counter()
     pipe = palikit.load(folder, dtype=dtype, device=device, quantize=quantize, compile=compile)
     synchronize(device)
     load_s = time.perf_counter() - t0
+    pipe.tokenizer.eos_id = -1  # no early stop: every column makes `tokens` tokens
     imgs = images(8)
-    n = pipe.config.num_image_tokens
-    prompts = [encode_example(pipe.tokenizer, n, "caption en").ids] * 8
 
     def run(batch: int, tokens: int) -> float:
         t = time.perf_counter()
-        image_tokens = pipe.embed_images([[im] for im in imgs[:batch]])
-        cfg = gen.SamplingConfig(max_new_tokens=tokens)
-        gen.generate(pipe.model, prompts[:batch], image_tokens, cfg, eos_id=-1, pad_id=0)  # no early stop
+        pipe.generate(imgs[:batch], ["caption en"] * batch, max_new_tokens=tokens)
         synchronize(device)
         return time.perf_counter() - t
 
@@ -212,6 +210,7 @@ def run_transformers(folder: str, dtype: str, new_tokens: int, device: str, atte
 
 
 COLUMNS = {"palikit": lambda f, d, n, dev: run_palikit(f, d, n, dev),
+           "palikit-float32": lambda f, d, n, dev: run_palikit(f, "float32", n, dev),
            "palikit-compile": lambda f, d, n, dev: run_palikit(f, d, n, dev, compile=True),
            "palikit-int8": lambda f, d, n, dev: run_palikit(f, d, n, dev, "int8"),
            "palikit-int4": lambda f, d, n, dev: run_palikit(f, d, n, dev, "int4"),
@@ -254,9 +253,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the columns this many times, in turn, and keep each metric's best: this shared "
                          "machine's speed drifts by 10-15 %% within minutes, and interleaving spreads it over all")
-    ap.add_argument("--out", help="also write the results as JSON here")
+    ap.add_argument("--out", help="the results as JSON (default: benchmarks/results/DATE-inference-CPUKIND.json)")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda: every column on the GPU (see above)")
+    ap.add_argument("--emulate-avx2", action="store_true", help="run every column as an AVX2-only CPU "
+                    "(benchmarks/machine.py): both CPU kinds measured on one AVX-512 machine")
     args = ap.parse_args()
+    if args.emulate_avx2:  # before torch loads, here and in the workers
+        os.environ.update(AVX2_ENV)
 
     if args.worker:
         print(json.dumps(COLUMNS[args.worker](args.checkpoint, args.dtype, args.new_tokens, args.device)))
@@ -284,7 +287,9 @@ def main() -> None:
                             f"{folder}-{scheme}", "--dtype", args.dtype], check=True, cwd=ROOT)
         results = {}
         bandwidth = read_bandwidth_gb_s(args.device)
-        print(f"read bandwidth ({args.device}): {bandwidth:.1f} GB/s (best of 5 sums over 512 MB)", flush=True)
+        machine = describe()
+        print(f"{machine}\nread bandwidth ({args.device}): {bandwidth:.1f} GB/s (best of 5 sums over 512 MB)",
+              flush=True)
         for lib in [lib for _ in range(args.rounds) for lib in args.columns]:
             cmd = [sys.executable, __file__, "--worker", lib, "--checkpoint", folder, "--dtype", args.dtype,
                    "--new-tokens", str(args.new_tokens), "--device", args.device]
@@ -317,10 +322,12 @@ def main() -> None:
     floors = [f"{r['decode_tok_s'] / (bandwidth / r['decoder_gb']):.0%} of {bandwidth / r['decoder_gb']:.2g}"
               for r in results.values()]
     print("| decode vs bandwidth floor (tok/s) | " + " | ".join(floors) + " |")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"preset": args.preset, "dtype": args.dtype, "device": args.device,
-                                              "rounds": args.rounds, "read_bandwidth_gb_s": bandwidth, **results},
-                                             indent=2))
+    out = Path(args.out) if args.out else results_file("inference", machine)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine, "preset": args.checkpoint or args.preset, "dtype": args.dtype,
+                               "device": args.device, "new_tokens": args.new_tokens, "rounds": args.rounds,
+                               "read_bandwidth_gb_s": bandwidth, "columns": results}, indent=2) + "\n")
+    print(f"results: {out}")
 
 
 if __name__ == "__main__":

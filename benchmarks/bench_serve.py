@@ -1,5 +1,6 @@
 """Load test of `palikit serve` under a mixed workload: continuous batching (palikit.engine) against
-the static batcher it replaced and against transformers behind the same app.
+a static batcher (the scheme it replaced, kept here as the baseline) and against transformers behind
+the same app.
 
     .venv/bin/python benchmarks/bench_serve.py [--clients 8 32] [--requests 160] [--think-ms 100] [--stream]
 
@@ -12,7 +13,9 @@ a long one waits for it; the engine lets it join and leave between steps.
 The model is a random-init PaliGemma 2, tiny-paligemma2 scaled up (BENCH_MODEL below), written once with
 palikit's writer; transformers loads the same folder with from_pretrained. For transformers the app serves
 `TransformersPipe`, an adapter whose generate_details left-pads palikit's prompt ids and pixels and calls
-PaliGemmaForConditionalGeneration.generate, so both sides go through the same HTTP stack and static batcher.
+PaliGemmaForConditionalGeneration.generate. The static servers are palikit's app (routes, guard, image
+reading, parsing) with its engine adapter swapped for this script's `StaticBatcher`, so all three go
+through the same HTTP stack.
 Each server runs in its own subprocess. Prints a markdown table: requests/s, tokens/s, and per class
 (short, long) p50 / p99 latency and time to first token (streamed: the first content event; not
 streamed: the whole answer, which is when a client sees it).
@@ -23,12 +26,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import io
 import json
+import logging
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -68,9 +75,111 @@ def make_checkpoint(folder: Path) -> None:
     Pipeline(model, Tokenizer(tok, image_token_id=config.image_token_id)).save(folder)
 
 
+class StaticBatcher:
+    """The static batcher palikit's server had before its engine, as this benchmark's baseline; it
+    stands in for palikit.serve.batcher.Batcher (same constructor, submit, depth, gauges, start,
+    close). One model thread takes the oldest job and every queued one with the same sampling (up
+    to max_batch), runs them with one pipe.generate_details to the longest answer and answers each;
+    streaming and seeded jobs run alone (pipe.stream). A full queue answers 503."""
+
+    def __init__(self, pipe, metrics, max_batch: int, max_queue: int, batch_wait_s: float = 0.02, **_engine):
+        self.pipe, self.metrics = pipe, metrics
+        self.max_batch, self.max_queue, self.batch_wait_s = max_batch, max_queue, batch_wait_s
+        self.waiting: deque = deque()
+        self.cond = threading.Condition()
+        self.closed = False
+        self.thread = threading.Thread(target=self._loop, name="bench-static-batcher", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        self.thread.join(timeout=30)
+
+    @property
+    def depth(self) -> int:
+        return len(self.waiting)
+
+    def gauges(self) -> list:
+        return []
+
+    @staticmethod
+    def key(job) -> tuple:
+        """Jobs batch only with equal sampling; a streamed or seeded job alone."""
+        if job.stream or job.sampling.get("seed") is not None:
+            return ("alone", id(job))
+        return tuple(sorted(job.sampling.items()))
+
+    def submit(self, job) -> None:
+        from fastapi import HTTPException
+
+        with self.cond:
+            if len(self.waiting) >= self.max_queue:
+                raise HTTPException(503, "server busy; retry shortly", headers={"Retry-After": "1"})
+            self.waiting.append(job)
+            self.cond.notify()
+
+    def _next(self) -> list | None:
+        """The oldest job and up to max_batch - 1 like it, waiting up to batch_wait_s for more."""
+        with self.cond:
+            while not self.closed and not self.waiting:
+                self.cond.wait()
+            if self.closed:
+                return None
+            key, deadline = self.key(self.waiting[0]), time.monotonic() + self.batch_wait_s
+            while True:
+                batch = [j for j in self.waiting if self.key(j) == key][: self.max_batch]
+                left = deadline - time.monotonic()
+                if len(batch) >= self.max_batch or left <= 0 or key[0] == "alone" or self.closed:
+                    break
+                self.cond.wait(left)
+            for j in batch:
+                self.waiting.remove(j)
+            return [j for j in batch if not j.cancelled]
+
+    def _loop(self) -> None:
+        from palikit.generate import Generated
+        from palikit.serve.batcher import answer, send_delta
+
+        while (jobs := self._next()) is not None:
+            if not jobs:
+                continue
+            start, tokens = time.perf_counter(), 0
+            try:
+                if jobs[0].stream:
+                    job, made = jobs[0], []
+                    stream = self.pipe.stream(job.images, job.prompt, max_new_tokens=job.max_new_tokens, **job.sampling)
+                    with contextlib.closing(stream):  # closing it stops the generation
+                        for token in stream:
+                            made.append(token)
+                            if send_delta(self.pipe, job, made) or job.cancelled:
+                                break
+                    send_delta(self.pipe, job, made, final=True)
+                    results = [(self.pipe.tokenizer.decode(made), Generated(made, [0.0] * len(made)))]
+                else:
+                    results = self.pipe.generate_details([j.images for j in jobs], [j.prompt for j in jobs],
+                                                         max_new_tokens=max(j.max_new_tokens for j in jobs),
+                                                         batch_size=len(jobs), **jobs[0].sampling)
+                for job, (_, g) in zip(jobs, results):
+                    # The batch ran to its longest answer: each job keeps the tokens it asked for.
+                    g = Generated(g.tokens[: job.max_new_tokens], g.logprobs[: job.max_new_tokens])
+                    result = answer(self.pipe, job, self.pipe.tokenizer.decode(g.tokens), g)
+                    tokens += result["completion_tokens"]
+                    job.deliver("done", result)
+            except Exception as e:  # never kill the thread: answer the batch with the error
+                logging.getLogger(__name__).exception("generation failed")
+                for job in jobs:
+                    job.deliver("error", e)
+                continue
+            self.metrics.batch(len(jobs), tokens, time.perf_counter() - start)
+
+
 class TransformersPipe(Pipeline):
-    """transformers' PaliGemmaForConditionalGeneration behind palikit's pipeline surface
-    (palikit.api.PipelineProtocol): generation is transformers', the rest (prompt ids, image
+    """transformers' PaliGemmaForConditionalGeneration behind what palikit's server and
+    StaticBatcher use of a Pipeline: generation is transformers', the rest (prompt ids, image
     preparation, output parsing) palikit's, so both libraries are served by the same create_app.
 
     Prompt ids and pixels come from palikit's processor (tests/test_parity.py shows transformers gives
@@ -82,9 +191,11 @@ class TransformersPipe(Pipeline):
         from transformers import PaliGemmaForConditionalGeneration
 
         from palikit.config import PaliGemmaConfig
+        from palikit.options import Options
         from palikit.processor import Tokenizer
 
         model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype))
+        self.options = Options(dtype=dtype, device="cpu")
         self.model = model.eval()
         self.config = PaliGemmaConfig.from_file(Path(folder) / "config.json")
         self.tokenizer = Tokenizer(Path(folder) / "tokenizer.model", image_token_id=self.config.image_token_id)
@@ -139,14 +250,17 @@ def run_server(library: str, checkpoint: str, scheduler: str, max_batch: int, th
     import torch
 
     import palikit
+    from palikit.serve import app as serve_app
     from palikit.serve import background, create_app
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     pipe = palikit.load(checkpoint, dtype="float32") if library == "palikit" else TransformersPipe(checkpoint)
+    if scheduler == "static":  # this process serves one app: its engine adapter becomes the static batcher
+        serve_app.Batcher = StaticBatcher
     app = create_app(pipe, model_name=library, max_batch=max_batch, max_queue=4096, request_timeout_s=3600,
-                     scheduler=scheduler, check_prompts=False)
+                     check_prompts=False)
     with background(app) as url:
         print(url, flush=True)
         sys.stdin.read()

@@ -1,42 +1,30 @@
-"""The public entry point: `palikit.load(source)` -> `Pipeline` with generate / stream / score and
-one method per registered task (caption, ask, question, ocr, detect, segment; see tasks.TASKS)."""
+"""The public entry point: `palikit.load(source, options)` -> `Pipeline` with generate / stream /
+score and one method per registered task (caption, ask, question, ocr, detect, segment; see
+tasks.TASKS). Generation runs on palikit.engine (beam search on generate.beam_search)."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
-import json
 import logging
-import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
 
 import torch
 from PIL import Image
 
 from . import generate as gen
-from . import tasks
-from .atomic import atomic_write, write_text_atomic
-from .config import ATTENTION_KERNELS, LOGIT_SOFTCAP_MODES, PaliGemmaConfig
+from . import quantize, tasks
+from .config import PaliGemmaConfig
+from .engine import Engine
 from .maskcodec import paste_mask
+from .options import DTYPES, Options
 from .paligemma import PaliGemma
-from .processor import (RESAMPLE, RESAMPLE_OF_PIL_ID, InputError, Tokenizer, collate, encode_example, load_image,
-                        preprocess, resize, suffix_logprobs)
-from .weights import CheckpointError, load_hf_folder, load_npz, resolve_source, save_hf_folder
+from .processor import InputError, Tokenizer, collate, encode_example, load_image, preprocess, resize, suffix_logprobs
+from .weights import (CheckpointError, build_on_meta, load_tensors, open_checkpoint, resolve_source,
+                      save_hf_folder, save_model_files)
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CODEC_FILES = ("mask_codec.npz", "vae-oid.npz")  # looked for beside the weights
-
-
-def _dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -58,103 +46,78 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def load(source: str | Path = "default", dtype: str | torch.dtype = "bfloat16", device: str = "cpu",
-         tokenizer: str | Path | None = None, sliding_window: bool = False,
-         logit_softcap: str | None = None, quantize: str | None = None, group_size: int = 32,
-         compile: bool = False, attention: str = "auto") -> Pipeline:
-    """Load a PaliGemma / PaliGemma 2 checkpoint: an HF folder (single or sharded safetensors), a
-    big_vision .npz (pass `tokenizer=` for it), a hub id, or "default" (the bundled tiny model).
+def load(source: str | Path = "default", options: Options | None = None, *, overrides: dict | None = None,
+         **changes) -> Pipeline:
+    """Load a PaliGemma / PaliGemma 2 checkpoint: an HF folder (single or sharded safetensors, or a
+    `palikit quantize` folder), a big_vision .npz, a hub id, or "default" (the bundled tiny model).
 
-    sliding_window=True applies Gemma 2's local attention window from config.json as transformers
-    does; by default it is off, as in big_vision (it only matters past 4096 tokens, i.e. 896 px).
-    logit_softcap: which logits get PaliGemma 2's final soft-cap (see PaliGemmaConfig.logit_softcap):
-    "config" (transformers' way; the default for HF folders), "big_vision" (decode steps only; the
-    default for .npz files, which come from big_vision) or "off".
-    quantize: "int8" or "int4" weight-only decoder weights (int4 in groups of `group_size`
-    inputs) and an int8 embedding / LM head, on the CPU (palikit.quantize); "w8a8": int8 weights,
-    the vision tower's too, and int8 activations (faster prefill and batches, a second rounding).
-    compile=True compiles the decode step with torch.compile (generate.compile_decode): the first
-    batch-1 generation and the first larger one compile it, later ones run the compiled step;
-    outputs equal the uncompiled path's.
-    attention: the kernel of prompts (prefill, scoring) and training sequences: "flex"
-    (FlexAttention, compiled: Gemma 2's soft-cap as a score_mod, the prefix-LM and sliding masks as
-    block masks, no score matrix in memory), "eager" (SDPA for PaliGemma 1, soft-capped scores
-    written out for PaliGemma 2), or "auto": flex for PaliGemma 2 on a GPU, eager otherwise.
+    options: how to load and run it (palikit.options.Options: dtype, device, quantize, compile,
+    attention, logit_softcap, sliding_window, tokenizer), or its fields as keywords:
+    `palikit.load("default", dtype="float32", quantize="int8")`.
+    overrides: fields of the checkpoint's text config to change before the model is built
+    (fine-tuning: {"final_logit_softcap": None}).
     """
-    check_device(device)
-    if attention not in ATTENTION_KERNELS:
-        raise InputError(f"attention must be one of {', '.join(ATTENTION_KERNELS)}, got {attention!r}")
-    if logit_softcap is not None and logit_softcap not in LOGIT_SOFTCAP_MODES:
-        raise InputError(f"logit_softcap must be one of {', '.join(LOGIT_SOFTCAP_MODES)}, got {logit_softcap!r}")
-    path = resolve_source(source)
-    dtype = _dtype(dtype)
-    if path.is_file():
-        if path.suffix != ".npz":
-            raise CheckpointError(f"{path}: expected a folder with safetensors or a big_vision .npz file")
-        model = load_npz(path, dtype, device)
-        model.config.logit_softcap = logit_softcap or "big_vision"
-        tok_file = Path(tokenizer) if tokenizer else path.parent / "tokenizer.model"
-    else:
-        model = load_hf_folder(path, dtype, device, sliding_window)
-        model.config.logit_softcap = logit_softcap or "config"
-        tok_file = Path(tokenizer) if tokenizer else path / "tokenizer.model"
-        pre = path / "preprocessor_config.json"
-        if pre.exists():  # the resize filter the checkpoint was made with (3 = bicubic, 2 = bilinear)
-            resample = json.loads(pre.read_text()).get("resample")
-            model.config.resample = RESAMPLE_OF_PIL_ID.get(resample, "bicubic")
-    if not tok_file.exists():
-        raise CheckpointError(f"no tokenizer: {tok_file} not found (pass tokenizer=PATH)")
-    if quantize is not None:
-        from .quantize import QuantizeError, quantize_weights
-
-        if model.config.quantization:
-            raise QuantizeError(f"{path} holds {model.config.quantization['scheme']} weights already; load it "
-                                "without quantize")
-        quantize_weights(model, quantize, group_size)
-    if compile:
-        gen.compile_decode(model)
+    try:
+        options = dataclasses.replace(options or Options(), **changes)
+    except (TypeError, ValueError) as e:  # an unknown option, or a value out of its choices
+        raise InputError(str(e)) from None
+    ckpt = open_checkpoint(resolve_source(source), options.sliding_window, options.tokenizer)
+    if not ckpt.tokenizer.exists():
+        raise CheckpointError(f"no tokenizer: {ckpt.tokenizer} not found (pass tokenizer=PATH)")
+    config = ckpt.config
+    if overrides:
+        config = dataclasses.replace(config, text=dataclasses.replace(config.text, **overrides))
+    stored = ckpt.quantization
+    if stored and options.quantize:
+        raise quantize.QuantizeError(f"{ckpt.path} holds {stored['scheme']} weights already; load it without "
+                                     "quantize")
+    device = _device(options.device, quantized=bool(stored or options.quantize))
+    attention = options.attention
     if attention == "auto":
-        attention = "flex" if model.device.type == "cuda" and model.config.text.attn_logit_softcap else "eager"
-    model.language_model.attention = attention
-    folder = path.parent if path.is_file() else path
-    codec = next((folder / n for n in CODEC_FILES if (folder / n).exists()), None)
-    return Pipeline(model, Tokenizer(tok_file, image_token_id=model.config.image_token_id), codec)
+        attention = "flex" if device.type == "cuda" and config.text.attn_logit_softcap else "eager"
+    softcap = options.logit_softcap or ("big_vision" if ckpt.big_vision else "config")
+    model = build_on_meta(config, attention=attention, logit_softcap=softcap)
+    dtype = options.torch_dtype
+    if stored:
+        if device.type != "cpu":
+            raise quantize.QuantizeError(f"{stored['scheme']} weights run on the CPU kernels; load with device='cpu'")
+        quantize.lay_out(model, stored, dtype)
+    load_tensors(model, ckpt.tensors(dtype), dtype, device, ckpt.path,
+                 keep_dtype=quantize.is_stored_as_is if stored else None)
+    if stored:
+        quantize.pack_loaded(model)
+    elif options.quantize:
+        quantize.quantize_weights(model, options.quantize, options.group_size)
+    tokenizer = Tokenizer(ckpt.tokenizer, image_token_id=config.image_token_id)
+    resolved = dataclasses.replace(options, device=str(device), attention=attention, logit_softcap=softcap)
+    return Pipeline(model, tokenizer, ckpt.codec, resolved)
 
 
-class PipelineProtocol(Protocol):
-    """What the server and the task methods need of a pipeline: palikit's Pipeline,
-    or an adapter around another library (benchmarks/bench_serve.py wraps transformers' model)."""
-
-    config: PaliGemmaConfig
-    tokenizer: Tokenizer
-    codec_path: Path | None  # the mask codec, if segment works
-
-    def generate_details(self, images, prompts, max_new_tokens: int = 32, batch_size: int = 8,
-                         **sampling) -> list[tuple[str, gen.Generated]]: ...
-
-    def stream(self, image, prompt: str, max_new_tokens: int = 32, **sampling) -> Iterator[int]: ...
-
-    def prompt_ids(self, prompt: str, n_images: int = 1, max_new_tokens: int = 0) -> list[int]: ...
-
-    def prepare_image(self, image) -> Image.Image: ...
-
-    def parse_objects(self, task: str | tasks.TaskSpec, text: str, generated: gen.Generated, image,
-                      codec=None) -> list: ...
+def _device(name: str, quantized: bool) -> torch.device:
+    """Options.device as a torch device: "auto" is a GPU when there is one, unless the weights are
+    quantised (they run on the CPU's kernels)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() and not quantized else "cpu")
+    return check_device(name)
 
 
 class Pipeline:
     """A loaded model with its tokenizer: generate, stream, score, and a method per task."""
 
-    def __init__(self, model: PaliGemma, tokenizer: Tokenizer, codec_path: Path | None = None):
+    def __init__(self, model: PaliGemma, tokenizer: Tokenizer, codec_path: Path | None = None,
+                 options: Options | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.config: PaliGemmaConfig = model.config
         self.codec_path = codec_path  # segmentation mask codec found beside the weights, if any
+        dtype = next(name for name, d in DTYPES.items() if d == model.dtype)
+        self.options = options or Options(dtype=dtype, device=str(model.device))
+        self.decode_step = gen.DecodeStep(model, compile=self.options.compile)
         self._codecs: dict = {}
 
     # ---- inputs ---------------------------------------------------------------------------
 
     def _normalise(self, images, prompts) -> tuple[list[list], list[str], bool]:
-        """-> (images per example, prompts, whether the caller passed a single prompt)."""
+        """-> (the images of each example, read, the prompts, whether the caller passed a single prompt)."""
         single = isinstance(prompts, str)
         prompts = [prompts] if single else list(prompts)
         if single:
@@ -164,7 +127,7 @@ class Pipeline:
         per_example = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
         if any(not ims for ims in per_example):
             raise InputError("every prompt needs at least one image")
-        return per_example, prompts, single
+        return [[load_image(im) for im in ims] for ims in per_example], prompts, single
 
     def embed_images(self, per_example: list[list]) -> torch.Tensor:
         """The image tokens (I, N, D) of every image of every example, in order."""
@@ -195,24 +158,32 @@ class Pipeline:
     # ---- generation -----------------------------------------------------------------------
 
     def generate_details(self, images, prompts, batch_size: int = 8, **sampling) -> list[tuple[str, gen.Generated]]:
-        """Like generate, with each output's token ids and log-probs."""
+        """Like generate, with each output's token ids and log-probs. Up to `batch_size` prompts
+        decode together (palikit.engine: a prompt that finishes makes room for the next at once)."""
         cfg = gen.SamplingConfig(**sampling)
         per_example, prompts, _ = self._normalise(images, prompts)
         encoded = [self.prompt_ids(p, len(ims), cfg.max_new_tokens) for ims, p in zip(per_example, prompts)]
-        results = []
-        for start in range(0, len(prompts), batch_size):
-            chunk = slice(start, start + batch_size)
-            image_tokens = self.embed_images(per_example[chunk])
-            outs = gen.generate(self.model, encoded[chunk], image_tokens, cfg,
-                                self.tokenizer.eos_id, self.tokenizer.pad_id)
-            results += [(self.tokenizer.decode(o.tokens), o) for o in outs]
-        return results
+        if cfg.num_beams > 1:
+            outs = []
+            for start in range(0, len(prompts), batch_size):
+                chunk = slice(start, start + batch_size)
+                outs += gen.beam_search(self.model, self.decode_step, encoded[chunk],
+                                        self.embed_images(per_example[chunk]), cfg, self.tokenizer.eos_id,
+                                        self.tokenizer.pad_id)
+        else:
+            engine = Engine(self, max_rows=min(batch_size, len(prompts)),
+                            max_len=max(len(ids) for ids in encoded) + cfg.max_new_tokens)
+            requests = [engine.submit(ims, ids, cfg, force=True) for ims, ids in zip(per_example, encoded)]
+            engine.run_until_idle()
+            outs = [r.result() for r in requests]
+        return [(self.tokenizer.decode(o.tokens), o) for o in outs]
 
     def generate(self, images, prompts, max_new_tokens: int = 32, **sampling) -> str | list[str]:
         """Text for one prompt (str) or a list of prompts (list[str]).
 
         `images`: one image per prompt; a prompt with several images (pairs, video frames) takes a
-        list of images. Sampling: do_sample, temperature, top_k, top_p, seed, num_beams.
+        list of images. Sampling: do_sample, temperature, top_k, top_p, seed (each prompt samples
+        with its own generator, seeded alike), num_beams, length_penalty.
         """
         single = isinstance(prompts, str)
         out = [t for t, _ in self.generate_details(images, prompts, max_new_tokens=max_new_tokens, **sampling)]
@@ -225,14 +196,22 @@ class Pipeline:
         if not isinstance(prompt, str):
             raise InputError("stream takes one prompt (a str); use generate for a batch")
         cfg = gen.SamplingConfig(max_new_tokens=max_new_tokens, **sampling)
+        if cfg.num_beams > 1:
+            raise InputError("beam search does not stream; use generate with num_beams")
         (images,), _, _ = self._normalise(image, prompt)
         ids = self.prompt_ids(prompt, len(images), max_new_tokens)
-        tok = self.tokenizer
-        for token, _ in gen.stream_tokens(self.model, [ids], self.embed_images([images]), cfg,
-                                          tok.eos_id, tok.pad_id):
-            if int(token) == tok.eos_id:
-                return
-            yield int(token)
+        engine, made = Engine(self, max_rows=1, max_len=len(ids) + max_new_tokens), []
+        request = engine.submit(images, ids, cfg, on_token=lambda r, token: made.append(token))
+        try:
+            while True:
+                busy = engine.step()
+                while made:
+                    yield made.pop(0)
+                if not busy:
+                    break
+            request.result()  # its error, if it had one
+        finally:
+            request.cancel()
 
     # ---- scoring --------------------------------------------------------------------------
 
@@ -354,30 +333,11 @@ class Pipeline:
         """A complete model folder, in the released HF layout: config.json, the weights, and
         save_model_files' tokenizer, preprocessor config and mask codec. palikit.load reads it back
         with the same resize filter and segment still working."""
-        if self.config.quantization:
+        if quantize.scheme_of(self.model):
             raise InputError("a quantised model is saved by `palikit quantize` (quantize.save_quantized_folder); "
                              "Pipeline.save writes the released layout, which has no quantised weights")
         save_hf_folder(self.model, folder)
         save_model_files(folder, self.config, self.tokenizer.path, self.codec_path)
-
-
-def save_model_files(folder: str | Path, config: PaliGemmaConfig, tokenizer: Path, codec: Path | None) -> None:
-    """What a model folder holds besides config.json and the weights: tokenizer.model,
-    preprocessor_config.json (the input size and resize filter, in transformers' SiglipImageProcessor
-    form) and the mask codec when there is one; each file written atomically."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    size = config.vision.image_size
-    preprocessor = {
-        "image_processor_type": "SiglipImageProcessor", "processor_class": "PaliGemmaProcessor",
-        "do_resize": True, "size": {"height": size, "width": size}, "resample": int(RESAMPLE[config.resample]),
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "image_seq_length": config.num_image_tokens,
-    }
-    write_text_atomic(folder / "preprocessor_config.json", json.dumps(preprocessor, indent=2) + "\n")
-    for src, name in [(Path(tokenizer), "tokenizer.model"), (Path(codec) if codec else None, None)]:
-        if src is not None and src.resolve() != (folder / (name or src.name)).resolve():
-            atomic_write(folder / (name or src.name), lambda p, src=src: shutil.copyfile(src, p))
 
 
 def _task_signature(spec: tasks.TaskSpec) -> inspect.Signature:

@@ -18,18 +18,16 @@ import sys
 from pathlib import Path
 
 from . import tasks
-from .config import ATTENTION_KERNELS, LOGIT_SOFTCAP_MODES, QUANT_SCHEMES
+from .options import QUANT_SCHEMES, Options, ServerSettings, add_flags, from_flags
 from .processor import InputError, load_image
 from .weights import CheckpointError
 
 
-def load_model(args, **options):
-    """palikit.load with the model options every verb that loads a model takes (_model_args)."""
+def load_model(args, **changes):
+    """palikit.load with the options of the verb's flags (_model_args), `changes` applied."""
     import palikit
 
-    options = {"logit_softcap": args.logit_softcap, "quantize": args.quantize, "group_size": args.group_size,
-               "compile": args.compile, "attention": args.attention, **options}
-    return palikit.load(args.model, **options if "dtype" in options else options | {"dtype": args.dtype})
+    return palikit.load(args.model, from_flags(args, Options, **changes))
 
 
 def cmd_generate(args) -> None:
@@ -81,7 +79,7 @@ def write_image_atomic(image, path) -> None:
 
 
 def cmd_run(args) -> None:
-    from palikit.finetune.dist import all_sum, init_distributed, leave
+    from palikit.dist import all_sum, init_distributed, leave
     from palikit.jobs import run_jobs
 
     rank, world, device = init_distributed(args.device)  # one process unless started by torchrun
@@ -118,9 +116,19 @@ def cmd_merge(args) -> None:
 
 
 def cmd_data_check(args) -> int:
+    from .config import PRESETS, PaliGemmaConfig
     from .data import check_dataset
+    from .weights import resolve_source
 
-    report = check_dataset(args.file, config=args.model, tokenizer=args.tokenizer,
+    config, tokenizer = args.model, args.tokenizer
+    if config is not None and config not in PRESETS:  # a model as every verb's --model names it
+        folder = resolve_source(config)
+        if not (folder / "config.json").is_file():
+            raise InputError(f"{config}: --model takes a preset name or a model folder with config.json")
+        if tokenizer is None and (folder / "tokenizer.model").exists():
+            tokenizer = folder / "tokenizer.model"
+        config = PaliGemmaConfig.from_file(folder / "config.json")
+    report = check_dataset(args.file, config=config, tokenizer=tokenizer,
                            max_text_len=args.max_text_len, split=args.split, open_images=args.open_images,
                            task=args.task, codec=args.vae, image_dir=args.image_dir)
     print(json.dumps(report.to_dict(), ensure_ascii=False) if args.json else report.format())
@@ -128,9 +136,9 @@ def cmd_data_check(args) -> int:
 
 
 def cmd_eval(args) -> None:
-    from palikit.benchmarks import BENCHMARKS
+    from palikit.dist import init_distributed, leave
+    from palikit.eval_sets import BENCHMARKS
     from palikit.evaluate import evaluate, load_examples, markdown, write_report
-    from palikit.finetune.dist import init_distributed, leave
 
     if args.list_benchmarks:
         for b in BENCHMARKS.values():
@@ -162,7 +170,7 @@ def cmd_demo(args) -> None:
     from palikit.synthetic import KINDS, make_scene, trained_prompts_text
     from palikit.overlay import draw
 
-    pipe = load_model(args, dtype="float32")
+    pipe = load_model(args)
     if args.image:
         image = load_image(args.image)
     else:
@@ -199,41 +207,15 @@ def cmd_demo(args) -> None:
 def cmd_serve(args) -> None:
     from palikit.serve import serve
 
-    serve(args.model, host=args.host, port=args.port, api_key=args.api_key or os.environ.get("PALIKIT_API_KEY"),
-          dtype=args.dtype, device=args.device, logit_softcap=args.logit_softcap, quantize=args.quantize,
-          group_size=args.group_size, compile=args.compile, attention=args.attention, max_batch=args.max_batch,
-          max_queue=args.max_queue, allow_local_paths=args.allow_local_paths or False, allow_urls=args.allow_urls,
-          scheduler=args.scheduler, kv_cache_gb=args.kv_cache_gb, image_cache_mb=args.image_cache_mb,
-          max_len=args.max_len, threads=args.threads)
+    settings = from_flags(args, ServerSettings, api_key=args.api_key or os.environ.get("PALIKIT_API_KEY"))
+    serve(args.model, from_flags(args, Options), settings)
 
 
-def _model_args(p: argparse.ArgumentParser, json_output: bool = True) -> None:
+def _model_args(p: argparse.ArgumentParser, json_output: bool = True, **defaults) -> None:
     p.add_argument("--model", default="default", help="folder, .npz, hub id, or 'default' (bundled tiny model)")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    _softcap_arg(p)
-    _fast_path_args(p)
+    add_flags(p, Options, **defaults)
     if json_output:
         p.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def _fast_path_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quantize", choices=QUANT_SCHEMES, help="weight-only int8 or int4 decoder weights (CPU; "
-                                                       "the embedding / LM head in int8); w8a8: int8 weights "
-                                                       "and int8 activations (faster prefill and batches)")
-    p.add_argument("--group-size", type=number(int, 32), default=32, help="int4: inputs per scale (32, 64, 128, 256)")
-    p.add_argument("--attention", choices=ATTENTION_KERNELS, default="auto",
-                   help="prompt attention kernel: flex (FlexAttention, compiled), eager, or auto (flex for "
-                        "PaliGemma 2 on a GPU)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the decode step with torch.compile (CUDA graphs on a GPU): faster decoding "
-                        "after a first call that compiles it (about half a minute on a CPU)")
-
-
-def _softcap_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--logit-softcap", choices=LOGIT_SOFTCAP_MODES, default=None,
-                   help="which logits get PaliGemma 2's final soft-cap: config (every logit, as transformers; "
-                        "the default for model folders), big_vision (decode steps only; the default for .npz) "
-                        "or off")
 
 
 def number(kind: type, low: float | None = None, high: float | None = None, above: bool = False):
@@ -307,22 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=POSITIVE, default=8)
     p.add_argument("--max-new-tokens", type=POSITIVE, default=128)
     p.add_argument("--vae", help="mask codec npz for segment jobs")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: a GPU if there is one")
     p.set_defaults(func=cmd_run)
 
     p = verbs.add_parser("demo", help="run every task on a generated image with the bundled model")
-    p.add_argument("--model", default="default")
+    _model_args(p, json_output=False, dtype="float32")
     p.add_argument("--image", help="your own image instead of a generated one")
     p.add_argument("--seed", type=int, default=1, help="which generated scene (1: two kinds and a number)")
-    _softcap_arg(p)
-    _fast_path_args(p)
     p.add_argument("--out", default="demo_out")
     p.set_defaults(func=cmd_demo)
 
     p = verbs.add_parser("eval", help="score a checkpoint on a model-card benchmark or a .jsonl file (also "
                                       "under torchrun)")
     _model_args(p)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: a GPU if there is one")
     p.add_argument("--benchmark", help="a benchmark of the model card (see --list-benchmarks), or synthetic "
                                        "(the default without --data)")
     p.add_argument("--data", help="the benchmark's files, or a .jsonl file (image, prefix, suffix)")
@@ -354,9 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="folder, .npz, hub id, or 'default'")
     p.add_argument("--to", required=True, choices=QUANT_SCHEMES)
     p.add_argument("--out", required=True)
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--group-size", type=number(int, 32), default=32, help="int4: inputs per scale (32, 64, 128, 256)")
-    p.set_defaults(func=cmd_quantize, logit_softcap=None, quantize=None, compile=False, attention="auto")
+    add_flags(p, Options, skip=("quantize", "compile", "attention", "logit_softcap", "sliding_window"))
+    p.set_defaults(func=cmd_quantize)
 
     p = verbs.add_parser("merge", help="merge LoRA adapters into their base model")
     p.add_argument("--base", required=True)
@@ -383,28 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_check)
 
     p = verbs.add_parser("serve", help="HTTP server: OpenAI-compatible chat completions, task endpoints, web demo")
-    p.add_argument("--model", default="default", help="folder, .npz, hub id, or 'default' (bundled tiny model)")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    _softcap_arg(p)
-    _fast_path_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes the server to the network")
-    p.add_argument("--threads", type=POSITIVE, help="torch CPU threads (default: all cores but one, left to the "
-                                                    "HTTP loop)")
-    p.add_argument("--port", type=number(int, 0, 65535), default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (default: $PALIKIT_API_KEY)")
-    p.add_argument("--max-batch", type=POSITIVE, default=8, help="most requests decoded together")
-    p.add_argument("--max-queue", type=POSITIVE, default=64, help="queued requests before answering 503")
-    p.add_argument("--scheduler", choices=["continuous", "static"],
-                   help="continuous batching (requests join and leave between tokens) or static batches")
-    p.add_argument("--kv-cache-gb", type=number(float, 0.0), help="size the KV cache pool by memory: as many "
-                                                                   "requests as fit, at most --max-batch")
-    p.add_argument("--max-len", type=POSITIVE, help="most tokens (image + prompt + answer) of one request "
-                                                    "(default: the image tokens + 512)")
-    p.add_argument("--image-cache-mb", type=number(float, 0.0), default=256,
-                   help="image encodings kept for later prompts on the same image")
-    p.add_argument("--allow-local-paths", metavar="DIR", help="let requests name image files under DIR")
-    p.add_argument("--allow-urls", action="store_true", help="let requests give http(s) image URLs to fetch")
+    _model_args(p, json_output=False)
+    add_flags(p, ServerSettings)
     p.set_defaults(func=cmd_serve)
     return parser
 

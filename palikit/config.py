@@ -13,12 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-LOGIT_SOFTCAP_MODES = ("config", "big_vision", "off")  # see PaliGemmaConfig.logit_softcap
-# At load (palikit.quantize.quantize_weights): int8 / int4 weight-only; w8a8 the int8 weights with
-# their input activations in int8 too (dynamic, per token), multiplied int8 x int8.
-QUANT_SCHEMES = ("int8", "int4", "w8a8")
-ATTENTION_KERNELS = ("auto", "eager", "flex")  # of prompts and training sequences: see palikit.load
-
 
 @dataclass
 class SiglipConfig:
@@ -84,32 +78,13 @@ class PaliGemmaConfig:
     pad_token_id: int = 0
     eos_token_id: int = 1
     bos_token_id: int = 2
-    # Resampling filter of the square resize, as PIL names it (HF preprocessor: 3 = bicubic).
+    # Resampling filter of the square resize, as PIL names it: the checkpoint's preprocessor_config.json
+    # (3 = bicubic, as released; 2 = bilinear).
     resample: str = "bicubic"
-    # Which logits get Gemma 2's final soft-cap (text.final_logit_softcap), where the references
-    # differ; a run-time choice (palikit.load(logit_softcap=...)), not written to config.json:
-    # "config": every logit, as transformers' Gemma2 / PaliGemma forward does;
-    # "big_vision": decode steps only; teacher-forced logits (loss, scores) and the prefill's are
-    #   uncapped, as big_vision's `compute_logits` returns pre-logits through the unCapped head
-    #   (big_vision/models/proj/paligemma/gemma_bv.py, models/ppp/gemma.py);
-    # "off": none.
-    logit_softcap: str = "config"
-    # Weight-only quantisation applied at load (palikit.quantize.quantize_weights), a run-time
-    # choice like logit_softcap: {"scheme": "int8" | "int4" | "w8a8", "group_size": ..., "vision": ...}.
-    quantization: dict | None = None
 
     @property
     def num_image_tokens(self) -> int:
         return self.vision.num_image_tokens
-
-    def caps(self, where: str) -> bool:
-        """Whether logits at `where` ("teacher", "prefill" or "decode") get the final soft-cap."""
-        if self.logit_softcap not in LOGIT_SOFTCAP_MODES:
-            raise ValueError(f"logit_softcap must be one of {', '.join(LOGIT_SOFTCAP_MODES)}, "
-                             f"got {self.logit_softcap!r}")
-        if not self.text.final_logit_softcap or self.logit_softcap == "off":
-            return False
-        return self.logit_softcap == "config" or where == "decode"
 
     @property
     def version(self) -> int:
@@ -129,16 +104,12 @@ class PaliGemmaConfig:
         text = dataclasses.replace(preset.text, **overrides.pop("text", {}))
         return dataclasses.replace(preset, vision=vision, text=text, **{"name": name, **overrides})
 
-    @classmethod
-    def from_dict(cls, d: dict) -> PaliGemmaConfig:
-        d = dict(d)
-        return cls(vision=SiglipConfig(**d.pop("vision")), text=GemmaConfig(**d.pop("text")), **d)
-
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_hf_config(cls, hf: dict, name: str = "custom", sliding_window: bool = False) -> PaliGemmaConfig:
+    def from_hf_config(cls, hf: dict, name: str = "custom", sliding_window: bool = False,
+                       resample: str = "bicubic") -> PaliGemmaConfig:
         """Build from a transformers PaliGemma `config.json` (as a dict).
 
         sliding_window=True applies the file's Gemma 2 window as transformers does; by default it
@@ -180,6 +151,7 @@ class PaliGemmaConfig:
             name=name,
             vision=vision,
             text=text,
+            resample=resample,
             image_token_id=image_token,
             pad_token_id=_first(hf.get("pad_token_id", t.get("pad_token_id")), 0),
             eos_token_id=_first(hf.get("eos_token_id", t.get("eos_token_id")), 1),
@@ -239,8 +211,8 @@ class PaliGemmaConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> PaliGemmaConfig:
-        d = json.loads(Path(path).read_text())
-        return cls.from_hf_config(d, name=Path(path).parent.name) if "model_type" in d else cls.from_dict(d)
+        """A transformers `config.json` file."""
+        return cls.from_hf_config(json.loads(Path(path).read_text()), name=Path(path).parent.name)
 
 
 def _first(x, default):

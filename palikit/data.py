@@ -391,24 +391,14 @@ def check_dataset(path: str | Path, config=None, tokenizer=None, max_text_len: i
     a prompt, loc tokens not in groups of 4, inverted boxes, detected labels absent from the
     prompt, text longer than `max_text_len` (it would be truncated).
 
-    config: a PaliGemmaConfig, a preset name or a model folder (for the image-token count and the
-    length limit). tokenizer: a Tokenizer or a tokenizer.model path; without one, lengths are not
-    checked (a model folder's tokenizer.model is used when there is one). task, codec: what a COCO
-    file converts to, as in load_examples.
+    config: a PaliGemmaConfig or a preset name (for the image-token count and the length limit).
+    tokenizer: a Tokenizer or a tokenizer.model path; without one, lengths are not checked. task,
+    codec: what a COCO file converts to, as in load_examples.
     """
-    from .config import PRESETS, PaliGemmaConfig
-    from .weights import resolve_source
+    from .config import PaliGemmaConfig
 
-    if isinstance(config, (str, Path)):  # a preset name, or a model as every verb's --model names it
-        if str(config) in PRESETS:
-            config = PaliGemmaConfig.from_name(str(config))
-        else:
-            folder = resolve_source(config)
-            if not (folder / "config.json").is_file():
-                raise DatasetError(f"{config}: --model takes a preset name or a model folder with config.json")
-            if tokenizer is None and (folder / "tokenizer.model").exists():
-                tokenizer = folder / "tokenizer.model"
-            config = PaliGemmaConfig.from_file(folder / "config.json")
+    if isinstance(config, str):
+        config = PaliGemmaConfig.from_name(config)
     if isinstance(tokenizer, (str, Path)):
         tokenizer = Tokenizer(tokenizer, image_token_id=config.image_token_id if config else None)
     errors: list = []  # (where, message) of bad JSONL lines, Problems of COCO annotations

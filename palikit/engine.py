@@ -1,33 +1,27 @@
-"""Continuous batching: one engine runs every request of a server, a `palikit run` or an eval.
+"""Continuous batching: every generation of palikit runs here, one prompt of Pipeline.generate as
+the requests of a server, a `palikit run` or an eval.
 
     engine = Engine(palikit.load("default"), max_rows=16)
     engine.start()                                   # a model thread; or call engine.step() yourself
-    request = engine.submit(images, "caption en", gen.SamplingConfig(max_new_tokens=32))
+    request = engine.submit(images, "caption en", SamplingConfig(max_new_tokens=32))
     request.wait(); print(engine.pipe.tokenizer.decode(request.result().tokens))
 
-Iteration-level scheduling (Orca, Yu et al., OSDI 2022; vLLM's scheduler): each step decodes one
-token for every active row, newcomers join between steps and a row leaves the moment it is done,
-its cache row reused by the next request. The KV cache is one preallocated pool of max_rows rows
-of max_len slots; active rows are kept at the front of the pool (a leaving row's place is taken by
-the last one), so a step runs the static decode step of palikit.generate on a view of the first n
-rows: every row has its own slot and its own layout of block numbers, positions and valid slots.
+palikit.scheduler decides (who waits, who joins, who leaves, which row moves where); the Runner here
+carries it out on the model: the KV cache is one preallocated pool of max_rows rows of max_len
+slots, every row with its own layout (block numbers, positions, valid slots), slot and sampling
+generator; a step runs the model's decode step on the first n rows.
 
-Prefill is chunked by layers, not by tokens: the image + prefix of a PaliGemma prompt is one
-bidirectional block (big_vision's prefix-LM), so the keys of its first token depend on its last and
-no part of it can be computed before the whole prompt is seen; the layers of the decoder, though,
-can run a few per step (generate.prefill_by_layer). One group of newcomers is prefilled at a time,
-into the pool rows after the running ones, while those keep decoding a token per step; the prefill
-budget bounds how long a step takes: newcomers are admitted up to `prefill_tokens` prompt tokens
-(at least one request), and a group longer than that runs `prefill_tokens / its tokens` of the
-layers per step (at least one), after its images are encoded.
+Prefill is chunked by layers, not by tokens (PaliGemma.prefill says why): one group of newcomers is
+prefilled at a time into the pool rows after the running ones, a few decoder layers per step when
+its prompt tokens exceed the budget, while the running rows keep decoding a token per step.
 
 Exactness: a row's tokens depend only on its own prompt and images, whatever it shares a step
 with: every row has its own positions and masks, slots it has not written are masked by block
 numbers (so what an earlier occupant left there is never read), and a seeded request samples from
-its own generator. Greedy output equals Pipeline.generate run alone (tests/test_engine.py), to
-float rounding: a step's matrix products take as many rows as requests are running, and MKL's
-float32 GEMM of a few rows rounds differently from a GEMV or a GEMM of many (bfloat16 measured
-the same here), so where two tokens tie to the last bits the choice can differ with the company.
+its own generator. Greedy output equals the request run alone (tests/test_engine.py), to float
+rounding: a step's matrix products take as many rows as requests are running, and a GEMM of a few
+rows may round differently from one of many, so where two tokens tie to the last bits the choice
+can differ with the company.
 """
 
 from __future__ import annotations
@@ -45,15 +39,15 @@ import torch
 
 from . import generate as gen
 from .gemma import KVCache
+from .paligemma import Layout
 from .processor import InputError, preprocess
+from .scheduler import EngineBusy, Request, Scheduler, cut_at_stop
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _END = object()
 
-
-class EngineBusy(Exception):
-    """The queue is full: the caller should retry later (the server answers 503 + Retry-After)."""
+__all__ = ["Engine", "EngineBusy", "ImageCache", "Request", "Work", "cut_at_stop", "run_in_order"]
 
 
 class ImageCache:
@@ -106,70 +100,114 @@ class ImageCache:
         return self.hits / max(1, self.hits + self.misses)
 
 
-def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
-    """text up to the first of the stop strings it contains (OpenAI's `stop`), and whether one was."""
-    ends = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return (text[:min(ends)], True) if ends else (text, False)
-
-
-class Request:
-    """One generation: prompt ids (with <image> placeholders) and its images, its own sampling,
-    stop strings and callbacks. The engine fills tokens / logprobs and sets finish_reason ("stop":
-    <eos> or a stop string in the text; "length": max_new_tokens; "cancelled") or error, then calls
-    on_done. The tokens that completed a stop string are kept: cut_at_stop cuts the text."""
-
-    def __init__(self, prompt_ids: list[int], images: list, sampling: gen.SamplingConfig,
-                 on_token: Callable[[Request, int], None] | None = None,
-                 on_done: Callable[[Request], None] | None = None, stop: tuple[str, ...] = ()):
-        if sampling.num_beams > 1:
-            raise InputError("the engine does not run beam search; use Pipeline.generate for num_beams > 1")
-        self.prompt_ids, self.images, self.sampling, self.stop = prompt_ids, images, sampling, tuple(stop)
-        self.on_token, self.on_done = on_token, on_done
-        self.tokens: list[int] = []
-        self.logprobs: list[float] = []
-        self.finish_reason: str | None = None
-        self.error: Exception | None = None
-        self.cancelled = False
-        self.alone = False  # prefill it in a group of its own (its group failed: find the bad request)
-        self._done = threading.Event()
-        self.generator: torch.Generator | None = None  # made on admission, on the model's device
-
-    def cancel(self) -> None:
-        """Stop generating (a client went away): the row is freed at the next step."""
-        self.cancelled = True
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._done.wait(timeout)
-
-    def result(self) -> gen.Generated:
-        if self.error is not None:
-            raise self.error
-        return gen.Generated(self.tokens, self.logprobs)
-
-    def _finish(self, reason: str | None, error: Exception | None = None) -> None:
-        self.finish_reason, self.error = reason, error
-        self._done.set()
-        if self.on_done is not None:
-            try:
-                self.on_done(self)
-            except Exception:  # a consumer's bug must not stop the other rows
-                log.exception("on_done callback failed")
-
-
 @dataclass
 class Prefill:
-    """Newcomers being prefilled into pool rows [start, start + len(requests)), a few decoder
-    layers per step."""
+    """A group being prefilled into pool rows [start, start + len(ids)), a few layers per step."""
 
-    requests: list[Request]
     start: int
-    batch: gen.PromptBatch
-    layers: Iterator[torch.Tensor | None]  # generate.prefill_by_layer
-    layers_per_step: int
+    layout: Layout  # of the group's rows, over the pool's max_len slots
+    x: torch.Tensor  # the hidden states after `done` layers
+    done: int
+    per_step: int
+
+
+class Runner:
+    """The model side of the engine: the KV pool, each row's layout, slot and next-token logits,
+    a group's prefill layer by layer, sampling, decode steps and row moves."""
+
+    def __init__(self, pipe, max_rows: int, max_len: int, image_cache_mb: float):
+        self.pipe, self.model = pipe, pipe.model
+        dev, text = self.model.device, self.model.config.text
+        self.pool = self.model.new_cache(max_rows, max_len)
+        self.layout = Layout(torch.zeros(max_rows, max_len, dtype=torch.long, device=dev),
+                             torch.zeros(max_rows, max_len, dtype=torch.long, device=dev),
+                             torch.zeros(max_rows, max_len, dtype=torch.bool, device=dev))
+        self.slot = torch.zeros(max_rows, dtype=torch.long, device=dev)
+        self.logits = torch.zeros(max_rows, text.vocab_size, device=dev)  # each row's next-token logits
+        self.images = ImageCache(int(image_cache_mb * 2**20))
+        self.prefill: Prefill | None = None
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        return KVCache([k[start:stop] for k in self.pool.k], [v[start:stop] for v in self.pool.v])
+
+    def start_prefill(self, group: list[Request], start: int, per_step: Callable[[int], int]) -> None:
+        """Encode the group's images (the image cache first) and embed its prompts: the errors of a
+        bad request (ValueError) come from here, before any layer runs."""
+        cfg = self.model.config
+        pixels = preprocess([im for r in group for im in r.images], cfg.vision.image_size, cfg.resample)
+        image_tokens = self.images.encode(self.model, pixels) if len(pixels) else None
+        lengths = [len(r.prompt_ids) for r in group]
+        P = max(lengths)
+        pad = self.pipe.tokenizer.pad_id
+        ids = torch.tensor([[pad] * (P - len(r.prompt_ids)) + r.prompt_ids for r in group], device=self.model.device)
+        layout = Layout.of_prompts(lengths, self.pool.k[0].shape[2], self.model.device)
+        self.prefill = Prefill(start, layout, self.model.embed(ids, image_tokens), 0, per_step(P))
+
+    def advance_prefill(self) -> torch.Tensor | None:
+        """Run the next layers of the group being prefilled. -> its next-token logits once its
+        last layer has run (its rows' layouts and slots are set then), else None."""
+        p = self.prefill
+        n_layers = self.model.config.text.num_layers
+        stop = min(n_layers, p.done + p.per_step)
+        rows = slice(p.start, p.start + p.x.shape[0])
+        p.x = self.model.prefill(p.x, p.layout, self.rows(rows.start, rows.stop), slice(p.done, stop))
+        p.done = stop
+        if stop < n_layers:
+            return None
+        self.layout.block[rows], self.layout.pos[rows], self.layout.valid[rows] = p.layout.block, p.layout.pos, p.layout.valid
+        self.slot[rows] = p.x.shape[1]
+        self.prefill = None
+        return self.model.logits(p.x[:, -1], "prefill")
+
+    def choose(self, running: list[Request], eos: int) -> int:
+        """The next token of every running row (greedy, or sampled with the row's own generator),
+        appended to its request, whose finish_reason is set when it ends. -> tokens appended."""
+        n = len(running)
+        logits = self.logits[:n]
+        logprobs = logits.log_softmax(-1)
+        tokens = logits.argmax(-1).tolist()
+        for i, r in enumerate(running):
+            if r.sampling.do_sample:
+                probs = gen.logits_to_probs(logits[i:i + 1], r.sampling)
+                tokens[i] = int(torch.multinomial(probs, 1, generator=r.generator))
+        chosen = logprobs[torch.arange(n), torch.tensor(tokens, device=logits.device)].tolist()
+        appended = 0
+        for r, t, lp in zip(running, tokens, chosen):
+            if r.cancelled:
+                r.finish_reason = "cancelled"
+                continue
+            if t == eos:
+                r.finish_reason = "stop"
+                continue
+            r.tokens.append(t)
+            r.logprobs.append(lp)
+            appended += 1
+            if r.on_token is not None:
+                try:
+                    r.on_token(r, t)
+                except Exception:
+                    log.exception("on_token callback failed")
+            if r.stop and cut_at_stop(self.pipe.tokenizer.decode(r.tokens), r.stop)[1]:
+                r.finish_reason = "stop"
+            elif len(r.tokens) >= r.sampling.max_new_tokens:
+                r.finish_reason = "length"
+        return appended
+
+    def move(self, src: int, dst: int) -> None:
+        """Row src of the pool (its cache, layout, slot and logits) into row dst."""
+        for cache in (self.pool.k, self.pool.v):
+            for layer in cache:
+                layer[dst] = layer[src]
+        for t in (self.layout.block, self.layout.pos, self.layout.valid, self.slot, self.logits):
+            t[dst] = t[src]
+
+    def decode(self, running: list[Request]) -> None:
+        """One decode step of the first len(running) rows: the next-token logits of each."""
+        n = len(running)
+        token = torch.tensor([r.tokens[-1] for r in running], device=self.slot.device)
+        layout = Layout(self.layout.block[:n], self.layout.pos[:n], self.layout.valid[:n])
+        self.logits[:n] = self.pipe.decode_step(token, self.slot[:n], layout, self.rows(0, n))
+        self.slot[:n] += 1
 
 
 class Engine:
@@ -189,7 +227,7 @@ class Engine:
         max_len = max_len or min(limit, self.model.config.num_image_tokens + 512)
         if max_len > limit:
             raise InputError(f"max_len {max_len} is more than the model's limit of {limit} positions")
-        self.max_len = -(-max_len // gen.CACHE_BUCKET) * gen.CACHE_BUCKET  # a compiled step's shapes, kept few
+        self.max_len = gen.cache_length(max_len)  # a compiled step's shapes, kept few
         row_bytes = 2 * text.num_layers * text.num_kv_heads * text.head_dim * self.max_len * self.model.dtype.itemsize
         if kv_cache_gb is not None:
             fit = int(kv_cache_gb * 2**30 // row_bytes)
@@ -197,19 +235,9 @@ class Engine:
                 raise InputError(f"--kv-cache-gb {kv_cache_gb:g} holds no request of {self.max_len} tokens "
                                  f"(one needs {row_bytes / 2**30:.3g} GB); raise it or lower --max-len")
             max_rows = min(max_rows, fit)
-        self.max_rows, self.max_queue, self.prefill_tokens = max_rows, max_queue, prefill_tokens
-        self.kv_bytes = row_bytes * max_rows
-        dev = self.model.device
-        self.pool = self.model.new_cache(max_rows, self.max_len)
-        self.block = torch.zeros(max_rows, self.max_len, dtype=torch.long, device=dev)
-        self.pos = torch.zeros_like(self.block)
-        self.valid = torch.zeros(max_rows, self.max_len, dtype=torch.bool, device=dev)
-        self.slot = torch.zeros(max_rows, dtype=torch.long, device=dev)
-        self.logits = torch.zeros(max_rows, text.vocab_size, device=dev)  # each row's next-token logits
-        self.rows: list[Request] = []  # active requests, row i of the pool = rows[i]
-        self.prefilling: Prefill | None = None  # the group being prefilled, in the rows after them
-        self.images = ImageCache(int(image_cache_mb * 2**20))
-        self.queue: deque[Request] = deque()
+        self.max_rows, self.kv_bytes = max_rows, row_bytes * max_rows
+        self.scheduler = Scheduler(max_rows, max_queue, prefill_tokens)
+        self.runner = Runner(pipe, max_rows, self.max_len, image_cache_mb)
         self.cond = threading.Condition()
         self.closed = False
         self.thread: threading.Thread | None = None
@@ -229,29 +257,29 @@ class Engine:
         """Queue a request: its images (as the model sees them, or any PIL image), a prompt (text
         or ids), and Request's options (callbacks, stop strings). force=True queues it even past
         max_queue (batch jobs that wait anyway)."""
+        if sampling.num_beams > 1:
+            raise InputError("the engine does not run beam search; use Pipeline.generate for num_beams > 1")
         ids = prompt if isinstance(prompt, list) else self.pipe.prompt_ids(prompt, len(images), sampling.max_new_tokens)
         self.check(len(ids), sampling.max_new_tokens)
         request = Request(ids, images, sampling, **options)
         with self.cond:
             if self.closed:
                 raise EngineBusy("the engine is shut down")
-            if not force and len(self.queue) >= self.max_queue:
-                raise EngineBusy(f"{len(self.queue)} requests queued")
-            self.queue.append(request)
+            self.scheduler.add(request, force)
             self.cond.notify()
         return request
 
     @property
     def depth(self) -> int:
-        return len(self.queue)
+        return len(self.scheduler.waiting)
 
     @property
     def running(self) -> int:
-        return len(self.rows)
+        return len(self.scheduler.running)
 
     @property
     def busy(self) -> bool:
-        return bool(self.queue or self.rows or self.prefilling)
+        return self.scheduler.busy
 
     # ---- one step --------------------------------------------------------------------------
 
@@ -259,161 +287,67 @@ class Engine:
     def step(self) -> bool:
         """Admit newcomers, run some layers of their prefill, choose a token for every row, retire
         finished rows, decode the rest. -> whether there was anything to do."""
-        start, tokens_before = time.perf_counter(), self.tokens_out
+        start, sched = time.perf_counter(), self.scheduler
         self._admit()
-        if self.prefilling is not None:
+        if sched.prefilling:
             self._advance_prefill()
-        if not self.rows:
-            return self.busy  # a prefill under way, or requests put back to find a bad one
-        rows = len(self.rows)
-        self._choose()
-        self._retire()
-        n = len(self.rows)
-        if n:
-            view = KVCache([k[:n] for k in self.pool.k], [v[:n] for v in self.pool.v])
-            layout = gen.Layout(self.block[:n], self.pos[:n], self.valid[:n])
-            token = torch.tensor([r.tokens[-1] for r in self.rows], device=self.slot.device)
-            self.logits[:n] = gen.decode_step(self.model, layout, token, self.slot[:n], view)
-            self.slot[:n] += 1
+        if not sched.running:
+            return sched.busy  # a prefill under way, or requests put back to find a bad one
+        rows = len(sched.running)
+        tokens = self.runner.choose(sched.running, self.pipe.tokenizer.eos_id)
+        left, moves = sched.retire()
+        for src, dst in moves:
+            self.runner.move(src, dst)
+        for r in left:
+            r.finish(r.finish_reason)
+        if sched.running:
+            self.runner.decode(sched.running)
         self.steps += 1
+        self.tokens_out += tokens
         if self.on_step is not None:
-            self.on_step(rows, self.tokens_out - tokens_before, time.perf_counter() - start)
+            self.on_step(rows, tokens, time.perf_counter() - start)
         return True
 
     def _admit(self) -> None:
-        """Start prefilling queued requests in free rows, up to the prefill budget; one group at a time."""
-        if self.prefilling is not None:
+        sched = self.scheduler
+        group = sched.admit()
+        if not group:
             return
-        newcomers, budget = [], self.prefill_tokens
-        with self.cond:
-            while self.queue and len(self.rows) + len(newcomers) < self.max_rows:
-                r = self.queue[0]
-                if r.cancelled:
-                    self.queue.popleft()._finish("cancelled")
-                    continue
-                if newcomers and (len(r.prompt_ids) > budget or r.alone):
-                    break
-                budget -= len(r.prompt_ids)
-                newcomers.append(self.queue.popleft())
-                if r.alone:
-                    break
-        if not newcomers:
-            return
+        layers = self.model.config.text.num_layers
         try:
-            self.prefilling = self._start_prefill(newcomers)
+            self.runner.start_prefill(group, sched.prefill_start, lambda P: sched.layers_per_step(layers, P))
         except ValueError as e:  # a bad request (images that do not match its prompt)
-            if len(newcomers) == 1:
-                newcomers[0]._finish(None, e)
-                return
-            for r in newcomers:  # find it: each again in a group of its own, the others unharmed
-                r.alone = True
-            with self.cond:
-                self.queue.extendleft(reversed(newcomers))
+            if len(group) == 1:
+                sched.drop_prefill()
+                group[0].finish(None, e)
+            else:
+                sched.requeue(group)  # find it: each again in a group of its own, the others unharmed
         except Exception as e:  # fail the newcomers, not the running rows
             log.exception("prefill failed")
-            for r in newcomers:
-                r._finish(None, e)
-
-    def _start_prefill(self, newcomers: list[Request]) -> Prefill:
-        """Encode the newcomers' images (the image cache first) and embed their prompts: the errors
-        of a bad request come from here, before any layer runs."""
-        cfg = self.model.config
-        pixels = preprocess([im for r in newcomers for im in r.images], cfg.vision.image_size, cfg.resample)
-        image_tokens = self.images.encode(self.model, pixels) if len(pixels) else None
-        P = max(len(r.prompt_ids) for r in newcomers)
-        batch = gen.PromptBatch([r.prompt_ids for r in newcomers], self.pipe.tokenizer.pad_id,
-                                self.max_len - P, self.model.device)
-        x = self.model.embed(batch.ids, image_tokens)
-        start, m = len(self.rows), len(newcomers)
-        view = KVCache([k[start:start + m] for k in self.pool.k], [v[start:start + m] for v in self.pool.v])
-        n_layers = cfg.text.num_layers
-        per_step = max(1, n_layers * self.prefill_tokens // (m * P))
-        return Prefill(newcomers, start, batch, gen.prefill_by_layer(self.model, batch, x, view), per_step)
+            for r in sched.drop_prefill():
+                r.finish(None, e)
 
     def _advance_prefill(self) -> None:
         """Run the next layers of the group being prefilled; when it is done, its rows join the
         running ones (moved down to follow them if rows left meanwhile)."""
-        p = self.prefilling
+        sched = self.scheduler
         try:
-            for _ in range(p.layers_per_step):
-                logits = next(p.layers)
-                if logits is not None:
-                    break
-            else:
-                return
+            logits = self.runner.advance_prefill()
         except Exception as e:
             log.exception("prefill failed")
-            self.prefilling = None
-            for r in p.requests:
-                r._finish(None, e)
+            self.runner.prefill = None
+            for r in sched.drop_prefill():
+                r.finish(None, e)
             return
-        m, n = len(p.requests), len(self.rows)
-        rows = slice(p.start, p.start + m)
-        self.block[rows], self.pos[rows], self.valid[rows] = p.batch.block, p.batch.pos, p.batch.valid
-        self.slot[rows] = p.batch.prompt_len
-        for j in range(m):  # ascending: safe where the two ranges overlap
-            if p.start + j != n + j:
-                self._move(p.start + j, n + j)
-        self.logits[n:n + m] = logits
-        for r in p.requests:
-            if r.sampling.do_sample:  # as generate.stream_tokens makes it, so a seed samples the same
+        if logits is None:
+            return
+        start = sched.prefill_start
+        self.runner.logits[start:start + len(logits)] = logits
+        for r in sched.prefilling:
+            if r.sampling.do_sample:  # made on joining, so a seed samples the same whenever it runs
                 r.generator = gen.new_generator(self.model.device, r.sampling.seed)
-        self.rows += p.requests
-        self.prefilling = None
-
-    def _choose(self) -> None:
-        """The next token of every row: greedy or sampled with the row's own generator."""
-        n = len(self.rows)
-        logits = self.logits[:n]
-        logprobs = logits.log_softmax(-1)
-        tokens = logits.argmax(-1).tolist()
-        for i, r in enumerate(self.rows):
-            if r.sampling.do_sample:
-                probs = gen.logits_to_probs(logits[i : i + 1], r.sampling)
-                tokens[i] = int(torch.multinomial(probs, 1, generator=r.generator))
-        eos = self.pipe.tokenizer.eos_id
-        chosen = logprobs[torch.arange(n), torch.tensor(tokens, device=logits.device)].tolist()
-        for r, t, lp in zip(self.rows, tokens, chosen):
-            if r.cancelled:
-                r.finish_reason = "cancelled"
-                continue
-            if t == eos:
-                r.finish_reason = "stop"
-                continue
-            r.tokens.append(t)
-            r.logprobs.append(lp)
-            self.tokens_out += 1
-            if r.on_token is not None:
-                try:
-                    r.on_token(r, t)
-                except Exception:
-                    log.exception("on_token callback failed")
-            if r.stop and cut_at_stop(self.pipe.tokenizer.decode(r.tokens), r.stop)[1]:
-                r.finish_reason = "stop"
-            elif len(r.tokens) >= r.sampling.max_new_tokens:
-                r.finish_reason = "length"
-
-    def _retire(self) -> None:
-        """Free the rows of finished requests: the last active row moves into each freed one."""
-        i = 0
-        while i < len(self.rows):
-            r = self.rows[i]
-            if r.finish_reason is None:
-                i += 1
-                continue
-            last = len(self.rows) - 1
-            if i != last:
-                self._move(last, i)
-            self.rows[i] = self.rows[last]
-            self.rows.pop()
-            r._finish(r.finish_reason)
-
-    def _move(self, src: int, dst: int) -> None:
-        for cache in (self.pool.k, self.pool.v):
-            for layer in cache:
-                layer[dst] = layer[src]
-        for t in (self.block, self.pos, self.valid, self.slot):  # logits: the decode after this sets them
-            t[dst] = t[src]
+        for src, dst in sched.join():
+            self.runner.move(src, dst)
 
     # ---- running ---------------------------------------------------------------------------
 
@@ -436,11 +370,12 @@ class Engine:
                     break
             try:
                 self.step()
-            except Exception as e:  # never kill the thread: fail the running rows, keep serving
+            except Exception as e:  # never kill the thread: fail the rows in flight, keep serving
                 log.exception("engine step failed")
-                for r in self._in_flight():
-                    r._finish(None, e)
-                self.rows, self.prefilling = [], None
+                self.runner.prefill = None
+                for r in [*self.scheduler.running, *self.scheduler.drop_prefill()]:
+                    r.finish(None, e)
+                self.scheduler.running = []
 
     def close(self) -> None:
         with self.cond:
@@ -448,12 +383,9 @@ class Engine:
             self.cond.notify_all()
         if self.thread is not None:
             self.thread.join(timeout=30)
-        for r in [*self._in_flight(), *self.queue]:
-            r._finish(None, EngineBusy("the engine is shut down"))
-        self.rows, self.prefilling, self.queue = [], None, deque()
-
-    def _in_flight(self) -> list[Request]:
-        return [*self.rows, *(self.prefilling.requests if self.prefilling else [])]
+        self.runner.prefill = None
+        for r in self.scheduler.clear():
+            r.finish(None, EngineBusy("the engine is shut down"))
 
     def in_order(self, items: Iterable[T], submit: Callable[[T], Request | None],
                  window: int) -> Iterator[list[tuple[T, Request | None]]]:
@@ -482,8 +414,9 @@ class Engine:
                 pending[0][1].wait()
 
     def stats(self) -> dict:
-        return {"running_rows": len(self.rows), "max_rows": self.max_rows, "queue_depth": len(self.queue),
-                "image_cache_hit_rate": self.images.hit_rate, "image_cache_bytes": self.images.bytes,
+        images = self.runner.images
+        return {"running_rows": self.running, "max_rows": self.max_rows, "queue_depth": self.depth,
+                "image_cache_hit_rate": images.hit_rate, "image_cache_bytes": images.bytes,
                 "kv_cache_bytes": self.kv_bytes, "generated_tokens": self.tokens_out, "steps": self.steps}
 
 

@@ -1,8 +1,8 @@
 """`palikit eval`: a checkpoint scored as the model card scores it.
 
-What is evaluated (palikit/benchmarks.py reads it):
+What is evaluated (palikit/eval_sets.py reads it):
 - `--benchmark NAME --data PATH`: a benchmark of the model card in the files it is published as
-  (its prompt template, metric and split come from benchmarks.BENCHMARKS);
+  (its prompt template, metric and split come from eval_sets.BENCHMARKS);
 - `--data FILE.jsonl`: one's own held-out file in the fine-tuning format (image, prefix, suffix),
   each example scored by the metrics of its task word (TaskSpec.eval_metrics: caption -> CIDEr,
   answer -> VQA accuracy, ocr -> exact match and ANLS, detect -> acc@0.5 and mAP, segment -> mIoU)
@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from . import tasks
 from .atomic import merge_rank_files, rank_file, rank_files, read_records, write_text_atomic
-from .benchmarks import BENCHMARKS, EvalExample, benchmark, published, read_benchmark, read_synthetic
+from .dist import barrier
+from .eval_sets import BENCHMARKS, EvalExample, benchmark, published, read_benchmark, read_synthetic
 from .data import DatasetError, Example, read_jsonl
 from .metrics import metric as metric_named
 from .engine import Work, run_in_order
@@ -206,8 +207,6 @@ def evaluate(pipe, examples: Sequence[EvalExample], *, name: str, bench_metric: 
         metric_named(metric)  # an unknown --metric fails before any generation
     if not examples:
         raise InputError(f"{name}: no examples to evaluate")
-    from .finetune.dist import barrier
-
     out = Path(out) if out is not None else None
     if out is None and world > 1:
         raise InputError("under torchrun pass --out PREDS.jsonl: the ranks merge their predictions through it")

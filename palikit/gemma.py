@@ -16,50 +16,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from .config import GemmaConfig
-
-
-@torch.library.custom_op("palikit::materialize", mutates_args=())
-def materialize(x: torch.Tensor) -> torch.Tensor:
-    """A copy of x that torch.compile cannot see into, so x is computed once into memory."""
-    return x.clone()
-
-
-@materialize.register_fake
-def _(x):
-    return torch.empty_like(x)
-
-
-# Under torch.compile, a matrix-vector product is left to inductor, whose reduction loop reads a
-# PaliGemma 2 3B decode step's bf16 matrices at 24-32 GB/s on a 2-core Zen 4 (torch's own GEMV and
-# F.linear: 16-19; one matrix at a time, 16 of them in turn so none stays in cache). But inductor
-# inlines the vector's producers into that loop (RMSNorm, GELU(gate) * up, the final norm into the
-# 257k-row head) and recomputes them for every output row: the 3B step ran 3.1-3.5 tokens/s so,
-# 5.2-5.8 with a materialised vector. Matrices of this many entries and more therefore read one;
-# smaller ones stay fused with their neighbours (the bundled model's compiled decode, best of 5:
-# 1291-1443 tokens/s fused, 918-1055 with every vector materialised).
-MATERIALIZE_FROM_ENTRIES = 1 << 20
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; one row under torch.compile as a matrix-vector product, which inductor generates
-    (for F.linear it calls the GEMM), over a materialised row (MATERIALIZE_FROM_ENTRIES). Uncompiled,
-    torch.mv measured no faster than F.linear's one-row GEMM on any PaliGemma 2 3B matrix (16-19 GB/s
-    both; for o_proj's 10 against 18)."""
-    if x.numel() == weight.shape[1] and torch.compiler.is_compiling():
-        row = x.reshape(-1)
-        if weight.numel() >= MATERIALIZE_FROM_ENTRIES:
-            row = materialize(row)
-        y = torch.mv(weight, row).view(*x.shape[:-1], weight.shape[0])
-        return y if bias is None else y + bias
-    return F.linear(x, weight, bias)
-
-
-class Linear(nn.Linear):
-    """nn.Linear through `linear` (batch-1 decoding compiled as inductor's matrix-vector product).
-    Still an nn.Linear, so peft's LoRA wraps it like any other."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+from .kernels import Linear, linear
 
 
 class RMSNorm(nn.Module):
@@ -134,19 +91,15 @@ class Attention(nn.Module):
         self.o_proj = Linear(H * Dh, D, bias=False)
         self.scale = config.query_pre_attn_scalar**-0.5
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, start: int | torch.Tensor = 0,
-                last_rows: int | None = None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, start: int | torch.Tensor = 0):
         """x (B, T, D); mask bool (B, 1, T, S), True = may attend, or the same as a FlexAttention
         BlockMask (Gemma.attention = "flex"); cache slots [start, start+T) are written (see
-        KVCache.write) and slots [0, S) attended. With `last_rows`, keys and values come from all T
-        rows but queries, and so the output, from the last ones only (mask (B, 1, last_rows, S))."""
+        KVCache.write) and slots [0, S) attended."""
         B, T, _ = x.shape
         H, K, Dh = self.config.num_heads, self.config.num_kv_heads, self.config.head_dim
+        q = apply_rope(self.q_proj(x).view(B, T, H, Dh).transpose(1, 2), cos, sin)  # (B, H, T, Dh)
         k = apply_rope(self.k_proj(x).view(B, T, K, Dh).transpose(1, 2), cos, sin)  # (B, K, T, Dh)
         v = self.v_proj(x).view(B, T, K, Dh).transpose(1, 2)
-        if last_rows is not None:
-            x, cos, sin, T = x[:, -last_rows:], cos[:, :, -last_rows:], sin[:, :, -last_rows:], last_rows
-        q = apply_rope(self.q_proj(x).view(B, T, H, Dh).transpose(1, 2), cos, sin)  # (B, H, T, Dh)
         if cache is not None:
             cache.write(self.layer_idx, start, k, v)
             k = cache.k[self.layer_idx][:, :, : mask.shape[-1]]
@@ -181,27 +134,7 @@ class MLP(nn.Module):
         return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
 
 
-def in_row_blocks(fn, x: torch.Tensor, at_most: int | None) -> torch.Tensor:
-    """fn(x) for a row-wise fn (each row of x's last dimension computed on its own), over more than
-    `at_most` rows in the fewest equal blocks of at most that many, one after the other (544 rows:
-    272 + 272, not 512 + 32), so that what one block's products write is still in cache for the
-    operations that follow (quantize.INT8_ROWS_BLOCK). All at once under torch.compile, where a
-    loop over blocks does not trace with dynamic shapes."""
-    rows = x.reshape(-1, x.shape[-1])
-    n = rows.shape[0]
-    if at_most is None or n <= at_most or torch.compiler.is_compiling():
-        return fn(x)
-    size, out = -(-n // -(-n // at_most)), None
-    for start in range(0, n, size):
-        y = fn(rows[start:start + size])
-        out = y.new_empty(n, y.shape[-1]) if out is None else out
-        out[start:start + size] = y
-    return out.view(*x.shape[:-1], -1)
-
-
 class DecoderLayer(nn.Module):
-    feed_forward_block_rows: int | None = None  # feed_forward in blocks of rows (quantize.quantize_weights: w8a8)
-
     def __init__(self, config: GemmaConfig, layer_idx: int):
         super().__init__()
         D, eps = config.hidden_size, config.rms_norm_eps
@@ -217,19 +150,13 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(D, eps)
         self.post_norms = config.post_norms
 
-    def forward(self, x, cos, sin, masks: dict, cache=None, start=0, last_rows: int | None = None):
-        """x (B, T, D) -> (B, T, D), or (B, last_rows, D): see Attention.forward."""
+    def forward(self, x, cos, sin, masks: dict, cache=None, start=0):
+        """x (B, T, D) -> (B, T, D)."""
         mask = masks["sliding"] if self.local_if_windowed and "sliding" in masks else masks["global"]
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start, last_rows)
-        if last_rows is not None:
-            x = x[:, -last_rows:]
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
         if self.post_norms:
             h = self.post_attention_layernorm(h)
         x = x + h
-        return in_row_blocks(self.feed_forward, x, self.feed_forward_block_rows)
-
-    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x plus its normed MLP: row by row."""
         h = self.mlp(self.pre_feedforward_layernorm(x))
         if self.post_norms:
             h = self.post_feedforward_layernorm(h)
@@ -237,33 +164,36 @@ class DecoderLayer(nn.Module):
 
 
 class Gemma(nn.Module):
-    def __init__(self, config: GemmaConfig):
+    """The decoder. attention: the kernel of prompts and training sequences, "eager" (SDPA, or
+    Gemma 2's soft-capped scores written out) or "flex" (FlexAttention); decode steps (one query)
+    always run eager."""
+
+    def __init__(self, config: GemmaConfig, attention: str = "eager"):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False
-        # The attention kernel of prompts and training sequences: "eager" (SDPA, or Gemma 2's
-        # soft-capped scores written out) or "flex" (FlexAttention); palikit.load(attention=...).
-        # Decode steps (one query) always run eager.
-        self.attention = "eager"
+        self.attention = attention
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings times sqrt(D), the factor rounded to the table's dtype (big_vision)."""
         rows = self.embed_tokens(ids)  # an nn.Embedding, or quantize.Int8Embedding's dequantised rows
         return rows * torch.tensor(self.config.hidden_size**0.5, dtype=rows.dtype)
 
-    def forward(self, x, positions, masks: dict, cache: KVCache | None = None, start: int | torch.Tensor = 0):
-        """x (B, T, D) embeddings; positions (B, T) -> final-normed hidden states (B, T, D)."""
+    def forward(self, x, positions, masks: dict, cache: KVCache | None = None, start: int | torch.Tensor = 0,
+                layers: slice = slice(None)) -> torch.Tensor:
+        """x (B, T, D) embeddings; positions (B, T) -> the hidden states (B, T, D) after `layers`
+        (all by default; the final norm is the output layer's, see logits)."""
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
         masks = self.kernel_masks(masks)
-        for layer in self.layers:
+        for layer in self.layers[layers]:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, masks, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, masks, cache, start)
-        return self.norm(x)
+        return x
 
     def kernel_masks(self, masks: dict) -> dict:
         """attention_masks' boolean masks as the attention kernel takes them: FlexAttention's
@@ -276,7 +206,9 @@ class Gemma(nn.Module):
         return {name: block_mask(m) for name, m in masks.items()}
 
     def logits(self, hidden: torch.Tensor, capped: bool = True) -> torch.Tensor:
-        """Tied output layer, Gemma 2's final soft-cap when `capped`; float32 for stable log-probs."""
+        """The output layer: final norm, tied embedding, Gemma 2's final soft-cap when `capped`;
+        float32 for stable log-probs."""
+        hidden = self.norm(hidden)
         if hasattr(self.embed_tokens, "project"):  # quantised: palikit.quantize.Int8Embedding
             logits = self.embed_tokens.project(hidden).float()
         else:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from . import tasks
 from .atomic import merge_rank_files, rank_file, rank_files, read_records
+from .dist import barrier
 from .engine import Work, run_in_order
 from .maskcodec import MaskCodec
 from .processor import InputError, load_image
@@ -93,8 +94,6 @@ def run_jobs(pipe, input_path: str | Path, output_path: str | Path, batch_size: 
             os.fsync(out.fileno())
             bar.update(len(ready))
     if world > 1:
-        from .finetune.dist import barrier
-
         barrier()
     if rank == 0:
         merge_rank_files(output_path, "line")  # rank files of this run, or of a torchrun run resumed alone

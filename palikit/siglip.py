@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import SiglipConfig
-from .gemma import in_row_blocks
+from .kernels import Linear
 
 
 class SiglipEmbeddings(nn.Module):
@@ -31,7 +31,7 @@ class SiglipAttention(nn.Module):
         super().__init__()
         c = config.hidden_size
         self.num_heads = config.num_heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(c, c) for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (Linear(c, c) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
@@ -43,16 +43,14 @@ class SiglipAttention(nn.Module):
 class SiglipMLP(nn.Module):
     def __init__(self, config: SiglipConfig):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class SiglipLayer(nn.Module):
-    feed_forward_block_rows: int | None = None  # feed_forward in blocks of rows (quantize.quantize_weights: w8a8)
-
     def __init__(self, config: SiglipConfig):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -62,10 +60,6 @@ class SiglipLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x))
-        return in_row_blocks(self.feed_forward, x, self.feed_forward_block_rows)
-
-    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x plus its normed MLP: row by row."""
         return x + self.mlp(self.layer_norm2(x))
 
 

@@ -12,8 +12,10 @@ import json
 import logging
 import os
 import re
+import shutil
 import zipfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from safetensors.torch import save_file
 from .atomic import atomic_write, write_text_atomic
 from .config import PRESETS, PaliGemmaConfig
 from .paligemma import PaliGemma
+from .processor import RESAMPLE, RESAMPLE_OF_PIL_ID
 
 log = logging.getLogger(__name__)
 
@@ -180,9 +183,10 @@ def _skip_init():
             setattr(torch.nn.init, n, fn)
 
 
-def build_on_meta(config: PaliGemmaConfig) -> PaliGemma:
+def build_on_meta(config: PaliGemmaConfig, **options) -> PaliGemma:
+    """The model's layout without values (PaliGemma's keyword options: attention, logit_softcap)."""
     with torch.device("meta"), _skip_init():
-        return PaliGemma(config)
+        return PaliGemma(config, **options)
 
 
 def load_tensors(model: PaliGemma, tensors: Iterator[tuple[str, torch.Tensor]], dtype, device, source,
@@ -223,7 +227,42 @@ def load_tensors(model: PaliGemma, tensors: Iterator[tuple[str, torch.Tensor]], 
     return model.eval().requires_grad_(False)
 
 
-def load_hf_folder(folder: Path, dtype=torch.bfloat16, device="cpu", sliding_window: bool = False) -> PaliGemma:
+CODEC_FILES = ("mask_codec.npz", "vae-oid.npz")  # the segmentation mask codec, looked for beside the weights
+QUANTIZED_KEY = "palikit_quantization"  # in config.json of a `palikit quantize` folder: its scheme
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint holds, read without its weights: its config, where its files are, and a
+    reader of its tensors (palikit names) for a target dtype."""
+
+    path: Path
+    config: PaliGemmaConfig
+    tensors: Callable[[torch.dtype], Iterator[tuple[str, torch.Tensor]]]
+    tokenizer: Path  # tokenizer.model beside the weights, or the one given
+    codec: Path | None
+    big_vision: bool  # a big_vision .npz (its logits soft-capped as big_vision does, by default)
+    quantization: dict | None  # the scheme of a `palikit quantize` folder (palikit.quantize)
+
+
+def open_checkpoint(path: Path, sliding_window: bool = False, tokenizer: str | Path | None = None) -> Checkpoint:
+    """A Hugging Face folder (single or sharded safetensors) or a big_vision .npz file."""
+    if path.is_file():
+        if path.suffix != ".npz":
+            raise CheckpointError(f"{path}: expected a folder with safetensors or a big_vision .npz file")
+        config, tensors = _open_npz(path)
+        folder, quantization = path.parent, None
+    else:
+        config, quantization = _read_hf_config(path, sliding_window)
+        files = weight_files(path)
+        tensors = lambda dtype: iter_safetensors(files, config.version, dtype)  # noqa: E731
+        folder = path
+    tok = Path(tokenizer) if tokenizer else folder / "tokenizer.model"
+    codec = next((folder / n for n in CODEC_FILES if (folder / n).exists()), None)
+    return Checkpoint(path, config, tensors, tok, codec, path.is_file(), quantization)
+
+
+def _read_hf_config(folder: Path, sliding_window: bool) -> tuple[PaliGemmaConfig, dict | None]:
     config_path = folder / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{folder} has no config.json")
@@ -231,19 +270,17 @@ def load_hf_folder(folder: Path, dtype=torch.bfloat16, device="cpu", sliding_win
         hf = json.loads(config_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
+    resample = "bicubic"
+    pre = folder / "preprocessor_config.json"
+    if pre.exists():  # the resize filter the checkpoint was made with (3 = bicubic, 2 = bilinear)
+        resample = RESAMPLE_OF_PIL_ID.get(json.loads(pre.read_text()).get("resample"), "bicubic")
     try:
-        config = PaliGemmaConfig.from_hf_config(hf, name=folder.name, sliding_window=sliding_window)
+        config = PaliGemmaConfig.from_hf_config(hf, name=folder.name, sliding_window=sliding_window, resample=resample)
     except KeyError as e:
         raise CheckpointError(f"{config_path} lacks the field {e.args[0]!r} in its text_config") from e
     except ValueError as e:
         raise CheckpointError(f"{config_path}: {e}") from e
-    files = weight_files(folder)
-    model = build_on_meta(config)
-    if "palikit_quantization" in hf:  # written by `palikit quantize` (quantize.save_quantized_folder)
-        from .quantize import load_quantized_folder
-
-        return load_quantized_folder(model, hf["palikit_quantization"], files, dtype, device)
-    return load_tensors(model, iter_safetensors(files, config.version, dtype), dtype, device, folder)
+    return config, hf.get(QUANTIZED_KEY)
 
 
 def save_hf_folder(model: PaliGemma, folder: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
@@ -372,7 +409,8 @@ def iter_npz(npz, keys: dict, config: PaliGemmaConfig) -> Iterator[tuple[str, to
             yield f"language_model.layers.{i}.{name}", fn(arr[i]).contiguous()
 
 
-def load_npz(path: Path, dtype=torch.bfloat16, device="cpu") -> PaliGemma:
+def _open_npz(path: Path) -> tuple[PaliGemmaConfig, Callable[[torch.dtype], Iterator[tuple[str, torch.Tensor]]]]:
+    """The config of a big_vision .npz (from its arrays' shapes) and a reader of its tensors."""
     try:
         npz = np.load(path, allow_pickle=False)
         # Strip the optional "params/" prefix; remember each array's shape without reading it.
@@ -395,7 +433,7 @@ def load_npz(path: Path, dtype=torch.bfloat16, device="cpu") -> PaliGemma:
             return npz[arrays[k]]
 
     config = config_from_npz(shapes, name=path.name.split(".")[0])
-    return load_tensors(build_on_meta(config), iter_npz(_View(), shapes, config), dtype, device, path)
+    return config, lambda dtype: iter_npz(_View(), shapes, config)
 
 
 def _npz_header(npz, key: str) -> tuple[tuple, np.dtype]:
@@ -410,3 +448,22 @@ def _npz_header(npz, key: str) -> tuple[tuple, np.dtype]:
             raise ValueError(f"{key}: .npy format {version} is not supported (expected 1.0 or 2.0)")
         shape, _, dtype = read(f)
         return shape, dtype
+
+
+def save_model_files(folder: str | Path, config: PaliGemmaConfig, tokenizer: Path, codec: Path | None) -> None:
+    """What a model folder holds besides config.json and the weights: tokenizer.model,
+    preprocessor_config.json (the input size and resize filter, in transformers' SiglipImageProcessor
+    form) and the mask codec when there is one; each file written atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    size = config.vision.image_size
+    preprocessor = {
+        "image_processor_type": "SiglipImageProcessor", "processor_class": "PaliGemmaProcessor",
+        "do_resize": True, "size": {"height": size, "width": size}, "resample": int(RESAMPLE[config.resample]),
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "image_seq_length": config.num_image_tokens,
+    }
+    write_text_atomic(folder / "preprocessor_config.json", json.dumps(preprocessor, indent=2) + "\n")
+    for src, name in [(Path(tokenizer), "tokenizer.model"), (Path(codec) if codec else None, None)]:
+        if src is not None and src.resolve() != (folder / (name or src.name)).resolve():
+            atomic_write(folder / (name or src.name), lambda p, src=src: shutil.copyfile(src, p))

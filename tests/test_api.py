@@ -317,11 +317,12 @@ def test_stream_yields_the_tokens_generate_makes_and_stops_when_dropped(pipe, mo
     seeded = [list(pipe.stream(a, "caption en", 8, do_sample=True, temperature=1.5, seed=s)) for s in (3, 4)]
     assert seeded[0] != seeded[1]
 
-    decode, steps = gen.decode_step, []
-    monkeypatch.setattr(gen, "decode_step", lambda *a, **k: (steps.append(1), decode(*a, **k))[1])
+    decode, steps = pipe.decode_step, []
+    monkeypatch.setattr(pipe, "decode_step", lambda *a, **k: (steps.append(1), decode(*a, **k))[1])
     stream = pipe.stream(a, "describe en", max_new_tokens=50)
-    assert [next(stream) for _ in range(3)] and len(steps) == 2  # token 1 from the prefill
+    # token 1 from the prefill; each engine step chooses a token, then decodes the next one's logits
+    assert [next(stream) for _ in range(3)] and len(steps) == 3
     stream.close()
-    assert len(steps) == 2
+    assert len(steps) == 3
     with pytest.raises(palikit.InputError, match="one prompt"):
         next(pipe.stream(a, ["caption en", "ocr"]))

@@ -15,7 +15,7 @@ import pytest
 import palikit
 from palikit.weights import BUNDLED
 from palikit.config import PRESETS
-from palikit.benchmarks import read_synthetic
+from palikit.eval_sets import read_synthetic
 from palikit.evaluate import evaluate
 from palikit.metrics import box_iou
 

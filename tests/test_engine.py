@@ -78,14 +78,14 @@ def test_greedy_equals_alone_whatever_the_arrival(pipe, no_eos, seed):
     want = [alone(pipe, *c) for c in CASES]
     engine = Engine(pipe, max_rows=3)
     moves = []
-    move = engine._move
-    engine._move = lambda src, dst: moves.append((src, dst)) or move(src, dst)
+    move = engine.runner.move
+    engine.runner.move = lambda src, dst: moves.append((src, dst)) or move(src, dst)
     got = run_with_arrivals(engine, CASES, seed)
     for r, w, (_, _, n) in zip(got, want, CASES):
         assert r.finish_reason == "length" and len(r.tokens) == n
         assert_same(r.result(), w)
     assert moves, "no row left from the middle of the pool: the test does not exercise row moves"
-    assert engine.images.hits >= 2  # IMG[0] under three prompts
+    assert engine.runner.images.hits >= 2  # IMG[0] under three prompts
 
 
 def test_stops_at_eos_as_alone(pipe):
@@ -107,10 +107,10 @@ def test_reused_rows_never_read_what_they_held(pipe, no_eos):
     leave behind) changes nothing."""
     want = [alone(pipe, *c) for c in CASES[:4]]
     engine = Engine(pipe, max_rows=2)
-    for t in engine.pool.k + engine.pool.v:
+    for t in engine.runner.pool.k + engine.runner.pool.v:
         t.fill_(100.0)
-    engine.valid.fill_(True)  # and a layout that lets every slot be seen
-    engine.block.zero_()
+    engine.runner.layout.valid.fill_(True)  # and a layout that lets every slot be seen
+    engine.runner.layout.block.zero_()
     # All queued at once: the first two (one image and two) prefill together, the shorter left-padded.
     got = [engine.submit(ims, p, gen.SamplingConfig(max_new_tokens=n)) for ims, p, n in CASES[:4]]
     engine.run_until_idle()
@@ -132,20 +132,21 @@ def test_two_prompts_on_one_image_encode_it_once(pipe):
     finally:
         del pipe.model.embed_images
     assert calls == [1]
-    assert engine.images.hits == 1 and engine.images.misses == 1
+    assert engine.runner.images.hits == 1 and engine.runner.images.misses == 1
     assert_same(a.result(), alone(pipe, [IMG[3]], "caption en", 6))
     assert_same(b.result(), alone(pipe, [IMG[3]], "detect circle", 6))
 
 
 def test_image_cache_is_bounded_in_bytes(pipe):
     engine = Engine(pipe)
+    images = engine.runner.images
     n, d = pipe.config.num_image_tokens, pipe.config.text.hidden_size
-    engine.images.max_bytes = int(1.5 * n * d * 4)  # room for one float32 encoding
+    images.max_bytes = int(1.5 * n * d * 4)  # room for one float32 encoding
     for im in (IMG[0], IMG[1], IMG[0]):
         engine.submit([im], "ocr", gen.SamplingConfig(max_new_tokens=1))
         engine.run_until_idle()
-    assert engine.images.misses == 3 and engine.images.hits == 0  # IMG[1] evicted IMG[0]
-    assert len(engine.images.entries) == 1 and engine.images.bytes == n * d * 4
+    assert images.misses == 3 and images.hits == 0  # IMG[1] evicted IMG[0]
+    assert len(images.entries) == 1 and images.bytes == n * d * 4
 
 
 def test_seeded_sampling_is_reproducible_per_request(pipe, no_eos):
@@ -184,7 +185,7 @@ def test_prefill_budget_admits_one_long_prompt_per_step(pipe):
     for ims, p, n in CASES[:3]:
         engine.submit(ims, p, gen.SamplingConfig(max_new_tokens=n))
     engine.step()
-    assert len(engine.prefilling.requests) == 1 and engine.depth == 2
+    assert len(engine.scheduler.prefilling) == 1 and engine.depth == 2
 
 
 def test_a_long_prefill_runs_layer_by_layer_beside_decoding(pipe, no_eos):
@@ -198,14 +199,15 @@ def test_a_long_prefill_runs_layer_by_layer_beside_decoding(pipe, no_eos):
     engine = Engine(pipe, max_rows=4, prefill_tokens=1)
     got = [engine.submit(ims, p, gen.SamplingConfig(max_new_tokens=n)) for ims, p, n in cases]
     joined, moved_down, step = {}, False, 0
+    sched = engine.scheduler
     while engine.busy:
-        before = {id(r): len(r.tokens) for r in engine.rows}
+        before = {id(r): len(r.tokens) for r in sched.running}
         engine.step()
         step += 1
-        for r in engine.rows:
+        for r in sched.running:
             assert len(r.tokens) == before.get(id(r), 0) + 1, "a token per step, and one for a newcomer"
-        joined |= {i: step for i, r in enumerate(got) if i not in joined and (r in engine.rows or r.done)}
-        moved_down |= engine.prefilling is not None and engine.prefilling.start > engine.running
+        joined |= {i: step for i, r in enumerate(got) if i not in joined and (r in sched.running or r.done)}
+        moved_down |= bool(sched.prefilling) and sched.prefill_start > engine.running
     assert joined == {i: (i + 1) * layers for i in range(4)}, "each prefill takes one step per layer"
     assert moved_down
     for r, w in zip(got, want):
@@ -216,14 +218,14 @@ def test_budgets_and_bad_requests(pipe):
     text = pipe.config.text
     row = 2 * text.num_layers * text.num_kv_heads * text.head_dim * 4  # bytes per slot, float32
     engine = Engine(pipe, max_rows=16, max_len=250, kv_cache_gb=3.5 * row * 256 / 2**30)  # 250 -> 256 slots
-    assert engine.max_rows == 3 and engine.pool.k[0].shape[:3] == (3, text.num_kv_heads, 256)
+    assert engine.max_rows == 3 and engine.runner.pool.k[0].shape[:3] == (3, text.num_kv_heads, 256)
     with pytest.raises(InputError, match="holds no request"):
         Engine(pipe, max_len=256, kv_cache_gb=row * 200 / 2**30)
     with pytest.raises(InputError, match="raise --max-len"):
         engine.submit([IMG[0]], LONG, gen.SamplingConfig(max_new_tokens=200))
     with pytest.raises(InputError, match="beam search"):
         engine.submit([IMG[0]], "ocr", gen.SamplingConfig(num_beams=2))
-    engine.max_queue = 1
+    engine.scheduler.max_queue = 1
     engine.submit([IMG[0]], "ocr", gen.SamplingConfig())
     with pytest.raises(EngineBusy):
         engine.submit([IMG[0]], "ocr", gen.SamplingConfig())
@@ -278,16 +280,14 @@ def test_engine_thread_and_in_order(pipe, no_eos):
 
 
 def test_compiled_step_equals_alone(pipe, no_eos, monkeypatch):
-    """The engine on a compiled decode step (generate.compile_decode: constant shapes over the
-    whole pool row) gives the uncompiled tokens. PaliGemma 2 only (the bundled model), as each
+    """The engine on a compiled decode step (generate.DecodeStep(compile=True): constant shapes over
+    the whole pool row) gives the uncompiled tokens. PaliGemma 2 only (the bundled model), as each
     compilation takes ~25 s here; tests/test_generate.py compiles both."""
     if not pipe.config.text.post_norms:
         pytest.skip("compiled for PaliGemma 2 only")
     want = [alone(pipe, *c) for c in CASES[:5]]
-    monkeypatch.setattr(pipe.model, "compiled_decode", None, raising=False)  # removed again afterwards
-    gen.compile_decode(pipe.model)
-    step, calls = pipe.model.compiled_decode, []
-    pipe.model.compiled_decode = lambda *a: calls.append(1) or step(*a)
+    step, calls = gen.DecodeStep(pipe.model, compile=True), []
+    monkeypatch.setattr(pipe, "decode_step", lambda *a: calls.append(1) or step(*a))
     got = run_with_arrivals(Engine(pipe, max_rows=3), CASES[:5], seed=4)
     for r, w in zip(got, want):
         assert_same(r.result(), w)

@@ -15,7 +15,7 @@ import pytest
 
 import palikit
 from palikit import evaluate as ev
-from palikit import benchmarks, metrics
+from palikit import eval_sets, metrics
 from palikit.engine import Engine
 from palikit.cli import main
 from palikit.synthetic import generate_dataset, iter_examples
@@ -154,7 +154,7 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, jsonl):
     assert main(["eval", *BASE, "--data", str(jsonl), "--batch-size", "1", "--out", str(one)]) == 0
     two = tmp_path / "two.jsonl"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--local-addr", "127.0.0.1",
-           "--nproc_per_node", "2", "-m", "palikit.eval", *BASE, "--data", str(jsonl), "--batch-size", "1",
+           "--nproc_per_node", "2", "-m", "palikit", "eval", *BASE, "--data", str(jsonl), "--batch-size", "1",
            "--out", str(two)]
     proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=300)
@@ -207,9 +207,9 @@ def test_an_example_that_fails_counts_as_wrong(tmp_path, jsonl):
 def test_refcoco_answers_are_parsed_as_segmentations(tmp_path):
     """RefCOCO's prompt is the bare sentence (big_vision's transfer config) and has no task word:
     the benchmark's task still makes the output a segmentation, scored by mIoU."""
-    from palikit.benchmarks import read_benchmark
+    from palikit.eval_sets import read_benchmark
 
-    from .test_benchmarks import fx_refcoco
+    from .test_eval_sets import fx_refcoco
 
     path, _, _ = fx_refcoco(tmp_path)
     ex = read_benchmark("refcoco", path)[0]
@@ -231,7 +231,7 @@ def test_report_shows_the_model_card_number_for_the_checkpoint():
     seg = [record("refcoco", "segmentation_miou", {"prediction": "", "objects": [], "width": 4, "height": 4,
                                                    "truth_objects": [{"label": "x", "box": [0, 0, 2, 2], "mask": np.eye(4, dtype=bool)}]})]
     rep = ev.report(seg, name="refcoco", model="google/paligemma2-3b-pt-448", split="testA")
-    assert rep["results"][0]["model_card"] == benchmarks.published("refcoco/testA", "paligemma2-3b-pt-448")
+    assert rep["results"][0]["model_card"] == eval_sets.published("refcoco/testA", "paligemma2-3b-pt-448")
 
 
 def test_failed_detect_and_segment_examples_do_not_stop_the_run(tmp_path):
@@ -239,7 +239,7 @@ def test_failed_detect_and_segment_examples_do_not_stop_the_run(tmp_path):
     size) is an error record; the others are scored."""
     from palikit.synthetic import generate_dataset
 
-    from palikit.api import CODEC_FILES
+    from palikit.weights import CODEC_FILES
     from palikit.weights import BUNDLED
     from palikit.maskcodec import MaskCodec
 

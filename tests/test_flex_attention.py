@@ -6,6 +6,8 @@ reach far past the soft-cap of 50, so a kernel that dropped or misplaced the cap
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -38,43 +40,41 @@ def pipe(request, tokenizer_file):
     return Pipeline(model, Tokenizer(tokenizer_file, image_token_id=config.image_token_id))
 
 
-def forward(pipe, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+def with_kernel(pipe, kernel: str, config: PaliGemmaConfig | None = None) -> Pipeline:
+    """The pipeline's weights in a model built with another attention kernel (or config)."""
+    model = PaliGemma(config or pipe.config, attention=kernel).eval().to(pipe.model.device)
+    model.load_state_dict(pipe.model.state_dict())
+    return Pipeline(model, pipe.tokenizer)
+
+
+def forward(pipe, kernel: str, config: PaliGemmaConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced hidden states (B, L, D) of the three examples, right-padded, and input_mask."""
-    pipe.model.language_model.attention = kernel
+    model = with_kernel(pipe, kernel, config).model
     enc = [encode_example(pipe.tokenizer, pipe.config.num_image_tokens, p, s) for p, s in zip(PROMPTS, SUFFIXES)]
     batch = collate(enc, pipe.tokenizer.pad_id)
-    try:
-        hidden = pipe.model(batch["ids"], preprocess(IMAGES, pipe.config.vision.image_size),
-                            batch["input_mask"], batch["mask_ar"])
-    finally:
-        pipe.model.language_model.attention = "eager"
-    return hidden, batch["input_mask"].bool()
+    hidden = model(batch["ids"], preprocess(IMAGES, pipe.config.vision.image_size).to(model.device),
+                   batch["input_mask"].to(model.device), batch["mask_ar"].to(model.device))
+    return hidden, batch["input_mask"].bool().to(model.device), model
 
 
 def test_teacher_forced_equals_eager(pipe):
     with torch.no_grad():
-        eager, real = forward(pipe, "eager")
-        flex, _ = forward(pipe, "flex")
+        eager, real, _ = forward(pipe, "eager")
+        flex, _, _ = forward(pipe, "flex")
     torch.testing.assert_close(flex[real], eager[real], atol=1e-4, rtol=1e-4)
     text = pipe.config.text
     if text.attn_logit_softcap:  # the fixture is strong enough for the cap to matter
-        cap, text.attn_logit_softcap = text.attn_logit_softcap, None
-        try:
-            with torch.no_grad():
-                uncapped, _ = forward(pipe, "eager")
-        finally:
-            text.attn_logit_softcap = cap
+        uncapped_config = dataclasses.replace(pipe.config, text=dataclasses.replace(text, attn_logit_softcap=None))
+        with torch.no_grad():
+            uncapped, _, _ = forward(pipe, "eager", uncapped_config)
         assert (uncapped[real] - eager[real]).abs().max() > 0.1
 
 
 def gradients(pipe, kernel: str) -> dict:
-    pipe.model.zero_grad()
-    hidden, real = forward(pipe, kernel)
+    hidden, real, model = forward(pipe, kernel)
     hidden[real].pow(2).mean().backward()
-    out = {n: p.grad.clone() for n, p in pipe.model.language_model.named_parameters()
-           if p.grad is not None and "self_attn" in n}
-    pipe.model.zero_grad()
-    return out
+    return {n: p.grad.clone() for n, p in model.language_model.named_parameters()
+            if p.grad is not None and "self_attn" in n}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward on a CPU (torch 2.13)")
@@ -101,15 +101,13 @@ def test_generation_equals_eager(pipe, no_eos):
     the engine, whose prefill runs a layer per step."""
     images = [IMAGES[0], [IMAGES[1], IMAGES[2]], IMAGES[2]]
     want = pipe.generate_details(images, PROMPTS, max_new_tokens=6)
-    pipe.model.language_model.attention = "flex"
-    try:
-        got = pipe.generate_details(images, PROMPTS, max_new_tokens=6)
-        engine = Engine(pipe, max_rows=2, prefill_tokens=1)
-        requests = [engine.submit(ims if isinstance(ims, list) else [ims], p, gen.SamplingConfig(max_new_tokens=6))
-                    for ims, p in zip(images, PROMPTS)]
-        engine.run_until_idle()
-    finally:
-        pipe.model.language_model.attention = "eager"
+    flex = with_kernel(pipe, "flex")
+    flex.model.logits = pipe.model.logits  # no_eos's head
+    got = flex.generate_details(images, PROMPTS, max_new_tokens=6)
+    engine = Engine(flex, max_rows=2, prefill_tokens=1)
+    requests = [engine.submit(ims if isinstance(ims, list) else [ims], p, gen.SamplingConfig(max_new_tokens=6))
+                for ims, p in zip(images, PROMPTS)]
+    engine.run_until_idle()
     for (_, g), (_, w), r in zip(got, want, requests):
         assert g.tokens == w.tokens == r.result().tokens
         torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(w.logprobs), atol=1e-4, rtol=0)
@@ -128,7 +126,7 @@ def test_load_and_cli_choose_the_kernel(tiny_model_dir, monkeypatch):
     with pytest.raises(palikit.InputError, match="attention must be one of"):
         palikit.load(tiny_model_dir, attention="sdpa")
     seen = []
-    monkeypatch.setattr(palikit, "load", lambda *a, **kw: seen.append(kw["attention"]) or pipe)
+    monkeypatch.setattr(palikit, "load", lambda source, options: seen.append(options.attention) or pipe)
     cli.main(["generate", "--model", str(tiny_model_dir), "--image", "x.png", "--prompt", "caption en",
               "--attention", "flex"])
     assert seen == ["flex"]

@@ -67,8 +67,7 @@ def test_logits_match_transformers(loaded):
 def test_greedy_tokens_match_transformers(loaded, compiled, monkeypatch):
     pipe, hf = loaded
     if compiled:  # the decode step under torch.compile (palikit.load(..., compile=True))
-        monkeypatch.setattr(pipe.model, "compiled_decode", None, raising=False)  # removed again afterwards
-        gen.compile_decode(pipe.model)
+        monkeypatch.setattr(pipe, "decode_step", gen.DecodeStep(pipe.model, compile=True))
     images = [synthetic_image(2), synthetic_image(3)]
     enc, ids, mask, tti = hf_inputs(pipe, PROMPTS)
     pixels = preprocess(images, pipe.config.vision.image_size)

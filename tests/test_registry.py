@@ -13,10 +13,8 @@ import pytest
 
 import palikit
 from palikit import tasks
-from palikit.api import Pipeline
 from palikit.cli import main
 from palikit.engine import Engine, Request
-from palikit.generate import Generated
 from palikit.serve import background, create_app
 
 from .conftest import synthetic_image
@@ -48,37 +46,32 @@ def toy_task():
 
 @pytest.fixture
 def answers(monkeypatch):
-    """Every Pipeline (and the engine of `palikit run` / `palikit eval`) answers a `find` prompt with
-    a box around the top-left quarter and the thing asked for (so each request's answer differs);
-    records (prompt, max_new_tokens) per call."""
+    """Every engine (so the Pipeline's generate_details, `palikit run`, `palikit eval` and the server)
+    answers a `find` prompt at once with a box around the top-left quarter and the thing asked for
+    (so each request's answer differs), each token with log-prob -0.5; records (prompt,
+    max_new_tokens) per request submitted, `find` or not."""
     calls = []
-    real = Pipeline.generate_details
-
-    def generate_details(self, images, prompts, batch_size=8, **sampling):
-        calls.append((list(prompts) if not isinstance(prompts, str) else [prompts], sampling["max_new_tokens"]))
-        if not all(p.startswith("find ") for p in calls[-1][0]):
-            return real(self, images, prompts, batch_size=batch_size, **sampling)
-        out = []
-        for p in calls[-1][0]:
-            text = "<loc0000><loc0000><loc0511><loc0511> " + p.split(maxsplit=2)[2]
-            ids = self.tokenizer.encode(text)[: sampling["max_new_tokens"]]
-            out.append((self.tokenizer.decode(ids), Generated(ids, [-0.5] * len(ids))))
-        return out
-
     submit = Engine.submit
 
-    def engine_submit(self, images, prompt, sampling, **kw):  # `palikit run` and `palikit eval`
-        text = prompt if isinstance(prompt, str) else self.pipe.tokenizer.decode(
-            [i for i in prompt if i != self.pipe.tokenizer.image_token_id]).strip()
+    def engine_submit(self, images, prompt, sampling, force=False, **options):
+        tok = self.pipe.tokenizer
+        text = prompt if isinstance(prompt, str) else tok.decode(
+            [i for i in prompt if i != tok.image_token_id]).strip()
+        calls.append((text, sampling.max_new_tokens))
         if not text.startswith("find "):
-            return submit(self, images, prompt, sampling, **kw)
-        (_, g), = generate_details(self.pipe, images, [text], max_new_tokens=sampling.max_new_tokens)
-        request = Request(prompt, images, sampling)
-        request.tokens, request.logprobs = g.tokens, g.logprobs
-        request._finish("stop")
+            return submit(self, images, prompt, sampling, force=force, **options)
+        ids = prompt if isinstance(prompt, list) else self.pipe.prompt_ids(prompt, len(images),
+                                                                           sampling.max_new_tokens)
+        request = Request(ids, images, sampling, **options)
+        answer = "<loc0000><loc0000><loc0511><loc0511> " + text.split(maxsplit=2)[2]
+        for token in tok.encode(answer)[: sampling.max_new_tokens]:
+            request.tokens.append(token)
+            request.logprobs.append(-0.5)
+            if request.on_token is not None:
+                request.on_token(request, token)
+        request.finish("stop")
         return request
 
-    monkeypatch.setattr(Pipeline, "generate_details", generate_details)
     monkeypatch.setattr(Engine, "submit", engine_submit)
     return calls
 
@@ -95,9 +88,9 @@ def test_a_registered_task_is_offered_everywhere(toy_task, answers, tiny_model_d
     # the Pipeline method, with the registry's default budget
     (obj,) = pipe.find(img, "a dog")
     assert (obj.label, list(obj.box), obj.logprob) == ("A DOG", quarter(40, 30), -0.5)
-    assert answers[-1] == (["find en a dog"], 16)
+    assert answers[-1] == ("find en a dog", 16)
     assert [o.label for o in pipe.run_task("find", img, thing="an owl", lang="fr")] == ["AN OWL"]
-    assert answers[-1][0] == ["find fr an owl"]
+    assert answers[-1][0] == "find fr an owl"
 
     # palikit run
     image_file = tmp_path / "img.png"
@@ -110,6 +103,7 @@ def test_a_registered_task_is_offered_everywhere(toy_task, answers, tiny_model_d
     assert main(["run", *model, "--input", str(jobs), "--output", str(out)]) == 0
     done, missing = (json.loads(line) for line in out.read_text().splitlines())
     assert done["prompt"] == "find en a cat" and [o["label"] for o in done["objects"]] == ["A CAT"]
+    assert answers[-1][0] == "find en a cat"  # through the engine of `palikit run`
     assert missing == {"line": 2, "error": "task 'find' needs the field 'thing'"}
 
     # the CLI verb: positional fields, --options, the overlay
@@ -118,10 +112,10 @@ def test_a_registered_task_is_offered_everywhere(toy_task, answers, tiny_model_d
                  "--out", str(tmp_path / "o.png")]) == 0
     assert json.loads(capsys.readouterr().out) == [
         {"label": "A BIRD", "box": quarter(40, 30), "confidence": math.exp(-0.5), "logprob": -0.5}]
-    assert answers[-1] == (["find de a bird"], 16) and (tmp_path / "o.png").exists()
+    assert answers[-1] == ("find de a bird", 16) and (tmp_path / "o.png").exists()
 
     # the server: /v1/find, the web demo's /tasks, the OpenAPI schema
-    with background(create_app(pipe, scheduler="static")) as url:  # it serves the scripted generate_details
+    with background(create_app(pipe)) as url:  # its engine answers as scripted
         from .test_serve import data_url
 
         r = httpx.post(url + "/v1/find", json={"image": data_url(img), "thing": "a fox"}, timeout=60)
@@ -129,7 +123,7 @@ def test_a_registered_task_is_offered_everywhere(toy_task, answers, tiny_model_d
         body = r.json()
         assert (body["task"], body["prompt"]) == ("find", "find en a fox")
         assert [(o["label"], o["box"]) for o in body["objects"]] == [("A FOX", quarter(40, 30))]
-        assert answers[-1] == (["find en a fox"], 16)
+        assert answers[-1] == ("find en a fox", 16)
         bad = httpx.post(url + "/v1/find", json={"image": data_url(img)}, timeout=60)
         assert bad.status_code == 400 and "thing" in bad.json()["error"]["message"]
         menu = {t["verb"]: t for t in httpx.get(url + "/tasks").json()}
@@ -156,7 +150,7 @@ def test_removing_a_task_removes_it_everywhere(tiny_model_dir):
     with pytest.raises(ValueError, match="unknown task prefix 'find'"):
         tasks.parse_task("find en a dog")
     assert main(["find", "img.png", "a dog"]) == 2
-    with background(create_app(pipe, scheduler="static")) as url:  # it serves the scripted generate_details
+    with background(create_app(pipe)) as url:
         assert httpx.post(url + "/v1/find", json={"image": "x", "thing": "a"}).status_code == 404
         assert "find" not in {t["verb"] for t in httpx.get(url + "/tasks").json()}
 

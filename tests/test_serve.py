@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import json
 import math
@@ -12,6 +13,7 @@ import re
 import socket
 import struct
 import threading
+import weakref
 import zlib
 
 import httpx
@@ -22,7 +24,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 import palikit
-from palikit.generate import Generated
+from palikit.engine import Runner
 from palikit.processor import encode_example
 from palikit.serve import background, create_app
 from palikit.rle import rle_decode
@@ -48,34 +50,91 @@ def chat_body(image_ref: str, prompt: str, **kw) -> dict:
     return {"model": "tiny", "messages": [{"role": "user", "content": content}], **kw}
 
 
-class Scripted:
-    """The real pipeline (tokenizer, config, mask codec) with generation replaced by fixed answers:
-    the first word of the prompt picks the answer, or `answers(images, prompt)` makes it; every token
-    gets log-prob -0.5. Each call waits until `gate` is set (open by default), so a test can hold
-    the model busy while it queues requests; `entered` is set once a call has started, `exited`
-    once one has returned."""
+LOGPROB = -0.5  # every scripted token's log-prob: a confidence of exp(-0.5)
 
-    def __init__(self, pipe, answers, gate_open: bool = True):
+
+class Scripted:
+    """Scripted answers on the real pipeline and engine: palikit.engine.Runner.choose is patched
+    (through `monkeypatch`, for the engines of `pipe` only) so that, before the real choose runs,
+    each running request's row of next-token logits has its argmax at the next token of the
+    request's scripted answer (its tokens, then <eos>), with a log-softmax of LOGPROB there (to
+    float32 rounding). The model still prefills and decodes; the engine's own choose appends,
+    streams, stops at stop strings and cuts at max_new_tokens. The first word of a request's
+    prompt (its ids without the image tokens and <bos>, decoded) picks its answer from a dict, or
+    `answers(images, prompt)` makes it; a request whose answer cannot be made (a missing key) fails
+    alone with that error. Sampled requests are scripted too: their rows are chosen greedily.
+
+    Each choose waits until `gate` is set (open by default), so a test can hold the model busy while
+    it queues requests; `entered` is set once a choose has started, `exited` once one has returned.
+    `calls`: each request's prompt, when the model first sees it; `steps`: the prompts of the rows
+    of each step, in row order."""
+
+    def __init__(self, pipe, answers, monkeypatch, gate_open: bool = True):
         self.pipe, self.answers = pipe, answers
-        self.calls: list[list[str]] = []
+        self.calls: list[str] = []
+        self.steps: list[list[str]] = []
+        self.scripts = weakref.WeakKeyDictionary()  # request -> (prompt, token ids then <eos> | exception)
         self.gate, self.entered, self.exited = threading.Event(), threading.Event(), threading.Event()
         if gate_open:
             self.gate.set()
+        real = Runner.choose
 
-    def __getattr__(self, name):
-        return getattr(self.pipe, name)
+        def choose(runner, running, eos):
+            if runner.pipe is not self.pipe:  # another pipeline's engine: untouched
+                return real(runner, running, eos)
+            return self.choose(real, runner, running, eos)
 
-    def generate_details(self, images, prompts, max_new_tokens=32, batch_size=8, **sampling):
-        self.calls.append(list(prompts))
+        monkeypatch.setattr(Runner, "choose", choose)
+
+    def script(self, request) -> tuple[str, list[int] | Exception]:
+        if request not in self.scripts:
+            tok = self.pipe.tokenizer
+            text_ids = [i for i in request.prompt_ids if i not in (tok.image_token_id, tok.bos_id)]
+            prompt = tok.decode(text_ids).strip()
+            self.calls.append(prompt)
+            try:
+                answer = (self.answers(request.images, prompt) if callable(self.answers)
+                          else self.answers[prompt.split()[0]])
+                self.scripts[request] = prompt, tok.encode(answer) + [tok.eos_id]
+            except Exception as e:
+                self.scripts[request] = prompt, e
+        return self.scripts[request]
+
+    def choose(self, real, runner, running, eos) -> int:
         self.entered.set()
-        assert self.gate.wait(30), "the test never opened the gate"
-        out = []
-        for ims, p in zip(images, prompts):
-            answer = self.answers(ims, p) if callable(self.answers) else self.answers[p.split()[0]]
-            ids = self.pipe.tokenizer.encode(answer)[:max_new_tokens]
-            out.append((self.pipe.tokenizer.decode(ids), Generated(ids, [-0.5] * len(ids))))
-        self.exited.set()
-        return out
+        sampled = []
+        try:
+            assert self.gate.wait(30), "the test never opened the gate"
+            V = runner.logits.shape[-1]
+            # The chosen token's logit 0, one other token's d, the rest -inf: the log-softmax at the
+            # chosen one is -log(1 + e^d) = LOGPROB, to float32's rounding of a sum of two terms (all
+            # V logits finite instead would sum V terms and miss it by about 1e-6).
+            d = math.log(math.exp(-LOGPROB) - 1)
+            failed = []
+            for i, r in enumerate(running):
+                _, script = self.script(r)
+                if isinstance(script, Exception):
+                    failed.append((r, script))
+                    token = eos  # the row ends now, without a token: then fails with the error
+                else:
+                    token = script[len(r.tokens)]
+                runner.logits[i] = -math.inf
+                runner.logits[i, token], runner.logits[i, (token + 1) % V] = 0.0, d
+                if r.sampling.do_sample:
+                    sampled.append((r, r.sampling))
+                    r.sampling = dataclasses.replace(r.sampling, do_sample=False)
+            self.steps.append([self.scripts[r][0] for r in running])
+            n = real(runner, running, eos)
+            for r, error in failed:
+                if not r.cancelled:  # the engine retires the row: it finishes with the error
+                    def fail(*_, finish=r.finish, error=error):
+                        finish(None, error)
+                    r.finish = fail
+            return n
+        finally:
+            for r, sampling in sampled:
+                r.sampling = sampling
+            self.exited.set()
 
 
 def when_queued(app, n: int) -> threading.Event:
@@ -102,7 +161,7 @@ def pipe(tiny_model_dir):
 def live(pipe):
     """A live server with an API key and small limits; yields (base URL, app)."""
     app = create_app(pipe, api_key=KEY, model_name="tiny", max_body_bytes=1_000_000,
-                     max_image_pixels=1_000_000, batch_wait_ms=20)
+                     max_image_pixels=1_000_000)
     with background(app) as url:
         yield url, app
 
@@ -149,11 +208,11 @@ def test_openai_client(live, pipe):
     assert sample(temperature=1.5, top_p=1e-6, seed=7) == greedy
 
 
-def test_finish_reason_stop_and_length(pipe):
+def test_finish_reason_stop_and_length(pipe, monkeypatch):
     """An answer that ends before max_tokens stops; a longer one is cut to max_tokens tokens."""
-    scripted = Scripted(pipe, {"caption": "a red circle and a blue square"})
+    Scripted(pipe, {"caption": "a red circle and a blue square"}, monkeypatch)
     ids = pipe.tokenizer.encode("a red circle and a blue square")
-    with TestClient(create_app(scripted)) as c:
+    with TestClient(create_app(pipe)) as c:
         body = chat_body(data_url(synthetic_image(0)), "caption en", max_tokens=len(ids) + 5)
         r = c.post("/v1/chat/completions", json=body).json()
         assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == len(ids)
@@ -191,19 +250,17 @@ def straddling_stop(pipe, image, prompt: str, n: int) -> tuple[str, str]:
     raise AssertionError("no token boundary to put a stop string across")
 
 
-@pytest.mark.parametrize("scheduler", ["continuous", "static"])
-def test_stop_strings(pipe, scheduler):
+def test_stop_strings(pipe):
     """OpenAI's `stop`: the answer ends before the stop string, streamed or not (the stream never
     sends a character of it), finish_reason "stop"; the engine stops generating there."""
     img = synthetic_image(3)
     full, stop = straddling_stop(pipe, img, "caption en", 16)
     want = full[: full.find(stop)]
-    with TestClient(create_app(pipe, scheduler=scheduler)) as c:
+    with TestClient(create_app(pipe)) as c:
         body = chat_body(data_url(img), "caption en", max_tokens=16) | {"stop": [stop, "never said"]}
         r = c.post("/v1/chat/completions", json=body).json()
         assert r["choices"][0]["message"]["content"] == want and r["choices"][0]["finish_reason"] == "stop"
-        if scheduler == "continuous":
-            assert r["usage"]["completion_tokens"] < 16, "the engine stops at the stop string"
+        assert r["usage"]["completion_tokens"] < 16, "the engine stops at the stop string"
         with c.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as s:
             events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
         assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]) == want
@@ -234,12 +291,13 @@ def echo(images, prompt: str) -> str:
     return f"image {r // 10} said {prompt} :: " + "a red circle above a blue square " * 4
 
 
-def test_concurrent_requests_are_batched_and_correct(pipe):
+def test_concurrent_requests_are_batched_and_correct(pipe, monkeypatch):
     """64 concurrent requests, each with its own answer (image, prompt and max_tokens all differ),
-    queued behind a busy model so that they batch 8 at a time. Catches an answer delivered to
-    another request of its batch, the wrong image or prompt used for a row, or a wrong cut."""
-    scripted = Scripted(pipe, echo, gate_open=False)
-    app = create_app(scripted, max_batch=8, max_queue=64)
+    queued behind a busy model so that the engine decodes 8 rows a step until the queue is empty.
+    Catches an answer delivered to another request of its batch, the wrong image or prompt used for
+    a row, a wrong cut, or requests decoded one at a time."""
+    scripted = Scripted(pipe, echo, monkeypatch, gate_open=False)
+    app = create_app(pipe, max_batch=8, max_queue=64)
     prompts = ["caption en", "answer en what colour is the star?", "detect circle ; square", "ocr"]
     cases = [(i % 16, i // 16, 20 + i % 3) for i in range(64)]  # (image, prompt, max_tokens)
     tok = pipe.tokenizer
@@ -264,19 +322,27 @@ def test_concurrent_requests_are_batched_and_correct(pipe):
         metrics = httpx.get(url + "/metrics").text
     assert blocker.status_code == 200 and [r.status_code for r in responses] == [200] * 64
     assert [r.json()["choices"][0]["message"]["content"] for r in responses] == want
-    assert [len(c) for c in scripted.calls] == [1] + [8] * 8
+    assert sorted(scripted.calls[1:]) == sorted(prompts[p] for _, p, _ in cases)  # each request seen once
+    # Rows per step: the blocker alone, then 8 (a row that leaves is refilled from the queue before
+    # the next step) until the queue is empty, then fewer as the last ones finish (in at most 22
+    # steps, the longest answer). Every row of every step makes a token: none is wasted.
+    rows = [len(step) for step in scripted.steps]
+    full = next((i for i, n in enumerate(rows[1:], 1) if n < 8), len(rows)) - 1  # steps of 8 after the first
+    assert rows[0] == 1 and rows[1:full + 1] == [8] * full and full >= (64 * 20 - 7 * 22) // 8
+    assert rows[full + 1:] == sorted(rows[full + 1:], reverse=True) and len(rows) - full - 1 <= 22
+    assert sum(rows) == 3 + sum(n for _, _, n in cases)
     assert int(re.search(r"^palikit_batch_size_max (\d+)$", metrics, re.M).group(1)) == 8
 
 
 def test_continuous_batching_answers_each_request_as_alone():
-    """24 concurrent requests on the bundled model through the engine (the default scheduler):
+    """24 concurrent requests on the bundled model through the engine:
     mixed tasks, lengths and streaming, several on one image. Each gets the answer of running it
     alone, rows are decoded together, and the image cache is hit."""
     from palikit.synthetic import make_scene
 
     pipe = palikit.load("default", dtype="float32")
     app = create_app(pipe, max_batch=6)
-    assert type(app.state.palikit.batcher).__name__ == "ContinuousBatcher"
+    assert app.state.palikit.batcher.engine.max_rows == 6
     images = [make_scene(np.random.default_rng(i)).image for i in range(6)]
     prompts = ["caption en", "ocr", "answer en what colour is the square?", "detect circle ; square",
                "segment triangle"]
@@ -310,17 +376,15 @@ def test_continuous_batching_answers_each_request_as_alone():
 
 def test_full_engine_queue_answers_503(pipe, monkeypatch):
     """The engine's queue full (one row held mid-decode, one request waiting): the next gets 503."""
-    from palikit import generate as gen
-
     gate, inside = threading.Event(), threading.Event()
-    decode = gen.decode_step
+    decode = pipe.decode_step
 
     def held(*args):
         inside.set()
         assert gate.wait(60)
         return decode(*args)
 
-    monkeypatch.setattr(gen, "decode_step", held)
+    monkeypatch.setattr(pipe, "decode_step", held)
     app = create_app(pipe, max_queue=1, max_batch=1)
     body = {"image": data_url(synthetic_image(0)), "max_new_tokens": 3}
 
@@ -357,12 +421,13 @@ def test_native_text_endpoints(client, pipe):
         assert out["text"] == pipe.generate(img, prompt, max_new_tokens=4) and out["objects"] is None
 
 
-def test_detect_and_segment_give_pixel_boxes_and_masks(pipe):
+def test_detect_and_segment_give_pixel_boxes_and_masks(pipe, monkeypatch):
     codes = "".join(f"<seg{i:03d}>" for i in range(16))
     answers = {"detect": "<loc0100><loc0200><loc0500><loc0600> circle ; "
                          "<loc0010><loc0010><loc0020><loc0020> sq",
                "segment": f"<loc0100><loc0100><loc0900><loc0900>{codes} triangle"}
-    app = create_app(Scripted(pipe, answers))
+    Scripted(pipe, answers, monkeypatch)
+    app = create_app(pipe)
     img = synthetic_image(4, size=(200, 100))
     with TestClient(app) as c:
         r = c.post("/v1/detect", json={"image": data_url(img), "labels": ["circle", "sq"]})
@@ -385,12 +450,13 @@ def test_detect_and_segment_give_pixel_boxes_and_masks(pipe):
         assert r.json()["task"] == "detect" and len(r.json()["objects"]) == 2
 
 
-def test_segment_without_codec_is_501(pipe):
-    scripted = Scripted(pipe, {"segment": "x"})
-    scripted.codec_path = None
-    with TestClient(create_app(scripted)) as c:
+def test_segment_without_codec_is_501(pipe, monkeypatch):
+    scripted = Scripted(pipe, {"segment": "x"}, monkeypatch)
+    monkeypatch.setattr(pipe, "codec_path", None)
+    with TestClient(create_app(pipe)) as c:
         r = c.post("/v1/segment", json={"image": data_url(synthetic_image(0)), "labels": "cat"})
     assert r.status_code == 501 and "mask codec" in r.json()["error"]["message"]
+    assert scripted.calls == []  # refused before it reached the model
 
 
 # ---- bad requests ------------------------------------------------------------------------------------
@@ -481,18 +547,15 @@ def test_local_paths_and_urls_when_enabled(pipe, tmp_path):
         assert r.status_code == 400 and "could not fetch" in r.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("scheduler", ["continuous", "static"])
-def test_client_disconnect_mid_stream(pipe, scheduler, monkeypatch):
+def test_client_disconnect_mid_stream(pipe, monkeypatch):
     """A client that hangs up mid-stream frees the model: generation stops at the next step. The
     model is held inside its 4th decoding step until the server has closed the stream, so the count
-    of generated tokens is exact. Catches a stream that keeps generating for a gone client, on the
-    engine (its row is freed) and on the static batcher (its stream is closed)."""
-    from palikit import generate as gen
-
-    app = create_app(pipe, api_key=KEY, scheduler=scheduler)
+    of generated tokens is exact. Catches a stream that keeps generating for a gone client (the
+    engine must free its row)."""
+    app = create_app(pipe, api_key=KEY)
     server = app.state.palikit
     reached, gate, closed, finished = (threading.Event() for _ in range(4))
-    decode, sse, batch = gen.decode_step, server.sse, server.metrics.batch
+    decode, sse, batch = pipe.decode_step, server.sse, server.metrics.batch
     calls = []
 
     def held_decode(*args, **kwargs):
@@ -514,12 +577,10 @@ def test_client_disconnect_mid_stream(pipe, scheduler, monkeypatch):
 
     def watched_batch(rows, tokens, seconds):
         batch(rows, tokens, seconds)
-        # The engine's step that finds the request cancelled makes no token; the static batcher
-        # reports the stream once, when it has ended.
-        if scheduler == "static" or tokens == 0:
+        if tokens == 0:  # the engine's step that finds the request cancelled makes no token
             finished.set()
 
-    monkeypatch.setattr(gen, "decode_step", held_decode)
+    monkeypatch.setattr(pipe, "decode_step", held_decode)
     monkeypatch.setattr(server, "sse", watched_sse)
     monkeypatch.setattr(server.metrics, "batch", watched_batch)
     body = chat_body(data_url(synthetic_image(5)), "describe en", max_tokens=400, stream=True)
@@ -532,11 +593,10 @@ def test_client_disconnect_mid_stream(pipe, scheduler, monkeypatch):
         assert closed.wait(30)
         gate.set()
         assert finished.wait(30)
-        # The prefill's token and the three decoded before the client left; the static batcher also
-        # takes the token of the step that was running, the engine drops it with the row.
-        assert server.metrics.tokens == (4 if scheduler == "continuous" else 5)
-        if scheduler == "continuous":
-            assert server.batcher.engine.running == 0
+        # The prefill's token and the three decoded before the client left; the token of the step
+        # that was running is dropped with the row.
+        assert server.metrics.tokens == 4
+        assert server.batcher.engine.running == 0 and len(calls) == 4
         monkeypatch.undo()
         body = chat_body(data_url(synthetic_image(0)), "caption en", max_tokens=3)
         r = c.post("/v1/chat/completions", json=body)
@@ -546,10 +606,10 @@ def test_client_disconnect_mid_stream(pipe, scheduler, monkeypatch):
 # ---- overload and timeouts ---------------------------------------------------------------------------
 
 
-def test_full_queue_answers_503_with_retry_after(pipe):
+def test_full_queue_answers_503_with_retry_after(pipe, monkeypatch):
     """One request runs (held), one waits in the queue of one: the next three get 503 at once."""
-    scripted = Scripted(pipe, {"caption": "a cat"}, gate_open=False)
-    app = create_app(scripted, max_queue=1, max_batch=1)
+    scripted = Scripted(pipe, {"caption": "a cat"}, monkeypatch, gate_open=False)
+    app = create_app(pipe, max_queue=1, max_batch=1)
     body = {"image": data_url(synthetic_image(0))}
 
     async def fire(url):
@@ -593,10 +653,10 @@ def test_slow_request_body_is_408(live, client, monkeypatch):
     assert client.get("/health").status_code == 200
 
 
-def test_request_timeout_is_504(pipe):
+def test_request_timeout_is_504(pipe, monkeypatch):
     """The model holds a request past request_timeout_s: 504; once it finishes, the server is fine."""
-    scripted = Scripted(pipe, {"caption": "a cat"}, gate_open=False)
-    app = create_app(scripted, request_timeout_s=0.2)
+    scripted = Scripted(pipe, {"caption": "a cat"}, monkeypatch, gate_open=False)
+    app = create_app(pipe, request_timeout_s=0.2)
     server = app.state.palikit
     submit = server.batcher.submit
 
@@ -615,11 +675,12 @@ def test_request_timeout_is_504(pipe):
         assert r.status_code == 200 and r.json()["text"] == "a cat"
 
 
-def test_a_failing_request_does_not_fail_its_batch(pipe):
-    """Three requests queued behind a busy model share one batch; the one whose generation fails
-    gets 500 and the other two their answers."""
-    scripted = Scripted(pipe, {"caption": "a cat", "answer": "yes"}, gate_open=False)  # "ocr": KeyError
-    app = create_app(scripted)
+def test_a_failing_request_does_not_fail_its_batch(pipe, monkeypatch):
+    """Three requests queued behind a busy model are decoded in one step; the one whose generation
+    fails gets 500 and the other two their answers."""
+    # "ocr" has no answer: its request fails (KeyError).
+    scripted = Scripted(pipe, {"caption": "a cat", "answer": "yes"}, monkeypatch, gate_open=False)
+    app = create_app(pipe)
     with TestClient(app) as c:
         async def fire():
             transport = httpx.ASGITransport(app=c.app)
@@ -638,7 +699,8 @@ def test_a_failing_request_does_not_fail_its_batch(pipe):
     for ok in (ok1, ok2):
         assert ok.status_code == 200 and ok.json()["text"] == "a cat"
     assert bad.status_code == 500 and bad.json()["error"]["type"] == "server_error"
-    assert sorted(scripted.calls[1]) == ["caption en", "caption en", "ocr"]  # they shared a batch
+    # They joined the blocker's rows together: the step after the gate opened decoded all four.
+    assert sorted(scripted.steps[1]) == ["answer en ok?", "caption en", "caption en", "ocr"]
 
 
 # ---- schema, metrics, demo page ------------------------------------------------------------------------

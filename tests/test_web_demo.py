@@ -35,8 +35,10 @@ SEG_CODES = "".join(f"<seg{i:03d}>" for i in range(16))
 def server(tiny_model_dir):
     pipe = palikit.load(tiny_model_dir, dtype="float32")
     answers = {"detect": DETECTION, "segment": f"<loc0100><loc0100><loc0900><loc0900>{SEG_CODES} triangle"}
-    with background(create_app(Scripted(pipe, answers), api_key=KEY)) as url:
-        yield url
+    with pytest.MonkeyPatch.context() as mp:
+        Scripted(pipe, answers, mp)
+        with background(create_app(pipe, api_key=KEY)) as url:
+            yield url
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +173,10 @@ def test_demo_shows_errors(page, tmp_path):
 def open_server(tiny_model_dir):
     """A server without an API key."""
     pipe = palikit.load(tiny_model_dir, dtype="float32")
-    with background(create_app(Scripted(pipe, {"detect": DETECTION, "ocr": "1234"}))) as url:
-        yield url
+    with pytest.MonkeyPatch.context() as mp:
+        Scripted(pipe, {"detect": DETECTION, "ocr": "1234"}, mp)
+        with background(create_app(pipe)) as url:
+            yield url
 
 
 def test_hidden_controls_are_not_shown(browser, open_server):

@@ -570,7 +570,7 @@ MEASURE = textwrap.dedent("""
     import json, sys
     import torch, palikit  # noqa: F401  (imports are part of the baseline)
     from pathlib import Path
-    from palikit.weights import load_hf_folder
+    from palikit.weights import build_on_meta, load_tensors, open_checkpoint
 
     def status(key):
         for line in open("/proc/self/status"):
@@ -583,7 +583,8 @@ MEASURE = textwrap.dedent("""
             f.write("5")
     except OSError:
         pass
-    model = load_hf_folder(Path(sys.argv[1]), dtype=torch.bfloat16)
+    ckpt = open_checkpoint(Path(sys.argv[1]))
+    model = load_tensors(build_on_meta(ckpt.config), ckpt.tensors(torch.bfloat16), torch.bfloat16, "cpu", ckpt.path)
     # Touch every weight (a memory-mapped one is resident only once read), allocating nothing big.
     finite = all(bool(torch.isfinite(t.max())) for t in model.state_dict().values())
     nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())

@@ -1,16 +1,15 @@
-"""Fine-tuning PaliGemma / PaliGemma 2 (`palikit train CONFIG`, or `python -m palikit.finetune CONFIG`
-under torchrun). The package map:
+"""Fine-tuning PaliGemma / PaliGemma 2 (`palikit train CONFIG`, or `torchrun ... -m palikit train
+CONFIG`). The package map:
 
 - recipe.py: the recipe: Trainer (setup -> train -> save_checkpoint -> cleanup), the loss, train, merge
-- config.py: TrainConfig, LoraSettings, the TRAINABLE / LORA_TARGETS presets, load_config, ConfigError
+- config.py: TrainConfig, LoraSettings, QuantSettings, the TRAINABLE / LORA_TARGETS presets, load_config,
+  ConfigError
 - model.py: the model a config names, random init, LoRA adapters (saved under transformers' module
   names: export_adapter / load_adapter), the trainable-parameter table
 - checkpoint.py: atomic checkpoint folders, optimizer and RNG state, the newest checkpoint of a run
-- dist.py: torchrun ranks: init_distributed, barrier, all_sum
-- __main__.py: the torchrun entry point, the same command as `palikit train` (palikit.cli)
+- qlora.py: QLoRA's 4-bit language model (bitsandbytes, CUDA)
 
-Weight quantisation (QLoRA's 4-bit language model) is palikit.quantize; data (DataSpec, readers,
-the data order) is palikit.data.
+The torchrun helpers are palikit.dist; data (DataSpec, readers, the data order) is palikit.data.
 """
 
 from .config import LORA_TARGETS, TRAINABLE, ConfigError, LoraSettings, TrainConfig, load_config

@@ -1,5 +1,5 @@
-"""Training configs: the TrainConfig and LoraSettings dataclasses (QuantSettings is palikit.quantize's,
-DataSpec palikit.data's), the presets of what trains (TRAINABLE, LORA_TARGETS), and the engine that
+"""Training configs: the TrainConfig, LoraSettings and QuantSettings dataclasses (DataSpec is
+palikit.data's), the presets of what trains (TRAINABLE, LORA_TARGETS), and the engine that
 builds them from YAML + `key=value` overrides, checking every value against its field's type, with
 one-line errors (ConfigError).
 """
@@ -19,7 +19,7 @@ from typing import Literal
 import yaml
 
 from ..data import DataSpec
-from ..quantize import QuantSettings
+from ..paligemma import LLM_LINEAR, VISION_LINEAR
 
 
 class ConfigError(ValueError):
@@ -38,6 +38,15 @@ class LoraSettings:
     # may reach the vision tower); or a list of module-name endings such as [q_proj, v_proj], which
     # is applied to the language model only (tutorial lists otherwise also hit SigLIP's q/k/v).
     targets: str | list[str] = "llm"
+
+
+@dataclass
+class QuantSettings:
+    """QLoRA (palikit.finetune.qlora): the language model's linear layers in 4 bits (bitsandbytes, CUDA)."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # the 4-bit matmuls run in it
+    double_quant: bool = True  # quantise the quantisation constants too (saves ~0.4 bit/param)
 
 
 @dataclass
@@ -126,13 +135,11 @@ TRAINABLE = {  # `trainable` preset -> regex over parameter names
     "attention-only": r"language_model\.layers\.\d+\.self_attn\..*",  # the big_vision colab
     "projector+llm": r"(multi_modal_projector|language_model)\..*",
 }
-_LLM_LINEAR = r"language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 LORA_TARGETS = {  # preset -> regex over module names (peft matches it in full)
-    "llm": _LLM_LINEAR,
+    "llm": LLM_LINEAR,
     "llm-attention": r"language_model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj",
-    "llm+projector": rf"{_LLM_LINEAR}|multi_modal_projector\.linear",
-    "all-linear": rf"{_LLM_LINEAR}|multi_modal_projector\.linear"
-                  r"|vision_tower\.encoder\.layers\.\d+\.(self_attn\.(q|k|v|out)_proj|mlp\.fc[12])",
+    "llm+projector": rf"{LLM_LINEAR}|multi_modal_projector\.linear",
+    "all-linear": rf"{LLM_LINEAR}|{VISION_LINEAR}",
 }
 
 
@@ -257,12 +264,8 @@ def validate(cfg: TrainConfig) -> None:
                                   f"({', '.join(LORA_TARGETS)}) nor a regex: {e}") from e
         if cfg.trainable != "all":
             raise ConfigError("with lora, only the adapters train: leave `trainable` out")
-    if cfg.quantize is not None:
-        q = cfg.quantize
-        if cfg.lora is None:
-            raise ConfigError("quantize (QLoRA) trains LoRA adapters on a 4-bit model: add a `lora` section")
-        if q.bits != 4:
-            raise ConfigError(f"quantize.bits={q.bits}: only 4-bit (QLoRA) is supported")
+    if cfg.quantize is not None and cfg.lora is None:
+        raise ConfigError("quantize (QLoRA) trains LoRA adapters on a 4-bit model: add a `lora` section")
     mixed = cfg.lora is None and cfg.trainable != "all" and cfg.dtype != cfg.trainable_dtype
     if mixed and not cfg.autocast:
         raise ConfigError(f"dtype={cfg.dtype} (frozen) with trainable_dtype={cfg.trainable_dtype} mixes "

@@ -14,20 +14,22 @@ from torch import nn
 
 from ..api import load
 from ..atomic import atomic_write, write_text_atomic
+from ..options import DTYPES
 from ..config import PaliGemmaConfig
 from ..gemma import RMSNorm
 from ..paligemma import PaliGemma
 from ..processor import Tokenizer, train_tokenizer
 from ..tasks import NUM_LOC, NUM_SEG
 from ..weights import build_on_meta, hf_to_palikit, palikit_to_transformers_module
-from . import dist
+from .. import dist
 from .config import LORA_TARGETS, ConfigError, LoraSettings
 
 
-def build_model(spec: str | dict, dtype: torch.dtype, device, seed: int, texts, workdir: Path,
-                rank: int = 0) -> tuple[PaliGemma, Tokenizer, Path | None]:
+def build_model(spec: str | dict, dtype: str, device, seed: int, texts, workdir: Path, rank: int = 0,
+                softcap: bool = False) -> tuple[PaliGemma, Tokenizer, Path | None]:
     """The model, tokenizer and mask codec (None for a preset) named by the config's `model` field
-    (see TrainConfig)."""
+    (see TrainConfig). softcap: train with PaliGemma 2's final logit soft-cap on every logit, as
+    transformers does; without it the cap leaves the model, its saved config.json included."""
     if isinstance(spec, str):
         spec = {"source": spec}
     unknown = set(spec) - {"source", "preset", "tokenizer", "overrides"}
@@ -35,19 +37,18 @@ def build_model(spec: str | dict, dtype: torch.dtype, device, seed: int, texts, 
         raise ConfigError("model must be a checkpoint source or {source|preset, tokenizer, overrides}; "
                           f"got {spec}")
     overrides = dict(spec.get("overrides") or {})
+    text = dict(overrides.pop("text", None) or {}) | ({} if softcap else {"final_logit_softcap": None})
     if "source" in spec:
-        pipe = load(spec["source"], dtype=dtype, device=str(device), tokenizer=spec.get("tokenizer"))
         runtime = {"final_logit_softcap", "attn_logit_softcap", "sliding_window"}
-        for key, value in (overrides.pop("text", None) or {}).items():
-            if key not in runtime:
-                raise ConfigError(f"model.overrides.text.{key}: on a checkpoint only {sorted(runtime)} "
-                                  "can change")
-            setattr(pipe.model.config.text, key, value)  # every layer shares this config object
+        if bad := sorted(set(text) - runtime):
+            raise ConfigError(f"model.overrides.text.{bad[0]}: on a checkpoint only {sorted(runtime)} can change")
         if overrides:
             raise ConfigError(f"model.overrides: on a checkpoint only `text` fields can change, "
                               f"got {list(overrides)}")
+        pipe = load(spec["source"], dtype=dtype, device=str(device), tokenizer=spec.get("tokenizer"),
+                    logit_softcap="config", overrides=text)
         return pipe.model, pipe.tokenizer, pipe.codec_path
-    config = PaliGemmaConfig.from_name(spec["preset"], **overrides)
+    config = PaliGemmaConfig.from_name(spec["preset"], text=text, **overrides)
     tok = spec.get("tokenizer")
     if tok is None:
         raise ConfigError("a preset model needs model.tokenizer: a tokenizer.model path, or 'train'")
@@ -60,7 +61,7 @@ def build_model(spec: str | dict, dtype: torch.dtype, device, seed: int, texts, 
     if tokenizer.seg_offset + NUM_SEG > config.image_token_id or config.image_token_id >= config.text.vocab_size:
         raise ConfigError(f"tokenizer {tok} does not fit preset {spec['preset']}'s vocabulary")
     prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build straight into dtype: no float32 copy of a large model
+    torch.set_default_dtype(DTYPES[dtype])  # build straight into dtype: no float32 copy of a large model
     try:
         model = build_on_meta(config).to_empty(device=device)
     finally:

@@ -5,8 +5,8 @@ palikit.finetune.
 
     palikit train configs/hf_lora.yaml --set lr=1e-4 --set lora.r=16   # one process
     palikit train configs/hf_lora.yaml --resume                         # continue after a kill
-    torchrun --standalone --nproc_per_node=4 -m palikit.finetune configs/hf_lora.yaml   # DDP
-    torchrun --standalone --nproc_per_node=4 -m palikit.finetune CONFIG --set distributed=fsdp
+    torchrun --standalone --nproc_per_node=4 -m palikit train configs/hf_lora.yaml   # DDP
+    torchrun --standalone --nproc_per_node=4 -m palikit train CONFIG --set distributed=fsdp
 
 What happens, in order:
 - the model: a checkpoint (anything palikit.load reads) or a preset with random weights;
@@ -51,20 +51,22 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm import tqdm
 
-from ..api import CODEC_FILES, DTYPES, Pipeline, load, save_model_files
+from .. import dist
+from ..api import Pipeline, load
 from ..atomic import write_text_atomic
 from ..data import DataSpec, Example, PaliGemmaDataset, StepSampler, data_errors, load_examples, make_collate
 from ..evaluate import eval_example, evaluate, validation_values
+from ..options import DTYPES
 from ..paligemma import PaliGemma
 from ..processor import Tokenizer, suffix_logprobs
-from ..quantize import QuantizeError, quantize_4bit, require_bitsandbytes
-from ..weights import build_on_meta, iter_safetensors, save_hf_folder, weight_files
+from ..weights import CODEC_FILES, build_on_meta, iter_safetensors, save_hf_folder, save_model_files, weight_files
 # Called as checkpoint.save_rng(...), dist.barrier(), ...: through the module, so that a test's
-# hook on palikit.finetune.checkpoint / .dist reaches every call. `dist` is palikit.finetune.dist
-# (its barrier and all_sum are no-ops in one process); torch's is spelled torch.distributed here.
-from . import checkpoint, dist
-from .config import _LLM_LINEAR, TRAINABLE, ConfigError, TrainConfig, apply_smoke, load_config
+# hook on palikit.finetune.checkpoint / palikit.dist reaches every call. `dist` is palikit.dist (its
+# barrier and all_sum are no-ops in one process); torch's is spelled torch.distributed here.
+from . import checkpoint
+from .config import LOGGERS, TRAINABLE, ConfigError, TrainConfig, apply_smoke, load_config
 from .model import adapter_state, apply_lora, build_model, export_adapter, load_adapter, param_table
+from .qlora import quantize_4bit, require_bitsandbytes
 
 log = logging.getLogger(__name__)
 TRAINED_WITH = "palikit_trained_with.json"  # in adapter folders: settings merge must carry over
@@ -221,7 +223,7 @@ def _optional(sink):
     return make
 
 
-_SINKS = {"tensorboard": _optional(_TensorBoard), "wandb": _optional(_WandB), "mlflow": _optional(_MLflow)}
+_SINKS = {name: _optional(sink) for name, sink in zip(LOGGERS, (_TensorBoard, _WandB, _MLflow))}
 
 
 # ---- the recipe ----------------------------------------------------------------------------------
@@ -237,11 +239,8 @@ class Trainer:
         self.rank, self.world, self.device = dist.init_distributed(cfg.device)
         if cfg.smoke:
             self.cfg = cfg = apply_smoke(cfg, self.world)
-        if cfg.quantize is not None:
-            try:  # before any work: never train unquantised by accident
-                require_bitsandbytes(self.device)
-            except QuantizeError as e:
-                raise ConfigError(str(e)) from e
+        if cfg.quantize is not None:  # before any work: never train unquantised by accident
+            require_bitsandbytes(self.device)
         self.out = Path(cfg.out_dir)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -265,18 +264,14 @@ class Trainer:
         # The model: identical on every rank (same seed), frozen parts in cfg.dtype.
         torch.manual_seed(cfg.seed)
         texts = [t for ex in train_examples for t in (ex.prefix, ex.suffix)]
-        core, self.tokenizer, self.codec_path = build_model(cfg.model, DTYPES[cfg.dtype], self.device,
-                                                            cfg.seed, texts, self.out, self.rank)
+        core, self.tokenizer, self.codec_path = build_model(cfg.model, cfg.dtype, self.device, cfg.seed, texts,
+                                                            self.out, self.rank, cfg.final_logit_softcap == "keep")
         self.core = core
         core.requires_grad_(False)
-        if cfg.final_logit_softcap == "off":  # see TrainConfig: the cap leaves the model, saved config included
-            core.config.text.final_logit_softcap = None
-        else:
-            core.config.logit_softcap = "config"
         if cfg.lora is not None:
             self.base_source = self._save_base(core)
             if cfg.quantize is not None:
-                n = quantize_4bit(core, cfg.quantize, self.device, _LLM_LINEAR)
+                n = quantize_4bit(core, cfg.quantize, self.device)
                 log.info("QLoRA: %d linear layers of the language model quantised to 4 bits", n)
             model = apply_lora(core, cfg.lora, self.base_source)  # adapters trainable, float32
         else:
@@ -628,10 +623,10 @@ def merge(base_source: str | Path, adapter_dir: str | Path, out_dir: str | Path,
     The merge runs in `dtype` (float32 by default: merging into bfloat16 weights rounds twice).
     """
 
-    pipe = load(base_source, dtype=dtype)
+    trained = Path(adapter_dir) / TRAINED_WITH  # trained without the cap: saved without it
+    overrides = json.loads(trained.read_text()) if trained.exists() else None
+    pipe = load(base_source, dtype=dtype, overrides=overrides)
     model = load_adapter(pipe.model, adapter_dir).merge_and_unload()
-    if (trained := Path(adapter_dir) / TRAINED_WITH).exists():  # trained without the cap: saved without it
-        model.config.text.final_logit_softcap = json.loads(trained.read_text())["final_logit_softcap"]
     tok = Path(adapter_dir) / "tokenizer.model"
     tokenizer = Tokenizer(tok, image_token_id=model.config.image_token_id) if tok.exists() else pipe.tokenizer
     codec = next((Path(adapter_dir) / n for n in CODEC_FILES if (Path(adapter_dir) / n).exists()), pipe.codec_path)

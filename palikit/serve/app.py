@@ -2,7 +2,8 @@
 
     palikit serve --model google/paligemma2-3b-mix-224 [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
-or from Python: `create_app(palikit.load(...))` gives a FastAPI app; `serve(...)` runs it with uvicorn.
+or from Python: `create_app(palikit.load(...), ServerSettings(...))` gives a FastAPI app; `serve(model,
+options, settings)` runs it with uvicorn.
 
 Endpoints (request and response schemas at /docs and /openapi.json):
 
@@ -28,9 +29,7 @@ leaves the moment it is done, so a short `ocr` never waits for a long `describe`
 greedy requests all share the steps, each with its own sampling and seed, and each answer is the one the
 request gets alone. Images are encoded once while they stay in the image cache (image_cache_mb), so
 captioning, then detecting, then segmenting one photo encodes it once. Requests beyond max_queue waiting
-get 503 + Retry-After. scheduler="static" serves the older way: the oldest request plus every queued one
-with the same sampling run as one batch to the longest answer (the baseline of benchmarks/bench_serve.py,
-and the way to serve a pipeline that is not palikit's). The event loop never runs the model.
+get 503 + Retry-After. The event loop never runs the model.
 
 Safety: binds 127.0.0.1 unless told otherwise; optional API key (`Authorization: Bearer KEY`) on /v1/*;
 request bodies over max_body_bytes get 413 and images over max_image_pixels 413 before decoding;
@@ -43,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import json
 import logging
@@ -64,20 +64,20 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import tasks
-from ..api import Pipeline, PipelineProtocol
-from ..paligemma import PaliGemma
+from ..api import Pipeline
+from ..options import Options, ServerSettings
 from ..processor import InputError
-from .batcher import Batcher, ContinuousBatcher, ImageSize, Job
+from .batcher import Batcher, Job
 from .guard import Guard
-from .images import ImageReader
-from .metrics import Metrics
+from .images import ImageReader, ImageSize
+from .prometheus import Metrics
 from .schema import (ERROR_TYPES, ChatCompletion, ChatMessageOut, ChatRequest, Choice, ErrorResponse, ImagePart,
                      ImageRequest, ModelCard, ModelList, PredictRequest, TaskResponse, TextPart, Usage,
                      error_response, task_request)
 
 log = logging.getLogger(__name__)
 
-STATIC = Path(__file__).resolve().parent.parent / "static"
+STATIC = Path(__file__).resolve().parent / "static"
 DOCS_ASSETS = "/docs-assets"  # where fastapi-offline serves Swagger UI's and ReDoc's files
 
 
@@ -112,25 +112,17 @@ def _as_http(e: Exception) -> HTTPException:
 class Server:
     """Settings, the batcher, the image reader and the metrics of one app; the routes call into it."""
 
-    def __init__(self, pipe: PipelineProtocol, model_name: str, max_body_bytes: int, max_image_pixels: int,
-                 max_batch: int, batch_wait_ms: float, max_queue: int, request_timeout_s: float,
-                 allow_local_paths: bool | str | Path, allow_urls: bool, check_prompts: bool, scheduler: str | None,
-                 engine_options: dict):
-        self.pipe, self.model_name = pipe, model_name
-        self.request_timeout_s, self.check_prompts = request_timeout_s, check_prompts
+    def __init__(self, pipe: Pipeline, settings: ServerSettings):
+        self.pipe, self.settings = pipe, settings
+        self.model_name = settings.model_name or "palikit"
+        self.request_timeout_s, self.check_prompts = settings.request_timeout_s, settings.check_prompts
         self.metrics = Metrics()
-        if scheduler is None:  # the engine runs palikit's model; any other pipeline is served in batches
-            ours = isinstance(pipe, Pipeline) and isinstance(getattr(pipe, "model", None), PaliGemma)
-            scheduler = "continuous" if ours else "static"
-        if scheduler == "continuous":
-            self.batcher = ContinuousBatcher(pipe, self.metrics, max_batch, max_queue, **engine_options)
-        elif scheduler == "static":
-            self.batcher = Batcher(pipe, self.metrics, max_batch, batch_wait_ms / 1000, max_queue)
-        else:
-            raise ValueError(f"scheduler must be 'continuous' or 'static', got {scheduler!r}")
-        self.images = ImageReader(max_bytes=max_body_bytes, max_pixels=max_image_pixels,
-                                  allow_local_paths=allow_local_paths, allow_urls=allow_urls,
-                                  prepare=pipe.prepare_image)
+        self.batcher = Batcher(pipe, self.metrics, settings.max_batch, settings.max_queue,
+                               kv_cache_gb=settings.kv_cache_gb, image_cache_mb=settings.image_cache_mb,
+                               max_len=settings.max_len)
+        self.images = ImageReader(max_bytes=settings.max_body_bytes, max_pixels=settings.max_image_pixels,
+                                  allow_local_paths=settings.allow_local_paths or False,
+                                  allow_urls=settings.allow_urls, prepare=pipe.prepare_image)
         self.can_mask = pipe.codec_path is not None
         self.created = int(time.time())
         self.paths: set[str] = set()  # the app's routes, for the metrics labels (filled by create_app)
@@ -234,26 +226,12 @@ def _last_user_message(req: ChatRequest) -> tuple[str, list[str]]:
 # ----------------------------------------------------------------------------- the app
 
 
-def create_app(pipe, *, api_key: str | None = None, model_name: str = "palikit",
-               max_body_bytes: int = 20 * 2**20, max_image_pixels: int = 25_000_000, max_batch: int = 8,
-               batch_wait_ms: float = 5, max_queue: int = 64, request_timeout_s: float = 300,
-               allow_local_paths: bool | str | Path = False, allow_urls: bool = False,
-               check_prompts: bool = True, scheduler: str | None = None, kv_cache_gb: float | None = None,
-               image_cache_mb: float = 256, max_len: int | None = None) -> FastAPI:
-    """The FastAPI app serving `pipe`: a palikit Pipeline, or anything with the same surface
-    (api.PipelineProtocol; e.g. an adapter around another library). There is a route
-    /v1/<verb> per task of tasks.TASKS, and /tasks lists them for the web demo.
-
-    allow_local_paths: True lets requests name any server-side file; a folder allows files inside it.
-    check_prompts=False accepts prompts without a known task prefix (transfer checkpoints trained on
-    free-form prefixes); by default they get 400.
-    scheduler: "continuous" (palikit.engine; kv_cache_gb, image_cache_mb and max_len size it, see
-    engine.Engine) or "static" (batch_wait_ms applies; any PipelineProtocol); by default continuous
-    for a pipeline with a palikit model, static for any other.
-    """
-    engine_options = dict(kv_cache_gb=kv_cache_gb, image_cache_mb=image_cache_mb, max_len=max_len)
-    server = Server(pipe, model_name, max_body_bytes, max_image_pixels, max_batch, batch_wait_ms, max_queue,
-                    request_timeout_s, allow_local_paths, allow_urls, check_prompts, scheduler, engine_options)
+def create_app(pipe: Pipeline, settings: ServerSettings | None = None, **changes) -> FastAPI:
+    """The FastAPI app serving `pipe`, with `settings` (ServerSettings, or its fields as keywords).
+    There is a route /v1/<verb> per task of tasks.TASKS, and /tasks lists them for the web demo."""
+    settings = dataclasses.replace(settings or ServerSettings(), **changes)
+    api_key = settings.api_key
+    server = Server(pipe, settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -266,7 +244,7 @@ def create_app(pipe, *, api_key: str | None = None, model_name: str = "palikit",
     app = FastAPIOffline(title="palikit", summary="PaliGemma served: OpenAI-compatible and native task endpoints",
                          description=(__doc__ or "").split("\n\n", 2)[-1], lifespan=lifespan, static_url=DOCS_ASSETS)
     app.state.palikit = server
-    app.add_middleware(Guard, api_key=api_key, max_body_bytes=max_body_bytes, metrics=server.metrics,
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=settings.max_body_bytes, metrics=server.metrics,
                        paths=server.paths)
 
     @app.exception_handler(StarletteHTTPException)
@@ -294,7 +272,8 @@ def create_app(pipe, *, api_key: str | None = None, model_name: str = "palikit",
 
     @v1.get("/models", response_model=ModelList)
     async def models():
-        return ModelList(data=[ModelCard(id=server.model_name, created=server.created)])
+        return ModelList(data=[ModelCard(id=server.model_name, created=server.created,
+                                         options=pipe.options.to_dict())])
 
     @v1.post("/chat/completions", response_model=ChatCompletion,
              responses={200: {"content": {"text/event-stream": {}},
@@ -381,29 +360,24 @@ def _spec_or_none(prompt: str) -> tasks.TaskSpec | None:
         return None
 
 
-def serve(model: str = "default", host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          dtype: str = "bfloat16", device: str = "cpu", logit_softcap: str | None = None,
-          quantize: str | None = None, group_size: int = 32, compile: bool = False, attention: str = "auto",
-          threads: int | None = None, **options) -> None:
-    """Load `model` and serve it with uvicorn until interrupted; options go to create_app.
+def serve(model: str = "default", options: Options | None = None, settings: ServerSettings | None = None) -> None:
+    """Load `model` with `options` and serve it with uvicorn, with `settings`, until interrupted.
 
-    threads: torch's CPU threads; by default all cores but one, which the HTTP loop keeps (decoding
-    images, parsing requests): with every core, the model's many short ops of continuous batching
-    fight the loop for the CPU (benchmarks/bench_serve.py on 2 cores: 17-19 requests/s either way
-    for the engine, 10 vs 13.6 for the static batcher, whose ops are few and long)."""
+    settings.threads: torch's CPU threads; by default all cores but one, which the HTTP loop keeps
+    (decoding images, parsing requests): with every core, the model's many short ops of continuous
+    batching fight the loop for the CPU."""
     import uvicorn
 
-    import palikit
+    from ..api import load
 
-    torch.set_num_threads(threads or server_threads())
-
-    pipe = palikit.load(model, dtype=dtype, device=device, logit_softcap=logit_softcap, quantize=quantize,
-                        group_size=group_size, compile=compile, attention=attention)
-    name = Path(model).name if Path(model).exists() else str(model)  # a folder's name, not the server's paths
-    app = create_app(pipe, api_key=api_key, model_name=options.pop("model_name", name), **options)
-    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
-    uvicorn.run(app, host=host, port=port, timeout_keep_alive=5, log_level="info")
+    settings = settings or ServerSettings()
+    torch.set_num_threads(settings.threads or server_threads())
+    pipe = load(model, options)
+    name = settings.model_name or (Path(model).name if Path(model).exists() else str(model))  # not the server's paths
+    app = create_app(pipe, settings, model_name=name)
+    if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without an API key: anyone who can reach it can use it", settings.host)
+    uvicorn.run(app, host=settings.host, port=settings.port, timeout_keep_alive=5, log_level="info")
 
 
 def server_threads() -> int:

@@ -11,7 +11,7 @@ import time
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
 
-from .metrics import Metrics
+from .prometheus import Metrics
 from .schema import error_response
 
 BODY_TIMEOUT_S = 60  # a request body must arrive within this (slow-upload clients hold connections)

@@ -10,13 +10,21 @@ import binascii
 import contextlib
 import io
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import HTTPException
 from PIL import Image
 
 from ..processor import InputError, load_image
-from .batcher import ImageSize
+
+
+@dataclass
+class ImageSize:
+    """What parsing and mask pasting need of an image: its size (the queue holds only resized copies)."""
+
+    width: int
+    height: int
 
 
 class ImageReader:

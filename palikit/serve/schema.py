@@ -157,6 +157,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "palikit"
+    options: dict = {}  # how the model was loaded: palikit.options.Options
 
 
 class ModelList(BaseModel):

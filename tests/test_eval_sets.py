@@ -1,4 +1,4 @@
-"""palikit.benchmarks: every registry entry read from tiny files written here in the benchmark's
+"""palikit.eval_sets: every registry entry read from tiny files written here in the benchmark's
 published layout (and its Hugging Face parquet export where it has one), the errors for missing,
 misnamed and foreign files, pickles refused unopened, `limit`, and the model card lookup."""
 
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from palikit import benchmarks
-from palikit.benchmarks import BENCHMARKS, MODEL_CARD, BenchmarkError, published, read_benchmark
+from palikit import eval_sets
+from palikit.eval_sets import BENCHMARKS, MODEL_CARD, BenchmarkError, published, read_benchmark
 
 
 def write_image(path: Path, size=(20, 10)) -> Path:
@@ -543,11 +543,11 @@ def test_stvqa_val_needs_the_listing(tmp_path):
 
 def test_unknown_benchmark_lists_names():
     with pytest.raises(BenchmarkError) as e:
-        benchmarks.benchmark("vqa3")
+        eval_sets.benchmark("vqa3")
     msg = str(e.value)
     assert "vqa3" in msg and "\n" not in msg
     assert all(name in msg for name in BENCHMARKS)
-    assert benchmarks.benchmark("VQAv2") is BENCHMARKS["vqav2"]
+    assert eval_sets.benchmark("VQAv2") is BENCHMARKS["vqav2"]
 
 
 def trap(marker: Path) -> bytes:
@@ -592,7 +592,7 @@ def test_limit_and_the_file_itself(tmp_path):
 
 
 def test_synthetic_examples_per_task():
-    examples = list(benchmarks.read_synthetic(n_images=6, seed=3))
+    examples = list(eval_sets.read_synthetic(n_images=6, seed=3))
     tasks = {e.extra["task"] for e in examples}
     assert {"caption", "count", "detect", "segment"} <= tasks
     assert len({e.id for e in examples}) == len(examples)

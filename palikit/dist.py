@@ -1,5 +1,6 @@
-"""Ranks under torchrun: joining the process group (gloo beside nccl), and the two collectives the
-recipe needs, barrier and all_sum, which are no-ops in a single process.
+"""Ranks under torchrun (`palikit run`, `palikit eval` and `palikit train` on several processes):
+joining the process group (gloo beside nccl), and the collectives they need, barrier and all_sum,
+which are no-ops in a single process.
 """
 
 from __future__ import annotations
@@ -9,14 +10,13 @@ import os
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
-
 
 def init_distributed(device: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); joins the process group when started by torchrun."""
+    """(rank, world size, device); joins the process group when started by torchrun. device: "auto"
+    (a GPU when there is one), "cpu" or "cuda[:N]"; under torchrun each rank takes its local GPU."""
     cuda = torch.cuda.is_available() and device != "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA GPU is available")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device} but no CUDA GPU is available")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if not dist.is_initialized():
             # gloo beside nccl: all_sum reduces small CPU tensors (losses, counts), which nccl cannot.
@@ -26,7 +26,7 @@ def init_distributed(device: str) -> tuple[int, int, torch.device]:
         if cuda:
             torch.cuda.set_device(dev)
         return dist.get_rank(), dist.get_world_size(), dev
-    return 0, 1, torch.device("cuda" if cuda else "cpu")
+    return 0, 1, torch.device(("cuda" if cuda else "cpu") if device == "auto" else device)
 
 
 def barrier() -> None:

@@ -1,0 +1,236 @@
+"""Which kernel multiplies: the one home of routing by CPU kind and number of rows.
+
+The model files call `Linear` (an nn.Linear whose products go through `linear`) and know nothing
+of CPUs; palikit.quantize's layers call `int8_linear` / `int4_linear`. Each kind of product has
+at most two routes, chosen by its number of rows (a prompt's many, or a decode step's few) and by
+whether the CPU computes in 16 bits natively; every route below measured >= 10 % end to end on the
+CPU kind it serves (benchmarks/results/, docs/performance.md).
+
+- 16-bit dense products. A CPU without native bfloat16 (AVX2, many ARM cores) converts every
+  element in its 16-bit GEMM: there a prompt's rows (PROMPT_ROWS or more) run in float32, on the
+  weight upcast into a reused scratch matrix; the weights stay 16-bit in memory. A decode step's
+  few rows stay 16-bit there (its GEMV reads half the bytes). On a CPU with native bfloat16 a
+  one-row step runs ATen's own GEMV rather than oneDNN's (`one_row_products`).
+- int8 weights: few rows through aten._weight_int8pack_mm; a prompt's rows through the dense GEMM
+  on the weight dequantised into the scratch (the int8 kernel is a GEMV kernel). w8a8 rounds the
+  rows to int8 too and multiplies with torch._int_mm (exact int32 sums).
+- int4 weights: few rows through aten._weight_int4pack_mm_for_cpu; a prompt's through the dense
+  GEMM on the weight unpacked from that kernel's layout into the scratch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# A product of this many rows or more is a prompt's (or a training batch's); fewer, a decode step's.
+# Past the crossover of the two routes on every CPU kind measured (docs/performance.md).
+PROMPT_ROWS = 32
+_16BIT = (torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def native_16bit(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies `dtype` (bfloat16 / float16) natively: AVX-512 BF16 / FP16 or AMX.
+    ATEN_CPU_CAPABILITY=avx2 (PyTorch's own switch) makes an AVX-512 CPU run as an AVX2 one."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False  # AVX2, ARM and the rest: their 16-bit GEMMs convert to float32 element by element
+    if dtype == torch.bfloat16:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.cpu._is_amx_fp16_supported()
+
+
+def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a prompt's products run in: the weights' own, or float32 on a CPU without native
+    arithmetic in that 16-bit dtype."""
+    if device.type == "cpu" and dtype in _16BIT and not native_16bit(dtype):
+        return torch.float32
+    return dtype
+
+
+# ---- scratch matrices --------------------------------------------------------------------------
+
+_scratch = threading.local()  # per thread, reused by every layer: threads never share them
+
+
+def scratch_matrix(shape: tuple[int, int], dtype: torch.dtype, slot: str = "buffer") -> torch.Tensor:
+    """An uninitialised (rows, cols) matrix in this thread's scratch `slot`, grown when too small;
+    a new tensor where autograd may keep it for a backward pass."""
+    numel = shape[0] * shape[1]
+    if torch.is_grad_enabled():
+        return torch.empty(shape, dtype=dtype)
+    buffer = getattr(_scratch, slot, None)
+    if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
+        with torch.inference_mode(False):  # an inference tensor could not be written outside inference mode
+            buffer = torch.empty(numel, dtype=dtype)
+            setattr(_scratch, slot, buffer)
+    return buffer[:numel].view(shape)
+
+
+# ---- dense products ------------------------------------------------------------------------------
+
+
+class _Float32Product(torch.autograd.Function):
+    """x @ weight.T (+ bias) in float32 for a frozen 16-bit weight: the float32 copy of the weight is
+    made again in the backward pass instead of being kept between the two."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(weight)
+        with torch.autocast("cpu", enabled=False):
+            y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weight,) = ctx.saved_tensors
+        grad_x = (grad.float() @ weight.float()).to(grad.dtype) if ctx.needs_input_grad[0] else None
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_bias
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; a prompt's rows of a 16-bit weight in float32 where the CPU lacks 16-bit arithmetic."""
+    if x.numel() < PROMPT_ROWS * weight.shape[1] or compute_dtype(weight.dtype, x.device) == weight.dtype:
+        return F.linear(x, weight, bias)
+    if weight.requires_grad:  # a trainable 16-bit weight: autograd's own float32 copy
+        with torch.autocast("cpu", enabled=False):
+            return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    if torch.is_grad_enabled():
+        return _Float32Product.apply(x, weight, bias)
+    with torch.autocast("cpu", enabled=False):
+        w = scratch_matrix(weight.shape, torch.float32).copy_(weight)
+        return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear through `linear`. Still an nn.Linear, so peft's LoRA wraps it like any other."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+@contextlib.contextmanager
+def one_row_products(rows: int, dtype: torch.dtype, device: torch.device):
+    """A decode step of one row: its bfloat16 products on a CPU with native bfloat16 run ATen's own
+    GEMV, not oneDNN's matmul, which reads a 9216 x 2304 matrix 2.5x slower for one row (and is the
+    faster one from two rows on). torch.backends.mkldnn.enabled is process-wide: a prompt run by
+    another thread meanwhile would run ATen's slower GEMM, with the same result."""
+    if rows != 1 or device.type != "cpu" or dtype != torch.bfloat16 or not native_16bit(dtype):
+        yield
+        return
+    before = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
+
+
+# ---- int8 ----------------------------------------------------------------------------------------
+
+# w8a8 rows are rounded and multiplied in blocks of at most this many, so that a block's int32
+# products and their rescaling stay in cache (docs/performance.md).
+INT8_ROWS_BLOCK = 512
+# Past this many entries a weight is not dequantised into the scratch (the 257k-row LM head would
+# keep 1.2 GB of it alive in a model quantised to save memory): its products take the int8 kernel.
+DEQUANTIZE_MAX_ENTRIES = 1 << 25
+
+
+def _dequantizes(rows: int, entries: int) -> bool:
+    return rows >= PROMPT_ROWS and entries <= DEQUANTIZE_MAX_ENTRIES
+
+
+def round_rows_to_int8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows ~= q * row_scales: symmetric, one scale per row, set by its largest |value| (the dynamic
+    per-token scheme of LLM.int8(), Dettmers et al. 2022, without its float outlier columns;
+    SmoothQuant's W8A8 baseline, Xiao et al. 2023) -> q (int8), row_scales (float32, (M, 1))."""
+    x = rows.float()
+    row_scales = x.abs().amax(-1, keepdim=True).clamp_(min=1e-12) / 127
+    return (x / row_scales).round_().clamp_(-127, 127).to(torch.int8), row_scales
+
+
+def int8_linear(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, int8_rows: bool = False
+                ) -> torch.Tensor:
+    """rows (M, in) @ (weight * scales[:, None]).T, in the rows' dtype; with `int8_rows` (w8a8) the
+    rows rounded to int8 first (round_rows_to_int8). The sums are float32 or int32 on every route."""
+    if int8_rows:
+        out = torch.empty(rows.shape[0], weight.shape[0], dtype=rows.dtype, device=rows.device)
+        for start in range(0, rows.shape[0], INT8_ROWS_BLOCK):
+            q, row_scales = round_rows_to_int8(rows[start:start + INT8_ROWS_BLOCK])
+            products = torch._int_mm(q, weight.t())
+            out[start:start + INT8_ROWS_BLOCK] = products.float().mul_(row_scales).mul_(scales.float())
+        return out
+    if _dequantizes(rows.shape[0], weight.numel()):
+        dtype = compute_dtype(rows.dtype, rows.device)
+        dense = scratch_matrix(weight.shape, dtype).copy_(weight)  # exact: -128..127 are integers in 16 bits
+        with torch.autocast(rows.device.type, enabled=False):
+            return F.linear(rows.to(dtype), dense).mul_(scales.to(dtype)).to(rows.dtype)
+    kernel_dtype = rows.dtype if rows.dtype in _16BIT else torch.bfloat16  # its float32 path is scalar
+    return torch.ops.aten._weight_int8pack_mm(rows.to(kernel_dtype), weight, scales.to(kernel_dtype)).to(rows.dtype)
+
+
+# ---- int4 ----------------------------------------------------------------------------------------
+
+# The int4 kernel's weight layout, read back to dequantise a prompt's weights: for each input in
+# turn, _convert_weight_to_int4pack_for_cpu (aten/src/ATen/native/cpu/int4mm_kernel.cpp) packs the
+# output rows in blocks of 64 (AVX-512) or 32 (AVX2), row j of a block in a byte's low 4 bits and row
+# j + 32 (16) in its high ones, and the rows past the last whole block in pairs (2i low, 2i + 1 high).
+# Elsewhere the kernel interleaves otherwise, and prompts run the kernel itself.
+INT4_BLOCK_ROWS = {"AVX512": 64, "AVX2": 32}
+
+
+def int4_block_rows() -> int | None:
+    return INT4_BLOCK_ROWS.get(torch.backends.cpu.get_cpu_capability())
+
+
+def int4_pack(values: torch.Tensor) -> torch.Tensor:
+    """(n, k) values 0..15 -> the int4 kernel's packed weight, for this CPU."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(values.to(torch.int32), 1)
+
+
+def int4_values(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The (n, k) values 0..15 of a weight packed for this CPU's int4 kernel, in an int8 scratch."""
+    block = int4_block_rows()
+    if block is None:
+        raise NotImplementedError(f"the int4 layout of {torch.backends.cpu.get_cpu_capability()} CPUs is unknown")
+    values = scratch_matrix((n, k), torch.int8, "int4_values")
+    packed = packed.reshape(-1).view(torch.int8)
+    whole = n - n % block
+    if whole:
+        _split_bytes(packed[:whole * k // 2].view(whole // block, k, block // 2).transpose(1, 2),
+                     *values[:whole].view(whole // block, 2, block // 2, k).unbind(1))
+    if whole < n:
+        _split_bytes(packed[whole * k // 2:].view(k, (n - whole) // 2).t(),
+                     *values[whole:].view((n - whole) // 2, 2, k).unbind(1))
+    return values
+
+
+def _split_bytes(bytes_: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> None:
+    """low, high = the low and high 4 bits of bytes_; the bytes are moved into `high` first, so that
+    the bit operations run along contiguous rows."""
+    high.copy_(bytes_)
+    torch.bitwise_and(high, 15, out=low)
+    high.bitwise_right_shift_(4).bitwise_and_(15)
+
+
+def int4_linear(rows: torch.Tensor, packed: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor,
+                n: int) -> torch.Tensor:
+    """rows (M, k) @ W.T, W[o, i] = (q - 8) * scale + zero per group of `group_size` inputs, q the
+    packed values (int4_pack); in the rows' dtype."""
+    k = rows.shape[1]
+    if _dequantizes(rows.shape[0], n * k) and int4_block_rows() is not None:
+        dtype = compute_dtype(rows.dtype, rows.device)
+        w = scratch_matrix((n, k), dtype).copy_(int4_values(packed, n, k)).sub_(8)
+        scales, zeros = scales_and_zeros.permute(2, 1, 0).to(dtype)[..., None]  # (n, k / group, 1) each
+        w.view(n, k // group_size, group_size).mul_(scales).add_(zeros)
+        with torch.autocast(rows.device.type, enabled=False):
+            return F.linear(rows.to(dtype), w).to(rows.dtype)
+    kernel_dtype = scales_and_zeros.dtype
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(kernel_dtype), packed, group_size,
+                                                      scales_and_zeros).to(rows.dtype)
