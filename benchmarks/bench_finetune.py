@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_finetune.py                         # PaliGemma 2 3B-224, LoRA and full
     .venv/bin/python benchmarks/bench_finetune.py --modes lora --steps 4  # 3B LoRA only (less memory)
     .venv/bin/python benchmarks/bench_finetune.py --preset tiny-paligemma2 --steps 20   # seconds
+    .venv/bin/python benchmarks/bench_finetune.py --dtypes bfloat16,float32 --emulate-avx2   # bf16 vs f32
 
 A random-init checkpoint of the preset is written once (bench_inference.make_checkpoint, bf16),
 then every (library, mode) pair trains on the same batches in its own subprocess, so peak RSS
@@ -16,13 +17,17 @@ per-example mean (palikit) and token mean (transformers) losses coincide; the fi
 are printed as a check). transformers runs eager attention: its SDPA path drops Gemma 2's
 attention soft-cap, which palikit applies. palikit is timed through its real trainer, transformers
 through a plain loop; both times include reading and preprocessing the batch's images. The first
-step is a warm-up, not timed.
+step is a warm-up, not timed. --dtypes adds palikit runs of the same recipe with float32 weights
+(the bf16 recipe should train at their speed on a CPU without native bfloat16, kernels.linear);
+--emulate-avx2 runs every column as an AVX2-only CPU (benchmarks/machine.py). Results go to
+benchmarks/results/DATE-finetune-CPUKIND.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -36,6 +41,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_inference import make_checkpoint, peak_rss_gb  # noqa: E402 (VmHWM, reset by reset_peak)
+from machine import AVX2_ENV, describe, results_file  # noqa: E402
 
 SUFFIX = "a photo of a cat sitting on a red chair next to a window"
 
@@ -62,19 +68,19 @@ def reset_peak() -> float:
     return load_peak
 
 
-def run_palikit(ckpt: str, data: str, mode: str, args) -> dict:
+def run_palikit(ckpt: str, data: str, mode: str, args, dtype: str = "bfloat16") -> dict:
     from palikit.finetune import Trainer, load_config
 
     out = tempfile.mkdtemp(prefix="bench-palikit-")
     cfg = {"model": ckpt, "train_file": data, "out_dir": out, "steps": args.steps + 1,
            "final_logit_softcap": "keep",  # transformers' Trainer caps every logit: compare like with like
            "stop_after": args.steps, "batch_size": args.batch_size, "optimizer": args.optimizer, "lr": 1e-4,
-           "warmup": 0, "schedule": "constant", "clip_grad": 1.0, "dtype": "bfloat16", "max_text_len": 64,
+           "warmup": 0, "schedule": "constant", "clip_grad": 1.0, "dtype": dtype, "max_text_len": 64,
            "seed": 0}
     if mode == "lora":
         cfg["lora"] = {"r": 8, "alpha": 16, "dropout": 0.0, "targets": "llm"}
     else:
-        cfg["trainable_dtype"] = "bfloat16"
+        cfg["trainable_dtype"] = dtype
     t0 = time.perf_counter()
     trainer = Trainer(load_config(cfg))
     load_peak = reset_peak()
@@ -94,10 +100,9 @@ def run_transformers(ckpt: str, data: str, mode: str, args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import PaliGemmaForConditionalGeneration
 
-    from palikit.api import collate
     from palikit.data import read_jsonl
     from palikit.finetune import LORA_TARGETS  # the same modules as palikit's `targets: llm`
-    from palikit.processor import Tokenizer, encode_example, preprocess
+    from palikit.processor import Tokenizer, collate, encode_example, preprocess
 
     t0 = time.perf_counter()
     model = PaliGemmaForConditionalGeneration.from_pretrained(ckpt, dtype=torch.bfloat16,
@@ -151,17 +156,23 @@ def main() -> None:
     ap.add_argument("--checkpoint", help="reuse a checkpoint folder instead of writing a new one")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--data", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help="also write the results as JSON here")
+    ap.add_argument("--dtypes", default="bfloat16", help="palikit's runs: comma-separated weight dtypes "
+                                                          "(transformers runs bfloat16)")
+    ap.add_argument("--emulate-avx2", action="store_true", help="run every column as an AVX2-only CPU")
+    ap.add_argument("--out", help="the results as JSON (default: benchmarks/results/DATE-finetune-CPUKIND.json)")
     args = ap.parse_args()
+    if args.emulate_avx2:  # before torch loads, here and in the workers
+        os.environ.update(AVX2_ENV)
 
     if args.worker:
         import torch
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        lib, mode = args.worker.split(":")
-        fn = run_palikit if lib == "palikit" else run_transformers
-        print(json.dumps(fn(args.checkpoint, args.data, mode, args)))
+        lib, mode, dtype = args.worker.split(":")
+        result = (run_palikit(args.checkpoint, args.data, mode, args, dtype) if lib == "palikit"
+                  else run_transformers(args.checkpoint, args.data, mode, args))
+        print(json.dumps(result))
         return
 
     tmp = Path(tempfile.mkdtemp(prefix="palikit-bench-ft-"))
@@ -174,35 +185,35 @@ def main() -> None:
             print(f"wrote random {args.preset} (bfloat16) in {time.perf_counter() - t:.0f} s", flush=True)
         data = make_data(tmp / "data", max(8, args.batch_size * args.steps))
         results: dict = {}
+        runs = [f"palikit:{{mode}}:{dtype}" for dtype in args.dtypes.split(",")] + ["transformers:{mode}:bfloat16"]
         for mode in args.modes.split(","):
-            for lib in ("palikit", "transformers"):
-                cmd = [sys.executable, __file__, "--worker", f"{lib}:{mode}", "--checkpoint", folder,
+            for run in (r.format(mode=mode) for r in runs):
+                lib = run.split(":")[0]
+                cmd = [sys.executable, __file__, "--worker", run, "--checkpoint", folder,
                        "--data", str(data), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                        "--optimizer", args.optimizer, "--threads", str(args.threads)]
                 proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 if proc.returncode:
-                    print(f"{lib} {mode} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}", flush=True)
+                    print(f"{run} failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}", flush=True)
                     continue
-                results[f"{lib}:{mode}"] = json.loads(proc.stdout.strip().splitlines()[-1])
-                print(f"{lib} {mode}: {results[f'{lib}:{mode}']}", flush=True)
+                results[run] = json.loads(proc.stdout.strip().splitlines()[-1])
+                print(f"{run}: {results[run]}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"\n{args.preset}, bf16 weights, batch {args.batch_size}, {args.optimizer}, "
-          f"{args.steps - 1} timed steps\n")
-    print("| mode | metric | palikit | transformers+peft | palikit advantage |\n|---|---|---|---|---|")
-    for mode in args.modes.split(","):
-        a, b = results.get(f"palikit:{mode}"), results.get(f"transformers:{mode}")
-        if not (a and b):
-            continue
-        for key, label, higher in (("examples_per_s", "examples/s", True),
-                                   ("train_peak_gb", "peak RSS while training (GB)", False),
-                                   ("first_loss", "first-step loss (check)", None)):
-            ratio = "" if higher is None else f"{(a[key] / b[key] if higher else b[key] / a[key]):.2f}x"
-            print(f"| {mode} | {label} | {a[key]:.4g} | {b[key]:.4g} | {ratio} |")
-    if args.out:
-        Path(args.out).write_text(json.dumps({"preset": args.preset, "batch_size": args.batch_size,
-                                              "optimizer": args.optimizer, **results}, indent=2))
+    machine = describe()
+    print(f"\n{args.preset}, batch {args.batch_size}, {args.optimizer}, {args.steps - 1} timed steps; {machine}\n")
+    print("| run | examples/s | vs transformers+peft (bf16) | peak RSS while training (GB) | first-step loss |")
+    print("|---|---|---|---|---|")
+    for run, r in results.items():
+        base = results.get(f"transformers:{run.split(':')[1]}:bfloat16")
+        ratio = f"{r['examples_per_s'] / base['examples_per_s']:.2f}x" if base else ""
+        print(f"| {run} | {r['examples_per_s']:.4g} | {ratio} | {r['train_peak_gb']:.3g} | {r['first_loss']:.4g} |")
+    out = Path(args.out) if args.out else results_file("finetune", machine)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine, "preset": args.preset, "batch_size": args.batch_size,
+                               "optimizer": args.optimizer, "steps": args.steps, "runs": results}, indent=2) + "\n")
+    print(f"results: {out}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from . import generate as gen
-from . import quantize, tasks
+from . import kernels, quantize, tasks
 from .config import PaliGemmaConfig
 from .engine import Engine
 from .maskcodec import paste_mask
@@ -78,6 +78,9 @@ def load(source: str | Path = "default", options: Options | None = None, *, over
     softcap = options.logit_softcap or ("big_vision" if ckpt.big_vision else "config")
     model = build_on_meta(config, attention=attention, logit_softcap=softcap)
     dtype = options.torch_dtype
+    if scheme := (stored or {}).get("scheme") or options.quantize:
+        if reason := kernels.quantization_pays(scheme, device):
+            raise quantize.QuantizeError(reason)
     if stored:
         if device.type != "cpu":
             raise quantize.QuantizeError(f"{stored['scheme']} weights run on the CPU kernels; load with device='cpu'")
@@ -111,6 +114,9 @@ class Pipeline:
         self.codec_path = codec_path  # segmentation mask codec found beside the weights, if any
         dtype = next(name for name, d in DTYPES.items() if d == model.dtype)
         self.options = options or Options(dtype=dtype, device=str(model.device))
+        if self.options.compile and (reason := kernels.compile_pays(model.device)):
+            log.warning(reason)
+            self.options = dataclasses.replace(self.options, compile=False)
         self.decode_step = gen.DecodeStep(model, compile=self.options.compile)
         self._codecs: dict = {}
 

@@ -104,6 +104,7 @@ def cmd_train(args) -> None:
 def cmd_quantize(args) -> None:
     from .quantize import save_quantized_folder
 
+    os.environ["PALIKIT_QUANTIZE_ANYWAY"] = "1"  # it writes a folder, for this CPU or another: no decoding here
     pipe = load_model(args, quantize=args.to)
     save_quantized_folder(pipe, args.out)
     print(args.out)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from .config import GemmaConfig
-from .kernels import Linear, linear
+from .kernels import Linear, linear, matmul
 
 
 class RMSNorm(nn.Module):
@@ -113,11 +113,11 @@ class Attention(nn.Module):
             # SDPA has no soft-cap, so Gemma 2 runs the scores explicitly. Queries are grouped per kv
             # head, (B, K, G*T, Dh), so k/v are never repeated in memory.
             S = k.shape[2]
-            scores = q.reshape(B, K, H // K * T, Dh) @ k.transpose(-1, -2) * self.scale
+            scores = matmul(q.reshape(B, K, H // K * T, Dh), k.transpose(-1, -2)) * self.scale
             scores = cap * torch.tanh(scores / cap)  # before masking, as in big_vision and HF
             scores = scores.view(B, K, H // K, T, S).masked_fill(~mask[:, :, None], torch.finfo(scores.dtype).min)
             probs = scores.float().softmax(-1).to(v.dtype).view(B, K, H // K * T, S)
-            out = (probs @ v).view(B, H, T, Dh)
+            out = matmul(probs, v).view(B, H, T, Dh)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * Dh))
 
 

@@ -72,6 +72,7 @@ class DecodeStep:
 
     def __init__(self, model: PaliGemma, compile: bool = False):
         self.model, self.compiled = model, None
+        self.int8_rows = any(getattr(m, "int8_rows", False) for m in model.modules())  # w8a8
         if compile:
             fn = type(model).decode_step
             step = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
@@ -79,7 +80,7 @@ class DecodeStep:
             self.compiled = torch.compile(step, fullgraph=True, dynamic=True, options=options)
 
     def __call__(self, token: torch.Tensor, slot: torch.Tensor, layout: Layout, cache) -> torch.Tensor:
-        with kernels.one_row_products(token.shape[0], self.model.dtype, self.model.device):
+        with kernels.one_row_products(token.shape[0], self.model.dtype, self.model.device, self.int8_rows):
             if self.compiled is not None:
                 return self.compiled(self.model, token, slot, layout, cache)
             return self.model.decode_step(token, slot, layout.slots(int(slot.max()) + 1), cache)

@@ -8,12 +8,14 @@ CPU kind it serves (benchmarks/results/, docs/performance.md).
 
 - 16-bit dense products. A CPU without native bfloat16 (AVX2, many ARM cores) converts every
   element in its 16-bit GEMM: there a prompt's rows (PROMPT_ROWS or more) run in float32, on the
-  weight upcast into a reused scratch matrix; the weights stay 16-bit in memory. A decode step's
-  few rows stay 16-bit there (its GEMV reads half the bytes). On a CPU with native bfloat16 a
-  one-row step runs ATen's own GEMV rather than oneDNN's (`one_row_products`).
-- int8 weights: few rows through aten._weight_int8pack_mm; a prompt's rows through the dense GEMM
-  on the weight dequantised into the scratch (the int8 kernel is a GEMV kernel). w8a8 rounds the
-  rows to int8 too and multiplies with torch._int_mm (exact int32 sums).
+  weight upcast into a reused scratch matrix (`linear`; attention's own products: `matmul`); the
+  weights stay 16-bit in memory. A decode step's few rows stay 16-bit there (its GEMV reads half the
+  bytes). On a CPU with native bfloat16 a one-row step runs ATen's own GEMV rather than oneDNN's
+  (`one_row_products`).
+- int8 weights: few rows through aten._weight_int8pack_mm (in a compiled decode step on an AVX-512
+  CPU, one row as inductor's own reduction over it); a prompt's rows through the dense GEMM on the
+  weight dequantised into the scratch (the int8 kernel is a GEMV kernel). w8a8 rounds the rows to
+  int8 too and multiplies with torch._int_mm (exact int32 sums).
 - int4 weights: few rows through aten._weight_int4pack_mm_for_cpu; a prompt's through the dense
   GEMM on the weight unpacked from that kernel's layout into the scratch.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 
 import torch
@@ -32,17 +35,38 @@ from torch import nn
 # Past the crossover of the two routes on every CPU kind measured (docs/performance.md).
 PROMPT_ROWS = 32
 _16BIT = (torch.bfloat16, torch.float16)
+# The vector kernels PyTorch runs here: "AVX512", "AVX2", "DEFAULT" (ARM: "SVE256", ...).
+# ATEN_CPU_CAPABILITY=avx2 (PyTorch's own switch) makes an AVX-512 CPU run as an AVX2 one.
+CAPABILITY = torch.backends.cpu.get_cpu_capability()
 
 
 @functools.cache
 def native_16bit(dtype: torch.dtype) -> bool:
-    """Whether this CPU multiplies `dtype` (bfloat16 / float16) natively: AVX-512 BF16 / FP16 or AMX.
-    ATEN_CPU_CAPABILITY=avx2 (PyTorch's own switch) makes an AVX-512 CPU run as an AVX2 one."""
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+    """Whether this CPU multiplies `dtype` (bfloat16 / float16) natively: AVX-512 BF16 / FP16 or AMX."""
+    if CAPABILITY != "AVX512":
         return False  # AVX2, ARM and the rest: their 16-bit GEMMs convert to float32 element by element
     if dtype == torch.bfloat16:
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return torch.cpu._is_amx_fp16_supported()
+
+
+# What is used where: measured on an AVX-512 CPU with native bfloat16 and on the same machine run as
+# an AVX2 one (benchmarks/bench_inference.py --emulate-avx2; docs/performance.md).
+def compile_pays(device: torch.device) -> str | None:
+    """Why a compiled decode step is not used on this device (None: it is)."""
+    if device.type != "cpu" or CAPABILITY == "AVX512":
+        return None
+    return (f"--compile is ignored on this CPU ({CAPABILITY} kernels): torch.compile's code for it crashed on "
+            "PaliGemma 2 3B's decode step (torch 2.13), and its products run the same kernels either way")
+
+
+def quantization_pays(scheme: str, device: torch.device) -> str | None:
+    """Why the weight quantisation `scheme` is refused here (None: it decodes faster than bfloat16)."""
+    if device.type != "cpu" or CAPABILITY == "AVX512" or os.environ.get("PALIKIT_QUANTIZE_ANYWAY") == "1":
+        return None
+    return (f"{scheme} decodes slower than bfloat16 on this CPU ({CAPABILITY} kernels: PyTorch's int8 / int4 "
+            "matrix-vector kernels do not reach its memory bandwidth): load it without --quantize, or set "
+            "PALIKIT_QUANTIZE_ANYWAY=1 to trade speed for the smaller memory")
 
 
 def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -108,6 +132,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x.float(), w, None if bias is None else bias.float()).to(x.dtype)
 
 
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b, in float32 for a prompt's rows of 16-bit tensors where the CPU lacks 16-bit arithmetic
+    (Gemma 2's attention scores and their weighted sum: a fifth of a 3B prompt's time on AVX2 else)."""
+    if a.shape[-2] < PROMPT_ROWS or compute_dtype(a.dtype, a.device) == a.dtype:
+        return a @ b
+    with torch.autocast(a.device.type, enabled=False):
+        return (a.float() @ b.float()).to(a.dtype)
+
+
 class Linear(nn.Linear):
     """nn.Linear through `linear`. Still an nn.Linear, so peft's LoRA wraps it like any other."""
 
@@ -116,12 +149,13 @@ class Linear(nn.Linear):
 
 
 @contextlib.contextmanager
-def one_row_products(rows: int, dtype: torch.dtype, device: torch.device):
+def one_row_products(rows: int, dtype: torch.dtype, device: torch.device, int8_rows: bool = False):
     """A decode step of one row: its bfloat16 products on a CPU with native bfloat16 run ATen's own
     GEMV, not oneDNN's matmul, which reads a 9216 x 2304 matrix 2.5x slower for one row (and is the
-    faster one from two rows on). torch.backends.mkldnn.enabled is process-wide: a prompt run by
-    another thread meanwhile would run ATen's slower GEMM, with the same result."""
-    if rows != 1 or device.type != "cpu" or dtype != torch.bfloat16 or not native_16bit(dtype):
+    faster one from two rows on). Not for a model that multiplies int8 rows (w8a8): torch._int_mm
+    is oneDNN's. torch.backends.mkldnn.enabled is process-wide: a prompt run by another thread
+    meanwhile would run ATen's slower GEMM, with the same result."""
+    if rows != 1 or device.type != "cpu" or dtype != torch.bfloat16 or not native_16bit(dtype) or int8_rows:
         yield
         return
     before = torch.backends.mkldnn.enabled
@@ -146,6 +180,29 @@ def _dequantizes(rows: int, entries: int) -> bool:
     return rows >= PROMPT_ROWS and entries <= DEQUANTIZE_MAX_ENTRIES
 
 
+@torch.library.custom_op("palikit::materialize", mutates_args=())
+def materialize(x: torch.Tensor) -> torch.Tensor:
+    """A copy of x that torch.compile cannot see into, so x is computed once into memory."""
+    return x.clone()
+
+
+@materialize.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+# A compiled one-row int8 product is inductor's reduction over a float32 row of at most this many
+# entries (PaliGemma 2 3B's width): a wider row crowds the weight rows out of a core's L1 cache, and
+# those (3B's down projection) go to the int8 kernel. Measured on AVX-512 (docs/performance.md);
+# AVX2 vectorises the int8-to-float conversion of the loop poorly and keeps the kernel.
+REDUCTION_MAX_ROW = 2304
+
+
+def _reduces(rows: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (rows.shape[0] == 1 and weight.shape[1] <= REDUCTION_MAX_ROW and torch.compiler.is_compiling()
+            and CAPABILITY == "AVX512")
+
+
 def round_rows_to_int8(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """rows ~= q * row_scales: symmetric, one scale per row, set by its largest |value| (the dynamic
     per-token scheme of LLM.int8(), Dettmers et al. 2022, without its float outlier columns;
@@ -159,6 +216,16 @@ def int8_linear(rows: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, 
                 ) -> torch.Tensor:
     """rows (M, in) @ (weight * scales[:, None]).T, in the rows' dtype; with `int8_rows` (w8a8) the
     rows rounded to int8 first (round_rows_to_int8). The sums are float32 or int32 on every route."""
+    if _reduces(rows, weight):
+        row, row_scale = rows.float(), 1
+        if int8_rows:  # float32 sums of the integer products are exact up to 2^24
+            q, row_scale = round_rows_to_int8(rows)
+            row = q.float()
+        # materialised: inductor would otherwise inline the row's producers (norms, GELU) into the
+        # loop and compute them again for every weight row
+        row = materialize(row[0])
+        sums = (weight.float() * row).sum(-1) * (scales.float() * row_scale)
+        return sums.to(rows.dtype).view(1, -1)
     if int8_rows:
         out = torch.empty(rows.shape[0], weight.shape[0], dtype=rows.dtype, device=rows.device)
         for start in range(0, rows.shape[0], INT8_ROWS_BLOCK):
@@ -186,7 +253,7 @@ INT4_BLOCK_ROWS = {"AVX512": 64, "AVX2": 32}
 
 
 def int4_block_rows() -> int | None:
-    return INT4_BLOCK_ROWS.get(torch.backends.cpu.get_cpu_capability())
+    return INT4_BLOCK_ROWS.get(CAPABILITY)
 
 
 def int4_pack(values: torch.Tensor) -> torch.Tensor:
@@ -198,7 +265,7 @@ def int4_values(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """The (n, k) values 0..15 of a weight packed for this CPU's int4 kernel, in an int8 scratch."""
     block = int4_block_rows()
     if block is None:
-        raise NotImplementedError(f"the int4 layout of {torch.backends.cpu.get_cpu_capability()} CPUs is unknown")
+        raise NotImplementedError(f"the int4 layout of {CAPABILITY} CPUs is unknown")
     values = scratch_matrix((n, k), torch.int8, "int4_values")
     packed = packed.reshape(-1).view(torch.int8)
     whole = n - n % block

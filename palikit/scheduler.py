@@ -1,5 +1,6 @@
 """Continuous batching's decisions, in plain Python: which requests wait, which join the running
-rows, which leave, and which pool row moves where. palikit.engine carries them out on the model.
+rows, which leave, and which pool row moves where; and what a request is (its sampling settings,
+its result). palikit.engine carries the decisions out on the model.
 
 Iteration-level scheduling (Orca, Yu et al., OSDI 2022; the scheduler of vLLM and nano-vllm): every
 step decodes one token for each running request, newcomers join between steps, and a request

@@ -17,6 +17,9 @@ from PIL import Image
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a test must never reach for the network
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+# The quantised paths are tested on every CPU kind, also where palikit refuses them for their speed
+# (tests/test_quantize.py::test_a_scheme_that_does_not_pay_is_refused checks that refusal).
+os.environ["PALIKIT_QUANTIZE_ANYWAY"] = "1"
 
 from palikit.config import PaliGemmaConfig  # noqa: E402
 from palikit.processor import train_tokenizer  # noqa: E402

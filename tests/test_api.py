@@ -223,6 +223,7 @@ HANG_BEFORE_JOB = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_run_resumes_after_kill(tiny_model_dir, tmp_path, pipe, monkeypatch):
     """kill -9 while jobs are in flight, a torn last line added (as a crash inside a write leaves),
     then a rerun: every line answered once, as an uninterrupted run answers it, and no finished job
@@ -256,6 +257,7 @@ def test_run_resumes_after_kill(tiny_model_dir, tmp_path, pipe, monkeypatch):
     assert all(r == ref[r["line"]] for r in recs[1:])  # resumed results equal an uninterrupted run
 
 
+@pytest.mark.slow
 def test_run_under_torchrun_equals_one_process(tiny_model_dir, tmp_path):
     """Two ranks (gloo, two CPU processes) each answer every other line and rank 0 merges their
     files into the output: the file one process writes, byte for byte, and every line counted once.

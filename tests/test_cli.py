@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 import palikit
 from palikit import generate as gen
+from palikit import kernels
 from palikit.cli import main
 from palikit.synthetic import generate_dataset
 
@@ -48,6 +49,7 @@ def test_generate_and_task_verbs_print_what_the_api_returns(pipe, tiny_model_dir
     assert (tmp_path / "o.png").exists()
 
 
+@pytest.mark.slow
 def test_compile_flag_gives_the_same_text(pipe, tiny_model_dir, tmp_path, capsys, monkeypatch):
     compiled = []
     monkeypatch.setattr(gen, "DecodeStep", lambda model, compile=False, real=gen.DecodeStep: (
@@ -60,7 +62,8 @@ def test_compile_flag_gives_the_same_text(pipe, tiny_model_dir, tmp_path, capsys
     eager = printed_json(capsys)
     assert main([*argv, "--compile"]) == 0
     eager["logprob"] = pytest.approx(eager["logprob"], abs=1e-4)
-    assert printed_json(capsys) == eager and len(eager["tokens"]) > 2 and compiled == [False, True]
+    used = kernels.compile_pays(pipe.model.device) is None  # not on a CPU where it does not pay
+    assert printed_json(capsys) == eager and len(eager["tokens"]) > 2 and compiled == [False, used]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -48,6 +48,7 @@ def test_default_resolves_to_the_bundled_model(default_pipe):
     assert default_pipe.codec_path == BUNDLED / "mask_codec.npz", "segment needs the bundled mask codec"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_images, size", [(48, 96), (24, 160)], ids=["96px", "160px"])
 def test_default_model_quality_on_held_out_scenes(default_pipe, n_images, size):
     """At the model's input size (96 px) and, where the bundled preprocessor config's bilinear

@@ -116,6 +116,7 @@ def test_jsonl_scored_by_task_word(tmp_path, jsonl):
     assert {m for _, m in _values(_report(out2))} == {"exact_match"}
 
 
+@pytest.mark.slow
 def test_resume_after_kill_loses_and_repeats_nothing(tmp_path, jsonl, monkeypatch):
     """A run killed while examples are in flight, its file ending in a torn line, then started
     again: the second run generates only the missing examples and the predictions and report equal
@@ -147,6 +148,7 @@ def test_resume_after_kill_loses_and_repeats_nothing(tmp_path, jsonl, monkeypatc
     assert _report(out)["results"] == _report(whole)["results"]
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_equal_one_process(tmp_path, jsonl):
     """One row per rank, as in the resume test: the ranks' examples run beside other examples than
     in one process, and float32 GEMMs of a few rows round differently from one."""

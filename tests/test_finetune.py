@@ -115,6 +115,7 @@ def test_config_refuses_zero_steps_and_says_where_yaml_breaks(cfg, tmp_path, cap
     assert f"{broken}:3: not valid YAML" in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_config_errors_under_torchrun_are_said_once(cfg, tmp_path):
     """Every rank fails on the same bad config; only rank 0 prints it, and each exits 2."""
     path = tmp_path / "bad.yaml"
@@ -244,6 +245,7 @@ def test_lora_target_forms():
 # ---- learning ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_eight_examples(cfg, data):
     result = train(cfg | {"train_file": str(data["eight"]), "eval_file": str(data["eight"]), "steps": 150,
                           "batch_size": 8, "lr": 3e-3, "warmup": 0.1, "eval_examples": 8})
@@ -381,6 +383,7 @@ HANG_IN_SAVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill(cfg, tmp_path):
     """A real kill -9 inside a checkpoint save (step 3's, half-written) still resumes to identical
     weights from step 2. Catches a resume that leaves the half-written .step-*.tmp folder behind,
@@ -475,6 +478,7 @@ def _torchrun(config: dict, path: Path, *args: str, script: Path | None = None) 
 OPTIMIZERS = {"adamw": {"clip_grad": 1.0}, "sgd": {"optimizer": "sgd", "clip_grad": None, "lr": 0.5}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_torchrun_matches_single_process(cfg, tmp_path, mode, optimizer):
@@ -524,6 +528,7 @@ SLOW_RANK_1 = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_ddp_checkpoint_waits_for_every_rank(cfg, tmp_path):
     """Under DDP, rank 0 publishes a checkpoint only after every rank has written into it. Catches a
     save that renames the folder while another rank is still writing its RNG state (seen as a
@@ -538,6 +543,7 @@ def test_ddp_checkpoint_waits_for_every_rank(cfg, tmp_path):
                                                                                 "rng-rank1.safetensors"}
 
 
+@pytest.mark.slow
 def test_fsdp_resume_is_exact(cfg, tmp_path):
     """Sharded state (FSDP2 DTensors) gathered into the checkpoint and sharded again on resume.
     Catches a resume that restarts at step 0 (the kept step-1 row) or misses the sharded state."""
@@ -595,6 +601,7 @@ def test_train_refuses_bad_data_before_the_model_loads(cfg, data, tmp_path):
     assert result["step"] == 1
 
 
+@pytest.mark.slow
 def test_fsdp_trains_the_shipped_lora_recipe(cfg, tmp_path):
     """configs/hf_lora.yaml's precision under FSDP2 on 2 ranks: a bfloat16 base with float32 LoRA
     adapters (once refused: FSDP2 shards one dtype per group, so the adapters are groups of their
@@ -625,6 +632,7 @@ def test_train_from_a_datasets_folder(cfg, data, tmp_path):
     assert result["step"] == 2 and "eval_loss" in result
 
 
+@pytest.mark.slow
 def test_metrics_reach_wandb_and_mlflow_offline(cfg, tmp_path, monkeypatch):
     """log_to: the same numbers as metrics.jsonl in an offline W&B run and a local MLflow store, one
     run each per out_dir, continued by a resumed run."""

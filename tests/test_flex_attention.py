@@ -20,6 +20,8 @@ from palikit.processor import Tokenizer, collate, encode_example, preprocess
 
 from .conftest import randomize, synthetic_image
 
+pytestmark = pytest.mark.slow  # FlexAttention compiles
+
 IMAGES = [synthetic_image(30), synthetic_image(31, size=(50, 20)), synthetic_image(32)]
 PROMPTS = ["caption en", "answer en what colour is the big star on the left?", "detect circle ; square"]
 SUFFIXES = ["a red circle", "blue", "<loc0001><loc0002><loc0100><loc0200> circle"]

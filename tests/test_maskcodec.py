@@ -262,6 +262,7 @@ def test_training_is_deterministic():
     assert not torch.equal(a._vq_vae._embedding, c._vq_vae._embedding)
 
 
+@pytest.mark.slow
 def test_trained_codec_reconstructs_held_out_shapes(trained, tmp_path):
     held_out = random_shape_masks(200, seed=1234)
     recon = trained.decode(trained.encode(held_out)) > 0

@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import palikit
@@ -151,6 +152,7 @@ print(torch.backends.cpu.get_cpu_capability(), kernels.int4_block_rows(), bool((
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("capability", ["avx2", "avx512"])
 def test_int4_weight_unpacks_from_the_kernel_layout(capability):
     """The int4 kernel packs blocks of 64 rows with AVX-512 and 32 with AVX2 (112 outputs: blocks and
@@ -183,6 +185,7 @@ def test_int8_embedding_looks_up_and_projects_the_same_table(monkeypatch):
     assert kernels._scratch.buffer is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme, bound", [("int8", 0.5), ("int4", 2.0), ("w8a8", 1.5)])
 def test_bundled_model_stays_close_to_float32(held_out, scheme, bound):
     """Max |delta log-prob| of each teacher-forced suffix (summed over its tokens) against float32: a
@@ -269,6 +272,7 @@ print(json.dumps([torch.backends.cpu.get_cpu_capability(), loaded, at_load]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
 def test_a_quantized_folder_loads_on_another_kind_of_cpu(tmp_path, scheme):
     """A folder holds a portable layout (int4: two values per byte), packed for the int4 kernel of the
@@ -282,3 +286,25 @@ def test_a_quantized_folder_loads_on_another_kind_of_cpu(tmp_path, scheme):
     assert run.returncode == 0, run.stderr[-3000:]
     capability, loaded, at_load = json.loads(run.stdout.strip().splitlines()[-1])
     assert capability == "AVX2" and loaded == at_load
+
+
+def test_a_scheme_that_does_not_pay_is_refused(monkeypatch, tmp_path):
+    """On a CPU where a scheme decodes slower than bfloat16 (AVX2: measured, docs/performance.md)
+    palikit refuses it with one line that says why and how to have it anyway; a folder is still
+    written for another machine."""
+    from palikit import kernels
+
+    monkeypatch.setattr(kernels, "CAPABILITY", "AVX2")
+    monkeypatch.delenv("PALIKIT_QUANTIZE_ANYWAY")
+    for scheme in ("int8", "int4", "w8a8"):
+        with pytest.raises(QuantizeError, match=f"{scheme} decodes slower than bfloat16 on this CPU .*ANYWAY=1"):
+            palikit.load("default", quantize=scheme)
+    assert main(["quantize", "default", "--to", "int8", "--out", str(tmp_path / "q")]) == 0
+    monkeypatch.delenv("PALIKIT_QUANTIZE_ANYWAY")  # the verb set it for its own process
+    with pytest.raises(QuantizeError, match="int8 decodes slower"):
+        palikit.load(tmp_path / "q")
+    monkeypatch.setenv("PALIKIT_QUANTIZE_ANYWAY", "1")
+    assert palikit.load(tmp_path / "q").generate(Image.new("RGB", (96, 96)), "ocr", max_new_tokens=2) is not None
+    monkeypatch.setattr(kernels, "CAPABILITY", "AVX512")
+    monkeypatch.delenv("PALIKIT_QUANTIZE_ANYWAY")
+    assert palikit.load("default", quantize="int8").options.quantize == "int8"

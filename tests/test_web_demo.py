@@ -16,6 +16,8 @@ from palikit.rle import _rle_counts_from_string, rle_encode
 from .conftest import synthetic_image
 from .test_serve import KEY, Scripted
 
+pytestmark = pytest.mark.slow  # drives a browser
+
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
     if os.environ.get("CI"):  # CI installs it (make test); a silent skip there would hide the test

@@ -598,6 +598,7 @@ MEASURE = textwrap.dedent("""
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize("saved, shard", [(torch.float32, None), (torch.float32, 250_000_000),
                                           (torch.bfloat16, None)], ids=["f32-single", "f32-sharded", "bf16"])
+@pytest.mark.slow
 def test_bf16_load_peak_memory(tmp_path, saved, shard):
     """Loading as bfloat16 peaks at the bfloat16 model plus one float32 tensor: a float32 checkpoint
     converts tensor by tensor, a bfloat16 one is memory-mapped and used as it is (no copy). Catches a

@@ -1,0 +1,80 @@
+"""palikit.kernels' dense routes against the exact product, on both CPU kinds whatever this machine
+is (the kind is monkeypatched): a prompt's 16-bit product in float32 on a CPU without native
+bfloat16, under autograd too (the gradient of its input, a frozen weight's float32 copy made again
+in the backward pass, a trainable weight's gradient), and the one-row GEMV switch that must leave
+oneDNN as it found it. (Both routes round once, to bfloat16, at the end: what an autocast region
+would change is their speed, which benchmarks/bench_finetune.py measures.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from palikit import kernels
+
+
+@pytest.fixture(params=[True, False], ids=["native-bf16", "avx2"])
+def native(request, monkeypatch):
+    monkeypatch.setattr(kernels, "native_16bit", lambda dtype: request.param)
+    return request.param
+
+
+def bf16_bound(want: torch.Tensor) -> float:
+    """bfloat16 has 8 significant bits: a result rounded to it is within 2^-8 of its largest entry."""
+    return float(want.abs().max()) * 2**-8
+
+
+@pytest.mark.parametrize("rows", [1, 8, kernels.PROMPT_ROWS, 100])
+def test_linear_is_the_product_in_either_route(native, rows):
+    torch.manual_seed(0)
+    x, w, b = torch.randn(rows, 64).bfloat16(), torch.randn(48, 64).bfloat16(), torch.randn(48).bfloat16()
+    want = x.float() @ w.float().T + b.float()  # exact in float32: 64 products of 8-bit mantissas
+    got = kernels.linear(x, w, b)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=2 * bf16_bound(want))
+    assert kernels.compute_dtype(torch.bfloat16, x.device) == (torch.bfloat16 if native else torch.float32)
+
+
+def test_the_float32_route_under_autograd(native):
+    """Training on a CPU without native bfloat16: the input's gradient and a trainable weight's equal
+    autograd's own float32 product's, rounded to bfloat16; a frozen weight gets none."""
+    torch.manual_seed(1)
+    x = torch.randn(kernels.PROMPT_ROWS, 64).bfloat16().requires_grad_()
+    frozen = torch.randn(48, 64).bfloat16()
+    trainable = torch.randn(32, 48).bfloat16().requires_grad_()
+    y = kernels.linear(kernels.linear(x, frozen), trainable)
+    y.float().pow(2).sum().backward()
+    xr = x.detach().float().requires_grad_()
+    tr = trainable.detach().float().requires_grad_()
+    h = (xr @ frozen.float().T).bfloat16().float()
+    yr = h @ tr.T
+    yr.bfloat16().float().pow(2).sum().backward()
+    torch.testing.assert_close(y.float(), yr.bfloat16().float(), rtol=0, atol=2 * bf16_bound(yr))
+    torch.testing.assert_close(x.grad.float(), xr.grad, rtol=0, atol=4 * bf16_bound(xr.grad))
+    torch.testing.assert_close(trainable.grad.float(), tr.grad, rtol=0, atol=4 * bf16_bound(tr.grad))
+    assert frozen.grad is None
+
+
+@pytest.mark.parametrize("rows, int8_rows, off", [(1, False, True), (2, False, False), (1, True, False)])
+def test_one_row_products_switch_onednn_off_and_back(monkeypatch, rows, int8_rows, off):
+    monkeypatch.setattr(kernels, "native_16bit", lambda dtype: True)
+    before = torch.backends.mkldnn.enabled
+    with kernels.one_row_products(rows, torch.bfloat16, torch.device("cpu"), int8_rows):
+        assert torch.backends.mkldnn.enabled == (before and not off)
+    assert torch.backends.mkldnn.enabled == before
+    with pytest.raises(RuntimeError), kernels.one_row_products(1, torch.bfloat16, torch.device("cpu")):
+        raise RuntimeError("a failing step")
+    assert torch.backends.mkldnn.enabled == before
+
+
+def test_compile_is_not_used_where_it_does_not_pay(monkeypatch, caplog):
+    """compile=True on a CPU where palikit does not compile (kernels.compile_pays) says so in one
+    line and decodes eagerly; the pipeline's options say what it does."""
+    import palikit
+
+    monkeypatch.setattr(kernels, "CAPABILITY", "AVX2")
+    pipe = palikit.load("default", dtype="float32", compile=True)
+    assert not pipe.options.compile and pipe.decode_step.compiled is None
+    assert "--compile is ignored on this CPU (AVX2 kernels)" in caplog.text
+    monkeypatch.setattr(kernels, "CAPABILITY", "AVX512")
+    assert palikit.load("default", dtype="float32", compile=True).decode_step.compiled is not None
