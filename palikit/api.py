@@ -249,7 +249,7 @@ class Pipeline:
     # ---- tasks ----------------------------------------------------------------------------
     # pipe.caption(image, lang="fr"), pipe.detect(image, ["cat", "dog"]), ...: one method per task
     # of tasks.TASKS, made by __getattr__. Each takes one image (-> one result) or a list of
-    # images (-> a list, run in batches).
+    # images (-> a list, decoded together).
 
     def __getattr__(self, name: str):
         spec = tasks.TASKS.get(name)

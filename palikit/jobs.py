@@ -59,9 +59,6 @@ def finished_lines(output: Path) -> set[int]:
             if not isinstance(rec.get("line"), int):
                 break
             done.add(rec["line"])
-    if 0 in done:  # palikit before 1-based line numbers: resuming would skip and redo the wrong jobs
-        raise InputError(f"{output} numbers its lines from 0 (an older palikit); write to a new output file "
-                         "or add 1 to each record's 'line' to resume it")
     return done
 
 

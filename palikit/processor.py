@@ -183,9 +183,6 @@ def encode_example(tok: Tokenizer, num_image_tokens: int, prefix: str, suffix: s
 
 # ---- images ---------------------------------------------------------------------------------
 
-ImageInput = "str | Path | bytes | Image.Image | np.ndarray"
-
-
 _OBJECT_REPR_RE = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 

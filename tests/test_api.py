@@ -310,7 +310,6 @@ def test_stream_yields_the_tokens_generate_makes_and_stops_when_dropped(pipe, mo
     """Pipeline.stream (the server's SSE path) gives generate's tokens one by one, greedy and seeded,
     for one image or several; a consumer that stops iterating stops the decoding. Catches a stream
     that drifts from generate (wrong position, other sampling) or runs on for a gone reader."""
-    from palikit import generate as gen
 
     a, b = synthetic_image(0), synthetic_image(1)
     for images, sampling in [(a, {}), ([a, b], {}), (a, {"do_sample": True, "temperature": 1.5, "seed": 3})]:

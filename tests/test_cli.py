@@ -340,24 +340,21 @@ def test_data_check_model_takes_what_every_verb_takes(train_file, capsys):
 
 
 def test_run_stops_with_one_line_only_for_problems_of_the_run_itself(tiny_model_dir, tmp_path, capsys):
-    """A missing model, an output that cannot be written, an output from the 0-based days: one line,
-    exit 2, nothing half-done. (A bad job is only that job's error record: tests/test_api.py.)"""
+    """A missing model, an output that cannot be written: one line, exit 2, nothing half-done. (A bad
+    job is only that job's error record: tests/test_api.py.)"""
     synthetic_image(0).save(tmp_path / "0.png")
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps({"image": "0.png", "task": "ocr"}) + "\n")
-    (tmp_path / "old.jsonl").write_text(json.dumps({"line": 0, "text": "x"}) + "\n")
     model = ["--model", str(tiny_model_dir), "--dtype", "float32"]
     for argv, message in [
         (["run", "--model", str(tmp_path / "nothing"), "--input", str(jobs), "--output", str(tmp_path / "o")],
          "model not found"),
         (["run", *model, "--input", str(jobs), "--output", str(tmp_path / "no" / "such" / "dir.jsonl")],
          "No such file or directory"),
-        (["run", *model, "--input", str(jobs), "--output", str(tmp_path / "old.jsonl")], "numbers its lines from 0"),
     ]:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, (argv, err)
-    assert (tmp_path / "old.jsonl").read_text() == json.dumps({"line": 0, "text": "x"}) + "\n"  # untouched
 
 
 def test_task_verbs_print_the_confidence(tiny_model_dir, tmp_path, capsys, monkeypatch):
@@ -375,3 +372,33 @@ def test_task_verbs_print_the_confidence(tiny_model_dir, tmp_path, capsys, monke
     synthetic_image(0).save(tmp_path / "0.png")
     assert main(["detect", str(tmp_path / "0.png"), "circle", "--model", str(tiny_model_dir)]) == 0
     assert capsys.readouterr().out.strip() == f"circle: 0, 0, 20, 15 ({math.exp(-0.5):.2f})"
+
+
+def test_every_option_is_a_flag_and_reaches_load_and_the_server(tiny_model_dir, monkeypatch):
+    """palikit.Options and ServerSettings are the one definition: each field is a --flag of every verb
+    that loads a model (and of serve), the flags build the same dataclass, and /v1/models says the
+    options the model was loaded with."""
+    import dataclasses
+
+    from palikit.cli import build_parser
+    from palikit.options import Options, ServerSettings, from_flags
+    from palikit.serve import create_app
+
+    parser = build_parser()
+    verbs = parser._subparsers._group_actions[0].choices
+    for verb in ("generate", "caption", "detect", "run", "eval", "demo", "serve"):
+        flags = set(verbs[verb]._option_string_actions)
+        assert {"--" + f.name.replace("_", "-") for f in dataclasses.fields(Options)} <= flags, verb
+    serve_flags = set(verbs["serve"]._option_string_actions)
+    assert {"--" + f.name.replace("_", "-") for f in dataclasses.fields(ServerSettings) if f.metadata["flag"]} <= serve_flags
+    args = parser.parse_args(["caption", "x.png", "--dtype", "float32", "--quantize", "int4", "--group-size", "64",
+                              "--compile", "--attention", "eager", "--logit-softcap", "off", "--sliding-window"])
+    assert from_flags(args, Options) == Options(dtype="float32", quantize="int4", group_size=64, compile=True,
+                                                attention="eager", logit_softcap="off", sliding_window=True)
+    args = parser.parse_args(["serve", "--port", "9000", "--max-batch", "3", "--allow-urls"])
+    assert from_flags(args, ServerSettings) == ServerSettings(port=9000, max_batch=3, allow_urls=True)
+    pipe = palikit.load(tiny_model_dir, dtype="float32")
+    with TestClient(create_app(pipe, model_name="tiny")) as c:
+        card = c.get("/v1/models").json()["data"][0]
+    assert card["id"] == "tiny" and card["options"] == dataclasses.asdict(pipe.options)
+    assert card["options"]["dtype"] == "float32" and card["options"]["logit_softcap"] == "config"

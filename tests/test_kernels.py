@@ -78,3 +78,15 @@ def test_compile_is_not_used_where_it_does_not_pay(monkeypatch, caplog):
     assert "--compile is ignored on this CPU (AVX2 kernels)" in caplog.text
     monkeypatch.setattr(kernels, "CAPABILITY", "AVX512")
     assert palikit.load("default", dtype="float32", compile=True).decode_step.compiled is not None
+
+
+@pytest.mark.parametrize("rows", [8, kernels.PROMPT_ROWS])
+def test_the_route_follows_the_cpu(native, rows, monkeypatch):
+    """Which product runs: a prompt's rows of a bfloat16 weight in float32 exactly where the CPU has
+    no native bfloat16, a decode step's in bfloat16 everywhere (its GEMV reads half the bytes)."""
+    seen = []
+    linear = kernels.F.linear
+    monkeypatch.setattr(kernels.F, "linear", lambda x, w, b=None: seen.append((x.dtype, w.dtype)) or linear(x, w, b))
+    kernels.linear(torch.randn(rows, 64).bfloat16(), torch.randn(48, 64).bfloat16())
+    f32 = rows >= kernels.PROMPT_ROWS and not native
+    assert seen == [(torch.float32, torch.float32) if f32 else (torch.bfloat16, torch.bfloat16)]

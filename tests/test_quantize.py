@@ -17,7 +17,6 @@ from torch import nn
 
 import palikit
 from palikit.cli import main
-from palikit import quantize
 from palikit.config import PRESETS
 from palikit.paligemma import PaliGemma
 from palikit import kernels

@@ -157,8 +157,7 @@ def load_adapter(model: PaliGemma, folder: str | Path):
         raise ConfigError(f"{folder} is not a peft adapter folder (no {ADAPTER_CONFIG} / {ADAPTER_WEIGHTS})")
     config = PeftConfig.from_pretrained(str(folder))
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    targets = [n for n in linear if check_target_module_exists(config, palikit_to_transformers_module(n))
-               or check_target_module_exists(config, n)]  # palikit's own names, as before this layout
+    targets = [n for n in linear if check_target_module_exists(config, palikit_to_transformers_module(n))]
     if not targets:
         raise ConfigError(f"{folder}: the adapter's target_modules {config.target_modules!r} match no layer")
     config.target_modules = targets

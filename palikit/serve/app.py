@@ -86,7 +86,7 @@ DOCS_ASSETS = "/docs-assets"  # where fastapi-offline serves Swagger UI's and Re
 
 def _sampling(temperature: float | None, top_p: float | None, top_k: int = 0, seed: int | None = None
               ) -> dict:
-    """generate_details' sampling arguments: greedy unless a temperature > 0 is given."""
+    """A request's sampling arguments (generate.SamplingConfig): greedy unless a temperature > 0 is given."""
     if not temperature:
         return {"do_sample": False}
     return {"do_sample": True, "temperature": temperature, "top_p": top_p or 1.0, "top_k": top_k,
