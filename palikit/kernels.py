@@ -80,13 +80,16 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 # ---- scratch matrices --------------------------------------------------------------------------
 
 _scratch = threading.local()  # per thread, reused by every layer: threads never share them
+# A larger matrix gets a matrix of its own, freed after its product: the 257k-row LM head would
+# keep gigabytes of scratch alive (in a model quantised or kept in bfloat16 to save memory).
+SCRATCH_MAX_ENTRIES = 1 << 25
 
 
 def scratch_matrix(shape: tuple[int, int], dtype: torch.dtype, slot: str = "buffer") -> torch.Tensor:
     """An uninitialised (rows, cols) matrix in this thread's scratch `slot`, grown when too small;
-    a new tensor where autograd may keep it for a backward pass."""
+    a new tensor where autograd may keep it for a backward pass, or past SCRATCH_MAX_ENTRIES."""
     numel = shape[0] * shape[1]
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or numel > SCRATCH_MAX_ENTRIES:
         return torch.empty(shape, dtype=dtype)
     buffer = getattr(_scratch, slot, None)
     if buffer is None or buffer.numel() < numel or buffer.dtype != dtype:
@@ -171,13 +174,12 @@ def one_row_products(rows: int, dtype: torch.dtype, device: torch.device, int8_r
 # w8a8 rows are rounded and multiplied in blocks of at most this many, so that a block's int32
 # products and their rescaling stay in cache (docs/performance.md).
 INT8_ROWS_BLOCK = 512
-# Past this many entries a weight is not dequantised into the scratch (the 257k-row LM head would
-# keep 1.2 GB of it alive in a model quantised to save memory): its products take the int8 kernel.
-DEQUANTIZE_MAX_ENTRIES = 1 << 25
 
 
 def _dequantizes(rows: int, entries: int) -> bool:
-    return rows >= PROMPT_ROWS and entries <= DEQUANTIZE_MAX_ENTRIES
+    """A prompt's product on the weight dequantised (a weight that fits the scratch: the LM head's
+    rows are few, one per prompt, and take the kernel)."""
+    return rows >= PROMPT_ROWS and entries <= SCRATCH_MAX_ENTRIES
 
 
 @torch.library.custom_op("palikit::materialize", mutates_args=())

@@ -43,12 +43,13 @@ def dtype_of(name: str | torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class Options:
-    dtype: str = option("bfloat16", "the weights' dtype (on a CPU without native bfloat16 a prompt's "
-                         "products run in float32 whatever it is)", ("float32", "bfloat16", "float16"))
+    dtype: str = option("bfloat16", "the weights' dtype (on a CPU without native bfloat16, a prompt's products "
+                         "run in float32 on them)", ("float32", "bfloat16", "float16"))
     device: str = option("auto", "cpu, cuda, cuda:1, mps, ...; auto: a GPU when there is one (the CPU for "
                           "quantised weights)")
     quantize: str | None = option(None, "int8 / int4: weight-only decoder weights and an int8 embedding / LM "
-                                   "head (CPU); w8a8: int8 weights and int8 activations", QUANT_SCHEMES)
+                                   "head; w8a8: int8 weights and int8 activations; on CPUs where they decode "
+                                   "faster than bfloat16 (refused elsewhere, saying why)", QUANT_SCHEMES)
     group_size: int = option(32, "int4: inputs per scale (32, 64, 128 or 256)", parse=int)
     compile: bool = option(False, "compile the decode step with torch.compile (CUDA graphs on a GPU): faster "
                             "decoding after a first call that compiles it; ignored, with a warning, on a CPU "

@@ -21,7 +21,7 @@ def native(request, monkeypatch):
 
 def bf16_bound(want: torch.Tensor) -> float:
     """bfloat16 has 8 significant bits: a result rounded to it is within 2^-8 of its largest entry."""
-    return float(want.abs().max()) * 2**-8
+    return float(want.detach().abs().max()) * 2**-8
 
 
 @pytest.mark.parametrize("rows", [1, 8, kernels.PROMPT_ROWS, 100])
@@ -90,3 +90,19 @@ def test_the_route_follows_the_cpu(native, rows, monkeypatch):
     kernels.linear(torch.randn(rows, 64).bfloat16(), torch.randn(48, 64).bfloat16())
     f32 = rows >= kernels.PROMPT_ROWS and not native
     assert seen == [(torch.float32, torch.float32) if f32 else (torch.bfloat16, torch.bfloat16)]
+
+
+@torch.inference_mode()
+def test_a_large_weight_keeps_no_scratch(monkeypatch):
+    """The float32 route of a weight over SCRATCH_MAX_ENTRIES (the LM head of a prompt's scores)
+    upcasts into a matrix of its own, freed after the product, not into the kept scratch."""
+    monkeypatch.setattr(kernels, "native_16bit", lambda dtype: False)
+    monkeypatch.setattr(kernels._scratch, "buffer", None, raising=False)
+    x, w = torch.randn(kernels.PROMPT_ROWS, 64).bfloat16(), torch.randn(48, 64).bfloat16()
+    monkeypatch.setattr(kernels, "SCRATCH_MAX_ENTRIES", w.numel() - 1)
+    want = x.float() @ w.float().T
+    torch.testing.assert_close(kernels.linear(x, w).float(), want, rtol=0, atol=2 * bf16_bound(want))
+    assert kernels._scratch.buffer is None
+    monkeypatch.setattr(kernels, "SCRATCH_MAX_ENTRIES", w.numel())
+    kernels.linear(x, w)
+    assert kernels._scratch.buffer.numel() == w.numel()

@@ -166,7 +166,7 @@ def test_int4_weight_unpacks_from_the_kernel_layout(capability):
 
 @torch.no_grad()
 def test_int8_embedding_looks_up_and_projects_the_same_table(monkeypatch):
-    """Many rows too, without dequantising a table over DEQUANTIZE_MAX_ENTRIES into the scratch
+    """Many rows too, without dequantising a table over SCRATCH_MAX_ENTRIES into the scratch
     (a 257k-row LM head would keep 1.2 GB of it)."""
     torch.manual_seed(0)
     emb = nn.Embedding(50, 64)
@@ -177,7 +177,7 @@ def test_int8_embedding_looks_up_and_projects_the_same_table(monkeypatch):
     _close(q(ids), table[ids], torch.bfloat16)
     hidden = torch.randn(2, 3, 64)
     _close(q.project(hidden), hidden.bfloat16().float() @ table.T, torch.bfloat16)
-    monkeypatch.setattr(kernels, "DEQUANTIZE_MAX_ENTRIES", table.numel() - 1)
+    monkeypatch.setattr(kernels, "SCRATCH_MAX_ENTRIES", table.numel() - 1)
     monkeypatch.setattr(kernels._scratch, "buffer", None, raising=False)
     many = torch.randn(kernels.PROMPT_ROWS, 64)
     _close(q.project(many), many.bfloat16().float() @ table.T, torch.bfloat16)
