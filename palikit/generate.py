@@ -15,7 +15,7 @@ import types
 
 import torch
 
-from . import kernels
+from . import kernels, quantize
 from .paligemma import Layout, PaliGemma
 from .scheduler import Generated, SamplingConfig
 
@@ -72,7 +72,7 @@ class DecodeStep:
 
     def __init__(self, model: PaliGemma, compile: bool = False):
         self.model, self.compiled = model, None
-        self.int8_rows = any(getattr(m, "int8_rows", False) for m in model.modules())  # w8a8
+        self.quantized = quantize.scheme_of(model) is not None
         if compile:
             fn = type(model).decode_step
             step = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
@@ -80,7 +80,7 @@ class DecodeStep:
             self.compiled = torch.compile(step, fullgraph=True, dynamic=True, options=options)
 
     def __call__(self, token: torch.Tensor, slot: torch.Tensor, layout: Layout, cache) -> torch.Tensor:
-        with kernels.one_row_products(token.shape[0], self.model.dtype, self.model.device, self.int8_rows):
+        with kernels.one_row_products(token.shape[0], self.model.dtype, self.model.device, self.quantized):
             if self.compiled is not None:
                 return self.compiled(self.model, token, slot, layout, cache)
             return self.model.decode_step(token, slot, layout.slots(int(slot.max()) + 1), cache)

@@ -152,13 +152,14 @@ class Linear(nn.Linear):
 
 
 @contextlib.contextmanager
-def one_row_products(rows: int, dtype: torch.dtype, device: torch.device, int8_rows: bool = False):
+def one_row_products(rows: int, dtype: torch.dtype, device: torch.device, quantized: bool = False):
     """A decode step of one row: its bfloat16 products on a CPU with native bfloat16 run ATen's own
     GEMV, not oneDNN's matmul, which reads a 9216 x 2304 matrix 2.5x slower for one row (and is the
-    faster one from two rows on). Not for a model that multiplies int8 rows (w8a8): torch._int_mm
-    is oneDNN's. torch.backends.mkldnn.enabled is process-wide: a prompt run by another thread
-    meanwhile would run ATen's slower GEMM, with the same result."""
-    if rows != 1 or device.type != "cpu" or dtype != torch.bfloat16 or not native_16bit(dtype) or int8_rows:
+    faster one from two rows on). Not for a quantised model: its large products are the int8 / int4
+    kernels (w8a8's torch._int_mm is oneDNN's), and the rest ran faster in oneDNN (docs/performance.md).
+    torch.backends.mkldnn.enabled is process-wide: a prompt run by another thread meanwhile would
+    run ATen's slower GEMM, with the same result."""
+    if rows != 1 or device.type != "cpu" or dtype != torch.bfloat16 or not native_16bit(dtype) or quantized:
         yield
         return
     before = torch.backends.mkldnn.enabled

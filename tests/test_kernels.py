@@ -55,11 +55,11 @@ def test_the_float32_route_under_autograd(native):
     assert frozen.grad is None
 
 
-@pytest.mark.parametrize("rows, int8_rows, off", [(1, False, True), (2, False, False), (1, True, False)])
-def test_one_row_products_switch_onednn_off_and_back(monkeypatch, rows, int8_rows, off):
+@pytest.mark.parametrize("rows, quantized, off", [(1, False, True), (2, False, False), (1, True, False)])
+def test_one_row_products_switch_onednn_off_and_back(monkeypatch, rows, quantized, off):
     monkeypatch.setattr(kernels, "native_16bit", lambda dtype: True)
     before = torch.backends.mkldnn.enabled
-    with kernels.one_row_products(rows, torch.bfloat16, torch.device("cpu"), int8_rows):
+    with kernels.one_row_products(rows, torch.bfloat16, torch.device("cpu"), quantized):
         assert torch.backends.mkldnn.enabled == (before and not off)
     assert torch.backends.mkldnn.enabled == before
     with pytest.raises(RuntimeError), kernels.one_row_products(1, torch.bfloat16, torch.device("cpu")):
