@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from . import generate as gen
-from . import kernels, quantize, tasks
+from . import adapters, kernels, quantize, tasks
 from .config import PaliGemmaConfig
 from .engine import Engine
 from .maskcodec import paste_mask
@@ -56,11 +56,18 @@ def load(source: str | Path = "default", options: Options | None = None, *, over
     `palikit.load("default", dtype="float32", quantize="int8")`.
     overrides: fields of the checkpoint's text config to change before the model is built
     (fine-tuning: {"final_logit_softcap": None}).
+    A LoRA fine-tune loads merged into its base: `load(base, adapter=DIR)`, or `load(DIR)`, whose
+    adapter_config.json names the base.
     """
     try:
         options = dataclasses.replace(options or Options(), **changes)
     except (TypeError, ValueError) as e:  # an unknown option, or a value out of its choices
         raise InputError(str(e)) from None
+    if options.adapter is None and adapters.is_adapter_folder(source):
+        options = dataclasses.replace(options, adapter=str(source))
+        source = adapters.base_of(source)
+    if options.adapter is not None:
+        overrides = {**(adapters.trained_with(options.adapter) or {}), **(overrides or {})}
     ckpt = open_checkpoint(resolve_source(source), options.sliding_window, options.tokenizer)
     if not ckpt.tokenizer.exists():
         raise CheckpointError(f"no tokenizer: {ckpt.tokenizer} not found (pass tokenizer=PATH)")
@@ -68,6 +75,9 @@ def load(source: str | Path = "default", options: Options | None = None, *, over
     if overrides:
         config = dataclasses.replace(config, text=dataclasses.replace(config.text, **overrides))
     stored = ckpt.quantization
+    if stored and options.adapter:
+        raise InputError(f"{ckpt.path} holds {stored['scheme']} weights, which adapters cannot merge into: load "
+                         "the full-precision base with the adapter (and quantize=... to quantise the result)")
     if stored and options.quantize:
         raise quantize.QuantizeError(f"{ckpt.path} holds {stored['scheme']} weights already; load it without "
                                      "quantize")
@@ -87,6 +97,8 @@ def load(source: str | Path = "default", options: Options | None = None, *, over
         quantize.lay_out(model, stored, dtype)
     load_tensors(model, ckpt.tensors(dtype), dtype, device, ckpt.path,
                  keep_dtype=quantize.is_stored_as_is if stored else None)
+    if options.adapter is not None:
+        model = adapters.merged(model, options.adapter)
     if stored:
         quantize.pack_loaded(model)
     elif options.quantize:
@@ -123,11 +135,17 @@ class Pipeline:
     # ---- inputs ---------------------------------------------------------------------------
 
     def _normalise(self, images, prompts) -> tuple[list[list], list[str], bool]:
-        """-> (the images of each example, read, the prompts, whether the caller passed a single prompt)."""
+        """-> (the images of each example, read, the prompts, whether the caller passed a single prompt
+        for a single image). One prompt (a str) with a list asks it of every entry of the list: an
+        image, or a list of images for one prompt (pairs, video frames)."""
         single = isinstance(prompts, str)
+        if single and isinstance(images, (list, tuple)):
+            prompts, single = [prompts] * len(images), False
         prompts = [prompts] if single else list(prompts)
         if single:
             images = [images]
+        elif not prompts:
+            raise InputError("no prompts: give at least one image and prompt")
         elif not isinstance(images, (list, tuple)) or len(images) != len(prompts):
             raise InputError(f"{len(prompts)} prompts need a list of {len(prompts)} images (one entry per prompt)")
         per_example = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
@@ -185,13 +203,15 @@ class Pipeline:
         return [(self.tokenizer.decode(o.tokens), o) for o in outs]
 
     def generate(self, images, prompts, max_new_tokens: int = 32, **sampling) -> str | list[str]:
-        """Text for one prompt (str) or a list of prompts (list[str]).
+        """Text for one image and prompt (str), or a list of texts, one per entry of `images`.
 
-        `images`: one image per prompt; a prompt with several images (pairs, video frames) takes a
-        list of images. Sampling: do_sample, temperature, top_k, top_p, seed (each prompt samples
+        `images`: one image; or a list with one entry per prompt, an entry a list of images for a
+        prompt with several (pairs, video frames): generate([a, b], "caption en") captions a and b,
+        generate([[a, b]], "caption en") asks one prompt of both. `prompts`: one for every entry,
+        or a list of as many. Sampling: do_sample, temperature, top_k, top_p, seed (each prompt samples
         with its own generator, seeded alike), num_beams, length_penalty.
         """
-        single = isinstance(prompts, str)
+        single = isinstance(prompts, str) and not isinstance(images, (list, tuple))
         out = [t for t, _ in self.generate_details(images, prompts, max_new_tokens=max_new_tokens, **sampling)]
         return out[0] if single else out
 
@@ -204,7 +224,7 @@ class Pipeline:
         cfg = gen.SamplingConfig(max_new_tokens=max_new_tokens, **sampling)
         if cfg.num_beams > 1:
             raise InputError("beam search does not stream; use generate with num_beams")
-        (images,), _, _ = self._normalise(image, prompt)
+        (images,), _, _ = self._normalise([image], [prompt])
         ids = self.prompt_ids(prompt, len(images), max_new_tokens)
         engine, made = Engine(self, max_rows=1, max_len=len(ids) + max_new_tokens), []
         request = engine.submit(images, ids, cfg, on_token=lambda r, token: made.append(token))

@@ -73,12 +73,18 @@ def rank_files(out: Path) -> list[Path]:
 
 
 def merge_rank_files(out: Path, key: str) -> list[dict]:
-    """The records of `out` and of every rank file beside it, in the order of their `key`; when
-    there are rank files, they are written into `out` (atomically) and removed."""
+    """The records of `out` and of every rank file beside it, one per `key` (a record without an
+    error over one with, else the last), in the order of their `key`; when there are rank files or
+    records of one key, they are written into `out` (atomically) and the rank files removed."""
     parts = rank_files(out)
-    records = {r[key]: r for path in [out, *parts] for r in read_records(path, repair=False)}
+    records, n = {}, 0
+    for path in [out, *parts]:
+        for r in read_records(path, repair=False):
+            n += 1
+            if "error" not in r or "error" in records.get(r[key], r):
+                records[r[key]] = r
     ordered = [records[k] for k in sorted(records)]
-    if parts:
+    if parts or n > len(ordered):
         write_text_atomic(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
         for path in parts:
             path.unlink()

@@ -32,14 +32,13 @@ def load_model(args, **changes):
 
 def cmd_generate(args) -> None:
     pipe = load_model(args)
-    images = args.image if len(args.image) > 1 else args.image[0]
-    text, out = pipe.generate_details(images, args.prompt, max_new_tokens=args.max_new_tokens,
+    text, out = pipe.generate_details([args.image], [args.prompt], max_new_tokens=args.max_new_tokens,
                                       do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                                       num_beams=args.num_beams)[0]
     if args.json:
         print(json.dumps({"prompt": args.prompt, "text": text, "tokens": out.tokens,
-                          "logprob": sum(out.logprobs)}, ensure_ascii=False))
+                          "logprob": sum(out.logprobs), "finish_reason": out.finish_reason}, ensure_ascii=False))
     else:
         print(text)
 
@@ -117,11 +116,53 @@ def cmd_merge(args) -> None:
 
 
 def cmd_data_check(args) -> int:
-    from .config import PRESETS, PaliGemmaConfig
     from .data import check_dataset
+
+    if args.config is not None:
+        return _check_config_data(args)
+    if args.file is None:
+        raise InputError("name the data to check, or --config CONFIG.yaml")
+    config, tokenizer = _check_model(args.model, args.tokenizer)
+    report = check_dataset(args.file, config=config, tokenizer=tokenizer,
+                           max_text_len=args.max_text_len, split=args.split, open_images=args.open_images,
+                           task=args.task, codec=args.vae, image_dir=args.image_dir, columns=args.columns)
+    print(json.dumps(report.to_dict(), ensure_ascii=False) if args.json else report.format())
+    return 0 if report.ok else 1  # warnings alone pass
+
+
+def _check_config_data(args) -> int:
+    """`palikit data check --config`: the config's train_file and eval_file, each as the trainer
+    reads it (its split, task, codec, columns), lengths against its model and max_text_len."""
+    from .data import check_dataset
+    from .finetune.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as e:
+        raise InputError(str(e)) from None
+    model = cfg.model if isinstance(cfg.model, str) else (cfg.model.get("preset") or cfg.model.get("source"))
+    try:
+        config, tokenizer = _check_model(args.model or model, args.tokenizer)
+    except (CheckpointError, InputError, OSError) as e:  # a hub model not downloaded here
+        print(f"palikit data check: lengths not checked ({e})", file=sys.stderr)
+        config, tokenizer = None, None
+    ok = True
+    for split, spec in [("train", cfg.train_file), ("valid", cfg.eval_file)]:
+        if spec is None or spec.path is None:  # none, or generated (synthetic): nothing to check
+            continue
+        report = check_dataset(spec.path, config=config, tokenizer=tokenizer, max_text_len=cfg.max_text_len,
+                               split=spec.split or split, open_images=args.open_images, task=spec.task,
+                               codec=spec.codec, columns=spec.columns)
+        print(json.dumps(report.to_dict(), ensure_ascii=False) if args.json else report.format())
+        ok &= report.ok
+    return 0 if ok else 1
+
+
+def _check_model(config, tokenizer):
+    """data check's --model (a preset or a folder, whose tokenizer.model is used) -> (config, tokenizer)."""
+    from .config import PRESETS, PaliGemmaConfig
     from .weights import resolve_source
 
-    config, tokenizer = args.model, args.tokenizer
     if config is not None and config not in PRESETS:  # a model as every verb's --model names it
         folder = resolve_source(config)
         if not (folder / "config.json").is_file():
@@ -129,11 +170,10 @@ def cmd_data_check(args) -> int:
         if tokenizer is None and (folder / "tokenizer.model").exists():
             tokenizer = folder / "tokenizer.model"
         config = PaliGemmaConfig.from_file(folder / "config.json")
-    report = check_dataset(args.file, config=config, tokenizer=tokenizer,
-                           max_text_len=args.max_text_len, split=args.split, open_images=args.open_images,
-                           task=args.task, codec=args.vae, image_dir=args.image_dir)
-    print(json.dumps(report.to_dict(), ensure_ascii=False) if args.json else report.format())
-    return 0 if report.ok else 1  # warnings alone pass
+    return config, tokenizer
+
+
+ERRORS_WARNED = 0.05  # `palikit eval` warns when more than this fraction of the examples failed
 
 
 def cmd_eval(args) -> None:
@@ -149,19 +189,26 @@ def cmd_eval(args) -> None:
         raise InputError("--report needs --out PREDS.jsonl (the predictions it is computed from)")
     rank, world, device = init_distributed(args.device)  # one process unless started by torchrun
     name, examples = load_examples(args.benchmark, args.data, args.split, args.limit,
-                                   {"n_images": args.synthetic, "seed": args.seed, "size": args.size})
+                                   {"n_images": args.synthetic, "seed": args.seed, "size": args.size},
+                                   task=args.task, codec=args.vae, columns=args.columns)
     pipe = load_model(args, device=str(device))
     bench = BENCHMARKS.get(name)
     rep = evaluate(pipe, examples, name=name, bench_metric=bench.metric if bench else None,
                    metric=args.metric, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                    codec=args.vae, out=args.out, rank=rank, world=world, model=args.model, split=args.split,
-                   by_task=bench is None or bench.name == "synthetic")
+                   by_task=bench is None or bench.name == "synthetic", seed=args.seed, force_new=args.force_new)
     leave()
     if rank != 0:
         return
     if args.out:
         write_report(rep, args.report or Path(args.out).with_suffix(".report.json"))
     print(json.dumps(rep, indent=2, ensure_ascii=False) if args.json else markdown(rep), end="")
+    failed, total = rep["errors"], rep["examples"]
+    if failed == total:
+        raise InputError(f"every example failed ({failed}); the first: {rep['first_error']}")
+    if failed > ERRORS_WARNED * total:
+        print(f"WARNING: {failed} of {total} examples failed (scored as wrong answers); the first: "
+              f"{rep['first_error']}", file=sys.stderr)
 
 
 def cmd_demo(args) -> None:
@@ -206,7 +253,11 @@ def cmd_demo(args) -> None:
 
 
 def cmd_serve(args) -> None:
-    from palikit.serve import serve
+    try:
+        from palikit.serve import serve
+    except ImportError as e:
+        raise InputError(f"serving needs the server extra ({e.name} is not installed): "
+                         "pip install 'palikit[serve]'") from None
 
     settings = from_flags(args, ServerSettings, api_key=args.api_key or os.environ.get("PALIKIT_API_KEY"))
     serve(args.model, from_flags(args, Options), settings)
@@ -217,6 +268,17 @@ def _model_args(p: argparse.ArgumentParser, json_output: bool = True, **defaults
     add_flags(p, Options, **defaults)
     if json_output:
         p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def json_object(text: str) -> dict:
+    """An argparse type: a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("a JSON object, e.g. '{\"image\": \"img\"}'")
+    return value
 
 
 def number(kind: type, low: float | None = None, high: float | None = None, above: bool = False):
@@ -276,19 +338,24 @@ def build_parser() -> argparse.ArgumentParser:
                 kwargs.update(default=arg.default, dest=arg.name)
             p.add_argument(name, choices=arg.choices, help=arg.text.help or arg.text.title, **kwargs)
         _model_args(p)
-        p.add_argument("--max-new-tokens", type=POSITIVE, default=spec.max_new_tokens)
+        p.add_argument("--max-new-tokens", type=POSITIVE, default=spec.max_new_tokens,
+                       help=f"the answer's budget in tokens (default {spec.max_new_tokens})")
         if spec.parse is not None:
             p.add_argument("--out", help="write an overlay PNG with the boxes (and masks) here")
         if spec.masks:
             p.add_argument("--vae", help="mask codec npz (big_vision vae-oid.npz); default: beside the model")
         p.set_defaults(func=cmd_task, out=None, vae=None)
 
-    p = verbs.add_parser("run", help="batch jobs from a JSONL file (resumable)")
+    from .jobs import JOB_FORMAT
+
+    p = verbs.add_parser("run", help="batch jobs from a JSONL file (resumable)", epilog=JOB_FORMAT,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_args(p, json_output=False)  # it prints its statistics as JSON
-    p.add_argument("--input", required=True)
-    p.add_argument("--output", required=True)
-    p.add_argument("--batch-size", type=POSITIVE, default=8)
-    p.add_argument("--max-new-tokens", type=POSITIVE, default=128)
+    p.add_argument("--input", required=True, help="the jobs, one JSON object per line (below)")
+    p.add_argument("--output", required=True, help="the records, one per input line, in order; a rerun "
+                                                   "continues it")
+    p.add_argument("--batch-size", type=POSITIVE, default=8, help="rows decoded together")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=128, help="a job's budget unless it sets its own")
     p.add_argument("--vae", help="mask codec npz for segment jobs")
     p.set_defaults(func=cmd_run)
 
@@ -304,7 +371,13 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--benchmark", help="a benchmark of the model card (see --list-benchmarks), or synthetic "
                                        "(the default without --data)")
-    p.add_argument("--data", help="the benchmark's files, or a .jsonl file (image, prefix, suffix)")
+    p.add_argument("--data", help="the benchmark's files; or what `palikit train` reads: a .jsonl file "
+                                  "(image, prefix, suffix), COCO .json, a Roboflow / maestro or Hugging Face "
+                                  "dataset folder (its --split, default valid)")
+    p.add_argument("--task", default="detect", choices=["detect", "segment"],
+                   help="--data COCO: score its annotations as detect or segment examples")
+    p.add_argument("--columns", type=json_object, help='--data a Hugging Face dataset: its columns, as the '
+                   'train config\'s, e.g. \'{"image": "img", "prefix": "answer en {question}", "suffix": "answer"}\'')
     p.add_argument("--split", help="the benchmark's split (default: the one the model card reports)")
     p.add_argument("--metric", help="score every example with this metric (default: the benchmark's, or "
                                     "by task word)")
@@ -314,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", help="mask codec npz for segment examples (default: beside the model)")
     p.add_argument("--out", help="predictions, one JSON line per example; a killed run resumes from it")
     p.add_argument("--report", help="the JSON report (and a .md table beside it); default: beside --out")
+    p.add_argument("--force-new", action="store_true", help="start --out again although it holds predictions "
+                                                                "made otherwise (another model, dtype, examples)")
     p.add_argument("--list-benchmarks", action="store_true", help="print the benchmarks and exit")
     p.add_argument("--synthetic", type=POSITIVE, default=200, help="--benchmark synthetic: generated images")
     p.add_argument("--seed", type=int, default=12345, help="--benchmark synthetic: a seed not used for training")
@@ -346,8 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("data", help="data set tools")
     data_verbs = p.add_subparsers(dest="data_verb", required=True)
     p = data_verbs.add_parser("check", help="validate a fine-tuning data set (exit 1 on errors)")
-    p.add_argument("file", help=".jsonl, COCO .json, or a Roboflow / maestro dataset folder")
+    p.add_argument("file", nargs="?", help=".jsonl, COCO .json, a Roboflow / maestro or Hugging Face dataset "
+                                           "folder (or --config)")
+    p.add_argument("--config", help="a training config: check its train_file (and eval_file) as `palikit "
+                                    "train` reads them, with its model and max_text_len")
     p.add_argument("--split", default="train", help="which split of a dataset folder")
+    p.add_argument("--columns", type=json_object, help="a Hugging Face dataset's columns, as in a train config")
     p.add_argument("--model", help="preset name or model folder: image tokens and length limit "
                                    "(a folder's tokenizer.model is used too)")
     p.add_argument("--tokenizer", help="tokenizer.model: check sequence lengths")
@@ -375,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verb == "train" else logging.WARNING, format="palikit: %(message)s")
     try:
         rc = args.func(args)
+    except BrokenPipeError:  # `palikit ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and the exit flush stays quiet
+        return 0
     except (InputError, CheckpointError, OSError, ValueError) as e:  # OSError: a file not found / not writable
         if os.environ.get("PALIKIT_DEBUG") == "1":
             raise

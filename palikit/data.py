@@ -97,12 +97,16 @@ def read_jsonl(path: str | Path, errors: list[tuple[str, str]] | None = None) ->
     recorded there as (where, message) and skipped."""
     path = Path(path)
     out = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             where = f"{path}:{n}"
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
                 row = json.loads(line)
                 if not isinstance(row, dict):
                     raise ValueError("not a JSON object")
@@ -382,7 +386,7 @@ class DatasetReport:
 
 def check_dataset(path: str | Path, config=None, tokenizer=None, max_text_len: int | None = None,
                   split: str = "train", open_images: bool = False, task: str = "detect",
-                  codec=None, image_dir: str | Path | None = None) -> DatasetReport:
+                  codec=None, image_dir: str | Path | None = None, columns: dict | None = None) -> DatasetReport:
     """Report what would go wrong when training on a dataset (`palikit data check`).
 
     Errors: unreadable lines, missing images, loc tokens outside <loc0000>..<loc1023>, seg tokens
@@ -393,7 +397,8 @@ def check_dataset(path: str | Path, config=None, tokenizer=None, max_text_len: i
 
     config: a PaliGemmaConfig or a preset name (for the image-token count and the length limit).
     tokenizer: a Tokenizer or a tokenizer.model path; without one, lengths are not checked. task,
-    codec: what a COCO file converts to, as in load_examples.
+    codec: what a COCO file converts to, as in load_examples. columns: a Hugging Face dataset's
+    columns, as in read_hf_dataset.
     """
     from .config import PaliGemmaConfig
 
@@ -403,7 +408,7 @@ def check_dataset(path: str | Path, config=None, tokenizer=None, max_text_len: i
         tokenizer = Tokenizer(tokenizer, image_token_id=config.image_token_id if config else None)
     errors: list = []  # (where, message) of bad JSONL lines, Problems of COCO annotations
     if hf_dataset_kind(path) is not None:
-        report, examples = DatasetReport(str(path)), read_hf_dataset(path, split)
+        report, examples = DatasetReport(str(path)), read_hf_dataset(path, split, columns)
     else:
         file = find_annotations(path, split)
         report = DatasetReport(str(file))
@@ -467,7 +472,13 @@ def _check_example(ex: Example, open_images: bool) -> list[Problem]:
     if "<image>" in ex.prefix or "<bos>" in ex.prefix or "\n" in ex.prefix:
         out.append(Problem(ex.where, "prompt-format", f"prompt {ex.prefix!r} contains <image>, <bos> or a "
                            "newline; palikit adds those itself", error=False))
+    spec = tasks.spec_of_word(task)
+    if not ex.suffix.strip() and (spec is None or spec.parse is None):  # detect / segment: a negative
+        out.append(Problem(ex.where, "empty-suffix", "the suffix (the answer to learn) is empty"))
     for text, what in ((ex.prefix, "prompt"), (ex.suffix, "suffix")):
+        if bad := MALFORMED_TOKEN_RE.findall(text):
+            out.append(Problem(ex.where, "token-format", f"{what} has malformed tokens: {', '.join(bad[:4])} "
+                               "(<locDDDD>, <segDDD>)"))
         bad = [m[0] for m in tasks.ANY_LOC_RE.finditer(text) if len(m[1]) != 4 or int(m[1]) >= tasks.NUM_LOC]
         bad += [m[0] for m in tasks.ANY_SEG_RE.finditer(text) if len(m[1]) != 3 or int(m[1]) >= tasks.NUM_SEG]
         if bad:
@@ -476,9 +487,8 @@ def _check_example(ex: Example, open_images: bool) -> list[Problem]:
                                f"<seg000>..<seg127>: {', '.join(bad[:4])}"))
     n_loc = len(tasks.ANY_LOC_RE.findall(ex.suffix))
     if n_loc % 4:
-        out.append(Problem(ex.where, "loc-count", f"{n_loc} loc tokens in the suffix, not groups of 4",
-                           error=False))
-    if (spec := tasks.spec_of_word(task)) is not None and spec.parse is not None and n_loc:
+        out.append(Problem(ex.where, "loc-count", f"{n_loc} loc tokens in the suffix, not groups of 4"))
+    if spec is not None and spec.parse is not None and n_loc:
         asked = {w.strip() for w in ex.prefix.split(maxsplit=1)[-1].split(";")}
         for m in tasks.ANY_OBJECT_RE.finditer(ex.suffix):
             y1, x1, y2, x2 = (int(v) for v in tasks.ANY_LOC_RE.findall(m[1]))
@@ -493,6 +503,10 @@ def _check_example(ex: Example, open_images: bool) -> list[Problem]:
 
 
 # ---- data order ----------------------------------------------------------------------------
+
+
+# What looks like a loc / seg token but is none: <loc-010>, <loc12a>, <seg 1>.
+MALFORMED_TOKEN_RE = re.compile(r"<(?:loc|seg)(?!\d+>)[-+\s\d][^<>]{0,10}>")
 
 
 class StepSampler:

@@ -166,32 +166,43 @@ class Runner:
         logits = self.logits[:n]
         logprobs = logits.log_softmax(-1)
         tokens = logits.argmax(-1).tolist()
-        for i, r in enumerate(running):
-            if r.sampling.do_sample:
-                probs = gen.logits_to_probs(logits[i:i + 1], r.sampling)
-                tokens[i] = int(torch.multinomial(probs, 1, generator=r.generator))
-        chosen = logprobs[torch.arange(n), torch.tensor(tokens, device=logits.device)].tolist()
         appended = 0
-        for r, t, lp in zip(running, tokens, chosen):
-            if r.cancelled:
-                r.finish_reason = "cancelled"
+        for i, r in enumerate(running):
+            if r.finish_reason is not None:  # failed in this step's decode
                 continue
-            if t == eos:
-                r.finish_reason = "stop"
-                continue
-            r.tokens.append(t)
-            r.logprobs.append(lp)
-            appended += 1
-            if r.on_token is not None:
-                try:
-                    r.on_token(r, t)
-                except Exception:
-                    log.exception("on_token callback failed")
-            if r.stop and cut_at_stop(self.pipe.tokenizer.decode(r.tokens), r.stop)[1]:
-                r.finish_reason = "stop"
-            elif len(r.tokens) >= r.sampling.max_new_tokens:
-                r.finish_reason = "length"
+            try:  # one request's sampling, callback or stop strings fail its row alone
+                appended += self._choose_row(r, i, tokens[i], logits, logprobs, eos)
+            except Exception as e:
+                log.exception("a row failed")
+                r.fail_row(e)
         return appended
+
+    def _choose_row(self, r: Request, i: int, token: int, logits: torch.Tensor, logprobs: torch.Tensor,
+                    eos: int) -> int:
+        if r.cancelled:
+            r.finish_reason = "cancelled"
+            return 0
+        if r.sampling.do_sample:
+            probs = gen.logits_to_probs(logits[i:i + 1], r.sampling)
+            token = int(torch.multinomial(probs, 1, generator=r.generator))
+        if token == eos:
+            r.finish_reason = "stop"
+            return 0
+        r.tokens.append(token)
+        r.logprobs.append(float(logprobs[i, token]))
+        if r.sampling.top_logprobs:
+            values, ids = logprobs[i].topk(r.sampling.top_logprobs)
+            r.top_logprobs.append(list(zip(ids.tolist(), values.tolist())))
+        if r.on_token is not None:
+            try:
+                r.on_token(r, token)
+            except Exception:  # the consumer's problem (a client gone): the row goes on
+                log.exception("on_token callback failed")
+        if r.stop and cut_at_stop(self.pipe.tokenizer.decode(r.tokens), r.stop)[1]:
+            r.finish_reason = "stop"
+        elif len(r.tokens) >= r.sampling.max_new_tokens:
+            r.finish_reason = "length"
+        return 1
 
     def move(self, src: int, dst: int) -> None:
         """Row src of the pool (its cache, layout, slot and logits) into row dst."""
@@ -201,13 +212,14 @@ class Runner:
         for t in (self.layout.block, self.layout.pos, self.layout.valid, self.slot, self.logits):
             t[dst] = t[src]
 
-    def decode(self, running: list[Request]) -> None:
-        """One decode step of the first len(running) rows: the next-token logits of each."""
-        n = len(running)
+    def decode(self, running: list[Request], start: int = 0) -> None:
+        """One decode step of pool rows start, ..., start + len(running) - 1: the next-token logits
+        of each. A step that fails writes a slot that the next try writes again."""
+        rows = slice(start, start + len(running))
         token = torch.tensor([r.tokens[-1] for r in running], device=self.slot.device)
-        layout = Layout(self.layout.block[:n], self.layout.pos[:n], self.layout.valid[:n])
-        self.logits[:n] = self.pipe.decode_step(token, self.slot[:n], layout, self.rows(0, n))
-        self.slot[:n] += 1
+        layout = Layout(self.layout.block[rows], self.layout.pos[rows], self.layout.valid[rows])
+        self.logits[rows] = self.pipe.decode_step(token, self.slot[rows], layout, self.rows(rows.start, rows.stop))
+        self.slot[rows] += 1
 
 
 class Engine:
@@ -299,14 +311,32 @@ class Engine:
         for src, dst in moves:
             self.runner.move(src, dst)
         for r in left:
-            r.finish(r.finish_reason)
+            r.finish(r.finish_reason if r.error is None else None, r.error)
         if sched.running:
-            self.runner.decode(sched.running)
+            self._decode(sched.running)
         self.steps += 1
         self.tokens_out += tokens
         if self.on_step is not None:
             self.on_step(rows, tokens, time.perf_counter() - start)
         return True
+
+    def _decode(self, running: list[Request]) -> None:
+        """A decode step of the running rows; when it fails, each row again alone, so that only the
+        rows that fail by themselves leave (with the error) and the others go on."""
+        try:
+            self.runner.decode(running)
+            return
+        except Exception as e:
+            if len(running) == 1:
+                log.exception("a row failed")
+                running[0].fail_row(e)
+                return
+            log.exception("a decode step failed: each row again alone")
+        for i, r in enumerate(running):
+            try:
+                self.runner.decode([r], i)
+            except Exception as e:
+                r.fail_row(e)
 
     def _admit(self) -> None:
         sched = self.scheduler
@@ -334,8 +364,12 @@ class Engine:
         try:
             logits = self.runner.advance_prefill()
         except Exception as e:
-            log.exception("prefill failed")
             self.runner.prefill = None
+            if len(sched.prefilling) > 1:  # find the bad request: each again alone
+                log.exception("a group's prefill failed: each request again alone")
+                sched.requeue(sched.prefilling)
+                return
+            log.exception("prefill failed")
             for r in sched.drop_prefill():
                 r.finish(None, e)
             return
@@ -345,7 +379,10 @@ class Engine:
         self.runner.logits[start:start + len(logits)] = logits
         for r in sched.prefilling:
             if r.sampling.do_sample:  # made on joining, so a seed samples the same whenever it runs
-                r.generator = gen.new_generator(self.model.device, r.sampling.seed)
+                try:
+                    r.generator = gen.new_generator(self.model.device, r.sampling.seed)
+                except Exception as e:
+                    r.fail_row(e)
         for src, dst in sched.join():
             self.runner.move(src, dst)
 
@@ -448,7 +485,7 @@ def run_in_order(pipe, works: list[Work], max_rows: int) -> Iterator[list[tuple[
             return None
         try:
             work.images = work.read_images()
-        except (InputError, OSError) as e:
+        except (ValueError, OSError) as e:  # InputError is a ValueError; a NUL in a path too
             work.error = str(e)
             return None
         return engine.submit(work.images, work.ids, gen.SamplingConfig(max_new_tokens=work.max_new_tokens),

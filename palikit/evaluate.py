@@ -23,6 +23,8 @@ How (the metrics are palikit/metrics.py's, each computed as big_vision's evaluat
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
 import os
 from collections import defaultdict
@@ -36,9 +38,11 @@ from .atomic import merge_rank_files, rank_file, rank_files, read_records, write
 from .dist import barrier
 from .eval_sets import BENCHMARKS, EvalExample, benchmark, published, read_benchmark, read_synthetic
 from .data import DatasetError, Example, read_jsonl
+from .data import load_examples as read_any
 from .metrics import metric as metric_named
 from .engine import Work, run_in_order
 from .processor import InputError, load_image
+from .quantize import scheme_of
 
 
 def eval_example(ex: Example) -> EvalExample:
@@ -58,9 +62,12 @@ def jsonl_examples(path: str | Path, limit: int | None = None) -> list[EvalExamp
 
 
 def load_examples(benchmark_name: str | None, data: str | None, split: str | None = None,
-                  limit: int | None = None, synthetic: dict | None = None) -> tuple[str, list[EvalExample]]:
+                  limit: int | None = None, synthetic: dict | None = None, task: str = "detect",
+                  codec=None, columns: dict | None = None) -> tuple[str, list[EvalExample]]:
     """(name shown in the report, examples) for `palikit eval`'s --benchmark / --data; `synthetic`:
-    read_synthetic's n_images / seed / size for the synthetic benchmark, also the default."""
+    read_synthetic's n_images / seed / size for the synthetic benchmark, also the default. --data
+    alone reads what `palikit train` reads (a .jsonl, COCO, Roboflow / maestro folders, a Hugging
+    Face dataset with `columns`; `split` of a folder, default valid; `task`, `codec`: COCO's)."""
     if benchmark_name is not None:
         bench = benchmark(benchmark_name)
         if bench.name == "synthetic":
@@ -70,10 +77,16 @@ def load_examples(benchmark_name: str | None, data: str | None, split: str | Non
         return bench.name, read_benchmark(bench.name, data, split, limit)
     if data is None:  # plain `palikit eval`: the world the bundled model was trained on
         return load_examples("synthetic", None, split, limit, synthetic)
-    if Path(data).suffix != ".jsonl":
-        raise InputError(f"{data}: --data alone takes a .jsonl file (image, prefix, suffix); for a "
-                         "benchmark's own files add --benchmark NAME")
-    return Path(data).name, jsonl_examples(data, limit)
+    if Path(data).suffix == ".jsonl":
+        return Path(data).name, jsonl_examples(data, limit)
+    if not Path(data).exists():
+        raise InputError(f"data not found: {data}")
+    try:
+        examples = read_any(data, split or "valid", task, codec, columns=columns)
+    except (DatasetError, FileNotFoundError) as e:
+        raise InputError(f"{data}: {e}; --data takes what `palikit train` reads, and a benchmark's own files "
+                         "with --benchmark NAME") from None
+    return Path(data).name, [eval_example(ex) for ex in examples[:limit]]
 
 
 def task_of(ex: EvalExample) -> tasks.TaskSpec | None:
@@ -172,25 +185,60 @@ def _failed_scores(ex: EvalExample, names: Sequence[str]) -> dict:
 # ---- predictions files: resumable, one per rank, merged by rank 0
 
 
-def finished(out: Path, rank: int, examples: Sequence[EvalExample]) -> dict[int, dict]:
+HEADER = -1  # the index of a predictions file's first line: what made the file (provenance)
+
+
+def palikit_version() -> str:
+    try:
+        return importlib.metadata.version("palikit")
+    except importlib.metadata.PackageNotFoundError:  # run from a clone without installing
+        return "unknown"
+
+
+def provenance(pipe, examples: Sequence[EvalExample], *, model: str | None, metric: str | None,
+               max_new_tokens: int | None, seed: int | None) -> dict:
+    """What a predictions file's records depend on: the model and how it was loaded, the examples,
+    what scores them, and palikit's version. A file is only continued by the same."""
+    where = Path(model) if model is not None else None
+    examples_hash = hashlib.sha256(json.dumps([[e.id, e.prefix, e.answers] for e in examples],
+                                              ensure_ascii=False, default=str).encode()).hexdigest()
+    return {"model": str(where.resolve()) if where is not None and where.exists() else model,
+            "dtype": str(pipe.model.dtype).removeprefix("torch."), "quantize": scheme_of(pipe.model),
+            "seed": seed, "palikit": palikit_version(), "examples": len(examples), "examples_sha256": examples_hash,
+            "metric": metric, "max_new_tokens": max_new_tokens}
+
+
+def finished(out: Path, rank: int, examples: Sequence[EvalExample], made_by: dict) -> dict[int, dict]:
     """Records already in the predictions file and every rank's file (a rank repairs only its own
-    torn last line). A record whose id is not the example's at that index belongs to another
-    evaluation: refuse rather than mix the two."""
+    torn last line); errored ones are not: they run again. A file whose first line says it was made
+    otherwise (another model, dtype, quantisation, example set, palikit version) is refused, naming
+    what differs, rather than mixing the two."""
     done = {}
     for path in [out, *rank_files(out)]:
-        for rec in read_records(path, repair=path in (out, rank_file(out, rank))):
+        records = read_records(path, repair=path in (out, rank_file(out, rank)))
+        if not records:
+            continue
+        header = records[0].get("provenance") if records[0].get("index") == HEADER else None
+        if header != made_by:
+            what = ("it has no provenance line (an older palikit's)" if header is None else
+                    "; ".join(f"{k} {header.get(k)!r} there, {v!r} now" for k, v in made_by.items()
+                              if header.get(k) != v))
+            raise InputError(f"{path} holds predictions made otherwise: {what}; pass --force-new to start it "
+                             "again, or a new --out")
+        for rec in records[1:]:
             i = rec.get("index")
             if not isinstance(i, int) or i >= len(examples) or rec.get("id") != examples[i].id:
                 raise InputError(f"{path} holds predictions of another evaluation (example {i} is "
                                  f"{rec.get('id')!r}, expected {examples[min(i or 0, len(examples) - 1)].id!r}); "
                                  "pass a new --out")
-            done[i] = rec
+            if "error" not in rec:
+                done[i] = rec
     return done
 
 
 def merge(out: Path, n_examples: int) -> list[dict]:
     """Every rank's records into `out`, in example order, written atomically; the rank files go."""
-    ordered = merge_rank_files(out, "index")
+    ordered = [r for r in merge_rank_files(out, "index") if r["index"] != HEADER]
     if len(ordered) != n_examples:
         raise InputError(f"{out}: {len(ordered)} of {n_examples} predictions; a rank stopped early, run again "
                          "to finish")
@@ -200,7 +248,8 @@ def merge(out: Path, n_examples: int) -> list[dict]:
 def evaluate(pipe, examples: Sequence[EvalExample], *, name: str, bench_metric: str | None = None,
              metric: str | None = None, batch_size: int = 8, max_new_tokens: int | None = None, codec=None,
              out: str | Path | None = None, rank: int = 0, world: int = 1, by_task: bool = False,
-             model: str | None = None, split: str | None = None) -> dict:
+             model: str | None = None, split: str | None = None, seed: int | None = None,
+             force_new: bool = False) -> dict:
     """Generate and score every example (this rank's share), resuming from `out`; -> the report
     (on every rank; the predictions are merged and scored on rank 0, the others return {})."""
     if metric is not None:
@@ -210,10 +259,21 @@ def evaluate(pipe, examples: Sequence[EvalExample], *, name: str, bench_metric: 
     out = Path(out) if out is not None else None
     if out is None and world > 1:
         raise InputError("under torchrun pass --out PREDS.jsonl: the ranks merge their predictions through it")
-    done = finished(out, rank, examples) if out is not None else {}
+    made_by = provenance(pipe, examples, model=model, metric=metric, max_new_tokens=max_new_tokens, seed=seed)
+    if out is not None and force_new:
+        if rank == 0:
+            for path in [out, *rank_files(out)]:
+                path.unlink(missing_ok=True)
+        if world > 1:
+            barrier()
+    done = finished(out, rank, examples, made_by) if out is not None else {}
     mine = [i for i in range(rank, len(examples), world) if i not in done]
     kept = list(done.values())
-    writer = open(rank_file(out, rank) if world > 1 else out, "a", encoding="utf-8") if out is not None else None
+    writer = None
+    if out is not None:
+        writer = open(rank_file(out, rank) if world > 1 else out, "a", encoding="utf-8")
+        if writer.tell() == 0:
+            writer.write(json.dumps({"index": HEADER, "provenance": made_by}) + "\n")
     try:
         with tqdm(total=len(mine), unit="example", disable=None if rank == 0 else True,
                   desc=f"eval {name}") as bar:
@@ -234,7 +294,7 @@ def evaluate(pipe, examples: Sequence[EvalExample], *, name: str, bench_metric: 
     if rank != 0:
         return {}
     records = merge(out, len(examples)) if out is not None else sorted(kept, key=lambda r: r["index"])
-    return report(records, name=name, model=model, predictions=out, split=split)
+    return report(records, name=name, model=model, predictions=out, split=split) | {"provenance": made_by}
 
 
 # ---- the report
@@ -265,7 +325,8 @@ def report(records: Sequence[dict], *, name: str, model: str | None = None,
             other = split is not None and split != BENCHMARKS[row["group"]].split
             row["model_card"] = published(f"{row['group']}/{split}" if other else row["group"], model)
     return {"evaluated": name, "model": model, "examples": len(records),
-            "errors": sum("error" in r for r in records), "results": rows,
+            "errors": sum("error" in r for r in records),
+            "first_error": next((r["error"] for r in records if "error" in r), None), "results": rows,
             "exact_match": {g: sum(h) / len(h) for g, h in hits.items()},
             "predictions": str(predictions) if predictions else None}
 
@@ -273,9 +334,14 @@ def report(records: Sequence[dict], *, name: str, model: str | None = None,
 def markdown(rep: dict) -> str:
     """The report as a Markdown table; fractions shown x100 as the model card prints them."""
     def shown(v):
-        return f"{v * 100:.1f}" if isinstance(v, float) else str(v)
+        return "n/a" if v is None else f"{v * 100:.1f}" if isinstance(v, float) else str(v)
 
-    lines = [f"**{rep['evaluated']}** ({rep['model']}): {rep['examples']} examples, {rep['errors']} errors", "",
+    made = rep.get("provenance") or {}
+    quantized = (made.get("quantize") or {}).get("scheme", "none")
+    how = ", ".join(f"{k} {v}" for k, v in [("dtype", made.get("dtype")), ("quantize", quantized),
+                                            ("seed", made.get("seed")), ("palikit", made.get("palikit"))]) if made else ""
+    lines = [f"**{rep['evaluated']}** ({rep['model']}{'; ' + how if how else ''}): {rep['examples']} examples, "
+             f"{rep['errors']} errors", "",
              "| group | metric | result | examples | model card |", "|---|---|---|---|---|"]
     for row in rep["results"]:
         values = ", ".join(f"{k} {shown(v)}" for k, v in row["values"].items())
@@ -288,7 +354,8 @@ def markdown(rep: dict) -> str:
 def validation_values(rep: dict) -> dict[str, float]:
     """The trainer's validation numbers: `VALUE/GROUP` per task (cider/caption, accuracy/answer,
     acc50/detect, ...) and exact match of the whole output, overall and per task."""
-    out = {f"{k}/{row['group']}": v for row in rep["results"] for k, v in row["values"].items()}
+    out = {f"{k}/{row['group']}": v for row in rep["results"] for k, v in row["values"].items()
+           if v is not None}  # an undefined mAP (no true box among them) is not a number to log
     return out | {"exact_match": rep["exact_match"]["all"]} | {
         f"exact_match/{g}": v for g, v in rep["exact_match"].items() if g != "all"}
 

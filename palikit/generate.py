@@ -10,6 +10,8 @@ Dims: B batch (rows x beams), P padded prompt length, S cache slots, V vocab.
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import types
 
@@ -124,7 +126,8 @@ def beam_search(model: PaliGemma, step: DecodeStep, prompts: list[list[int]], im
                 lp = float(logprobs[b * nb + parent, tok])
                 if tok == eos_id:
                     length = len(prev.tokens) + 1
-                    finished[b].append((score / length**cfg.length_penalty, Generated(prev.tokens, prev.logprobs)))
+                    finished[b].append((score / length**cfg.length_penalty,
+                                        Generated(prev.tokens, prev.logprobs, finish_reason="stop")))
                     continue
                 new_seqs[b][kept] = Generated(prev.tokens + [tok], prev.logprobs + [lp])
                 new_score[b, kept], parents[b, kept], tokens[b, kept] = score, parent, tok
@@ -144,6 +147,6 @@ def beam_search(model: PaliGemma, step: DecodeStep, prompts: list[list[int]], im
     results = []
     for b in range(B):
         pool = finished[b] or [(float(beam_score[b, j]) / max(1, len(seqs[b][j].tokens)) ** cfg.length_penalty,
-                                seqs[b][j]) for j in range(nb)]
+                                dataclasses.replace(seqs[b][j], finish_reason="length")) for j in range(nb)]
         results.append(max(pool, key=lambda x: x[0])[1])
     return results

@@ -1,16 +1,7 @@
 """`palikit run`: thousands of jobs from a JSONL file, batched, resumable, never losing work.
 
-Input line: {"image": PATH, "prompt": "caption en"} or {"image": PATH, "task": "detect", "labels": [...]}
-(task: a verb of tasks.TASKS, with its fields as the Pipeline methods take them, e.g. lang, style,
-question, labels; "id" is copied through). Output line per input line, in input order:
-{"line": N, "id": ..., "prompt": ..., "text": ..., "objects": [...]} or {"line": N, "error": "..."}, N
-the 1-based line number of the job (as `palikit data check` and editors count). A bad job (not
-JSON, unknown task, missing field, unreadable image, a newline in its prompt, too long for the
-model, segment without a mask codec) gets its error record and every other job runs. Jobs stream
-through palikit.engine; records are appended in input order as the jobs finish and fsync'ed, and a
-restart skips the lines already in the output file and drops a torn last line, so a crash loses at
-most the jobs in flight.
-
+Records are appended in input order as the jobs finish and fsync'ed, and a restart skips the lines
+already in the output file and drops a torn last line, so a crash loses at most the jobs in flight.
 Under torchrun (`torchrun --nproc_per_node N -m palikit run ...`, one node or many) each rank
 answers every N-th line into OUTPUT.rankR.jsonl, and rank 0 merges them into the output in line
 order: the same file as one process writes.
@@ -31,23 +22,59 @@ from .engine import Work, run_in_order
 from .maskcodec import MaskCodec
 from .processor import InputError, load_image
 
+JOB_FORMAT = """\
+Each line of --input is one job, a JSON object:
+  {"image": "cat.jpg", "prompt": "caption en"}
+  {"image": "shelf.png", "task": "detect", "labels": ["bottle", "can"], "id": "shelf-1"}
+  {"image": "/data/scan.png", "task": "ocr", "max_new_tokens": 256}
+image: a path (relative to the input file's folder). Either "prompt" (any PaliGemma prefix) or
+"task" (a verb: %s) with that task's fields (lang, question, labels, ...). "id": any
+JSON value, copied to the record. "max_new_tokens": this job's budget (default --max-new-tokens).
+Each line gets one record in the output, in input order:
+  {"line": N, "id": ..., "prompt": ..., "text": ..., "objects": [...]}   (objects: detect, segment)
+  {"line": N, "id": ..., "error": "what is wrong"}
+N is the 1-based line number. A bad job (not JSON, a field of the wrong type, an unknown task,
+an unreadable image, too long for the model) gets its error record and every other job runs.""" % ", ".join(tasks.TASKS)
+
+JOB_KEYS = ("image", "prompt", "task", "id", "max_new_tokens")
+
 
 def job_prompt(job: dict) -> tuple[str, tasks.TaskSpec]:
     """-> (prompt, its task); raises InputError for a malformed job."""
     if "prompt" in job:
-        prompt = str(job["prompt"])
-        return prompt, tasks.spec_of_prompt(prompt)
+        prompt = job["prompt"]
+        if not isinstance(prompt, str):
+            raise InputError(f"'prompt' must be a string, got {_kind(prompt)}")
+        if unknown := sorted(set(job) - set(JOB_KEYS) - {"task"}):
+            raise InputError(f"unknown field {unknown[0]!r} beside 'prompt' (job fields: {', '.join(JOB_KEYS)})")
+        try:
+            return prompt, tasks.spec_of_prompt(prompt)
+        except ValueError as e:
+            raise InputError(str(e)) from None
     verb = job.get("task")
-    if verb not in tasks.TASKS:
+    if not isinstance(verb, str) or verb not in tasks.TASKS:
         raise InputError(f"unknown task {verb!r}; use one of {', '.join(tasks.TASKS)} or give a 'prompt'")
     spec = tasks.TASKS[verb]
-    names = {a.name for a in spec.args}
-    values = {spec.aliases.get(k, k): v for k, v in job.items() if spec.aliases.get(k, k) in names}
+    fields = {spec.aliases.get(k, k): (k, v) for k, v in job.items() if k not in JOB_KEYS}
+    if unknown := sorted(k for f, (k, _) in fields.items() if f not in {a.name for a in spec.args}):
+        raise InputError(f"task {verb!r} has no field {unknown[0]!r}; its fields: "
+                         f"{', '.join(a.name for a in spec.args) or '(none)'}")
     try:
-        prompt = spec.build(**values)
-    except TypeError as e:  # a missing field
+        prompt = spec.build(**{f: v for f, (_, v) in fields.items()})
+    except (TypeError, ValueError) as e:  # a missing field, or one of the wrong type or value
         raise InputError(str(e)) from None
     return prompt, spec
+
+
+def _kind(value) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def job_budget(job: dict, default: int) -> int:
+    n = job.get("max_new_tokens", default)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InputError(f"'max_new_tokens' must be a whole number >= 1, got {n!r}")
+    return n
 
 
 def finished_lines(output: Path) -> set[int]:
@@ -74,10 +101,12 @@ def run_jobs(pipe, input_path: str | Path, output_path: str | Path, batch_size: 
         raise InputError(f"input file not found: {input_path}")
     if codec is not None and not isinstance(codec, MaskCodec):
         codec = MaskCodec.from_npz(codec)  # a bad --vae stops the run before any job
-    lines = input_path.read_text().splitlines()
+    lines = input_path.read_bytes().split(b"\n")
+    if lines[-1] == b"":  # the file's last newline ends a line; it starts none
+        lines.pop()
     done = finished_lines(output_path)
-    todo = [n for n, line in enumerate(lines, 1) if line.strip() and n not in done and (n - 1) % world == rank]
-    stats = {"total": sum(1 for line in lines if line.strip()), "skipped": len(done), "answered": 0, "errors": 0}
+    todo = [n for n in range(1, len(lines) + 1) if n not in done and (n - 1) % world == rank]
+    stats = {"total": len(lines), "skipped": len(done), "answered": 0, "errors": 0}
     works = [_check(pipe, n, lines[n - 1], input_path.parent, max_new_tokens, codec) for n in todo]
     writer = rank_file(output_path, rank) if world > 1 else output_path
     with open(writer, "a") as out, tqdm(total=len(todo), unit="job", disable=None if rank == 0 else True) as bar:
@@ -97,31 +126,41 @@ def run_jobs(pipe, input_path: str | Path, output_path: str | Path, batch_size: 
     return stats
 
 
-def _check(pipe, n: int, text: str, base: Path, max_new_tokens: int, codec) -> Work:
+def _check(pipe, n: int, line: bytes, base: Path, max_new_tokens: int, codec) -> Work:
     """Line n as a Work (its image read when it is submitted), or with the error of a bad job."""
-    work = Work(n, None, max_new_tokens, lambda: [])
+    work = Work(n, None, max_new_tokens, lambda: [], about=({}, None, None))
     try:
-        job = json.loads(text)
-        if not isinstance(job, dict) or "image" not in job:
-            raise InputError("a job is a JSON object with an 'image' field")
+        try:
+            job = json.loads(line.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError as e:
+            raise InputError(f"the line is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except ValueError as e:
+            raise InputError(f"not JSON ({e})" if line.strip() else "an empty line: no job") from None
+        if not isinstance(job, dict):
+            raise InputError(f"a job is a JSON object, got {_kind(job)}")
+        work.about = (job, None, None)
+        image = job.get("image")
+        if not isinstance(image, str) or not image.strip():
+            raise InputError(f"'image' must be a path (a string), got {image!r}")
         prompt, spec = job_prompt(job)
+        work.max_new_tokens = job_budget(job, max_new_tokens)
         if spec.masks and codec is None and pipe.codec_path is None:
             raise InputError(f"a {spec.verb} job needs the mask codec: pass --vae PATH (big_vision's "
                              "vae-oid.npz); the model folder has none")
-        work.ids = pipe.prompt_ids(prompt, 1, max_new_tokens)  # a newline or an over-long prompt
-        path = Path(job["image"])
+        work.ids = pipe.prompt_ids(prompt, 1, work.max_new_tokens)  # a newline or an over-long prompt
+        path = Path(image)
         work.read_images = lambda: [load_image(path if path.is_absolute() else base / path)]
         work.about = (job, prompt, spec)
-    except (ValueError, InputError) as e:  # JSONDecodeError is a ValueError
+    except (ValueError, InputError) as e:
         work.error = str(e)
     return work
 
 
 def _record(pipe, work: Work, request, codec) -> dict:
     n = work.key
-    if work.error:
-        return {"line": n, "error": work.error}
     job, prompt, spec = work.about
+    if work.error:
+        return {"line": n, **({"id": job["id"]} if "id" in job else {}), "error": work.error}
     g = request.result()
     text = pipe.tokenizer.decode(g.tokens)
     rec = {"line": n, "id": job.get("id"), "prompt": prompt, "text": text}

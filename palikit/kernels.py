@@ -301,6 +301,6 @@ def int4_linear(rows: torch.Tensor, packed: torch.Tensor, group_size: int, scale
         w.view(n, k // group_size, group_size).mul_(scales).add_(zeros)
         with torch.autocast(rows.device.type, enabled=False):
             return F.linear(rows.to(dtype), w).to(rows.dtype)
-    kernel_dtype = scales_and_zeros.dtype
-    return torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(kernel_dtype), packed, group_size,
+    kernel_dtype = scales_and_zeros.dtype  # the kernel takes contiguous rows only
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(kernel_dtype).contiguous(), packed, group_size,
                                                       scales_and_zeros).to(rows.dtype)

@@ -405,7 +405,12 @@ def referring_segmentation(example: dict) -> dict:
     The box IoU is taken in 0..1 image coordinates from the loc tokens. The mask IoU compares
     `objects[0].mask` (palikit's paste_mask: the decoded 64x64 mask resized bilinearly into the box
     truncated to pixels, thresholded at 0, as segmentation.py does) with the true mask. An invalid
-    output, or a box empty once truncated to pixels, scores IoU 0 and counts as invalid."""
+    output, or a box empty once truncated to pixels, scores IoU 0 and counts as invalid.
+
+    An example without a true object (a negative: nothing to find) scores IoU 1 when nothing is
+    predicted, as two empty masks match (mask_iou), and 0 for a predicted object, a false positive."""
+    if not example.get("truth_objects"):
+        return _negative(example)
     truth = example["truth_objects"][0]
     true_mask = np.asarray(truth["mask"], bool)
     h, w = true_mask.shape
@@ -434,8 +439,17 @@ def _aggregate_referring_segmentation(records: list[dict]) -> dict[str, float]:
     }
 
 
+def _negative(example: dict) -> dict:
+    """The score of an example without a true object: right (IoU 1) when nothing is predicted."""
+    right = float(not example.get("objects"))
+    return {"iou": right, "box_iou": right, "invalid": False}
+
+
 def referring_detection(example: dict) -> dict:
-    """The first predicted box against the one true box (RefCOCO detection)."""
+    """The first predicted box against the one true box (RefCOCO detection); a negative example
+    (no true box) is right when nothing is predicted (_negative)."""
+    if not example.get("truth_objects"):
+        return {k: v for k, v in _negative(example).items() if k != "iou"}
     objects = example.get("objects") or []
     if not objects:
         return {"box_iou": 0.0, "invalid": True}
@@ -444,7 +458,7 @@ def referring_detection(example: dict) -> dict:
 
 def _aggregate_referring_detection(records: list[dict]) -> dict[str, float]:
     return {
-        "accuracy": _mean([r["box_iou"] >= 0.5 for r in records]),
+        "first_box_acc_50": _mean([r["box_iou"] >= 0.5 for r in records]),
         "invalid": sum(r["invalid"] for r in records),
         "total": len(records),
     }
@@ -467,7 +481,9 @@ def detection_map(records: list[dict]) -> dict[str, float]:
     """COCO box mAP (AP@[.5:.95]), AP50 and AP75 by pycocotools' COCOeval over detection records
     (boxes xyxy, labels, scores, truth_boxes, truth_labels, one record per image).
 
-    Each label string is one category. A category no image has in its truth has no AP, as in COCO.
+    Each label string is one category. A category no image has in its truth has no AP, as in COCO;
+    boxes on an image without true ones (a negative) are false positives of their categories. With
+    no true box at all the AP is undefined: None (pycocotools' -1), reported as "n/a".
     """
     try:
         from pycocotools.coco import COCO
@@ -502,7 +518,7 @@ def detection_map(records: list[dict]) -> dict[str, float]:
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
-    ap, ap50, ap75 = (float(v) for v in evaluation.stats[:3])
+    ap, ap50, ap75 = (float(v) if v >= 0 else None for v in evaluation.stats[:3])
     return {"map": ap, "ap50": ap50, "ap75": ap75, "num": len(records)}
 
 
@@ -625,7 +641,8 @@ METRICS: dict[str, Metric] = {
                _caption_record, _aggregate_cider),
         Metric("segmentation_miou", "RefCOCO segmentation: mean mask IoU, box acc@0.5/0.75, invalid outputs",
                referring_segmentation, _aggregate_referring_segmentation),
-        Metric("referring_detection", "RefCOCO detection: first box IoU >= 0.5 with the true box",
+        Metric("referring_detection", "RefCOCO detection: the first box's IoU >= 0.5 with the true box "
+               "(first_box_acc_50)",
                referring_detection, _aggregate_referring_detection),
         Metric("detection_map", "detection: COCO box mAP@[.5:.95], AP50, AP75 (pycocotools)",
                _detections_record, detection_map),

@@ -62,6 +62,8 @@ class Options:
     sliding_window: bool = option(False, "apply Gemma 2's local attention window as transformers does (off, "
                                    "as big_vision: it matters past 4096 tokens only)", parse=bool)
     tokenizer: str | None = option(None, "tokenizer.model, where it is not beside the weights (a .npz)")
+    adapter: str | None = option(None, "a LoRA fine-tune (peft's adapter folder) merged into the model as it "
+                                  "loads; an adapter folder given as the model names its base itself")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -95,7 +97,10 @@ class ServerSettings:
                                  "image tokens + 512)", parse=int)
     image_cache_mb: float = option(256.0, "image encodings kept for later prompts on the same image", parse=float)
     allow_local_paths: str | None = option(None, "let requests name image files under this folder")
-    allow_urls: bool = option(False, "let requests give http(s) image URLs to fetch", parse=bool)
+    allow_urls: bool = option(False, "let requests give http(s) image URLs to fetch (public addresses only)",
+                              parse=bool)
+    allow_private_urls: bool = option(False, "with --allow-urls, also loopback, link-local and private "
+                                             "addresses (the server's own network)", parse=bool)
     threads: int | None = option(None, "torch CPU threads (default: all cores but one, left to the HTTP loop)",
                                  parse=int)
     request_timeout_s: float = option(300.0, "seconds a request may take before it gets 504", parse=float)

@@ -212,13 +212,17 @@ def load_image(image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
                 # and the task methods load an image once and resize it, which loads it again
             else:
                 image = ImageOps.exif_transpose(image)
-        if image.mode.startswith("I;16"):
-            # 16-bit grey (e.g. 16-bit PNG): keep the high byte, as TF's decode_png does. PIL's own
+        if image.width == 0 or image.height == 0:
+            raise InputError(f"{name}: an image of {image.width}x{image.height} pixels has nothing to see")
+        if image.mode.startswith("I;16") or image.mode == "I":
+            # 16-bit grey (16-bit PNG, TIFF): keep the high byte, as TF's decode_png does. PIL's own
             # convert clips at 255, which turns almost every such image white.
-            image = Image.fromarray((np.asarray(image).astype(np.uint16) >> 8).astype(np.uint8))
+            a = np.asarray(image).astype(np.int64)
+            image = Image.fromarray((np.clip(a, 0, 65535) >> 8 if a.max(initial=0) > 255 else a).astype(np.uint8))
+        elif image.mode == "F":  # 32-bit float (TIFF): 0..1 scaled, as arrays are, not clipped to black
+            image = _array_to_image(np.asarray(image))
         if image.mode != "RGB":
-            # Palette/LA/RGBA/CMYK/I;16 -> RGB; alpha is dropped as big_vision does.
-            image = image.convert("RGBA").convert("RGB") if image.mode == "P" else image.convert("RGB")
+            image = _flatten(image)
         return image
     except InputError:
         raise
@@ -227,6 +231,23 @@ def load_image(image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     except (OSError, ValueError, SyntaxError) as e:  # what PIL raises for corrupt or unknown data
         why = _OBJECT_REPR_RE.sub("", str(e))  # PIL names an in-memory file by its repr
         raise InputError(f"{name}: not a readable image ({why})") from e
+
+
+TRANSPARENT_BACKGROUND = (255, 255, 255)
+
+
+def _flatten(image: Image.Image) -> Image.Image:
+    """Any mode -> RGB. Transparent pixels (RGBA, LA, a palette's transparency) are composited on
+    white, as transformers' convert_to_rgb does: dropping alpha (big_vision's decode_image) shows
+    whatever colour the transparent pixels happen to hold, often black."""
+    if image.mode == "P" or image.mode == "PA":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        flat = Image.new("RGB", rgba.size, TRANSPARENT_BACKGROUND)
+        flat.paste(rgba, mask=rgba.getchannel("A"))
+        return flat
+    return image.convert("RGB")
 
 
 def _array_to_image(a: np.ndarray) -> Image.Image:

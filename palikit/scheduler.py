@@ -15,6 +15,7 @@ This module imports no torch: its rules are unit-tested on their own (tests/test
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -23,9 +24,16 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# What torch.Generator.manual_seed takes: a signed or an unsigned 64-bit integer.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
+
 
 @dataclass
 class SamplingConfig:
+    """A request's generation settings; every value is checked here, at admission, so that nothing
+    one request asks for can fail a step that other requests share."""
+
     max_new_tokens: int = 32
     do_sample: bool = False  # greedy unless asked, as both references
     temperature: float = 1.0
@@ -34,8 +42,14 @@ class SamplingConfig:
     seed: int | None = None
     num_beams: int = 1
     length_penalty: float = 1.0  # beam score = sum log-prob / length ** length_penalty
+    top_logprobs: int = 0  # also keep the log-probs of this many most likely tokens at each step
 
     def __post_init__(self):
+        if self.seed is not None and not (isinstance(self.seed, int) and SEED_MIN <= self.seed <= SEED_MAX):
+            raise ValueError(f"seed must be an integer from {SEED_MIN} to {SEED_MAX}, got {self.seed!r}")
+        for name in ("temperature", "top_p", "length_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.do_sample and self.temperature <= 0:
@@ -44,6 +58,8 @@ class SamplingConfig:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be from 0 to {MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
         if self.num_beams < 1 or (self.num_beams > 1 and self.do_sample):
             raise ValueError("num_beams must be >= 1 and beam search does not sample")
 
@@ -52,6 +68,8 @@ class SamplingConfig:
 class Generated:
     tokens: list[int]  # generated ids, without the final <eos>
     logprobs: list[float] = field(default_factory=list)  # model log-prob of each token in `tokens`
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, if asked
+    finish_reason: str | None = None  # "stop": <eos> or a stop string; "length": max_new_tokens
 
 
 class EngineBusy(Exception):
@@ -77,6 +95,7 @@ class Request:
         self.on_token, self.on_done = on_token, on_done
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
+        self.top_logprobs: list[list[tuple[int, float]]] = []  # (token, log-prob) of the likeliest, if asked
         self.finish_reason: str | None = None
         self.error: Exception | None = None
         self.cancelled = False
@@ -98,7 +117,12 @@ class Request:
     def result(self) -> Generated:
         if self.error is not None:
             raise self.error
-        return Generated(self.tokens, self.logprobs)
+        return Generated(self.tokens, self.logprobs, self.top_logprobs, self.finish_reason)
+
+    def fail_row(self, error: Exception) -> None:
+        """This request's own part of a step failed: it leaves its row at the next retirement, with
+        the error, and the other rows go on."""
+        self.error, self.finish_reason = error, "error"
 
     def finish(self, reason: str | None, error: Exception | None = None) -> None:
         self.finish_reason, self.error = reason, error
@@ -166,8 +190,8 @@ class Scheduler:
         return max(1, n_layers * self.prefill_tokens // (len(self.prefilling) * prompt_len))
 
     def requeue(self, group: list[Request]) -> None:
-        """A group whose prefill failed before any layer ran: back to the front of the queue, each
-        to be prefilled alone, so the bad request fails by itself and the others are unharmed."""
+        """A group whose prefill failed: back to the front of the queue, each to be prefilled
+        alone (from the start), so the bad request fails by itself and the others are unharmed."""
         for r in group:
             r.alone = True
         with self.lock:

@@ -92,7 +92,10 @@ def _check_text(what: str, text: str, *, is_label: bool = False) -> str:
 
 
 def _check_labels(labels: str | Sequence[str]) -> list[str]:
-    labels = [labels] if isinstance(labels, str) else list(labels)
+    """A list of labels, or one string of them separated by ';' as the prompt writes them ("cat ; dog")."""
+    if not isinstance(labels, (str, Sequence)):
+        raise TypeError(f"labels must be a string or a list of strings, got {type(labels).__name__}")
+    labels = labels.split(";") if isinstance(labels, str) else list(labels)
     if not labels:
         raise ValueError("need at least one label")
     return [_check_text("label", label, is_label=True) for label in labels]

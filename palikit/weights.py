@@ -26,7 +26,8 @@ from safetensors.torch import save_file
 from .atomic import atomic_write, write_text_atomic
 from .config import PRESETS, PaliGemmaConfig
 from .paligemma import PaliGemma
-from .processor import RESAMPLE, RESAMPLE_OF_PIL_ID
+from .processor import RESAMPLE, RESAMPLE_OF_PIL_ID, Tokenizer
+from .tasks import LOC_TOKENS, SEG_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -450,10 +451,20 @@ def _npz_header(npz, key: str) -> tuple[tuple, np.dtype]:
         return shape, dtype
 
 
+IMAGE_TOKEN = "<image>"  # transformers' PaliGemmaProcessor's name for the image placeholder
+
+# transformers' tokenizer and processor files: kept beside tokenizer.model when a model is written
+# from a folder that has them (a fine-tune, a quantised copy).
+TOKENIZER_COMPANIONS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                        "processor_config.json", "chat_template.json", "chat_template.jinja")
+
+
 def save_model_files(folder: str | Path, config: PaliGemmaConfig, tokenizer: Path, codec: Path | None) -> None:
-    """What a model folder holds besides config.json and the weights: tokenizer.model,
-    preprocessor_config.json (the input size and resize filter, in transformers' SiglipImageProcessor
-    form) and the mask codec when there is one; each file written atomically."""
+    """What a model folder holds besides config.json and the weights: tokenizer.model and the
+    transformers files beside it (or a tokenizer_config.json naming its special pieces, so that
+    transformers' processor pads a batch), preprocessor_config.json (the input size, resize filter
+    and image tokens, in transformers' SiglipImageProcessor form) and the mask codec when there is
+    one; each file written atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     size = config.vision.image_size
@@ -464,6 +475,32 @@ def save_model_files(folder: str | Path, config: PaliGemmaConfig, tokenizer: Pat
         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "image_seq_length": config.num_image_tokens,
     }
     write_text_atomic(folder / "preprocessor_config.json", json.dumps(preprocessor, indent=2) + "\n")
-    for src, name in [(Path(tokenizer), "tokenizer.model"), (Path(codec) if codec else None, None)]:
+    companions = [Path(tokenizer).parent / name for name in TOKENIZER_COMPANIONS]
+    companions = [p for p in companions if p.is_file()]
+    for src, name in [(Path(tokenizer), "tokenizer.model"), (Path(codec) if codec else None, None),
+                      *((p, None) for p in companions)]:
         if src is not None and src.resolve() != (folder / (name or src.name)).resolve():
             atomic_write(folder / (name or src.name), lambda p, src=src: shutil.copyfile(src, p))
+    if not (folder / "tokenizer_config.json").exists():
+        config_json = _tokenizer_config(Tokenizer(tokenizer, image_token_id=config.image_token_id))
+        write_text_atomic(folder / "tokenizer_config.json", json.dumps(config_json, indent=2) + "\n")
+
+
+def _tokenizer_config(tok: Tokenizer) -> dict:
+    """transformers' GemmaTokenizer settings for a SentencePiece model: its special pieces by name
+    (a tokenizer trained with other names than Gemma's <pad>, <bos>, <eos> keeps them), and the
+    loc / seg / <image> tokens at palikit's ids where the model file lacks them (transformers'
+    processor would otherwise append them in another order)."""
+    sp = tok.sp
+    piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
+    added = {}
+    if not tok.has_special_pieces:
+        added = {str(tok.loc_offset + i): t for i, t in enumerate(LOC_TOKENS + SEG_TOKENS)}
+    if tok.image_token_id >= sp.get_piece_size():
+        added[str(tok.image_token_id)] = IMAGE_TOKEN
+    decoder = {i: {"content": t, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False,
+                   "special": t == IMAGE_TOKEN} for i, t in sorted(added.items(), key=lambda kv: int(kv[0]))}
+    return {"tokenizer_class": "GemmaTokenizer", "bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()),
+            "pad_token": piece(max(sp.pad_id(), 0)), "unk_token": piece(sp.unk_id()), "add_bos_token": True,
+            "add_eos_token": False, "padding_side": "left", "model_max_length": 1_000_000,
+            "added_tokens_decoder": decoder}

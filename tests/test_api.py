@@ -116,8 +116,9 @@ def write_jobs(folder, n):
         synthetic_image(i).save(folder / f"{i}.png")
     jobs = []
     for i in range(n):
-        jobs.append({"id": f"job{i}", "image": f"{i % 3}.png", "task": ["caption", "detect", "ocr"][i % 3],
-                     "labels": ["circle"]})
+        task = ["caption", "detect", "ocr"][i % 3]
+        jobs.append({"id": f"job{i}", "image": f"{i % 3}.png", "task": task} | (
+            {"labels": ["circle"]} if task == "detect" else {}))
     jobs[5] = {"id": "bad", "image": "missing.png", "task": "caption"}
     lines = [json.dumps(j) for j in jobs]
     lines[7] = "{not json"
@@ -166,6 +167,86 @@ def test_run_gives_a_bad_job_its_error_and_runs_the_rest(tiny_model_dir, tmp_pat
     assert "--vae" in recs[3]["error"] and "codec" in recs[3]["error"]
     assert recs[0]["text"] == pipe.caption(synthetic_image(0), max_new_tokens=4)
     assert recs[4]["text"] == pipe.generate(synthetic_image(0), "detect circle", max_new_tokens=4)
+
+
+def test_run_answers_every_malformed_job_with_its_error_and_id(pipe, tmp_path):
+    """Fields of the wrong type, unknown tasks and fields, a blank line, a line that is not UTF-8,
+    budgets: each line gets one record in order, a malformed job an error naming what is wrong and
+    carrying its id; a job's own max_new_tokens is honoured. Catches a TypeError that stops the run."""
+    from palikit.jobs import run_jobs
+
+    synthetic_image(0).save(tmp_path / "0.png")
+    cases = [  # (job or raw line, what its error says; None: answered)
+        ({"id": 1, "image": 5, "task": "ocr"}, "'image' must be a path"),
+        ({"id": 2, "image": None, "task": "ocr"}, "'image' must be a path"),
+        ({"id": 3, "image": ["0.png"], "task": "ocr"}, "'image' must be a path"),
+        ({"id": 4, "image": "0.png", "task": ["ocr"]}, "unknown task"),
+        ({"id": 5, "image": "0.png", "task": "detect", "labels": 5}, "labels must be a string or a list"),
+        ({"id": 6, "image": "0.png", "prompt": 5}, "'prompt' must be a string"),
+        ({"id": 7, "image": "0.png", "task": "caption", "lables": ["x"]}, "no field 'lables'"),
+        ({"id": 8, "image": "0.png", "task": "ocr", "max_new_tokens": "many"}, "max_new_tokens"),
+        ({"id": 9, "image": "0.png", "task": "ocr", "max_new_tokens": 0}, "max_new_tokens"),
+        ({"id": 10, "image": "0.png", "task": "ocr", "max_new_tokens": 10**9}, "limit"),
+        ({"id": 11, "image": "0.png", "task": "caption", "lang": ["en"]}, "unknown lang"),
+        ({"id": {"any": "json"}, "image": "0.png", "task": "caption", "max_new_tokens": 2}, None),
+        ("", "empty line"),
+        ("   ", "empty line"),
+        (b'{"image": "0.png", "task": "ocr", "id": "\xff"}', "not UTF-8"),
+        ("[1, 2]", "a job is a JSON object, got list"),
+        ('"0.png"', "got str"),
+        ({"id": 12, "image": "0.png\u0000x", "task": "ocr"}, ""),
+        ({"id": 13, "image": "0.png", "task": "caption", "max_new_tokens": 5}, None),
+    ]
+    raw = [c if isinstance(c, bytes) else (c if isinstance(c, str) else json.dumps(c)).encode() for c, _ in cases]
+    (tmp_path / "jobs.jsonl").write_bytes(b"\n".join(raw) + b"\n")
+    stats = run_jobs(pipe, tmp_path / "jobs.jsonl", tmp_path / "out.jsonl", batch_size=4, max_new_tokens=3)
+    recs = read_output(tmp_path / "out.jsonl")
+    assert [r["line"] for r in recs] == list(range(1, len(cases) + 1))
+    assert stats == {"total": len(cases), "skipped": 0, "answered": len(cases), "errors": len(cases) - 2}
+    for (job, message), rec in zip(cases, recs):
+        if message is None:
+            assert "error" not in rec and rec["id"] == job["id"]
+            want = pipe.generate(synthetic_image(0), "caption en", max_new_tokens=job["max_new_tokens"])
+            assert rec["text"] == want, rec
+        else:
+            assert message in rec["error"], (job, rec)
+            assert rec.get("id") == (job.get("id") if isinstance(job, dict) else None)
+    assert len(pipe.tokenizer.encode(recs[-1]["text"])) > 3  # the job's 5, not the run's 3
+
+
+@pytest.mark.slow
+def test_run_survives_any_json_in_any_field(pipe, tmp_path_factory):
+    """Any JSON value in any field of a job, lines in any mix: the run finishes and writes one
+    record per line, in order, each a text or an error."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from palikit.jobs import run_jobs
+
+    folder = tmp_path_factory.mktemp("fuzz")
+    synthetic_image(0).save(folder / "0.png")
+    json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                               | st.text(max_size=8) | st.sampled_from(["0.png", "caption", "detect", "ocr",
+                                                                          "caption en", "en", "segment"]),
+                               lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4),
+                                                                                           inner, max_size=3),
+                               max_leaves=6)
+    keys = st.sampled_from(["image", "task", "prompt", "id", "max_new_tokens", "labels", "lang", "question",
+                            "style", "label", "x"])
+    jobs = st.lists(st.dictionaries(keys, json_values, max_size=5) | json_values, min_size=1, max_size=6)
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(jobs)
+    def run(lines):
+        src, out = folder / "jobs.jsonl", folder / "out.jsonl"
+        out.unlink(missing_ok=True)
+        src.write_text("".join(json.dumps(j) + "\n" for j in lines))
+        run_jobs(pipe, src, out, batch_size=2, max_new_tokens=2)
+        recs = read_output(out)
+        assert [r["line"] for r in recs] == list(range(1, len(lines) + 1))
+        assert all(("text" in r) != ("error" in r) for r in recs)
+
+    run()
 
 
 def test_run_keeps_a_complete_last_record_without_its_newline(tiny_model_dir, tmp_path, pipe, monkeypatch):

@@ -41,7 +41,8 @@ def test_generate_and_task_verbs_print_what_the_api_returns(pipe, tiny_model_dir
                  "--json"]) == 0
     (text, g), = pipe.generate_details(str(img), "caption en", max_new_tokens=3)
     assert printed_json(capsys) == {"prompt": "caption en", "text": text, "tokens": g.tokens,
-                                    "logprob": pytest.approx(sum(g.logprobs))}
+                                    "logprob": pytest.approx(sum(g.logprobs)), "finish_reason": g.finish_reason}
+    assert g.finish_reason in ("stop", "length")
     assert main(["caption", str(img), *model, "--lang", "fr", "--json"]) == 0
     assert printed_json(capsys) == {"text": pipe.caption(str(img), lang="fr")}
     assert main(["segment", str(img), "circle", *model, "--json", "--out", str(tmp_path / "o.png")]) == 0
@@ -112,8 +113,14 @@ def test_train_verb_takes_overrides_resume_and_smoke(train_file, tokenizer_file,
     assert main(["train", str(config), "--set", "steps=3", "--resume"]) == 0
     assert printed_json(capsys)["step"] == 3
     assert json.loads((out / "step-000003" / "state.json").read_text())["step"] == 3
-    assert main(["train", str(config), "--set", f"out_dir={tmp_path / 'smoke'}", "--smoke"]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["train", str(config), "--smoke"]) == 0  # beside a finished run: in a folder of its own
     assert printed_json(capsys)["step"] == 2  # a smoke run is 2 steps whatever the config says
+    assert sorted(p.name for p in out.iterdir()) == before
+    (tmp_path / "file").write_text("")
+    for setting, message in [("warmup=-1", "warmup=-1"), ("lr=0", "lr=0"), (f"out_dir={tmp_path / 'file'}", "is a file")]:
+        assert main(["train", str(config), "--set", setting]) == 2
+        assert message in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"image": "gone.png", "prefix": "caption en", "suffix": "x"}) + "\n")
     argv = ["train", str(config), "--set", f"train_file={bad}", "--set", f"out_dir={tmp_path / 'bad'}"]
@@ -402,3 +409,21 @@ def test_every_option_is_a_flag_and_reaches_load_and_the_server(tiny_model_dir, 
         card = c.get("/v1/models").json()["data"][0]
     assert card["id"] == "tiny" and card["options"] == dataclasses.asdict(pipe.options)
     assert card["options"]["dtype"] == "float32" and card["options"]["logit_softcap"] == "config"
+
+
+def test_a_closed_pipe_ends_quietly_and_serve_names_its_extra(capsys, monkeypatch):
+    """`palikit ... | head` stops without a traceback or an error line; `palikit serve` without
+    the server extra says what to install."""
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone, as `head` after its lines
+    with open(write, "w", buffering=1) as closed:
+        monkeypatch.setattr(sys, "stdout", closed)
+        assert main(["eval", "--list-benchmarks"]) == 0
+        monkeypatch.undo()
+    assert capsys.readouterr().err == ""
+    monkeypatch.setitem(sys.modules, "palikit.serve", None)  # as if FastAPI were not installed
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install 'palikit[serve]'" in err and len(err.splitlines()) == 1

@@ -166,16 +166,23 @@ def test_check_dataset_reports_each_problem(tmp_path, tok):
         {"image": "a.png", "prefix": "detect cat", "suffix": "<loc0500><loc0020><loc0030><loc0040> cat"},
         {"image": "a.png", "prefix": "<image>caption en", "suffix": "x"},
         {"image": "a.png", "prefix": "caption en", "suffix": "word " * 60},
+        {"image": "a.png", "prefix": "detect cat", "suffix": "<loc-010><loc0020><loc0030><loc0040> cat"},
+        {"image": "a.png", "prefix": "caption en", "suffix": " "},
+        {"image": "a.png", "prefix": "detect cat", "suffix": ""},  # a negative: nothing to find, fine
     ]
     f = _jsonl(tmp_path / "d.jsonl", rows)
-    with f.open("a") as fh:
-        fh.write("{broken\n")
+    with f.open("ab") as fh:
+        fh.write(b"{broken\n")
+        fh.write(b'{"image": "a.png", "prefix": "caption en", "suffix": "caf\xe9"}\n')  # Latin-1, not UTF-8
     report = check_dataset(f, config="tiny-paligemma2", tokenizer=tok, max_text_len=48)
     kinds = {(p.where.rsplit(":", 1)[1], p.kind) for p in report.problems}
     assert kinds == {("2", "missing-image"), ("3", "loc-range"), ("4", "seg-range"), ("5", "unknown-task"),
                      ("6", "label-not-in-prompt"), ("7", "loc-count"), ("8", "box-order"),
-                     ("9", "prompt-format"), ("10", "too-long"), ("11", "bad-line")}
-    assert not report.ok and report.examples == 10
+                     ("9", "prompt-format"), ("10", "too-long"), ("11", "token-format"), ("11", "loc-count"), ("12", "empty-suffix"),
+                     ("14", "bad-line"), ("15", "bad-line")}
+    assert all(p.error for p in report.problems if p.kind in ("loc-count", "token-format", "empty-suffix"))
+    assert "not UTF-8" in next(p.message for p in report.problems if p.where.endswith(":15"))
+    assert not report.ok and report.examples == 13
     assert report.to_dict()["counts"]["missing-image"] == 1
     assert "FAILED" in report.format()
     ok = check_dataset(_jsonl(tmp_path / "ok.jsonl", rows[:1]), config="tiny-paligemma2", tokenizer=tok)
@@ -379,3 +386,15 @@ def test_hugging_face_datasets_sources(tmp_path, kind):
         assert len(load_examples(src, "valid", columns=columns)) == 1  # the validation split
     with pytest.raises(DatasetError, match="no column 'prefix'; the columns are"):
         load_examples(src, "train")
+    # `palikit data check` and `palikit eval --data` read it as `palikit train` does.
+    from palikit.cli import main
+
+    assert main(["data", "check", str(src), "--columns", json.dumps(columns)]) == 0
+    config = tmp_path / "cfg.yaml"
+    config.write_text(json.dumps({"model": "default", "steps": 1, "train_file": {"path": str(src), "columns": columns}}))
+    assert main(["data", "check", "--config", str(config)]) == 0
+    if kind != "imagefolder":
+        out = tmp_path / "preds.jsonl"
+        argv = ["eval", "--model", "default", "--dtype", "float32", "--data", str(src), "--out", str(out)]
+        assert main([*argv, "--columns", json.dumps(columns)]) == 0
+        assert len(out.read_text().splitlines()) == 2  # what made it, and the validation split's example

@@ -296,3 +296,108 @@ def test_compiled_step_equals_alone(pipe, no_eos, monkeypatch):
     for r, w in zip(got, want):
         assert_same(r.result(), w)
     assert len(calls) >= 10
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_faults_fail_only_their_own_rows(pipe, no_eos, seed, monkeypatch):
+    """Bad requests interleaved at random with good ones, three rows under load: one whose sampling
+    raises, one whose decode step raises (after the model wrote its cache slot, as a real fault
+    would), one whose group's prefill raises after its layers ran, one whose seed no generator
+    takes. Each bad one fails with its own error; every good one equals its answer alone."""
+    bad_temperature = 1.75  # sampling at this temperature raises
+    real_probs = gen.logits_to_probs
+
+    def probs(logits, sampling):
+        if sampling.temperature == bad_temperature:
+            raise RuntimeError("bad sampling")
+        return real_probs(logits, sampling)
+
+    monkeypatch.setattr(gen, "logits_to_probs", probs)
+    engine = Engine(pipe, max_rows=3)
+    poisoned: dict[str, set] = {"decode": set(), "prefill": set()}
+    rows: list = []
+    real_decode, real_step, real_advance = engine.runner.decode, pipe.decode_step, engine.runner.advance_prefill
+
+    def decode(running, start=0):
+        rows[:] = running
+        return real_decode(running, start)
+
+    def decode_step(*args):
+        out = real_step(*args)
+        if poisoned["decode"] & {id(r) for r in rows}:
+            raise RuntimeError("bad decode")
+        return out
+
+    def advance_prefill():
+        out = real_advance()
+        if poisoned["prefill"] & {id(r) for r in engine.scheduler.prefilling} and out is not None:
+            raise RuntimeError("bad prefill")
+        return out
+
+    engine.runner.decode, engine.runner.advance_prefill = decode, advance_prefill
+    monkeypatch.setattr(pipe, "decode_step", decode_step)
+    want = [alone(pipe, *c) for c in CASES]
+    kinds = ["good"] * len(CASES) + ["sampling", "decode", "prefill", "seed"]
+    rng = random.Random(seed)
+    rng.shuffle(kinds)
+    good_cases = iter(range(len(CASES)))
+    requests = []
+    order = list(range(len(kinds)))
+    while order or engine.busy:
+        for _ in range(rng.choice([0, 1, 2])):
+            if not order:
+                break
+            kind = kinds[order.pop(0)]
+            if kind == "good":
+                i = next(good_cases)
+                ims, p, n = CASES[i]
+                requests.append((kind, i, engine.submit(ims, p, gen.SamplingConfig(max_new_tokens=n))))
+                continue
+            sampling = gen.SamplingConfig(max_new_tokens=6, do_sample=kind == "sampling",
+                                          temperature=bad_temperature)
+            r = engine.submit([IMG[1]], "caption en", sampling)
+            if kind == "seed":  # past what SamplingConfig lets through: the engine's generator refuses it
+                r.sampling = gen.SamplingConfig.__new__(gen.SamplingConfig)
+                r.sampling.__dict__ |= dict(vars(sampling), do_sample=True, seed=2**70)
+            if kind in poisoned:
+                poisoned[kind].add(id(r))
+            requests.append((kind, None, r))
+        engine.step()
+    assert {k for k, _, _ in requests} == {"good", "sampling", "decode", "prefill", "seed"}
+    for kind, i, r in requests:
+        assert r.done
+        if kind == "good":
+            assert r.error is None and r.finish_reason == "length", kind
+            assert_same(r.result(), want[i])
+        else:
+            assert r.error is not None and r.finish_reason is None, kind
+            with pytest.raises(Exception):
+                r.result()
+
+
+def test_sampling_settings_are_checked_at_admission():
+    for bad in (dict(seed=2**64), dict(seed=-(2**63) - 1), dict(temperature=float("nan"), do_sample=True),
+                dict(top_p=float("inf"))):
+        with pytest.raises(ValueError):
+            gen.SamplingConfig(**bad)
+    gen.SamplingConfig(seed=2**64 - 1)
+    gen.SamplingConfig(seed=-(2**63))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "w8a8"])
+def test_every_quantisation_scheme_runs_several_rows(scheme, no_eos):
+    """`palikit run`, `eval` and `serve` share the engine: a quantised model decodes several rows a
+    step (rows that are views of the pool, arriving at random) and each request gets the tokens of
+    running it alone. Catches a kernel that takes one row only."""
+    pipe = palikit.load("default", dtype="float32", quantize=scheme)
+    cases = CASES[:6]
+    want = [alone(pipe, *c) for c in cases]
+    engine = Engine(pipe, max_rows=3)
+    steps = []
+    decode = engine.runner.decode
+    engine.runner.decode = lambda running, start=0: steps.append(len(running)) or decode(running, start)
+    got = run_with_arrivals(engine, cases, seed=3)
+    assert max(steps) == 3
+    for r, w in zip(got, want):
+        assert r.error is None, r.error
+        assert r.tokens == w.tokens

@@ -33,7 +33,10 @@ def _values(rep: dict) -> dict:
 
 
 def _preds(out: Path) -> list[dict]:
-    return [json.loads(line) for line in out.read_text().splitlines()]
+    """The predictions, without the file's first line (what made it)."""
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records[0]["index"] == ev.HEADER
+    return records[1:]
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +113,7 @@ def test_jsonl_scored_by_task_word(tmp_path, jsonl):
     values = _values(_report(out))
     assert {("caption", "cider"), ("answer", "vqa_accuracy"), ("ocr", "ocr"), ("detect", "referring_detection"),
             ("detect", "detection_map")} <= set(values)
-    assert values[("detect", "referring_detection")]["accuracy"] > 0.5, "detect truths are parsed from the suffix"
+    assert values[("detect", "referring_detection")]["first_box_acc_50"] > 0.5, "detect truths are parsed from the suffix"
     out2 = tmp_path / "exact.jsonl"
     assert main(["eval", *BASE, "--data", str(jsonl), "--metric", "exact_match", "--out", str(out2)]) == 0
     assert {m for _, m in _values(_report(out2))} == {"exact_match"}
@@ -177,7 +180,7 @@ def test_synthetic_is_the_default(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--benchmark", "nope"], "unknown benchmark 'nope'"),
     (["--benchmark", "vqav2"], "--benchmark vqav2 needs --data"),
-    (["--data", "x.json"], "--data alone takes a .jsonl file"),
+    (["--data", "x.json"], "data not found: x.json"),
     (["--data", "missing.jsonl"], "data file not found"),
     (["--metric", "bleu"], "unknown metric 'bleu'"),
 ])
@@ -187,11 +190,50 @@ def test_errors_are_one_line(tmp_path, capsys, argv, message):
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_predictions_of_another_evaluation_are_refused(tmp_path, jsonl, capsys):
+def test_a_predictions_file_is_continued_only_by_what_made_it(tmp_path, jsonl, capsys):
+    """The file's first line records the model, dtype, quantisation, seed, version and example set;
+    another model (here the same weights in bfloat16), other examples or an old file without that
+    line are refused in one line naming what differs; --force-new starts it again; the report
+    says how the model was run."""
     out = tmp_path / "preds.jsonl"
     assert main(["eval", *BASE, "--synthetic", "2", "--out", str(out)]) == 0
+    made = json.loads(out.read_text().splitlines()[0])["provenance"]
+    assert made["dtype"] == "float32" and made["quantize"] is None and made["seed"] == 12345
+    assert made["examples"] == len(_preds(out)) and made["palikit"] == palikit.__version__
+    capsys.readouterr()
+    for argv, differs in [(["--data", str(jsonl)], "examples"), (["--synthetic", "2", "--seed", "7"], "seed"),
+                          (["--synthetic", "2", "--dtype", "bfloat16"], "dtype 'float32' there, 'bfloat16' now")]:
+        argv = ["eval", "--model", "default", *(["--dtype", "float32"] if "--dtype" not in argv else []), *argv]
+        assert main([*argv, "--out", str(out)]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert "made otherwise" in err and differs in err and "--force-new" in err and len(err.splitlines()) == 1
+    assert main(["eval", *BASE, "--data", str(jsonl), "--out", str(out), "--force-new"]) == 0
+    rep = _report(out)
+    assert rep["provenance"]["examples"] == len(jsonl.read_text().splitlines()) and "dtype float32" in \
+        out.with_suffix(".report.md").read_text()
+    out.write_text("\n".join(out.read_text().splitlines()[1:]) + "\n")  # a file of an older palikit
     assert main(["eval", *BASE, "--data", str(jsonl), "--out", str(out)]) == 2
-    assert "holds predictions of another evaluation" in capsys.readouterr().err
+    assert "no provenance line" in capsys.readouterr().err
+
+
+def test_errored_examples_run_again_on_resume_and_all_failing_is_an_error(tmp_path, jsonl, capsys, monkeypatch):
+    """An example that failed (its image unreadable then) is retried by the next run and its
+    answer replaces the error record; a run in which every example fails exits non-zero."""
+    rows = [json.loads(r) for r in jsonl.read_text().splitlines()[:3]]
+    for r in rows:
+        r["image"] = str(jsonl.parent / r["image"])
+    data = tmp_path / "three.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "preds.jsonl"
+    real = ev.load_image
+    monkeypatch.setattr(ev, "load_image", lambda p: (_ for _ in ()).throw(OSError("flaky disk")))
+    assert main(["eval", *BASE, "--data", str(data), "--out", str(out)]) == 2
+    assert "every example failed (3)" in capsys.readouterr().err
+    monkeypatch.setattr(ev, "load_image", real)
+    assert main(["eval", *BASE, "--data", str(data), "--out", str(out)]) == 0
+    preds = _preds(out)
+    assert [p["index"] for p in preds] == [0, 1, 2] and not any("error" in p for p in preds)
+    assert _report(out)["errors"] == 0
 
 
 def test_an_example_that_fails_counts_as_wrong(tmp_path, jsonl):
@@ -276,3 +318,18 @@ def test_an_overlong_prompt_fails_alone_in_its_batch(tmp_path, jsonl):
     alone = [t for t, _ in pipe.generate_details([r["image"] for r in rows], [r["prefix"] for r in rows],
                                                 max_new_tokens=64, batch_size=1)]
     assert [p["prediction"] for i, p in enumerate(preds) if i != 1] == [alone[0], *alone[2:]]
+
+
+def test_negative_detection_examples_are_scored_not_crashed(tmp_path, jsonl):
+    """A detect example with nothing to find (an empty suffix, as Roboflow's null images become)
+    beside the others: `palikit eval` finishes with a report; a box predicted there is a miss."""
+    lines = jsonl.read_text().splitlines()
+    detect = next(json.loads(line) for line in lines if json.loads(line)["prefix"].startswith("detect"))
+    data = jsonl.parent / "with_negatives.jsonl"  # beside its images
+    data.write_text("\n".join([*lines, json.dumps(detect | {"suffix": ""})]) + "\n")
+    out = tmp_path / "preds.jsonl"
+    assert main(["eval", *BASE, "--data", str(data), "--out", str(out)]) == 0
+    values = _values(_report(out))
+    negative = _preds(out)[-1]
+    assert negative["scores"]["referring_detection"]["box_iou"] == (0.0 if negative["prediction"] else 1.0)
+    assert values[("detect", "detection_map")]["map"] is not None

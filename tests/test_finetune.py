@@ -30,6 +30,7 @@ from palikit.finetune import (
     train,
 )
 from palikit.config import PaliGemmaConfig
+from palikit.finetune.config import smoke_dir
 from palikit.data import DataSpec, StepSampler
 from palikit.paligemma import PaliGemma
 from palikit.synthetic import generate_dataset
@@ -407,7 +408,7 @@ def test_resume_after_sigkill(cfg, tmp_path):
     assert _losses(out) == _with_sentinel(_losses(tmp_path / "straight"))
 
 
-def test_merge_lora(cfg, tmp_path, tiny_model_dir):
+def test_merge_lora(cfg, tmp_path, tiny_model_dir, capsys):
     """LoRA on a checkpoint, then merged: the merged model computes what base + adapters do."""
     run = cfg | {"model": str(tiny_model_dir), "lora": {"r": 4, "alpha": 32, "targets": "llm+projector"},
                  "steps": 3, "lr": 1e-2}
@@ -425,6 +426,23 @@ def test_merge_lora(cfg, tmp_path, tiny_model_dir):
     want = base.score(*args)
     got = palikit.load(merged, dtype="float32").score(*args)
     assert got == pytest.approx(want, abs=1e-4) and want != pytest.approx(plain, abs=1e-3)
+    # Without merging first: the adapter folder as the model (it names its base), or the base with
+    # --adapter; on every verb, as the flag comes from palikit.Options.
+    for pipe in (palikit.load(adapter, dtype="float32"), palikit.load(tiny_model_dir, dtype="float32", adapter=adapter)):
+        assert pipe.score(*args) == pytest.approx(want, abs=1e-4)
+        assert pipe.options.adapter == str(adapter)
+    from palikit.cli import main
+
+    caption = palikit.load(merged, dtype="float32").caption(images[0], max_new_tokens=5)
+    capsys.readouterr()
+    for argv in (["--model", str(adapter)], ["--model", str(tiny_model_dir), "--adapter", str(adapter)]):
+        assert main(["caption", images[0], "--dtype", "float32", "--max-new-tokens", "5", *argv]) == 0
+        assert capsys.readouterr().out.strip() == caption
+    with pytest.raises(palikit.InputError, match="does not name its base"):
+        bare = tmp_path / "bare"
+        shutil.copytree(adapter, bare)
+        (bare / "adapter_config.json").write_text(json.dumps(adapter_config | {"base_model_name_or_path": None}))
+        palikit.load(bare)
 
 
 # ---- shipped configs ---------------------------------------------------------------------------
@@ -451,7 +469,8 @@ def test_shipped_config_parses_and_smoke_runs(path, tmp_path, data, tokenizer_fi
             overrides.append(f"{key}={test_file}")
     result = train(path, overrides, smoke=True)
     assert result["step"] == 2 and result["loss"] > 0
-    assert (tmp_path / "run" / "final").is_dir()
+    assert (smoke_dir(str(tmp_path / "run")) / "final").is_dir()  # a folder of its own
+    assert not (tmp_path / "run").exists()
 
 
 # ---- torchrun ------------------------------------------------------------------------------------

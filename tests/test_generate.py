@@ -383,6 +383,25 @@ def test_images_and_prompts_must_match(pipe):
         pipe.generate([[], IMG[0]], ["caption en", "ocr"])
     with pytest.raises(InputError):
         pipe.score([IMG[0]], ["caption en"], ["a", "b"])
+    with pytest.raises(InputError, match="no prompts"):
+        pipe.generate([], [])
+
+
+def test_one_prompt_is_asked_of_every_image_and_says_why_it_ended(pipe):
+    """generate([a, b], "caption en") is one caption per image, as generate([a, b], [p, p]); an
+    entry that is a list is one prompt with several images. Each Generated says why it ended."""
+    each = pipe.generate([IMG[0], IMG[1]], "caption en", max_new_tokens=3)
+    assert each == [pipe.generate(IMG[0], "caption en", max_new_tokens=3),
+                    pipe.generate(IMG[1], "caption en", max_new_tokens=3)]
+    pair = pipe.generate([[IMG[0], IMG[1]]], "caption en", max_new_tokens=3)
+    assert pair == pipe.generate([[IMG[0], IMG[1]]], ["caption en"], max_new_tokens=3) and len(pair) == 1
+    (_, cut), = pipe.generate_details([IMG[0]], ["caption en"], max_new_tokens=2)
+    (_, beams), = pipe.generate_details([IMG[0]], ["caption en"], max_new_tokens=2, num_beams=2)
+    assert cut.finish_reason == beams.finish_reason == "length" and len(cut.tokens) == 2
+    eos = pipe.tokenizer.eos_id
+    stopped = pipe.generate_details([IMG[0]], ["caption en"], max_new_tokens=40)[0][1]
+    assert stopped.finish_reason == ("stop" if len(stopped.tokens) < 40 else "length")
+    assert eos not in stopped.tokens
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -439,7 +458,7 @@ def test_two_images_in_one_prompt(hf_pair):
     hf_tokens, _ = hf_greedy(hf, ids, preprocess(a_b, pipe.config.vision.image_size), max_new_tokens=6)
     both = details(pipe, [a_b], [prompt], max_new_tokens=6)[0]
     assert both.tokens == hf_tokens
-    # The single-prompt form takes the list of images directly.
-    (_, alone), = pipe.generate_details(a_b, prompt, max_new_tokens=6)
+    # One prompt for a nested list: the prompt asked of both images together.
+    (_, alone), = pipe.generate_details([a_b], prompt, max_new_tokens=6)
     assert alone.tokens == both.tokens
     assert sum(both.logprobs) == pytest.approx(sequence_logprob(pipe, a_b, prompt, both.tokens), abs=1e-4)

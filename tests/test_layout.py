@@ -15,7 +15,7 @@ LAYERS = [
     {"atomic", "dist", "options", "kernels", "config"},  # helpers every layer uses; configs
     {"siglip", "gemma", "paligemma"},  # the architecture and the math
     {"tasks", "rle", "maskcodec", "overlay", "processor", "data", "synthetic", "metrics", "eval_sets"},
-    {"weights", "quantize", "scheduler"},  # checkpoints in and out, quantised layers; batching rules
+    {"weights", "quantize", "adapters", "scheduler"},  # checkpoints in and out, quantised layers, LoRA; batching
     {"generate"},  # sampling, the decode step, beam search
     {"engine"},  # continuous batching
     {"api"},  # load -> Pipeline

@@ -325,7 +325,7 @@ def test_referring_detection():
     ]
     m = metrics.metric("referring_detection")
     records = json.loads(json.dumps([m.score(ex | {"prediction": "", "truth_objects": truth}) for ex in examples]))
-    assert m.aggregate(records) == pytest.approx({"accuracy": 1 / 3, "invalid": 1, "total": 3})
+    assert m.aggregate(records) == pytest.approx({"first_box_acc_50": 1 / 3, "invalid": 1, "total": 3})
 
 
 def _box(x1, y1, x2, y2, label, logprob=None):
@@ -401,6 +401,39 @@ def test_detection_map_is_cocoeval():
     assert 0 < expected[0] < expected[1] < 1
     assert [result["map"], result["ap50"], result["ap75"]] == pytest.approx(expected, abs=1e-12)
     assert next(iter(result)) == "map" and result["num"] == 4
+
+
+def test_negative_examples_empty_truths_and_empty_predictions():
+    """An example with nothing to find (Roboflow's null images, COCO images without annotations):
+    an empty prediction is right, a predicted object is a miss; every object metric scores it and
+    aggregates. mAP over no true box at all is undefined: None, shown "n/a"."""
+    from palikit.evaluate import markdown, validation_values
+
+    cat = Detection("cat", (0, 0, 5, 5))
+    cat.mask = np.ones((8, 8), bool)
+    truth = [{"label": "cat", "box": [0, 0, 5, 5], "mask": np.ones((8, 8), bool)}]
+    cases = [({"objects": [], "truth_objects": []}, 1.0), ({"objects": [cat], "truth_objects": []}, 0.0)]
+    for example, right in cases:
+        example |= {"prediction": "<loc0000><loc0000><loc0511><loc0511>" + "<seg000>" * 16 + " cat"
+                    if example["objects"] else ""}
+        assert metrics.referring_detection(example) == {"box_iou": right, "invalid": False}
+        assert metrics.referring_segmentation(example) == {"iou": right, "box_iou": right, "invalid": False}
+    m = metrics.metric("referring_detection")
+    scored = [m.score(ex) for ex, _ in cases] + [m.score({"objects": [cat], "truth_objects": truth})]
+    assert m.aggregate(scored) == pytest.approx({"first_box_acc_50": 2 / 3, "invalid": 0, "total": 3})
+    empty = {"boxes": [], "labels": [], "scores": [], "truth_boxes": [], "truth_labels": []}
+    fp = empty | {"boxes": [[0, 0, 5, 5]], "labels": ["cat"], "scores": [0.9]}
+    hit = empty | {"boxes": [[0, 0, 5, 5]], "labels": ["cat"], "scores": [0.5], "truth_boxes": [[0, 0, 5, 5]],
+                   "truth_labels": ["cat"]}
+    assert detection_map([empty, empty]) == {"map": None, "ap50": None, "ap75": None, "num": 2}
+    assert detection_map([fp])["map"] is None  # no true box: nothing to recall
+    assert detection_map([hit, empty])["map"] == pytest.approx(1.0)
+    assert detection_map([hit, fp])["map"] < 1.0  # the negative's box is a false positive, ranked first
+    row = {"group": "detect", "metric": "detection_map", "examples": 2, "values": detection_map([empty, empty])}
+    rep = {"evaluated": "x", "model": "m", "examples": 2, "errors": 0, "results": [row]}
+    assert "map n/a" in markdown(rep) and "-100" not in markdown(rep)
+    logged = validation_values(rep | {"exact_match": {"all": 0.0}})  # the trainer logs these as numbers
+    assert logged == {"num/detect": 2, "exact_match": 0.0}
 
 
 def test_detection_map_without_detections():

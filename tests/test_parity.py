@@ -107,3 +107,51 @@ def test_vision_features_match(loaded):
         ours = pipe.model.embed_images(pixels)
     # transformers 5 scales text inside its embedding layer, so image tokens are unscaled in both.
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["bundled", "saved", "fine-tuned"])
+def test_transformers_processor_batches_and_collates_palikit_folders(tmp_path, source):
+    """Every folder palikit writes (and the bundled one) works with transformers' AutoProcessor
+    unchanged: image tokens known, a pad token, left padding, so batched generation answers each
+    prompt as palikit does, and the `suffix=` training collate gives labels whose loss is palikit's
+    score. A fine-tune from a folder that has transformers' tokenizer files keeps them."""
+    import json
+    import shutil
+
+    from transformers import AutoProcessor, PaliGemmaForConditionalGeneration
+
+    from palikit.weights import BUNDLED
+
+    default = palikit.load("default", dtype="float32")
+    folder = BUNDLED if source == "bundled" else tmp_path / "model"
+    if source != "bundled":
+        default.save(folder)
+    if source == "fine-tuned":  # a folder with transformers' own tokenizer files, written again
+        (folder / "tokenizer_config.json").write_text(json.dumps(
+            json.loads((folder / "tokenizer_config.json").read_text()) | {"marker": "kept"}))
+        (folder / "chat_template.jinja").write_text("{{ messages }}")
+        again = tmp_path / "again"
+        palikit.load(folder, dtype="float32").save(again)
+        assert json.loads((again / "tokenizer_config.json").read_text())["marker"] == "kept"
+        assert (again / "chat_template.jinja").exists()
+        shutil.rmtree(folder)
+        folder = again
+    processor = AutoProcessor.from_pretrained(folder)
+    assert processor.image_seq_length == default.config.num_image_tokens
+    assert processor.tokenizer.pad_token is not None
+    hf = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    images = [synthetic_image(0), synthetic_image(1)]
+    prompts = ["caption en", "answer en what colour is the star?"]
+    inputs = processor(text=prompts, images=images, padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        out = hf.generate(**inputs, max_new_tokens=6, do_sample=False)
+    texts = processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert [t.strip() for t in texts] == default.generate(images, prompts, max_new_tokens=6)
+    suffixes = ["a red circle", "blue"]
+    batch = processor(text=prompts, images=images, suffix=suffixes, padding="longest", return_tensors="pt")
+    with torch.no_grad():
+        loss = hf(**batch).loss
+    scores = default.score(images, prompts, suffixes)
+    n_targets = int((batch["labels"] != -100).sum())
+    assert n_targets == sum(len(default.tokenizer.encode(s)) + 1 for s in suffixes)
+    torch.testing.assert_close(loss, torch.tensor(-sum(scores) / n_targets), atol=1e-4, rtol=0)

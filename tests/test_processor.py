@@ -147,8 +147,8 @@ def test_image_from_path_bytes_pil_and_arrays(tmp_path):
 
     gray = RGB[..., 0]
     assert np.array_equal(np.asarray(load_image(gray)), np.repeat(gray[..., None], 3, -1))
-    rgba = np.concatenate([RGB, np.full((30, 40, 1), 7, np.uint8)], -1)
-    assert np.array_equal(np.asarray(load_image(rgba)), RGB)  # alpha dropped
+    rgba = np.concatenate([RGB, np.full((30, 40, 1), 255, np.uint8)], -1)
+    assert np.array_equal(np.asarray(load_image(rgba)), RGB)  # opaque: the colours
     assert np.array_equal(np.asarray(load_image(RGB.transpose(2, 0, 1))), RGB)  # CHW
     assert np.array_equal(np.asarray(load_image(RGB[..., :1])), np.repeat(RGB[..., :1], 3, -1))  # HxWx1
 
@@ -175,6 +175,30 @@ def test_modes_become_rgb(mode):
         assert out.mode == "RGB" and out.size == (40, 30)
     if mode == "RGBA":
         assert np.array_equal(np.asarray(load_image(image)), RGB)
+
+
+def test_images_that_decode_wrongly_elsewhere():
+    """Transparent pixels are composited on white (palikit.processor.TRANSPARENT_BACKGROUND), not
+    shown as whatever colour they hold; float images in 0..1 (TIFF) are scaled, not black; 32-bit
+    integer grey keeps its contrast; an image of no pixels is refused."""
+    black_but_transparent = np.zeros((30, 40, 4), np.uint8)
+    black_but_transparent[:, 20:, 3] = 255  # the left half transparent, the right half opaque black
+    black_but_transparent[:, :20, 3] = 0
+    for source in (black_but_transparent, png_bytes(Image.fromarray(black_but_transparent, "RGBA"))):
+        out = np.asarray(load_image(source))
+        assert (out[:, :20] == 255).all() and (out[:, 20:] == 0).all()
+    half = np.concatenate([np.zeros((2, 2, 3), np.uint8), np.full((2, 2, 1), 128, np.uint8)], -1)
+    assert abs(int(np.asarray(load_image(half))[0, 0, 0]) - 127) <= 1  # blended: half of white
+    floats = Image.fromarray(np.full((30, 40), 0.5, np.float32), "F")
+    buf = io.BytesIO()
+    floats.save(buf, "TIFF")
+    for source in (floats, buf.getvalue()):
+        assert np.asarray(load_image(source))[0, 0].tolist() == [127] * 3
+    wide = Image.fromarray((np.arange(30 * 40).reshape(30, 40) * 54).astype(np.int32), "I")
+    assert np.asarray(load_image(wide)).max() > 200  # not clipped: the high byte
+    for empty in (np.zeros((0, 0, 3), np.uint8), Image.new("RGB", (0, 5))):
+        with pytest.raises(InputError, match="nothing to see"):
+            load_image(empty)
 
 
 def test_16_bit_grey_keeps_its_contrast():

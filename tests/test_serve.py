@@ -47,7 +47,7 @@ def data_url(image) -> str:
 
 def chat_body(image_ref: str, prompt: str, **kw) -> dict:
     content = [{"type": "image_url", "image_url": {"url": image_ref}}, {"type": "text", "text": prompt}]
-    return {"model": "tiny", "messages": [{"role": "user", "content": content}], **kw}
+    return {"messages": [{"role": "user", "content": content}], **kw}
 
 
 LOGPROB = -0.5  # every scripted token's log-prob: a confidence of exp(-0.5)
@@ -191,13 +191,13 @@ def test_openai_client(live, pipe):
     # The random model never picks <eos>: the answer is cut at max_tokens, and says so.
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 6
     # max_completion_tokens wins over max_tokens.
-    r2 = oai.chat.completions.create(model="x", messages=messages, max_completion_tokens=2, max_tokens=50)
+    r2 = oai.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=2, max_tokens=50)
     assert r2.usage.completion_tokens == 2 and r2.choices[0].finish_reason == "length"
 
     # Sampling parameters reach the sampler: a seed reproduces, another seed and greedy differ,
     # and a tiny top_p keeps only the most likely token, i.e. greedy.
     def sample(**kw):
-        r = oai.chat.completions.create(model="x", messages=messages, max_tokens=8, **kw)
+        r = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=8, **kw)
         return r.choices[0].message.content
 
     greedy = pipe.generate(img, "caption en", max_new_tokens=8)
@@ -206,6 +206,22 @@ def test_openai_client(live, pipe):
                                                    temperature=1.5, top_p=0.9, seed=7)
     assert seeded[0] != greedy and seeded[0] != sample(temperature=1.5, top_p=0.9, seed=8)
     assert sample(temperature=1.5, top_p=1e-6, seed=7) == greedy
+
+    with pytest.raises(openai.NotFoundError, match="does not exist"):  # another model's name: OpenAI's 404
+        oai.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=2)
+    # Log-probs: each token's, and the most likely ones, as OpenAI's choice.logprobs; they are the
+    # engine's log-probs of the answer, the chosen token the first of the top ones when greedy.
+    r = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=5, logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    want = pipe.generate_details([[img]], ["caption en"], max_new_tokens=5)[0][1]
+    assert "".join(c.token for c in content).strip() == r.choices[0].message.content.strip()
+    assert [c.logprob for c in content] == pytest.approx(want.logprobs, abs=1e-5)
+    for c in content:
+        assert len(c.top_logprobs) == 3 and c.top_logprobs[0].token == c.token
+        assert c.top_logprobs[0].logprob == pytest.approx(c.logprob, abs=1e-6)
+        assert [t.logprob for t in c.top_logprobs] == sorted((t.logprob for t in c.top_logprobs), reverse=True)
+    plain = oai.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+    assert plain.choices[0].logprobs is None
 
 
 def test_finish_reason_stop_and_length(pipe, monkeypatch):
@@ -499,6 +515,17 @@ def test_bad_requests_get_json_errors_and_the_server_keeps_serving(live, client)
         ("no image part", 400, "image_url", dict(json={"messages": [{"role": "user", "content": "ocr"}]})),
         ("no user message", 400, "user message", dict(json={"messages": [{"role": "system", "content": "x"}]})),
         ("no messages", 400, "messages", dict(json={"model": "tiny", "messages": []})),
+        ("other model", 404, "does not exist", dict(json=chat_body(good, "caption en", model="llava"))),
+        ("tools", 400, "tools is not supported", dict(json=chat_body(good, "caption en", tools=[
+            {"type": "function", "function": {"name": "f"}}]))),
+        ("response_format", 400, "response_format is not supported", dict(json=chat_body(
+            good, "caption en", response_format={"type": "json_object"}))),
+        ("top_logprobs alone", 400, "needs logprobs", dict(json=chat_body(good, "caption en", top_logprobs=2))),
+        ("too many top_logprobs", 400, "top_logprobs", dict(json=chat_body(good, "caption en", logprobs=True,
+                                                                         top_logprobs=21))),
+        ("seed past 64 bits", 400, "seed", dict(json=chat_body(good, "caption en", temperature=1, seed=2**64))),
+        ("negative seed past 64 bits", 400, "seed", dict(json={"image": good, "temperature": 1,
+                                                              "seed": -(2**63) - 1}, path="/v1/caption")),
         ("unknown part", 400, "invalid request", dict(json={"messages": [{"role": "user", "content": [
             {"type": "input_audio", "input_audio": {}}]}]})),
         ("n > 1", 400, "n", dict(json=chat_body(good, "caption en", n=2))),
@@ -541,10 +568,58 @@ def test_local_paths_and_urls_when_enabled(pipe, tmp_path):
         r = ocr(str(inside.parent / ".." / "secret.png"))
         assert r.status_code == 400 and "outside the allowed folder" in r.json()["error"]["message"]
         assert ocr(str(inside.parent / "missing.png")).status_code == 400
+        assert ocr("img.png").status_code == 200  # relative: inside the allowed folder, whatever the cwd
+        r = ocr("../secret.png")
+        assert r.status_code == 400 and "outside the allowed folder" in r.json()["error"]["message"]
         assert "disabled" in ocr("https://example.com/x.png").json()["error"]["message"]
-    with TestClient(create_app(pipe, allow_urls=True)) as c:  # enabled, but nothing listens on port 9
+    with TestClient(create_app(pipe, allow_private_urls=True, allow_urls=True)) as c:  # nothing on port 9
         r = c.post("/v1/ocr", json={"image": "http://127.0.0.1:9/x.png"})
         assert r.status_code == 400 and "could not fetch" in r.json()["error"]["message"]
+
+
+def test_urls_to_the_servers_own_network_are_refused(pipe, monkeypatch):
+    """--allow-urls fetches public addresses only: loopback, private, link-local (cloud metadata)
+    and unique-local IPv6 hosts are refused before any connection, unless --allow-private-urls; an
+    image served on loopback is then fetched."""
+    import http.server
+
+    body = png(synthetic_image(0))
+
+    class Serve(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Serve)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    local = f"http://127.0.0.1:{server.server_port}/x.png"
+    named = {"metadata.test": "169.254.169.254", "router.test": "192.168.1.1", "ula.test": "fd00::1"}
+    real = socket.getaddrinfo
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **kw: [(0, 0, 0, "", (named[host], 0))]
+                        if host in named else real(host, *a, **kw))
+    try:
+        with TestClient(create_app(pipe, allow_urls=True)) as c:
+            for url in [local, "http://localhost:1/x.png", "http://10.1.2.3/x.png", "http://[::1]/x.png",
+                        *(f"http://{host}/x.png" for host in named)]:
+                r = c.post("/v1/ocr", json={"image": url, "max_new_tokens": 2})
+                assert r.status_code == 400 and "non-public address" in r.json()["error"]["message"], url
+        with TestClient(create_app(pipe, allow_urls=True, allow_private_urls=True)) as c:
+            assert c.post("/v1/ocr", json={"image": local, "max_new_tokens": 2}).status_code == 200
+    finally:
+        server.shutdown()
+
+
+def test_unpadded_base64_is_accepted(client):
+    data = next(d for d in (png(synthetic_image(i)) for i in range(9)) if len(d) % 3)  # needs padding
+    encoded = base64.b64encode(data).decode().rstrip("=")
+    assert len(encoded) % 4
+    for image in (encoded, "data:image/png;base64," + encoded):
+        assert client.post("/v1/ocr", json={"image": image, "max_new_tokens": 2}).status_code == 200
 
 
 def test_client_disconnect_mid_stream(pipe, monkeypatch):

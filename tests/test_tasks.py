@@ -58,6 +58,9 @@ def test_prompt_builders():
     assert detect_prompt(labels) == "detect cat ; 10 o'clock ; café, 2nd shelf"
     assert segment_prompt("left dog") == "segment left dog"
     assert segment_prompt(["a", "b"]) == "segment a ; b"
+    # One string of labels as the prompt and the web demo write them: the same prompt.
+    assert detect_prompt("cat ; dog") == detect_prompt(["cat", "dog"]) == "detect cat ; dog"
+    assert segment_prompt("a;b") == "segment a ; b"
 
 
 @pytest.mark.parametrize(
@@ -70,7 +73,8 @@ def test_prompt_builders():
         (lambda: ask_prompt("   "), "empty"),
         (lambda: question_prompt("", "en"), "empty"),
         (lambda: detect_prompt(["cat\n"]), "newline"),
-        (lambda: detect_prompt("cat ; dog"), "';'"),
+        (lambda: detect_prompt(["cat ; dog"]), "';'"),
+        (lambda: detect_prompt("cat ; "), "empty"),
         (lambda: detect_prompt([]), "at least one label"),
         (lambda: segment_prompt(""), "empty"),
     ],
@@ -78,6 +82,8 @@ def test_prompt_builders():
 def test_prompt_errors_name_the_problem(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+    with pytest.raises(TypeError, match="labels must be a string or a list"):
+        detect_prompt(5)
 
 
 def test_prompt_errors_list_the_valid_choices():

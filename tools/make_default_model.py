@@ -115,14 +115,13 @@ def main() -> None:
         (work / "run" / "device.txt").write_text(_device_name())
         subprocess.run(cmd, check=True, cwd=ROOT)
 
+    from palikit.weights import open_checkpoint, save_model_files
+
     ckpt = work / "run" / "final"  # the trainer's last weights, in the released HF layout
     ASSETS.mkdir(parents=True, exist_ok=True)
     for f in ("config.json", "model.safetensors"):
         shutil.copy(ckpt / f, ASSETS / f)
-    shutil.copy(tok, ASSETS / "tokenizer.model")
-    shutil.copy(work / "mask_codec.npz", ASSETS / "mask_codec.npz")
-    side = json.loads((ckpt / "config.json").read_text())["vision_config"]["image_size"]
-    (ASSETS / "preprocessor_config.json").write_text(json.dumps({"resample": 2, "size": {"height": side, "width": side}}))
+    save_model_files(ASSETS, open_checkpoint(ckpt).config, tok, work / "mask_codec.npz")
     evaluate(work)
     write_model_card(work)
 

@@ -13,7 +13,8 @@ The torchrun helpers are palikit.dist; data (DataSpec, readers, the data order) 
 """
 
 from .config import LORA_TARGETS, TRAINABLE, ConfigError, LoraSettings, TrainConfig, load_config
-from .model import apply_lora, load_adapter, param_table
+from ..adapters import load_adapter
+from .model import apply_lora, param_table
 from .recipe import Trainer, loss_fn, merge, train
 
 __all__ = ["LORA_TARGETS", "TRAINABLE", "ConfigError", "LoraSettings", "TrainConfig", "Trainer", "apply_lora",

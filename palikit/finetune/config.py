@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import difflib
 import re
+import tempfile
 import types as types_module
 import typing
 from dataclasses import dataclass, field
@@ -238,8 +239,13 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"batch_size={cfg.batch_size} is not a multiple of grad_accum={cfg.grad_accum}")
     if not 0 <= cfg.label_smoothing < 1:
         raise ConfigError(f"label_smoothing={cfg.label_smoothing} must be in [0, 1)")
-    if cfg.warmup < 0 or cfg.lr <= 0 or cfg.keep_last < 1 or cfg.max_text_len < 4 or cfg.stop_after == 0:
-        raise ConfigError("warmup must be >= 0, lr > 0, keep_last >= 1, max_text_len >= 4, stop_after > 0")
+    for key, ok, rule in [("warmup", cfg.warmup >= 0, ">= 0"), ("lr", cfg.lr > 0, "> 0"),
+                          ("keep_last", cfg.keep_last >= 1, ">= 1"), ("max_text_len", cfg.max_text_len >= 4, ">= 4"),
+                          ("stop_after", cfg.stop_after != 0, "> 0")]:
+        if not ok:
+            raise ConfigError(f"{key}={getattr(cfg, key)} must be {rule}")
+    if Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():
+        raise ConfigError(f"out_dir={cfg.out_dir} is a file, not a folder")
     if cfg.eval_metric is not None:
         from ..metrics import metric
 
@@ -274,8 +280,15 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("autocast runs in bfloat16; float16 weights with it are not supported")
 
 
+def smoke_dir(out_dir: str) -> Path:
+    """Where a smoke run of `out_dir` writes: a temporary folder of its own, so that it never mixes
+    with (or blocks) the real run's checkpoints."""
+    return Path(tempfile.gettempdir()) / "palikit-smoke" / re.sub(r"[^\w.-]+", "_", str(Path(out_dir).resolve()))
+
+
 def apply_smoke(cfg: TrainConfig, world: int) -> TrainConfig:
-    """big_vision's `runlocal`: the same recipe, a few steps on a few examples."""
-    return dataclasses.replace(cfg, steps=2, epochs=None, batch_size=world * cfg.grad_accum,
+    """big_vision's `runlocal`: the same recipe, a few steps on a few examples, into smoke_dir."""
+    return dataclasses.replace(cfg, out_dir=str(smoke_dir(cfg.out_dir)), resume=False, steps=2, epochs=None,
+                               batch_size=world * cfg.grad_accum,
                                eval_every=None, save_every=None, eval_examples=2, eval_batch_size=2,
                                eval_max_new_tokens=4, keep_last=1, warmup=0.0)

@@ -20,7 +20,8 @@ from ..gemma import RMSNorm
 from ..paligemma import PaliGemma
 from ..processor import Tokenizer, train_tokenizer
 from ..tasks import NUM_LOC, NUM_SEG
-from ..weights import build_on_meta, hf_to_palikit, palikit_to_transformers_module
+from ..adapters import _PEFT_PREFIX, ADAPTER_CONFIG, ADAPTER_WEIGHTS, _adapter_module
+from ..weights import build_on_meta, palikit_to_transformers_module
 from .. import dist
 from .config import LORA_TARGETS, ConfigError, LoraSettings
 
@@ -109,17 +110,6 @@ def apply_lora(model: PaliGemma, lora: LoraSettings, base_source: str | None):
 
 
 
-# peft's adapter files: adapter_model.safetensors keys "base_model.model.<module>.lora_A.weight".
-_PEFT_PREFIX = "base_model.model."
-ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
-
-
-def _adapter_module(key: str) -> tuple[str, str]:
-    """(module name, the rest) of a peft adapter key."""
-    name, sep, rest = key.removeprefix(_PEFT_PREFIX).partition(".lora_")
-    return name, sep + rest
-
-
 def export_adapter(folder: Path) -> None:
     """Rename the adapters peft saved from palikit's model to transformers' module names
     (language_model.layers.0.self_attn.q_proj -> model.language_model.layers.0.self_attn.q_proj), and
@@ -134,38 +124,6 @@ def export_adapter(folder: Path) -> None:
     config = json.loads((folder / ADAPTER_CONFIG).read_text())
     config["target_modules"] = sorted({_adapter_module(k)[0] for k in renamed})
     write_text_atomic(folder / ADAPTER_CONFIG, json.dumps(config, indent=2))
-
-
-def adapter_state(folder: Path) -> dict[str, torch.Tensor]:
-    """An adapter's tensors under palikit's module names (peft's keys, without the adapter name):
-    saved by palikit, or trained with transformers + peft (transformers 5 or older names)."""
-    out = {}
-    for key, tensor in load_file(folder / ADAPTER_WEIGHTS).items():
-        name, rest = _adapter_module(key)
-        out[_PEFT_PREFIX + hf_to_palikit(name, 2) + rest] = tensor
-    return out
-
-
-def load_adapter(model: PaliGemma, folder: str | Path):
-    """peft LoRA adapters from `folder` on palikit's model -> the PeftModel. The adapters' targets
-    are matched as peft matches them, against transformers' names of palikit's linear layers."""
-    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    folder = Path(folder)
-    if not (folder / ADAPTER_CONFIG).exists() or not (folder / ADAPTER_WEIGHTS).exists():
-        raise ConfigError(f"{folder} is not a peft adapter folder (no {ADAPTER_CONFIG} / {ADAPTER_WEIGHTS})")
-    config = PeftConfig.from_pretrained(str(folder))
-    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    targets = [n for n in linear if check_target_module_exists(config, palikit_to_transformers_module(n))]
-    if not targets:
-        raise ConfigError(f"{folder}: the adapter's target_modules {config.target_modules!r} match no layer")
-    config.target_modules = targets
-    peft_model = get_peft_model(model, config)
-    result = set_peft_model_state_dict(peft_model, adapter_state(folder))
-    if result.unexpected_keys:
-        raise ConfigError(f"{folder}: adapter tensors for no layer here, e.g. {result.unexpected_keys[0]}")
-    return peft_model
 
 
 def param_table(model: nn.Module) -> str:

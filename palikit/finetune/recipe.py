@@ -65,11 +65,11 @@ from ..weights import CODEC_FILES, build_on_meta, iter_safetensors, save_hf_fold
 # barrier and all_sum are no-ops in one process); torch's is spelled torch.distributed here.
 from . import checkpoint
 from .config import LOGGERS, TRAINABLE, ConfigError, TrainConfig, apply_smoke, load_config
-from .model import adapter_state, apply_lora, build_model, export_adapter, load_adapter, param_table
+from ..adapters import TRAINED_WITH, adapter_state, load_adapter, trained_with
+from .model import apply_lora, build_model, export_adapter, param_table
 from .qlora import quantize_4bit, require_bitsandbytes
 
 log = logging.getLogger(__name__)
-TRAINED_WITH = "palikit_trained_with.json"  # in adapter folders: settings merge must carry over
 
 
 # ---- loss ----------------------------------------------------------------------------------------
@@ -239,6 +239,9 @@ class Trainer:
         self.rank, self.world, self.device = dist.init_distributed(cfg.device)
         if cfg.smoke:
             self.cfg = cfg = apply_smoke(cfg, self.world)
+            if self.rank == 0:
+                shutil.rmtree(cfg.out_dir, ignore_errors=True)  # the last smoke run's
+                log.info("smoke run: writing to %s", cfg.out_dir)
         if cfg.quantize is not None:  # before any work: never train unquantised by accident
             require_bitsandbytes(self.device)
         self.out = Path(cfg.out_dir)
@@ -623,9 +626,7 @@ def merge(base_source: str | Path, adapter_dir: str | Path, out_dir: str | Path,
     The merge runs in `dtype` (float32 by default: merging into bfloat16 weights rounds twice).
     """
 
-    trained = Path(adapter_dir) / TRAINED_WITH  # trained without the cap: saved without it
-    overrides = json.loads(trained.read_text()) if trained.exists() else None
-    pipe = load(base_source, dtype=dtype, overrides=overrides)
+    pipe = load(base_source, dtype=dtype, overrides=trained_with(adapter_dir))  # trained without the cap: saved so
     model = load_adapter(pipe.model, adapter_dir).merge_and_unload()
     tok = Path(adapter_dir) / "tokenizer.model"
     tokenizer = Tokenizer(tok, image_token_id=model.config.image_token_id) if tok.exists() else pipe.tokenizer

@@ -48,6 +48,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -122,7 +123,8 @@ class Server:
                                max_len=settings.max_len)
         self.images = ImageReader(max_bytes=settings.max_body_bytes, max_pixels=settings.max_image_pixels,
                                   allow_local_paths=settings.allow_local_paths or False,
-                                  allow_urls=settings.allow_urls, prepare=pipe.prepare_image)
+                                  allow_urls=settings.allow_urls, allow_private_urls=settings.allow_private_urls,
+                                  prepare=pipe.prepare_image)
         self.can_mask = pipe.codec_path is not None
         self.created = int(time.time())
         self.paths: set[str] = set()  # the app's routes, for the metrics labels (filled by create_app)
@@ -139,13 +141,14 @@ class Server:
             raise HTTPException(400, str(e)) from None
 
     def submit(self, images, size: ImageSize, prompt: str, max_new_tokens: int, sampling: dict,
-               parse: tasks.TaskSpec | None = None, stream: bool = False, stop: list[str] = ()) -> Job:
+               parse: tasks.TaskSpec | None = None, stream: bool = False, stop: list[str] = (),
+               logprobs: bool = False) -> Job:
         if parse is not None and parse.masks and not self.can_mask:
             raise HTTPException(501, "segmentation masks are not available: this server has no mask codec "
                                      "(mask_codec.npz / vae-oid.npz beside the model)")
         loop = asyncio.get_running_loop()
         job = Job(images, size, prompt, max_new_tokens, sampling, parse, stream,
-                  time.monotonic() + self.request_timeout_s, asyncio.Queue(), loop, tuple(stop))
+                  time.monotonic() + self.request_timeout_s, asyncio.Queue(), loop, tuple(stop), logprobs=logprobs)
         self.batcher.submit(job)
         return job
 
@@ -279,12 +282,20 @@ def create_app(pipe: Pipeline, settings: ServerSettings | None = None, **changes
              responses={200: {"content": {"text/event-stream": {}},
                               "description": "a chat.completion, or chat.completion.chunk events if stream"}})
     async def chat_completions(req: ChatRequest):
+        if req.model is not None and req.model != server.model_name:
+            raise HTTPException(404, f"The model {req.model!r} does not exist: this server serves "
+                                     f"{server.model_name!r}")
+        if req.top_logprobs and not req.logprobs:
+            raise HTTPException(400, "top_logprobs needs logprobs: true")
+        if req.logprobs and req.stream:
+            raise HTTPException(400, "logprobs is not supported with stream: true")
         prompt, refs = _last_user_message(req)
         max_new = req.max_completion_tokens or req.max_tokens or 128
         n_prompt = server.check(prompt, len(refs), max_new)  # cheap checks before decoding the images
         images, size = await server.images.read(refs)
-        sampling = _sampling(req.temperature, req.top_p, seed=req.seed)
-        job = server.submit(images, size, prompt, max_new, sampling, stream=req.stream, stop=req.stop or ())
+        sampling = _sampling(req.temperature, req.top_p, seed=req.seed) | {"top_logprobs": req.top_logprobs or 0}
+        job = server.submit(images, size, prompt, max_new, sampling, stream=req.stream, stop=req.stop or (),
+                            logprobs=req.logprobs)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return StreamingResponse(server.sse(job, n_prompt, include_usage), media_type="text/event-stream",
@@ -292,7 +303,8 @@ def create_app(pipe: Pipeline, settings: ServerSettings | None = None, **changes
         r = await server.result(job)
         usage = Usage(prompt_tokens=n_prompt, completion_tokens=r["completion_tokens"],
                       total_tokens=n_prompt + r["completion_tokens"])
-        choice = Choice(message=ChatMessageOut(content=r["text"]), finish_reason=r["finish_reason"])
+        choice = Choice(message=ChatMessageOut(content=r["text"]), finish_reason=r["finish_reason"],
+                        logprobs=r.get("logprobs"))
         return ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
                               model=server.model_name, choices=[choice], usage=usage)
 
@@ -377,6 +389,9 @@ def serve(model: str = "default", options: Options | None = None, settings: Serv
     app = create_app(pipe, settings, model_name=name)
     if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", settings.host)
+    where = f"http://{'[' + settings.host + ']' if ':' in settings.host else settings.host}:{settings.port}"
+    print(f"palikit: serving {name} at {where}/ (the web demo; API docs at {where}/docs)", file=sys.stderr,
+          flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, timeout_keep_alive=5, log_level="info")
 
 

@@ -38,6 +38,7 @@ class Job:
     cancelled: bool = False  # set by cancel(): the handler gave up (timeout or client gone)
     on_cancel: object = None  # what else cancel() calls (the engine request's cancel)
     sent: str = ""  # streamed text so far
+    logprobs: bool = False  # also answer each token's log-prob (and the top ones, sampling["top_logprobs"])
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -73,6 +74,14 @@ def answer(pipe, job: Job, text: str, g: gen.Generated) -> dict:
     if job.parse:
         objects = pipe.parse_objects(job.parse, text, gen.Generated(tokens, logprobs), job.size)
         out["objects"] = [o.to_dict() for o in objects]
+    if job.logprobs:  # OpenAI's choice.logprobs: the answer's tokens, whose texts join to the answer
+        def entry(text: str, logprob: float) -> dict:
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        tok, tops = pipe.tokenizer, g.top_logprobs or [[] for _ in tokens]
+        out["logprobs"] = {"content": [entry(text, lp) | {"top_logprobs": [
+            entry(text if t == token else tok.piece(t), v) for t, v in top]}
+            for token, text, lp, top in zip(tokens, tok.decode_pieces(tokens), logprobs, tops)]}
     return out
 
 

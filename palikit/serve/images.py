@@ -9,6 +9,11 @@ import base64
 import binascii
 import contextlib
 import io
+import ipaddress
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +36,10 @@ class ImageReader:
     """prepare: what to do with a decoded image before it queues (the pipeline's resize)."""
 
     def __init__(self, *, max_bytes: int, max_pixels: int, allow_local_paths: bool | str | Path, allow_urls: bool,
-                 prepare: Callable[[Image.Image], Image.Image]):
+                 prepare: Callable[[Image.Image], Image.Image], allow_private_urls: bool = False):
         self.max_body_bytes, self.max_image_pixels = max_bytes, max_pixels
         self.allow_local_paths, self.allow_urls, self.prepare = allow_local_paths, allow_urls, prepare
+        self.allow_private_urls = allow_private_urls
 
     async def read(self, refs: list[str]) -> tuple[list[Image.Image], ImageSize]:
         if not refs:
@@ -67,23 +73,49 @@ class ImageReader:
         return await asyncio.to_thread(self._read_path, ref.removeprefix("file://"))
 
     def _read_path(self, name: str) -> bytes:
-        path = Path(name).expanduser().resolve()
+        path = Path(name).expanduser()
         if not isinstance(self.allow_local_paths, bool):
             root = Path(self.allow_local_paths).expanduser().resolve()
+            path = (root / path).resolve()  # a relative path names a file in the allowed folder
             if not path.is_relative_to(root):
                 raise HTTPException(400, f"image path {name!r} is outside the allowed folder {root}")
+        path = path.resolve()
         if not path.is_file():
             raise HTTPException(400, f"image file not found: {name}")
         if path.stat().st_size > self.max_body_bytes:
             raise HTTPException(413, f"image file {name} is larger than {self.max_body_bytes} bytes")
         return path.read_bytes()
 
-    def _fetch(self, url: str) -> bytes:
-        import urllib.error
-        import urllib.request
-
+    def _check_address(self, url: str) -> None:
+        """Refuse a URL whose host resolves to a loopback, link-local, private or otherwise non-public
+        address (the server's own network: cloud metadata at 169.254.169.254, admin pages), unless
+        the operator allowed private URLs. Checked for every redirect too."""
+        if self.allow_private_urls:
+            return
+        host = urllib.parse.urlsplit(url).hostname or ""
         try:
-            with urllib.request.urlopen(url, timeout=10) as r:  # noqa: S310 (http/https checked above)
+            addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+        except (OSError, UnicodeError) as e:
+            raise HTTPException(400, f"could not fetch image {url[:200]}: {e}") from None
+        for address in addresses:
+            ip = ipaddress.ip_address(address.split("%")[0])
+            if not ip.is_global or ip.is_multicast:
+                raise HTTPException(400, f"image URL {url[:200]} points to a non-public address ({ip}); "
+                                         "the operator can allow those with allow_private_urls")
+
+    def _fetch(self, url: str) -> bytes:
+        reader = self
+
+        class CheckedRedirects(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, req, fp, code, msg, headers, newurl):
+                if not newurl.startswith(("http://", "https://")):
+                    raise HTTPException(400, f"image URL {url[:200]} redirects to {newurl[:200]}")
+                reader._check_address(newurl)
+                return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+        self._check_address(url)
+        try:
+            with urllib.request.build_opener(CheckedRedirects).open(url, timeout=10) as r:
                 data = r.read(self.max_body_bytes + 1)
         except (urllib.error.URLError, OSError, ValueError) as e:
             raise HTTPException(400, f"could not fetch image {url[:200]}: {e}") from None
@@ -110,8 +142,16 @@ class ImageReader:
         return self.prepare(image), size
 
 
+# Unpadded base64 is taken from this length on: the smallest image files are longer, and a short
+# string (a path such as /etc/passwd is in base64's alphabet) is not mistaken for one.
+UNPADDED_MIN = 64
+
+
 def _b64decode(payload: str) -> bytes:
+    payload = "".join(payload.split())
+    if len(payload) >= UNPADDED_MIN:  # padding is optional (many encoders leave it out)
+        payload += "=" * (-len(payload) % 4)
     try:
-        return base64.b64decode("".join(payload.split()), validate=True)
+        return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise HTTPException(400, "image is not valid base64") from None

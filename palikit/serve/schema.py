@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, create_model, field_validator
+from pydantic import BaseModel, Field, create_model, field_validator, model_validator
 
 from .. import tasks
+from ..scheduler import MAX_TOP_LOGPROBS, SEED_MAX, SEED_MIN
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 408: "timeout", 413: "request_too_large",
@@ -29,7 +30,8 @@ class Sampling(BaseModel):
     temperature: float = Field(0.0, ge=0, le=2, description="0: greedy; > 0: sample at this temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling (only when temperature > 0)")
     top_k: int = Field(0, ge=0, description="keep the k most likely tokens, 0 = off (only when sampling)")
-    seed: int | None = Field(None, description="reproducible sampling: the same seed samples the same answer")
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX,
+                             description="reproducible sampling: the same seed samples the same answer")
 
 
 class ImageRequest(Sampling):
@@ -108,19 +110,37 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# OpenAI chat fields that palikit does not do: a request naming one (not null) is a 400 that says so,
+# not an answer that silently ignores it.
+UNSUPPORTED_CHAT_FIELDS = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
+                           "response_format", "logit_bias", "audio", "modalities", "prediction")
+
+
 class ChatRequest(BaseModel):
-    model: str | None = Field(None, description="ignored: the server serves one model")
+    model: str | None = Field(None, description="the served model's id (GET /v1/models), or omitted")
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="takes precedence over max_tokens")
     temperature: float | None = Field(None, ge=0, le=2, description="omitted or 0: greedy")
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     n: int | None = Field(None, ge=1, le=1, description="only 1")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, description="up to 4 strings: the answer ends before the first "
                                                            "of them it contains (finish_reason stop)")
+    logprobs: bool = Field(False, description="answer each token's log-prob (not with stream)")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description="and the log-probs of this many most likely tokens (needs logprobs)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unsupported(cls, body):
+        if isinstance(body, dict):
+            for name in UNSUPPORTED_CHAT_FIELDS:
+                if body.get(name) is not None:
+                    raise ValueError(f"{name} is not supported by this server (PaliGemma answers with text)")
+        return body
 
     @field_validator("stop")
     @classmethod
@@ -140,7 +160,7 @@ class Choice(BaseModel):
     index: int = 0
     message: ChatMessageOut
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: dict | None = None  # {"content": [{"token", "logprob", "bytes", "top_logprobs"}]} if asked
 
 
 class ChatCompletion(BaseModel):
