@@ -30,6 +30,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -195,8 +196,8 @@ class TransformersPipe(Pipeline):
         from palikit.processor import Tokenizer
 
         model = PaliGemmaForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype))
-        self.options = Options(dtype=dtype, device="cpu")
-        self.model = model.eval()
+        self.options = Options(dtype=dtype, device=DEVICE)
+        self.model = model.eval().to(DEVICE)
         self.config = PaliGemmaConfig.from_file(Path(folder) / "config.json")
         self.tokenizer = Tokenizer(Path(folder) / "tokenizer.model", image_token_id=self.config.image_token_id)
         self.num_image_tokens = self.config.num_image_tokens
@@ -224,7 +225,8 @@ class TransformersPipe(Pipeline):
         for i, e in enumerate(enc):
             ids[i, L - len(e):] = torch.tensor(e)
             mask[i, L - len(e):] = 1
-        pixels = preprocess([im for ims in per_example for im in ims], self.image_size).to(self.model.dtype)
+        pixels = preprocess([im for ims in per_example for im in ims], self.image_size).to(DEVICE, self.model.dtype)
+        ids, mask = ids.to(DEVICE), mask.to(DEVICE)
         if seed is not None:
             torch.manual_seed(seed)
         eos = self.tokenizer.eos_id
@@ -245,6 +247,9 @@ class TransformersPipe(Pipeline):
         return results
 
 
+DEVICE_VARIABLE = "PALIKIT_BENCH_DEVICE"
+DEVICE = os.environ.get(DEVICE_VARIABLE, "cpu")
+
 def run_server(library: str, checkpoint: str, scheduler: str, max_batch: int, threads: int) -> None:
     """Subprocess: serve on a free loopback port, print the URL, stop when stdin closes."""
     import torch
@@ -256,7 +261,7 @@ def run_server(library: str, checkpoint: str, scheduler: str, max_batch: int, th
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    pipe = palikit.load(checkpoint, dtype="float32") if library == "palikit" else TransformersPipe(checkpoint)
+    pipe = palikit.load(checkpoint, dtype="float32", device=DEVICE) if library == "palikit" else TransformersPipe(checkpoint)
     if scheduler == "static":  # this process serves one app: its engine adapter becomes the static batcher
         serve_app.Batcher = StaticBatcher
     app = create_app(pipe, model_name=library, max_batch=max_batch, max_queue=4096, request_timeout_s=3600,
@@ -297,7 +302,7 @@ async def load_test(url: str, requests: list[tuple[str, str]], clients: int, thi
 
     async def one(c, name: str, image: str) -> dict:
         prompt, max_tokens, _ = CLASSES[name]
-        body = {"model": "x", "max_tokens": max_tokens, "temperature": 0, "stream": stream,
+        body = {"max_tokens": max_tokens, "temperature": 0, "stream": stream,
                 "stream_options": {"include_usage": True} if stream else None,
                 "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
                                                           {"type": "text", "text": prompt}]}]}
@@ -367,9 +372,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=server_threads(),
                     help="torch threads per server; default: as `palikit serve`, all cores but one (0: torch's own)")
     ap.add_argument("--out", help="also write the results as JSON here")
+    ap.add_argument("--device", default="cpu", help="where the servers run their model (cpu, cuda)")
     ap.add_argument("--serve", nargs=4, metavar=("LIBRARY", "CHECKPOINT", "SCHEDULER", "MAX_BATCH"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
+    os.environ[DEVICE_VARIABLE] = args.device  # the server subprocesses' too
     if args.serve:
         return run_server(*args.serve[:3], int(args.serve[3]), args.threads)
 

@@ -82,9 +82,9 @@ def load(source: str | Path = "default", options: Options | None = None, *, over
         raise quantize.QuantizeError(f"{ckpt.path} holds {stored['scheme']} weights already; load it without "
                                      "quantize")
     device = _device(options.device, quantized=bool(stored or options.quantize))
-    attention = options.attention
-    if attention == "auto":
-        attention = "flex" if device.type == "cuda" and config.text.attn_logit_softcap else "eager"
+    # "auto" is eager, the soft-cap written out, on every device: FlexAttention is opt-in until
+    # benchmarks/gpu_check.sh has passed on a GPU (palikit's CUDA paths have not run on one yet).
+    attention = "eager" if options.attention == "auto" else options.attention
     softcap = options.logit_softcap or ("big_vision" if ckpt.big_vision else "config")
     model = build_on_meta(config, attention=attention, logit_softcap=softcap)
     dtype = options.torch_dtype
@@ -129,7 +129,7 @@ class Pipeline:
         if self.options.compile and (reason := kernels.compile_pays(model.device)):
             log.warning(reason)
             self.options = dataclasses.replace(self.options, compile=False)
-        self.decode_step = gen.DecodeStep(model, compile=self.options.compile)
+        self.decode_step = gen.DecodeStep(model, compile=self.options.compile, cuda_graphs=self.options.cuda_graphs)
         self._codecs: dict = {}
 
     # ---- inputs ---------------------------------------------------------------------------

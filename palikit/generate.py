@@ -63,7 +63,7 @@ def cache_length(n_tokens: int) -> int:
 class DecodeStep:
     """model.decode_step as a run calls it: compiled with torch.compile when asked (dynamic shapes:
     one compilation for batch size 1, which torch specialises, and one for every larger batch and
-    cache length; CUDA graphs on a GPU), or eager over the slots written so far (attending over the
+    cache length; CUDA graphs on a GPU when asked), or eager over the slots written so far (attending over the
     empty rest costs eager mode ~10 % on the bundled model; shapes that change cost it nothing).
     One-row steps run their products as kernels.one_row_products says.
 
@@ -72,13 +72,13 @@ class DecodeStep:
     limit (8), per code object: the step compiles a copy of decode_step's code per model, so a
     process may hold compiled models of any dtypes and schemes side by side."""
 
-    def __init__(self, model: PaliGemma, compile: bool = False):
+    def __init__(self, model: PaliGemma, compile: bool = False, cuda_graphs: bool = False):
         self.model, self.compiled = model, None
         self.quantized = quantize.scheme_of(model) is not None
         if compile:
             fn = type(model).decode_step
             step = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
-            options = {"emulate_precision_casts": True, "triton.cudagraphs": model.device.type == "cuda"}
+            options = {"emulate_precision_casts": True, "triton.cudagraphs": cuda_graphs and model.device.type == "cuda"}
             self.compiled = torch.compile(step, fullgraph=True, dynamic=True, options=options)
 
     def __call__(self, token: torch.Tensor, slot: torch.Tensor, layout: Layout, cache) -> torch.Tensor:

@@ -55,7 +55,10 @@ class Options:
                             "decoding after a first call that compiles it; ignored, with a warning, on a CPU "
                             "where it does not pay", parse=bool)
     attention: str = option("auto", "the attention kernel of prompts and training: flex (FlexAttention, "
-                             "compiled), eager, or auto (flex for PaliGemma 2 on a GPU)", ATTENTION_KERNELS)
+                             "compiled; opt-in until it has run on a GPU here), eager, or auto (eager)",
+                            ATTENTION_KERNELS)
+    cuda_graphs: bool = option(False, "with compile on a GPU: replay the decode step as CUDA graphs (opt-in "
+                                "until benchmarks/gpu_check.sh has passed on a GPU)", parse=bool)
     logit_softcap: str | None = option(None, "which logits get PaliGemma 2's final soft-cap: config (every "
                                         "logit, as transformers; the default for model folders), big_vision "
                                         "(decode steps only; the default for .npz) or off", LOGIT_SOFTCAP_MODES)

@@ -117,7 +117,7 @@ def test_generation_equals_eager(pipe, no_eos):
 
 
 def test_load_and_cli_choose_the_kernel(tiny_model_dir, monkeypatch):
-    """attention= reaches the model ("auto" is eager on a CPU); --attention reaches palikit.load;
+    """attention= reaches the model ("auto" is eager, on a GPU too); --attention reaches palikit.load;
     an unknown kernel is one clear error."""
     import palikit
     from palikit import cli
