@@ -66,6 +66,8 @@ def load(source: str | Path = "default", options: Options | None = None, *, over
     if options.adapter is None and adapters.is_adapter_folder(source):
         options = dataclasses.replace(options, adapter=str(source))
         source = adapters.base_of(source)
+    elif options.adapter is not None:
+        options = dataclasses.replace(options, adapter=str(options.adapter))
     if options.adapter is not None:
         overrides = {**(adapters.trained_with(options.adapter) or {}), **(overrides or {})}
     ckpt = open_checkpoint(resolve_source(source), options.sliding_window, options.tokenizer)

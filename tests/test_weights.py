@@ -208,7 +208,8 @@ def test_palikit_save_then_palikit_load(reference, tmp_path):
     _, _, _, pipe, ref = reference
     pipe.save(tmp_path / "rt")
     files = sorted(p.name for p in (tmp_path / "rt").iterdir())
-    assert files == ["config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.model"]
+    assert files == ["config.json", "model.safetensors", "preprocessor_config.json", "tokenizer.model",
+                     "tokenizer_config.json"]
     from transformers import SiglipImageProcessor  # the preprocessor config in transformers' own form
 
     processor = SiglipImageProcessor.from_pretrained(tmp_path / "rt")
