@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import palikit
-from palikit import generate as gen
 from palikit.engine import Engine
 from palikit.synthetic import make_scene
 
