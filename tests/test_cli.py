@@ -53,8 +53,8 @@ def test_generate_and_task_verbs_print_what_the_api_returns(pipe, tiny_model_dir
 @pytest.mark.slow
 def test_compile_flag_gives_the_same_text(pipe, tiny_model_dir, tmp_path, capsys, monkeypatch):
     compiled = []
-    monkeypatch.setattr(gen, "DecodeStep", lambda model, compile=False, real=gen.DecodeStep: (
-        compiled.append(compile), real(model, compile))[1])
+    monkeypatch.setattr(gen, "DecodeStep", lambda model, compile=False, real=gen.DecodeStep, **kw: (
+        compiled.append(compile), real(model, compile, **kw))[1])
     img = tmp_path / "img.png"
     synthetic_image(1).save(img)
     argv = ["generate", "--model", str(tiny_model_dir), "--dtype", "float32", "--image", str(img), "--prompt",
