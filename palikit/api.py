@@ -87,6 +87,9 @@ def load(source: str | Path = "default", options: Options | None = None, *, over
     # "auto" is eager, the soft-cap written out, on every device: FlexAttention is opt-in until
     # benchmarks/gpu_check.sh has passed on a GPU (palikit's CUDA paths have not run on one yet).
     attention = "eager" if options.attention == "auto" else options.attention
+    if attention == "flex" and (reason := kernels.flex_attention_runs(device)):
+        log.warning(reason)
+        attention = "eager"
     softcap = options.logit_softcap or ("big_vision" if ckpt.big_vision else "config")
     model = build_on_meta(config, attention=attention, logit_softcap=softcap)
     dtype = options.torch_dtype

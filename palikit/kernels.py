@@ -60,8 +60,32 @@ def compile_pays(device: torch.device) -> str | None:
             "PaliGemma 2 3B's decode step (torch 2.13), and its products run the same kernels either way")
 
 
+@functools.cache
+def int8_products_exact() -> bool:
+    """Whether torch._int_mm multiplies full-range int8 exactly here. Without VNNI, oneDNN's int8 GEMM
+    sums pairs of products in saturating 16 bits (vpmaddubsw), and w8a8's products come out wrong:
+    by up to 7e4 on random int8 rows with AVX2 kernels (docs/performance.md)."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (32, 256), dtype=torch.int8, generator=generator)
+    b = torch.randint(-127, 128, (256, 32), dtype=torch.int8, generator=generator)
+    return torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long())
+
+
+def flex_attention_runs(device: torch.device) -> str | None:
+    """Why FlexAttention is not used on this device (None: it is). It is compiled code, and on a CPU
+    without AVX-512 torch.compile's code for it failed (an index out of bounds, torch 2.13)."""
+    if device.type != "cpu" or CAPABILITY == "AVX512":
+        return None
+    return (f"--attention flex is ignored on this CPU ({CAPABILITY} kernels): torch.compile's code for "
+            "FlexAttention failed there (torch 2.13); eager attention computes the same")
+
+
 def quantization_pays(scheme: str, device: torch.device) -> str | None:
-    """Why the weight quantisation `scheme` is refused here (None: it decodes faster than bfloat16)."""
+    """Why the weight quantisation `scheme` is refused here (None: it decodes faster than bfloat16).
+    w8a8 is refused, whatever else, where its int8 products are not exact."""
+    if scheme == "w8a8" and device.type == "cpu" and not int8_products_exact():
+        return ("w8a8 is not available on this CPU: its int8 matrix products (oneDNN without VNNI) saturate "
+                "and give wrong numbers; use int8 or int4 (weights only) or bfloat16")
     if device.type != "cpu" or CAPABILITY == "AVX512" or os.environ.get("PALIKIT_QUANTIZE_ANYWAY") == "1":
         return None
     return (f"{scheme} decodes slower than bfloat16 on this CPU ({CAPABILITY} kernels: PyTorch's int8 / int4 "

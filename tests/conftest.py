@@ -33,6 +33,20 @@ CORPUS = [
 ] * 20
 
 
+def pytest_collection_modifyitems(config, items):
+    """w8a8's tests skip where its int8 products are not exact (a CPU without VNNI: palikit refuses
+    w8a8 there, tests/test_quantize.py::test_w8a8_is_refused_where_int8_products_saturate)."""
+    from palikit import kernels
+
+    if kernels.int8_products_exact():
+        return
+    skip = pytest.mark.skip(reason="int8 products saturate on this CPU: w8a8 is refused here")
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "w8a8" in item.name.split("[")[0] or "w8a8" in params.values():
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_thread():
     """The tiny models' tensors are too small for intra-op threads: on a busy 2-core machine the

@@ -287,6 +287,21 @@ def test_a_quantized_folder_loads_on_another_kind_of_cpu(tmp_path, scheme):
     assert capability == "AVX2" and loaded == at_load
 
 
+def test_w8a8_is_refused_where_int8_products_saturate(monkeypatch):
+    """Without VNNI, oneDNN's int8 GEMM saturates (docs/performance.md): w8a8 is refused there
+    whatever PALIKIT_QUANTIZE_ANYWAY says; int8 / int4 weights (float products) are not. The check
+    itself compares torch._int_mm with exact integer products."""
+    from palikit import kernels
+
+    a = torch.randint(-127, 128, (32, 64), dtype=torch.int8)
+    exact = torch.equal(torch._int_mm(a, a.T.contiguous()).long(), a.long() @ a.long().T)
+    assert kernels.int8_products_exact() == exact or exact  # a small case may not saturate
+    monkeypatch.setattr(kernels, "int8_products_exact", lambda: False)
+    with pytest.raises(QuantizeError, match="w8a8 is not available on this CPU.*saturate"):
+        palikit.load("default", quantize="w8a8")
+    assert palikit.load("default", dtype="float32", quantize="int8").options.quantize == "int8"
+
+
 def test_a_scheme_that_does_not_pay_is_refused(monkeypatch, tmp_path):
     """On a CPU where a scheme decodes slower than bfloat16 (AVX2: measured, docs/performance.md)
     palikit refuses it with one line that says why and how to have it anyway; a folder is still
@@ -296,7 +311,10 @@ def test_a_scheme_that_does_not_pay_is_refused(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "CAPABILITY", "AVX2")
     monkeypatch.delenv("PALIKIT_QUANTIZE_ANYWAY")
     for scheme in ("int8", "int4", "w8a8"):
-        with pytest.raises(QuantizeError, match=f"{scheme} decodes slower than bfloat16 on this CPU .*ANYWAY=1"):
+        why = f"{scheme} decodes slower than bfloat16 on this CPU .*ANYWAY=1"
+        if scheme == "w8a8" and not kernels.int8_products_exact():  # a real AVX2 CPU: not even with ANYWAY
+            why = "w8a8 is not available on this CPU"
+        with pytest.raises(QuantizeError, match=why):
             palikit.load("default", quantize=scheme)
     assert main(["quantize", "default", "--to", "int8", "--out", str(tmp_path / "q")]) == 0
     monkeypatch.delenv("PALIKIT_QUANTIZE_ANYWAY")  # the verb set it for its own process
