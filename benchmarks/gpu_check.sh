@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU proof in one device call of at most 10 minutes (the issue "Prove the GPU paths on a real
-# GPU"): run from the repo root on a machine with CUDA, with the python that holds torch there
+# The GPU proof in one device call of at most 10 minutes: everything palikit runs on CUDA, on a real
+# GPU. Run from the repo root on a machine with CUDA, with the python that holds torch there
 # (PY=python3 by default; palikit is used from this checkout, not installed). Writes under $OUT:
 #   summary.txt          each step's exit status and seconds
 #   nvidia-smi.txt       the GPU
