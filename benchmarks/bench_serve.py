@@ -261,7 +261,10 @@ def run_server(library: str, checkpoint: str, scheduler: str, max_batch: int, th
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    pipe = palikit.load(checkpoint, dtype="float32", device=DEVICE) if library == "palikit" else TransformersPipe(checkpoint)
+    if library == "palikit":
+        pipe = palikit.load(checkpoint, dtype="float32", device=DEVICE, batch_invariant=scheduler == "invariant")
+    else:
+        pipe = TransformersPipe(checkpoint)
     if scheduler == "static":  # this process serves one app: its engine adapter becomes the static batcher
         serve_app.Batcher = StaticBatcher
     app = create_app(pipe, model_name=library, max_batch=max_batch, max_queue=4096, request_timeout_s=3600,
@@ -355,8 +358,9 @@ async def load_test(url: str, requests: list[tuple[str, str]], clients: int, thi
     return out
 
 
-SERVERS = {"palikit-continuous": ("palikit", "continuous"), "palikit-static": ("palikit", "static"),
-           "transformers-static": ("transformers", "static")}
+# palikit-invariant: the engine in its batch-invariant mode (Options.batch_invariant), to price it.
+SERVERS = {"palikit-continuous": ("palikit", "continuous"), "palikit-invariant": ("palikit", "invariant"),
+           "palikit-static": ("palikit", "static"), "transformers-static": ("transformers", "static")}
 
 
 def main() -> None:
@@ -421,6 +425,13 @@ def main() -> None:
             b = base[r["clients"]]
             print(f"\ncontinuous vs static at {r['clients']} clients: {r['req_s'] / b['req_s']:.2f}x requests/s, "
                   f"short-request p99 latency {r['short']['p99_s'] / b['short']['p99_s']:.2f}x")
+    plain = {r["clients"]: r for r in rows if r["server"] == "palikit-continuous"}
+    for r in rows:
+        if r["server"] == "palikit-invariant" and r["clients"] in plain:
+            p = plain[r["clients"]]
+            print(f"\nbatch-invariant vs continuous at {r['clients']} clients: {r['req_s'] / p['req_s']:.2f}x "
+                  f"requests/s, short p99 {r['short']['p99_s'] / p['short']['p99_s']:.2f}x, "
+                  f"long p99 {r['long']['p99_s'] / p['long']['p99_s']:.2f}x")
     if args.out:
         Path(args.out).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
 

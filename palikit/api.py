@@ -16,7 +16,7 @@ from PIL import Image
 from . import generate as gen
 from . import adapters, kernels, quantize, tasks
 from .config import PaliGemmaConfig
-from .engine import Engine
+from .engine import Engine, batch_invariant, engine_for
 from .maskcodec import paste_mask
 from .options import DTYPES, Options
 from .paligemma import PaliGemma
@@ -200,8 +200,9 @@ class Pipeline:
                                         self.embed_images(per_example[chunk]), cfg, self.tokenizer.eos_id,
                                         self.tokenizer.pad_id)
         else:
-            engine = Engine(self, max_rows=min(batch_size, len(prompts)),
-                            max_len=max(len(ids) for ids in encoded) + cfg.max_new_tokens)
+            rows = batch_size if batch_invariant(self, default=False) else min(batch_size, len(prompts))
+            engine = engine_for(self, rows, (len(ids) + cfg.max_new_tokens for ids in encoded),
+                                default_invariant=False)
             requests = [engine.submit(ims, ids, cfg, force=True) for ims, ids in zip(per_example, encoded)]
             engine.run_until_idle()
             outs = [r.result() for r in requests]

@@ -20,8 +20,18 @@ with: every row has its own positions and masks, slots it has not written are ma
 numbers (so what an earlier occupant left there is never read), and a seeded request samples from
 its own generator. Greedy output equals the request run alone (tests/test_engine.py), to float
 rounding: a step's matrix products take as many rows as requests are running, and a GEMM of a few
-rows may round differently from one of many, so where two tokens tie to the last bits the choice
-can differ with the company.
+rows may round differently from one of many (a one-row GEMV sums in another order than a GEMM,
+and BLAS libraries pick their blocking and threading by shape).
+
+batch_invariant=True removes that rounding, so a request's tokens and log-probs are bit-identical
+whatever shares its steps, however it arrives, across a resumed job and across torchrun ranks (for
+one engine size, max_rows and max_len): every product then has a shape that does not depend on the
+company (He et al., "Defeating Nondeterminism in LLM Inference", Thinking Machines Lab, 2025, make
+kernels invariant; on a CPU, fixing the shapes is what is in reach). Each request is prefilled in a
+group of its own (its prompt at slots 0.., no padding), its images encoded one per call, and every
+decode step runs all max_rows rows of the pool over all max_len slots (the rows not running are
+computed and discarded): a GEMM's output row depends on its input row only, wherever that row sits
+in a product of fixed shape (tests/test_engine.py checks both). The cost is the rows not running (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -53,14 +63,14 @@ __all__ = ["Engine", "EngineBusy", "ImageCache", "Request", "Work", "cut_at_stop
 class ImageCache:
     """SigLIP + projector outputs (N, D) of recent images, least recently used evicted first,
     keyed by a hash of the preprocessed pixels and bounded in bytes: "caption, then detect, then
-    segment this photo" encodes it once.
+    segment this photo" encodes it once. one_per_call: each image encoded alone (batch-invariant).
 
     Only the image encoding is reused, never the KV cache of the image tokens: in PaliGemma's
     prefix-LM the image tokens attend to the text prefix after them (one bidirectional block), so
     their keys and values differ from one prompt to the next."""
 
-    def __init__(self, max_bytes: int):
-        self.max_bytes, self.bytes = max_bytes, 0
+    def __init__(self, max_bytes: int, one_per_call: bool = False):
+        self.max_bytes, self.bytes, self.one_per_call = max_bytes, 0, one_per_call
         self.entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self.hits = self.misses = 0
 
@@ -69,10 +79,11 @@ class ImageCache:
         keys = [hashlib.sha256(p.numpy().tobytes()).digest() for p in pixels]
         missing = list(dict.fromkeys(k for k in keys if k not in self.entries))  # each image once
         encoded = {}
-        if missing:
-            todo = torch.stack([pixels[keys.index(k)] for k in missing])
+        batches = [[k] for k in missing] if self.one_per_call else [missing] if missing else []
+        for batch in batches:  # one per call: an encoding that does not depend on the images beside it
+            todo = torch.stack([pixels[keys.index(k)] for k in batch])
             with torch.inference_mode():
-                encoded = dict(zip(missing, model.embed_images(todo.to(model.device))))
+                encoded |= dict(zip(batch, model.embed_images(todo.to(model.device))))
         out = []
         for k in keys:
             if k in self.entries:
@@ -115,8 +126,8 @@ class Runner:
     """The model side of the engine: the KV pool, each row's layout, slot and next-token logits,
     a group's prefill layer by layer, sampling, decode steps and row moves."""
 
-    def __init__(self, pipe, max_rows: int, max_len: int, image_cache_mb: float):
-        self.pipe, self.model = pipe, pipe.model
+    def __init__(self, pipe, max_rows: int, max_len: int, image_cache_mb: float, batch_invariant: bool = False):
+        self.pipe, self.model, self.batch_invariant = pipe, pipe.model, batch_invariant
         dev, text = self.model.device, self.model.config.text
         self.pool = self.model.new_cache(max_rows, max_len)
         self.layout = Layout(torch.zeros(max_rows, max_len, dtype=torch.long, device=dev),
@@ -124,7 +135,7 @@ class Runner:
                              torch.zeros(max_rows, max_len, dtype=torch.bool, device=dev))
         self.slot = torch.zeros(max_rows, dtype=torch.long, device=dev)
         self.logits = torch.zeros(max_rows, text.vocab_size, device=dev)  # each row's next-token logits
-        self.images = ImageCache(int(image_cache_mb * 2**20))
+        self.images = ImageCache(int(image_cache_mb * 2**20), one_per_call=batch_invariant)
         self.prefill: Prefill | None = None
 
     def rows(self, start: int, stop: int) -> KVCache:
@@ -186,7 +197,7 @@ class Runner:
             probs = gen.logits_to_probs(logits[i:i + 1], r.sampling)
             token = int(torch.multinomial(probs, 1, generator=r.generator))
         if token == eos:
-            r.finish_reason = "stop"
+            r.finish_reason = "eos"
             return 0
         r.tokens.append(token)
         r.logprobs.append(float(logprobs[i, token]))
@@ -217,9 +228,23 @@ class Runner:
         of each. A step that fails writes a slot that the next try writes again."""
         rows = slice(start, start + len(running))
         token = torch.tensor([r.tokens[-1] for r in running], device=self.slot.device)
-        layout = Layout(self.layout.block[rows], self.layout.pos[rows], self.layout.valid[rows])
-        self.logits[rows] = self.pipe.decode_step(token, self.slot[rows], layout, self.rows(rows.start, rows.stop))
+        if self.batch_invariant:
+            self.logits[rows] = self._decode_every_row(token, rows)
+        else:
+            layout = Layout(self.layout.block[rows], self.layout.pos[rows], self.layout.valid[rows])
+            self.logits[rows] = self.pipe.decode_step(token, self.slot[rows], layout, self.rows(rows.start, rows.stop))
         self.slot[rows] += 1
+
+    def _decode_every_row(self, token: torch.Tensor, rows: slice) -> torch.Tensor:
+        """A decode step of every pool row over every slot (one shape, whatever is running and however
+        long) -> the logits of `rows`. The other rows (free, or being prefilled) write their last slot,
+        which no row reads before writing it itself: a prompt ends before it (a request takes at
+        least one new token), and a row writes its slot before attending to it."""
+        every = torch.zeros(self.slot.shape[0], dtype=torch.long, device=token.device)
+        every[rows] = token
+        slot = torch.full_like(self.slot, self.pool.k[0].shape[2] - 1)
+        slot[rows] = self.slot[rows]
+        return self.pipe.decode_step(every, slot, self.layout, self.pool, every_slot=True)[rows]
 
 
 class Engine:
@@ -229,14 +254,16 @@ class Engine:
     max_len: prompt (images included) + new tokens of one request; default the image tokens + 512.
     image_cache_mb: the ImageCache bound (0: no cache). max_queue: requests waiting beyond it
     make submit raise EngineBusy. prefill_tokens: the prompt tokens one step may prefill.
+    batch_invariant: bit-identical results whatever the company (see the module doc).
     """
 
     def __init__(self, pipe, max_rows: int = 16, kv_cache_gb: float | None = None, max_len: int | None = None,
-                 image_cache_mb: float = 256, max_queue: int = 256, prefill_tokens: int = 4096):
+                 image_cache_mb: float = 256, max_queue: int = 256, prefill_tokens: int = 4096,
+                 batch_invariant: bool = False):
         self.pipe, self.model = pipe, pipe.model
         text = self.model.config.text
         limit = text.max_position_embeddings
-        max_len = max_len or min(limit, self.model.config.num_image_tokens + 512)
+        max_len = max_len or default_length(self.model.config)
         if max_len > limit:
             raise InputError(f"max_len {max_len} is more than the model's limit of {limit} positions")
         self.max_len = gen.cache_length(max_len)  # a compiled step's shapes, kept few
@@ -249,7 +276,8 @@ class Engine:
             max_rows = min(max_rows, fit)
         self.max_rows, self.kv_bytes = max_rows, row_bytes * max_rows
         self.scheduler = Scheduler(max_rows, max_queue, prefill_tokens)
-        self.runner = Runner(pipe, max_rows, self.max_len, image_cache_mb)
+        self.batch_invariant = batch_invariant
+        self.runner = Runner(pipe, max_rows, self.max_len, image_cache_mb, batch_invariant)
         self.cond = threading.Condition()
         self.closed = False
         self.thread: threading.Thread | None = None
@@ -274,6 +302,7 @@ class Engine:
         ids = prompt if isinstance(prompt, list) else self.pipe.prompt_ids(prompt, len(images), sampling.max_new_tokens)
         self.check(len(ids), sampling.max_new_tokens)
         request = Request(ids, images, sampling, **options)
+        request.alone = self.batch_invariant  # prefilled in a group of its own: no padding, no neighbours
         with self.cond:
             if self.closed:
                 raise EngineBusy("the engine is shut down")
@@ -472,13 +501,35 @@ class Work:
     images: list | None = None
 
 
+def default_length(config) -> int:
+    """Slots per request of an engine not told otherwise: the image tokens + 512."""
+    return min(config.text.max_position_embeddings, config.num_image_tokens + 512)
+
+
+def batch_invariant(pipe, default: bool) -> bool:
+    """Options.batch_invariant of the pipe, `default` where it is not set (None)."""
+    chosen = getattr(getattr(pipe, "options", None), "batch_invariant", None)
+    return default if chosen is None else chosen
+
+
+def engine_for(pipe, max_rows: int, lengths: Iterable[int], default_invariant: bool) -> Engine:
+    """An engine for a known set of requests of these lengths (prompt + new tokens). Batch-invariant,
+    its shape depends on no request: max_rows rows of at least default_length slots (longer only
+    for a set with a longer request); else just the rows and slots the set needs."""
+    longest = max(lengths, default=1)
+    if batch_invariant(pipe, default_invariant):
+        return Engine(pipe, max_rows=max_rows, max_len=max(longest, default_length(pipe.model.config)),
+                      batch_invariant=True)
+    return Engine(pipe, max_rows=max_rows, max_len=longest)
+
+
 def run_in_order(pipe, works: list[Work], max_rows: int) -> Iterator[list[tuple[Work, Request | None]]]:
-    """Every work through one engine (max_rows rows, its KV pool as long as the longest prompt and
-    answer need), yielded in order as Engine.in_order does; a work that failed, before generating
-    (no request then), on reading its images (no request) or in the engine, comes back with its
-    error in work.error."""
+    """Every work through one engine (engine_for: batch-invariant unless the options say not),
+    yielded in order as Engine.in_order does; a work that failed, before generating (no request
+    then), on reading its images (no request) or in the engine, comes back with its error in
+    work.error."""
     todo = [w for w in works if w.error is None]
-    engine = Engine(pipe, max_rows=max_rows, max_len=max((len(w.ids) + w.max_new_tokens for w in todo), default=1))
+    engine = engine_for(pipe, max_rows, (len(w.ids) + w.max_new_tokens for w in todo), default_invariant=True)
 
     def submit(work: Work) -> Request | None:
         if work.error is not None:

@@ -81,11 +81,16 @@ class DecodeStep:
             options = {"emulate_precision_casts": True, "triton.cudagraphs": cuda_graphs and model.device.type == "cuda"}
             self.compiled = torch.compile(step, fullgraph=True, dynamic=True, options=options)
 
-    def __call__(self, token: torch.Tensor, slot: torch.Tensor, layout: Layout, cache) -> torch.Tensor:
+    def __call__(self, token: torch.Tensor, slot: torch.Tensor, layout: Layout, cache,
+                 every_slot: bool = False) -> torch.Tensor:
+        """every_slot: attend over all the layout's slots in eager mode too (one shape whatever the
+        rows' lengths: the engine's batch-invariant mode)."""
         with kernels.one_row_products(token.shape[0], self.model.dtype, self.model.device, self.quantized):
             if self.compiled is not None:
                 return self.compiled(self.model, token, slot, layout, cache)
-            return self.model.decode_step(token, slot, layout.slots(int(slot.max()) + 1), cache)
+            if not every_slot:
+                layout = layout.slots(int(slot.max()) + 1)
+            return self.model.decode_step(token, slot, layout, cache)
 
 
 @torch.inference_mode()
@@ -127,7 +132,7 @@ def beam_search(model: PaliGemma, step: DecodeStep, prompts: list[list[int]], im
                 if tok == eos_id:
                     length = len(prev.tokens) + 1
                     finished[b].append((score / length**cfg.length_penalty,
-                                        Generated(prev.tokens, prev.logprobs, finish_reason="stop")))
+                                        Generated(prev.tokens, prev.logprobs, finish_reason="eos")))
                     continue
                 new_seqs[b][kept] = Generated(prev.tokens + [tok], prev.logprobs + [lp])
                 new_score[b, kept], parents[b, kept], tokens[b, kept] = score, parent, tok

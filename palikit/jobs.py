@@ -31,7 +31,8 @@ image: a path (relative to the input file's folder). Either "prompt" (any PaliGe
 "task" (a verb: %s) with that task's fields (lang, question, labels, ...). "id": any
 JSON value, copied to the record. "max_new_tokens": this job's budget (default --max-new-tokens).
 Each line gets one record in the output, in input order:
-  {"line": N, "id": ..., "prompt": ..., "text": ..., "objects": [...]}   (objects: detect, segment)
+  {"line": N, "id": ..., "prompt": ..., "text": ..., "finish_reason": ..., "objects": [...]}
+(finish_reason: eos, the answer ended; length, it used its budget; objects: detect, segment)
   {"line": N, "id": ..., "error": "what is wrong"}
 N is the 1-based line number. A bad job (not JSON, a field of the wrong type, an unknown task,
 an unreadable image, too long for the model) gets its error record and every other job runs.""" % ", ".join(tasks.TASKS)
@@ -163,7 +164,7 @@ def _record(pipe, work: Work, request, codec) -> dict:
         return {"line": n, **({"id": job["id"]} if "id" in job else {}), "error": work.error}
     g = request.result()
     text = pipe.tokenizer.decode(g.tokens)
-    rec = {"line": n, "id": job.get("id"), "prompt": prompt, "text": text}
+    rec = {"line": n, "id": job.get("id"), "prompt": prompt, "text": text, "finish_reason": g.finish_reason}
     try:
         if spec.parse is not None:
             rec["objects"] = [o.to_dict() for o in pipe.parse_objects(spec, text, g, work.images[0], codec)]

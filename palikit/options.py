@@ -65,6 +65,11 @@ class Options:
     sliding_window: bool = option(False, "apply Gemma 2's local attention window as transformers does (off, "
                                    "as big_vision: it matters past 4096 tokens only)", parse=bool)
     tokenizer: str | None = option(None, "tokenizer.model, where it is not beside the weights (a .npz)")
+    batch_invariant: bool | None = option(None, "answers bit-identical whatever shares their batch (each "
+                                          "prompt prefilled alone, every decode step of a fixed shape); "
+                                          "default: on for eval and run (their batches are full anyway), off "
+                                          "for serve and the Python API (a lone request computes a whole "
+                                          "batch's rows)", parse=bool)
     adapter: str | None = option(None, "a LoRA fine-tune (peft's adapter folder) merged into the model as it "
                                   "loads; an adapter folder given as the model names its base itself")
 
@@ -133,7 +138,7 @@ def add_flags(parser: argparse.ArgumentParser, cls=Options, skip: tuple[str, ...
         m, default = f.metadata, defaults.get(f.name, f.default)
         name = "--" + f.name.replace("_", "-")
         if m["parse"] is bool:
-            parser.add_argument(name, action="store_true", default=default, help=m["help"])
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=m["help"])
         else:
             parser.add_argument(name, type=m["parse"], choices=m["choices"], default=default, help=m["help"])
 

@@ -69,7 +69,7 @@ class Generated:
     tokens: list[int]  # generated ids, without the final <eos>
     logprobs: list[float] = field(default_factory=list)  # model log-prob of each token in `tokens`
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, if asked
-    finish_reason: str | None = None  # "stop": <eos> or a stop string; "length": max_new_tokens
+    finish_reason: str | None = None  # "eos", "stop" (a stop string), "length" (max_new_tokens)
 
 
 class EngineBusy(Exception):
@@ -84,8 +84,8 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
 
 class Request:
     """One generation: prompt ids (with <image> placeholders) and its images, its own sampling,
-    stop strings and callbacks. The engine fills tokens / logprobs and sets finish_reason ("stop":
-    <eos> or a stop string in the text; "length": max_new_tokens; "cancelled") or error, then calls
+    stop strings and callbacks. The engine fills tokens / logprobs and sets finish_reason ("eos";
+    "stop": a stop string in the text; "length": max_new_tokens; "cancelled") or error, then calls
     on_done. The tokens that completed a stop string are kept: cut_at_stop cuts the text."""
 
     def __init__(self, prompt_ids: list[int], images: list, sampling: SamplingConfig,

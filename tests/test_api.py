@@ -168,6 +168,8 @@ def test_run_gives_a_bad_job_its_error_and_runs_the_rest(tiny_model_dir, tmp_pat
     assert "newline" in recs[1]["error"] and "limit" in recs[2]["error"]
     assert "--vae" in recs[3]["error"] and "codec" in recs[3]["error"]
     assert recs[0]["text"] == pipe.caption(synthetic_image(0), max_new_tokens=4)
+    (_, alone), = pipe.generate_details([synthetic_image(0)], [recs[0]["prompt"]], max_new_tokens=4)
+    assert recs[0]["finish_reason"] == alone.finish_reason and recs[1].keys() == {"line", "id", "error"} - {"id"}
     assert recs[4]["text"] == pipe.generate(synthetic_image(0), "detect circle", max_new_tokens=4)
 
 

@@ -7,6 +7,7 @@ log-probs (which depend on every earlier token) are what tells the rows apart.""
 
 from __future__ import annotations
 
+import copy
 import random
 import threading
 
@@ -16,7 +17,7 @@ import torch
 
 from palikit import generate as gen
 from palikit import kernels
-from palikit.engine import Engine, EngineBusy
+from palikit.engine import Engine, EngineBusy, ImageCache, Work, run_in_order
 from palikit.processor import InputError
 
 import palikit
@@ -89,6 +90,109 @@ def test_greedy_equals_alone_whatever_the_arrival(pipe, no_eos, seed):
     assert engine.runner.images.hits >= 2  # IMG[0] under three prompts
 
 
+def in_dtype(pipe, dtype: torch.dtype):
+    """The module's pipe with its weights in `dtype`, never choosing <eos> (as no_eos)."""
+    if dtype == torch.float32:
+        return pipe
+    model = copy.deepcopy(pipe.model).to(dtype)
+    model.__dict__.pop("logits", None)  # no_eos's patch, bound to the float32 model
+    forward, eos = model.logits, torch.tensor([pipe.tokenizer.eos_id])
+    model.logits = lambda hidden, *where: forward(hidden, *where).index_fill_(-1, eos, float("-inf"))
+    return Pipeline(model, pipe.tokenizer)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batch_invariant_answers_are_bit_identical_whatever_the_company(pipe, no_eos, dtype):
+    """batch_invariant=True: each request's tokens, log-probs and top log-probs are bit-identical
+    to the request run alone in an engine of the same size, whatever shares its steps, however
+    prefills are grouped and chunked by layers, greedy or sampled, and when a neighbour fails."""
+    p = in_dtype(pipe, dtype)
+    cases = CASES + [([IMG[2]], "caption es", 6)]
+    sampled = {1: dict(do_sample=True, seed=7, temperature=0.8), 5: dict(do_sample=True, seed=3)}
+
+    def engine(**kw):
+        return Engine(p, max_rows=4, batch_invariant=True, **kw)
+
+    def submit(e, i):
+        ims, prompt, n = cases[i]
+        return e.submit(ims, prompt, gen.SamplingConfig(max_new_tokens=n, top_logprobs=2, **sampled.get(i, {})))
+
+    want = []
+    for i in range(len(cases)):
+        e = engine()
+        want.append(submit(e, i))
+        e.run_until_idle()
+    for seed, prefill_tokens in [(0, 4096), (1, 40), (2, 4096)]:
+        e = engine(prefill_tokens=prefill_tokens)
+        rng, order, got = random.Random(seed), list(range(len(cases))), {}
+        rng.shuffle(order)
+        while order or e.busy:
+            for _ in range(rng.choice([0, 1, 3])):
+                if order:
+                    i = order.pop()
+                    got[i] = submit(e, i)
+            e.step()
+        for i, w in enumerate(want):
+            g = got[i].result()
+            assert (g.tokens, g.logprobs, g.top_logprobs) == (w.result().tokens, w.result().logprobs,
+                                                             w.result().top_logprobs), (seed, i)
+        assert len({len(r.tokens) for r in got.values()}) > 2  # rows left at different steps
+
+
+def test_batch_invariant_images_are_encoded_one_per_call(pipe):
+    """A SigLIP product over several images may round otherwise than over one, and the image cache
+    hands an encoding to later requests: in batch-invariant mode each image is encoded alone."""
+    calls = []
+    model = type("Spy", (), {"device": pipe.model.device,
+                             "embed_images": lambda self, px: calls.append(len(px)) or pipe.model.embed_images(px)})()
+    pixels = torch.rand(3, 3, 8, 8)
+    ImageCache(2**20, one_per_call=True).encode(model, pixels)
+    ImageCache(2**20).encode(model, pixels)
+    assert calls == [1, 1, 1, 3]
+
+
+def test_batch_invariant_decode_rows_do_not_depend_on_their_place(pipe):
+    """A decode step of the whole pool gives each row the same bits wherever the row sits and
+    whatever the other rows hold (random caches and masks)."""
+    torch.manual_seed(0)
+    engine = Engine(pipe, max_rows=4, batch_invariant=True)
+    r = engine.runner
+    S = r.pool.k[0].shape[2]
+    for cache in (*r.pool.k, *r.pool.v):
+        cache.normal_()
+    r.layout.valid.copy_(torch.rand(4, S) > 0.3)
+    r.layout.pos.copy_(torch.arange(S).expand(4, S))
+    r.slot.copy_(torch.randint(S // 2, S - 1, (4,)))
+    r.layout.block.copy_(torch.clamp(torch.arange(S) - r.slot[:, None], min=0))
+    token = torch.randint(0, 300, (4,))
+    with torch.inference_mode():
+        want = r._decode_every_row(token, slice(0, 4))
+        for perm in ([3, 2, 1, 0], [1, 0, 3, 2]):
+            for t in (*r.pool.k, *r.pool.v, r.layout.valid, r.layout.pos, r.layout.block, r.slot):
+                t.copy_(t[perm])
+            token = token[perm]
+            got = r._decode_every_row(token, slice(0, 4))
+            want = want[perm]
+            assert torch.equal(got, want)
+
+
+def test_batch_runs_are_bit_identical_across_resume_and_ranks(pipe, no_eos):
+    """`palikit run` and `eval` (run_in_order, batch-invariant by default): a job's tokens and
+    log-probs are the same bits in the whole set, in the part left after a resume, and on each
+    rank of two (every other job); the Python API's default (off) is not asked to be."""
+    cases = CASES + [([IMG[2]], "caption es", 6)]
+
+    def run(keys):
+        works = [Work(i, pipe.prompt_ids(cases[i][1], len(cases[i][0]), cases[i][2]), cases[i][2],
+                      lambda i=i: cases[i][0]) for i in keys]
+        return {w.key: r.result() for ready in run_in_order(pipe, works, 3) for w, r in ready}
+
+    whole = run(range(len(cases)))
+    for part in (range(4, len(cases)), range(0, len(cases), 2), range(1, len(cases), 2)):
+        for i, got in run(part).items():
+            assert (got.tokens, got.logprobs) == (whole[i].tokens, whole[i].logprobs), i
+
+
 def test_stops_at_eos_as_alone(pipe):
     """Rows that end with the model's <eos> at different steps leave as alone."""
     if pipe.config.text.post_norms is False:
@@ -99,7 +203,7 @@ def test_stops_at_eos_as_alone(pipe):
     assert len({len(w.tokens) for w in want if len(w.tokens) < 24}) >= 3, "too few answers end early"
     assert len({tuple(w.tokens) for w in want}) >= 6, "answers must differ per request"
     for r, w in zip(got, want):
-        assert r.finish_reason == ("stop" if len(w.tokens) < 24 else "length")
+        assert r.finish_reason == ("eos" if len(w.tokens) < 24 else "length")
         assert_same(r.result(), w)
 
 

@@ -400,7 +400,7 @@ def test_one_prompt_is_asked_of_every_image_and_says_why_it_ended(pipe):
     assert cut.finish_reason == beams.finish_reason == "length" and len(cut.tokens) == 2
     eos = pipe.tokenizer.eos_id
     stopped = pipe.generate_details([IMG[0]], ["caption en"], max_new_tokens=40)[0][1]
-    assert stopped.finish_reason == ("stop" if len(stopped.tokens) < 40 else "length")
+    assert stopped.finish_reason == ("eos" if len(stopped.tokens) < 40 else "length")
     assert eos not in stopped.tokens
 
 

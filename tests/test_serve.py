@@ -225,7 +225,8 @@ def test_openai_client(live, pipe):
 
 
 def test_finish_reason_stop_and_length(pipe, monkeypatch):
-    """An answer that ends before max_tokens stops; a longer one is cut to max_tokens tokens."""
+    """An answer that ends before max_tokens stops; a longer one is cut to max_tokens tokens. The
+    native endpoints say "eos" where OpenAI's chat completions say "stop" (a stop string: "stop")."""
     Scripted(pipe, {"caption": "a red circle and a blue square"}, monkeypatch)
     ids = pipe.tokenizer.encode("a red circle and a blue square")
     with TestClient(create_app(pipe)) as c:
@@ -236,6 +237,9 @@ def test_finish_reason_stop_and_length(pipe, monkeypatch):
         r = c.post("/v1/chat/completions", json=body | {"max_tokens": 3}).json()
         assert r["choices"][0]["finish_reason"] == "length" and r["usage"]["completion_tokens"] == 3
         assert r["choices"][0]["message"]["content"] == pipe.tokenizer.decode(ids[:3])
+        native = {"image": data_url(synthetic_image(0)), "max_new_tokens": len(ids) + 5}
+        assert c.post("/v1/caption", json=native).json()["finish_reason"] == "eos"
+        assert c.post("/v1/caption", json=native | {"max_new_tokens": 3}).json()["finish_reason"] == "length"
 
 
 def test_openai_client_streaming(live, pipe):

@@ -27,7 +27,8 @@ Batching: continuous (palikit.engine). One model thread decodes a token for ever
 step, up to max_batch rows (or as many as kv_cache_gb holds); a new request joins between steps and
 leaves the moment it is done, so a short `ocr` never waits for a long `describe`. Streaming, seeded and
 greedy requests all share the steps, each with its own sampling and seed, and each answer is the one the
-request gets alone. Images are encoded once while they stay in the image cache (image_cache_mb), so
+request gets alone: the same tokens, log-probs to float rounding; bit for bit with --batch-invariant (each
+prompt prefilled alone, every step of all max_batch rows, at a cost in throughput). Images are encoded once while they stay in the image cache (image_cache_mb), so
 captioning, then detecting, then segmenting one photo encodes it once. Requests beyond max_queue waiting
 get 503 + Retry-After. The event loop never runs the model.
 
@@ -66,6 +67,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import tasks
 from ..api import Pipeline
+from ..engine import batch_invariant
 from ..options import Options, ServerSettings
 from ..processor import InputError
 from .batcher import Batcher, Job
@@ -110,6 +112,12 @@ def _as_http(e: Exception) -> HTTPException:
     return HTTPException(500, f"internal error ({type(e).__name__}); see the server log")
 
 
+def openai_finish_reason(reason: str) -> str:
+    """OpenAI's name for a finish reason: "stop" for <eos> and stop strings alike ("length" as is);
+    palikit's own endpoints keep "eos" and "stop" apart."""
+    return "length" if reason == "length" else "stop"
+
+
 class Server:
     """Settings, the batcher, the image reader and the metrics of one app; the routes call into it."""
 
@@ -120,7 +128,7 @@ class Server:
         self.metrics = Metrics()
         self.batcher = Batcher(pipe, self.metrics, settings.max_batch, settings.max_queue,
                                kv_cache_gb=settings.kv_cache_gb, image_cache_mb=settings.image_cache_mb,
-                               max_len=settings.max_len)
+                               max_len=settings.max_len, batch_invariant=batch_invariant(pipe, default=False))
         self.images = ImageReader(max_bytes=settings.max_body_bytes, max_pixels=settings.max_image_pixels,
                                   allow_local_paths=settings.allow_local_paths or False,
                                   allow_urls=settings.allow_urls, allow_private_urls=settings.allow_private_urls,
@@ -191,7 +199,7 @@ class Server:
                     yield chunk({"content": payload})
                     continue
                 if kind == "done":
-                    yield chunk({}, payload["finish_reason"])
+                    yield chunk({}, openai_finish_reason(payload["finish_reason"]))
                     if include_usage:
                         n = payload["completion_tokens"]
                         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": n,
@@ -303,8 +311,8 @@ def create_app(pipe: Pipeline, settings: ServerSettings | None = None, **changes
         r = await server.result(job)
         usage = Usage(prompt_tokens=n_prompt, completion_tokens=r["completion_tokens"],
                       total_tokens=n_prompt + r["completion_tokens"])
-        choice = Choice(message=ChatMessageOut(content=r["text"]), finish_reason=r["finish_reason"],
-                        logprobs=r.get("logprobs"))
+        choice = Choice(message=ChatMessageOut(content=r["text"]),
+                        finish_reason=openai_finish_reason(r["finish_reason"]), logprobs=r.get("logprobs"))
         return ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
                               model=server.model_name, choices=[choice], usage=usage)
 

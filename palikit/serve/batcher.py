@@ -68,9 +68,8 @@ def send_delta(pipe, job: Job, tokens: list[int], final: bool = False) -> bool:
 def answer(pipe, job: Job, text: str, g: gen.Generated) -> dict:
     """A job's result: text, token count, finish reason, and the parsed objects of a detect / segment job."""
     tokens, logprobs = g.tokens, g.logprobs
-    text, stopped = cut_at_stop(text, job.stop)
-    out = {"text": text, "completion_tokens": len(tokens),
-           "finish_reason": "length" if len(tokens) >= job.max_new_tokens and not stopped else "stop"}
+    text, _ = cut_at_stop(text, job.stop)
+    out = {"text": text, "completion_tokens": len(tokens), "finish_reason": g.finish_reason}
     if job.parse:
         objects = pipe.parse_objects(job.parse, text, gen.Generated(tokens, logprobs), job.size)
         out["objects"] = [o.to_dict() for o in objects]

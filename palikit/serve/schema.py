@@ -82,7 +82,8 @@ class TaskResponse(BaseModel):
     width: int
     height: int
     objects: list[DetectedObject] | None = Field(None, description="detect / segment only")
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["eos", "stop", "length"] = Field(description="eos: the model ended its answer; stop: "
+                                                            "a stop string; length: the token budget")
     usage: Usage
 
 
