@@ -31,7 +31,8 @@ kernels invariant; on a CPU, fixing the shapes is what is in reach). Each reques
 group of its own (its prompt at slots 0.., no padding), its images encoded one per call, and every
 decode step runs all max_rows rows of the pool over all max_len slots (the rows not running are
 computed and discarded): a GEMM's output row depends on its input row only, wherever that row sits
-in a product of fixed shape (tests/test_engine.py checks both). The cost is the rows not running (docs/performance.md).
+in a product of fixed shape (tests/test_engine.py checks both). The cost is the rows not running
+(docs/performance.md).
 """
 
 from __future__ import annotations

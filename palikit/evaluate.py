@@ -323,7 +323,8 @@ def report(records: Sequence[dict], *, name: str, model: str | None = None,
     for row in rows:
         if model is not None and row["group"] in BENCHMARKS:
             other = split is not None and split != BENCHMARKS[row["group"]].split
-            row["model_card"] = published(f"{row['group']}/{split}" if other else row["group"], model)
+            card = published(f"{row['group']}/{split}" if other else row["group"], model)
+            row["model_card"] = None if card is None else card / 100  # the card prints x100; one scale here
     return {"evaluated": name, "model": model, "examples": len(records),
             "errors": sum("error" in r for r in records),
             "first_error": next((r["error"] for r in records if "error" in r), None), "results": rows,
@@ -332,9 +333,10 @@ def report(records: Sequence[dict], *, name: str, model: str | None = None,
 
 
 def markdown(rep: dict) -> str:
-    """The report as a Markdown table; fractions shown x100 as the model card prints them."""
+    """The report as a Markdown table, its numbers on the JSON's scale (the evaluators': fractions, and
+    CIDEr as pycocoevalcap computes it; the model card prints both x100)."""
     def shown(v):
-        return "n/a" if v is None else f"{v * 100:.1f}" if isinstance(v, float) else str(v)
+        return "n/a" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
     made = rep.get("provenance") or {}
     quantized = (made.get("quantize") or {}).get("scheme", "none")
@@ -342,12 +344,12 @@ def markdown(rep: dict) -> str:
                                             ("seed", made.get("seed")), ("palikit", made.get("palikit"))]) if made else ""
     lines = [f"**{rep['evaluated']}** ({rep['model']}{'; ' + how if how else ''}): {rep['examples']} examples, "
              f"{rep['errors']} errors", "",
-             "| group | metric | result | examples | model card |", "|---|---|---|---|---|"]
+             "| group | metric | result | examples | model card / 100 |", "|---|---|---|---|---|"]
     for row in rep["results"]:
         values = ", ".join(f"{k} {shown(v)}" for k, v in row["values"].items())
         card = row.get("model_card")
         lines.append(f"| {row['group']} | {row['metric']} | {values} | {row['examples']} | "
-                     f"{'' if card is None else card} |")
+                     f"{'' if card is None else shown(card)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -105,6 +105,8 @@ def test_coco_captions_karpathy_end_to_end(tmp_path, scenes):
     score = _values(_report(out))[("coco_captions", "cider")]["cider"]
     assert score == pytest.approx(metrics.cider([p["prediction"] for p in preds], [p["answers"] for p in preds]))
     assert score > 0.5, "the bundled model captions its own world"
+    table = out.with_suffix(".report.md").read_text()
+    assert f"cider {score:.4f}" in table, "the Markdown shows CIDEr on the JSON's scale"
 
 
 def test_jsonl_scored_by_task_word(tmp_path, jsonl):
@@ -269,13 +271,13 @@ def test_report_shows_the_model_card_number_for_the_checkpoint():
 
     vqa = [record("vqav2", "vqav2_accuracy", {"prediction": "yes", "answers": ["yes"] * 10, "extra": {}})]
     rep = ev.report(vqa, name="vqav2", model="/ckpts/paligemma2-3b-pt-224/")
-    assert rep["results"][0]["model_card"] == 83.0
-    assert "| 83.0 |" in ev.markdown(rep)
+    assert rep["results"][0]["model_card"] == pytest.approx(0.83)  # the card's 83.0, on the report's scale
+    assert "| 0.8300 |" in ev.markdown(rep)
     assert ev.report(vqa, name="vqav2", model="my-finetune")["results"][0]["model_card"] is None
     seg = [record("refcoco", "segmentation_miou", {"prediction": "", "objects": [], "width": 4, "height": 4,
                                                    "truth_objects": [{"label": "x", "box": [0, 0, 2, 2], "mask": np.eye(4, dtype=bool)}]})]
     rep = ev.report(seg, name="refcoco", model="google/paligemma2-3b-pt-448", split="testA")
-    assert rep["results"][0]["model_card"] == eval_sets.published("refcoco/testA", "paligemma2-3b-pt-448")
+    assert rep["results"][0]["model_card"] == eval_sets.published("refcoco/testA", "paligemma2-3b-pt-448") / 100
 
 
 def test_failed_detect_and_segment_examples_do_not_stop_the_run(tmp_path):
