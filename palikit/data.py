@@ -137,8 +137,9 @@ def read_coco(path: str | Path, task: str = "detect", codec=None, image_dir: str
     segment: one example per (image, category present), prefix `segment label`, suffix
     `<loc>x4<seg>x16 label ; ...`; `codec` is a palikit MaskCodec (or the path of its npz).
     Crowd annotations are skipped. Images are found in `image_dir` (default: the JSON's folder).
-    An annotation with a negative box or an unknown category id raises DatasetError, or, when
-    `errors` is a list, is recorded there as a Problem and skipped; an empty box is skipped and a
+    An annotation with a negative box, a box entirely outside its image, an unknown category or
+    image id, or (segment) no segmentation raises DatasetError, or, when `errors` is a list, is
+    recorded there as a Problem and skipped; an empty box is skipped and a
     box reaching past the image clipped to it, each recorded there as a warning.
     """
     from . import tasks  # lazily: only COCO conversion needs the box and mask encoders
@@ -177,16 +178,23 @@ def read_coco(path: str | Path, task: str = "detect", codec=None, image_dir: str
     for a in anns:
         where = f"{path}:annotation {a.get('id')}"
         x, y, w, h = a.get("bbox") or (0, 0, 0, 0)
-        W, H = sizes.get(a["image_id"], (None, None))
+        W, H = sizes.get(a.get("image_id"), (None, None))
         if a.get("iscrowd", 0):
             continue
-        if a["category_id"] not in names:
+        if a.get("image_id") not in sizes:
+            problem(where, "unknown-image", f"image_id {a.get('image_id')!r} is not among the file's images")
+        elif task == "segment" and not a.get("segmentation"):
+            problem(where, "no-segmentation", "has no 'segmentation' to make a segment example of (a detection-only "
+                    "export? use --task detect)")
+        elif a["category_id"] not in names:
             problem(where, "unknown-category", f"category_id {a['category_id']} is not among the file's "
                     f"categories ({', '.join(map(str, sorted(names)))})")
         elif w < 0 or h < 0:
             problem(where, "box-size", f"bbox {a.get('bbox')} has a negative width or height")
         elif w == 0 or h == 0:
             problem(where, "box-size", f"bbox {a.get('bbox')} is empty; skipped", error=False)
+        elif W and H and (x >= W or y >= H or x + w <= 0 or y + h <= 0):
+            problem(where, "box-outside", f"bbox {a['bbox']} lies entirely outside the {W}x{H} image")
         else:
             if W and H and (x < 0 or y < 0 or x + w > W or y + h > H):
                 problem(where, "box-outside", f"bbox {a['bbox']} reaches past the {W}x{H} image; it is "
@@ -431,7 +439,7 @@ def check_dataset(path: str | Path, config=None, tokenizer=None, max_text_len: i
             continue
         n_text = len(enc.ids)
         report.text_tokens.append(n_text)
-        n_total = n_image * len(ex.images) + n_text
+        n_total = n_image * len(ex.images) + kept_text(n_text, max_text_len)  # what training feeds the model
         if max_text_len and n_text > max_text_len:
             report.problems.append(Problem(ex.where, "too-long", f"{n_text} text tokens > max_text_len "
                                            f"{max_text_len}: the end would be cut off", error=False))
@@ -449,7 +457,18 @@ def data_errors(examples: Sequence[Example], what: str) -> str | None:
         return None
     first = errors[0]
     return (f"{what}: {len(errors)} data error(s), e.g. {first.where}: {first.kind}: {first.message}; "
-            "`palikit data check` lists them all (allow_data_errors: true trains anyway)")
+            "`palikit data check` lists them all (allow_data_errors: true skips those examples)")
+
+
+def without_broken(examples: Sequence[Example]) -> tuple[list[Example], list[Problem]]:
+    """The examples `palikit data check` finds no error in, and the errors of the others."""
+    kept, broken = [], []
+    for ex in examples:
+        errors = [p for p in _check_example(ex, open_images=False) if p.error]
+        broken += errors[:1]
+        if not errors:
+            kept.append(ex)
+    return kept, broken
 
 
 def _check_example(ex: Example, open_images: bool) -> list[Problem]:
@@ -556,6 +575,12 @@ class Item:
     images: list  # PIL images
 
 
+def kept_text(n_text: int, max_text_len: int | None) -> int:
+    """The text tokens of an example that training keeps: big_vision truncates the text to text_len
+    (the image tokens come on top). `data check` measures lengths with this too."""
+    return n_text if max_text_len is None else min(n_text, max_text_len)
+
+
 class PaliGemmaDataset(torch.utils.data.Dataset):
     """Examples encoded once up front (so truncation is known before training); images are read
     in __getitem__ (in DataLoader workers when there are any)."""
@@ -569,8 +594,9 @@ class PaliGemmaDataset(torch.utils.data.Dataset):
                 enc = encode_example(tokenizer, num_image_tokens * len(ex.images), ex.prefix, ex.suffix)
             except InputError as e:
                 raise DatasetError(f"{ex.where}: {e}") from e
-            keep = num_image_tokens * len(ex.images) + (max_text_len or len(enc.ids))
-            if len(enc.ids) > keep:  # big_vision truncates the text to text_len
+            n_image = num_image_tokens * len(ex.images)
+            keep = n_image + kept_text(len(enc.ids) - n_image, max_text_len)
+            if len(enc.ids) > keep:
                 self.truncated += 1
                 enc = Encoded(enc.ids[:keep], enc.mask_ar[:keep], enc.loss_mask[:keep])
             self.encoded.append(enc)

@@ -362,6 +362,18 @@ def validation_values(rep: dict) -> dict[str, float]:
         f"exact_match/{g}": v for g, v in rep["exact_match"].items() if g != "all"}
 
 
+def validation_names(examples: Sequence[EvalExample], metric: str | None) -> set[str]:
+    """Every name validation_values can give for these examples scored by task (with --metric
+    `metric`): what a trainer's keep_best is checked against before the run starts."""
+    names = {"exact_match"}
+    for ex in examples:
+        group = group_of(ex, "", by_task=True)
+        names.add(f"exact_match/{group}")
+        for m in metrics_of(ex, None, metric):
+            names |= {f"{value}/{group}" for value in metric_named(m).values}
+    return names
+
+
 def write_report(rep: dict, path: str | Path) -> None:
     """The JSON report at `path` and its Markdown table beside it (same name, .md)."""
     path = Path(path)

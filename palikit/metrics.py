@@ -530,6 +530,7 @@ class Metric:
     summary: str  # one line, shown in `palikit eval --metric` help and errors
     score: Callable[[dict], dict]  # one example -> a small JSON-serialisable record
     aggregate: Callable[[list[dict]], dict[str, float]]  # records of all examples -> the reported numbers
+    values: tuple[str, ...] = ()  # every name `aggregate` may report (a run's settings are checked against them)
 
 
 def _answers(example: dict) -> list[str]:
@@ -554,7 +555,7 @@ def _answer_metric(name: str, summary: str, functions: dict[str, Callable[[str, 
             prediction, answers = prediction.lower(), [a.lower() for a in answers]
         return {k: f(prediction, answers) if answers else None for k, f in functions.items()}
 
-    return Metric(name, summary, score, lambda records: _means(records, list(functions)))
+    return Metric(name, summary, score, lambda records: _means(records, list(functions)), (*functions, "num"))
 
 
 def _any_match(prediction: str, answers: Sequence[str]) -> float:
@@ -600,6 +601,9 @@ def _score_count(example: dict) -> dict:
     }
 
 
+_COUNT_GROUPS = ("", "_simple", "_complex", *(f"_count_{c}" for c in range(_LARGEST_TRACKED_COUNT + 1)))
+
+
 def _aggregate_count(records: list[dict]) -> dict[str, float]:
     # tallyqa.py: acc and num over all, then per split and per true count 0..15, where there are any.
     groups = {"": records}
@@ -628,7 +632,8 @@ METRICS: dict[str, Metric] = {
     for m in (
         _answer_metric("exact_match", "stripped answer equals any ground truth", {"exact_match": exact_match}),
         Metric("vqav2_accuracy", "VQAv2/TextVQA: normalised answers, leave-one-out min(1, matches/3)",
-               _score_vqav2, _aggregate_vqav2),
+               _score_vqav2, _aggregate_vqav2,
+               ("accuracy", "num", *(f"{v}_{t}" for t in ("yesno", "number", "other") for v in ("accuracy", "num")))),
         _answer_metric("vqa_accuracy", "OK-VQA/A-OKVQA: min(1, matches/3), a single answer exactly",
                        {"accuracy": vqa_accuracy, "accuracy_any": _any_match}),
         _answer_metric("vqa_accuracy_lowercase", "OCR-VQA: vqa_accuracy on lower-cased text",
@@ -636,20 +641,22 @@ METRICS: dict[str, Metric] = {
         _answer_metric("anls", "DocVQA/ST-VQA/InfoVQA: ANLS, threshold 0.5, lower-cased", {"anls": anls}),
         _answer_metric("ocr", "text reading: exact match and ANLS", {"exact_match": exact_match, "anls": anls}),
         Metric("relaxed_accuracy", "ChartQA: numbers within 5%, other answers exactly, lower-cased",
-               _score_chartqa, lambda records: _means(records, ["relaxed_accuracy", "accuracy"])),
+               _score_chartqa, lambda records: _means(records, ["relaxed_accuracy", "accuracy"]),
+               ("relaxed_accuracy", "accuracy", "num")),
         Metric("cider", "COCO captions: corpus CIDEr-D on PTB tokens (model card: x100)",
-               _caption_record, _aggregate_cider),
+               _caption_record, _aggregate_cider, ("cider", "num")),
         Metric("segmentation_miou", "RefCOCO segmentation: mean mask IoU, box acc@0.5/0.75, invalid outputs",
-               referring_segmentation, _aggregate_referring_segmentation),
+               referring_segmentation, _aggregate_referring_segmentation,
+               ("miou", "boxacc_50", "boxacc_75", "invalid", "total")),
         Metric("referring_detection", "RefCOCO detection: the first box's IoU >= 0.5 with the true box "
                "(first_box_acc_50)",
-               referring_detection, _aggregate_referring_detection),
+               referring_detection, _aggregate_referring_detection, ("first_box_acc_50", "invalid", "total")),
         Metric("detection_map", "detection: COCO box mAP@[.5:.95], AP50, AP75 (pycocotools)",
-               _detections_record, detection_map),
+               _detections_record, detection_map, ("map", "ap50", "ap75", "num")),
         Metric("tallyqa_accuracy", "TallyQA: count exact match (number words as digits), simple/complex",
-               _score_count, _aggregate_count),
+               _score_count, _aggregate_count, tuple(f"{v}{g}" for g in _COUNT_GROUPS for v in ("accuracy", "num"))),
         Metric("countbench_accuracy", "CountBenchQA: count exact match (number words as digits)",
-               _score_count, _aggregate_count),
+               _score_count, _aggregate_count, tuple(f"{v}{g}" for g in _COUNT_GROUPS for v in ("accuracy", "num"))),
     )
 }
 

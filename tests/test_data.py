@@ -195,6 +195,12 @@ def test_check_dataset_against_the_model_length_limit(tmp_path, tok):
     config = PaliGemmaConfig.from_name("tiny-paligemma2", text={"max_position_embeddings": 100})
     report = check_dataset(f, config=config, tokenizer=tok)
     assert [p.kind for p in report.problems] == ["too-long"] and not report.ok
+    # Training truncates the text to max_text_len first, and then it fits: a warning, not an error.
+    n_image = config.num_image_tokens
+    cut = check_dataset(f, config=config, tokenizer=tok, max_text_len=100 - n_image)
+    assert [(p.kind, p.error) for p in cut.problems] == [("too-long", False)] and cut.ok
+    ds = PaliGemmaDataset(load_examples(f), tok, n_image, 100 - n_image)
+    assert len(ds.encoded[0].ids) == 100 and ds.truncated == 1
 
 
 # ---- Dataset, collate ------------------------------------------------------------------------
@@ -311,6 +317,33 @@ def test_right_padding_does_not_change_the_loss(tok):
         alone = per_example([short], pixels[:1])
         padded = per_example([short, long], pixels)  # short is right-padded here
     torch.testing.assert_close(padded[0], alone[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("annotation, kind, message", [
+    ({"image_id": 2, "category_id": 2, "bbox": [60, 0, 20, 20]}, "box-outside", "entirely outside the 50x50 image"),
+    ({"image_id": 2, "category_id": 2, "bbox": [-30, 10, 20, 20]}, "box-outside", "entirely outside"),
+    ({"image_id": 5, "category_id": 2, "bbox": [0, 0, 20, 20]}, "unknown-image", "image_id 5 is not among"),
+    ({"image_id": 2, "category_id": 2, "bbox": [0, 0, 20, 20]}, "no-segmentation", "no 'segmentation'"),
+])
+def test_coco_annotations_that_cannot_train_are_errors(tmp_path, annotation, kind, message):
+    """A box entirely outside its image, an annotation of an image the file does not list, and (for
+    segment) one without a segmentation: each an error finding of `data check`, and one line
+    naming the annotation when training reads the file."""
+    from palikit.maskcodec import MASK_CODEC_PRESETS, MaskCodec
+
+    codec = MaskCodec(MASK_CODEC_PRESETS["tiny"]).eval()
+    path = _coco(tmp_path)
+    coco = json.loads(path.read_text())
+    coco["annotations"].append({"id": 7, "iscrowd": 0, **annotation})
+    path.write_text(json.dumps(coco))
+    task = "segment" if kind == "no-segmentation" else "detect"
+    found = []
+    read_coco(path, task, codec, errors=found)
+    assert [(p.where.rsplit(":", 1)[1], p.kind, p.error) for p in found if p.error] == [("annotation 7", kind, True)]
+    with pytest.raises(DatasetError, match=f"annotation 7: .*{message}"):
+        read_coco(path, task, codec)
+    if kind != "no-segmentation":
+        assert read_coco(path, "segment", codec, errors=[])  # the others still convert
 
 
 def test_data_check_reports_coco_annotation_problems_and_goes_on(tmp_path, capsys):

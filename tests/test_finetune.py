@@ -307,8 +307,13 @@ def test_validation_config_errors(cfg, data):
         load_config(cfg | {"keep_best": "eval_loss"})
     with pytest.raises(ConfigError, match="needs keep_best and eval_every"):
         load_config(cfg | {"eval_file": str(data["eight"]), "early_stopping": 2})
-    with pytest.raises(ConfigError, match="keep_best='cider' is not a validation value; this run logs .*cider/caption"):
-        train(cfg | {"eval_file": str(data["eight"]), "steps": 1, "eval_examples": 4, "keep_best": "cider"})
+    # keep_best is checked when the run starts, before the model (a folder that does not exist) loads
+    late = {"eval_file": str(data["eight"]), "steps": 1, "eval_examples": 4, "model": str(data["eight"].parent / "none")}
+    with pytest.raises(ConfigError, match="keep_best='cider' is not a validation value of this run; it can log "
+                                          ".*cider/caption"):
+        train(cfg | late | {"keep_best": "cider"})
+    with pytest.raises(ConfigError, match="keep_best='cider/caption' .* it can log eval_loss$"):
+        train(cfg | late | {"keep_best": "cider/caption", "eval_examples": 0})  # no generations: loss only
 
 
 # ---- checkpoints and resume ----------------------------------------------------------------------
@@ -603,7 +608,8 @@ def test_lora_adapter_loads_in_transformers_and_peft(tmp_path):
 
 def test_train_refuses_bad_data_before_the_model_loads(cfg, data, tmp_path):
     """`<loc1024>` and a missing image stop the run with the data check's finding, before the model
-    (here a folder that does not exist) is even looked at; allow_data_errors trains on."""
+    (here a folder that does not exist) is even looked at; allow_data_errors skips and counts the
+    broken examples (an unreadable line too) and trains on the rest."""
     rows = [json.loads(line) for line in data["eight"].read_text().splitlines()]
     for r in rows:
         r["image"] = str(data["eight"].parent / r["image"])
@@ -616,8 +622,11 @@ def test_train_refuses_bad_data_before_the_model_loads(cfg, data, tmp_path):
     missing.write_text(json.dumps(rows[0] | {"image": "gone.png"}) + "\n")
     with pytest.raises(ConfigError, match="eval_file .*missing-image: image not found"):
         train(cfg | {"eval_file": str(missing)})
-    result = train(cfg | {"train_file": str(bad), "steps": 1, "allow_data_errors": True})
-    assert result["step"] == 1
+    with bad.open("a") as f:  # and a line that is not JSON, and one whose image is gone
+        f.write("{not json\n" + json.dumps(rows[0] | {"image": "gone.png"}) + "\n")
+    result = train(cfg | {"train_file": str(bad), "eval_file": str(missing), "steps": 1, "allow_data_errors": True})
+    assert result["step"] == 1  # trained on the examples left: the broken ones skipped and counted
+    assert result["skipped_examples"] == {"train_file": 3, "eval_file": 1}
 
 
 @pytest.mark.slow

@@ -712,3 +712,20 @@ CAPTIONS = [
     'a 50-50 chance of rain',
     *KNOWN_PTB_DIFFERENCES,
 ]
+
+
+def test_every_metric_declares_the_values_it_reports():
+    """Metric.values (what a trainer's keep_best is checked against at start) holds every name its
+    aggregate reports, on examples that make each metric report its most names."""
+    box = [0.0, 0.0, 5.0, 5.0]
+    obj = Detection("cat", tuple(box))
+    obj.mask = np.ones((8, 8), bool)
+    truth = [{"label": "cat", "box": box, "mask": np.ones((8, 8), bool)}]
+    examples = [{"prediction": p, "answers": a, "objects": [obj], "truth_objects": truth, "width": 8, "height": 8,
+                 "extra": {"answer_type": t, "issimple": s}}
+                for p, a, t, s in [("2", ["2"], "number", 1), ("yes", ["yes"], "yes/no", 0),
+                                   ("a cat", ["a cat"], "other", 1)]]
+    for name, m in metrics.METRICS.items():
+        reported = m.aggregate([m.score(ex | ({"answers": ex["answers"] * 10} if name == "vqav2_accuracy" else {}))
+                                for ex in examples])
+        assert reported and set(reported) <= set(m.values), (name, set(reported) - set(m.values))

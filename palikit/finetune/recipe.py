@@ -54,8 +54,9 @@ from tqdm import tqdm
 from .. import dist
 from ..api import Pipeline, load
 from ..atomic import write_text_atomic
-from ..data import DataSpec, Example, PaliGemmaDataset, StepSampler, data_errors, load_examples, make_collate
-from ..evaluate import eval_example, evaluate, validation_values
+from ..data import (DataSpec, Example, PaliGemmaDataset, Problem, StepSampler, data_errors, load_examples, make_collate,
+                    without_broken)
+from ..evaluate import eval_example, evaluate, validation_names, validation_values
 from ..options import DTYPES
 from ..paligemma import PaliGemma
 from ..processor import Tokenizer, suffix_logprobs
@@ -114,8 +115,9 @@ class LossModule(nn.Module):
 # ---- data ------------------------------------------------------------------------------------------
 
 
-def read_split(spec: DataSpec, workdir: Path, split: str, rank: int) -> list[Example]:
-    """Examples of a config data field: a path (with split, task, codec) or synthetic settings."""
+def read_split(spec: DataSpec, workdir: Path, split: str, rank: int, errors: list | None = None) -> list[Example]:
+    """Examples of a config data field: a path (with split, task, codec) or synthetic settings.
+    errors: a list to record unreadable lines / annotations in (skipped), else they raise."""
     if spec.synthetic is not None:
         from ..synthetic import generate_dataset
 
@@ -125,7 +127,7 @@ def read_split(spec: DataSpec, workdir: Path, split: str, rank: int) -> list[Exa
             generate_dataset(workdir / "data", s.pop("n_images"), s.pop("seed", 0), split_name=split, **s)
         dist.barrier()
         return load_examples(path)
-    return load_examples(spec.path, spec.split or split, spec.task, spec.codec, columns=spec.columns)
+    return load_examples(spec.path, spec.split or split, spec.task, spec.codec, errors, columns=spec.columns)
 
 
 
@@ -254,15 +256,36 @@ class Trainer:
                               "(--resume) or choose another out_dir")
 
         # Data first: a preset model may fit its tokenizer on the training texts.
-        train_examples = read_split(cfg.train_file, self.out, "train", self.rank)
-        eval_examples = read_split(cfg.eval_file, self.out, "valid", self.rank) if cfg.eval_file else []
+        skip, splits = cfg.allow_data_errors, {"train_file": "train", "eval_file": "valid"}
+        unreadable: dict[str, list] = {key: [] for key in splits}  # lines / annotations, skipped if allowed
+        examples = {key: read_split(getattr(cfg, key), self.out, split, self.rank, unreadable[key] if skip else None)
+                    if getattr(cfg, key) else [] for key, split in splits.items()}
         if cfg.smoke:
-            train_examples, eval_examples = train_examples[:8], eval_examples[:4]
+            examples = {"train_file": examples["train_file"][:8], "eval_file": examples["eval_file"][:4]}
+        self.skipped = {}
+        for key, found in examples.items():
+            what = f"{key} {getattr(cfg, key)}"
+            if not skip:
+                if problem := data_errors(found, what):
+                    raise ConfigError(problem)
+                continue
+            examples[key], broken = without_broken(found)  # allow_data_errors: train on the rest
+            broken = [f"{e.where}: {e.message}" if isinstance(e, Problem) else ": ".join(e)
+                      for e in unreadable[key] + broken if not isinstance(e, Problem) or e.error]
+            if broken:
+                log.warning("%s: skipped %d broken example(s) (allow_data_errors), e.g. %s", what, len(broken),
+                            broken[0])
+                self.skipped[key] = len(broken)
+        train_examples, eval_examples = examples["train_file"], examples["eval_file"]
+        if cfg.keep_best:  # checked now, not at the first evaluation an hour in
+            generates = cfg.eval_examples and not (self.world > 1 and cfg.distributed == "fsdp")
+            names = {"eval_loss"} | (validation_names([eval_example(ex) for ex in eval_examples], cfg.eval_metric)
+                                     if generates else set())
+            if cfg.keep_best not in names:
+                raise ConfigError(f"keep_best={cfg.keep_best!r} is not a validation value of this run; it can "
+                                  f"log {', '.join(sorted(names))}")
         if not train_examples:
             raise ConfigError(f"no training examples in {cfg.train_file}")
-        for key, examples in (("train_file", train_examples), ("eval_file", eval_examples)):
-            if not cfg.allow_data_errors and (problem := data_errors(examples, f"{key} {getattr(cfg, key)}")):
-                raise ConfigError(problem)
 
         # The model: identical on every rank (same seed), frozen parts in cfg.dtype.
         torch.manual_seed(cfg.seed)
@@ -411,7 +434,7 @@ class Trainer:
         if self.step == self.total_steps or self.stopped_early:
             self.save_checkpoint()
             self.publish_step("final")  # the last step's model, as users load it
-        return {"step": self.step, "out_dir": str(self.out), **last}
+        return {"step": self.step, "out_dir": str(self.out), "skipped_examples": self.skipped, **last}
 
     def _grad_sync(self, sync: bool):
         """Skip the gradient all-reduce on all but the last micro-batch of a step."""
