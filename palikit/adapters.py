@@ -7,6 +7,7 @@ transformers + peft directly. peft comes with the train extra."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -77,7 +78,15 @@ def load_adapter(model: PaliGemma, folder: str | Path):
         raise CheckpointError(f"{folder}: the adapter's target_modules {config.target_modules!r} match no layer")
     config.target_modules = targets
     peft_model = get_peft_model(model, config)
-    result = set_peft_model_state_dict(peft_model, adapter_state(folder))
+    state = adapter_state(folder)
+    own = peft_model.state_dict()
+    for key, tensor in state.items():  # an adapter of another base: one line, not torch's list
+        mine = own.get(re.sub(r"\.(lora_[AB])\.weight$", r".\1.default.weight", key))
+        if mine is not None and mine.shape != tensor.shape:
+            raise CheckpointError(f"{folder} does not fit this base model: {_adapter_module(key)[0]} "
+                                  f"{key.rsplit('.', 2)[-2]} is {tuple(tensor.shape)} in the adapter, "
+                                  f"{tuple(mine.shape)} here (an adapter trained on another base?)")
+    result = set_peft_model_state_dict(peft_model, state)
     if result.unexpected_keys:
         raise CheckpointError(f"{folder}: adapter tensors for no layer here, e.g. {result.unexpected_keys[0]}")
     return peft_model

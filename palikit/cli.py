@@ -112,7 +112,7 @@ def cmd_quantize(args) -> None:
 def cmd_merge(args) -> None:
     from .finetune import merge
 
-    print(merge(args.base, args.adapter, args.out, dtype=args.dtype))
+    print(merge(args.base, args.adapter, args.out, dtype=args.dtype, force=args.force))
 
 
 def cmd_data_check(args) -> int:
@@ -398,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("train", help="fine-tune from a YAML config (also under torchrun)")
     p.add_argument("config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                   help="continue from the newest checkpoint in out_dir, or from this checkpoint folder")
     p.add_argument("--smoke", action="store_true", help="a few steps on a few examples")
     p.add_argument("--allow-data-errors", action="store_true", help="train although `palikit data check` "
                                                                     "finds errors in the data")
@@ -416,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_merge)
 
     p = verbs.add_parser("data", help="data set tools")

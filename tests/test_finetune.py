@@ -2,6 +2,7 @@
 merging, and torchrun (DDP / FSDP2 on gloo) against a single process."""
 
 import json
+import logging
 import math
 import os
 import re
@@ -32,7 +33,9 @@ from palikit.finetune import (
 from palikit.config import PaliGemmaConfig
 from palikit.finetune.config import smoke_dir
 from palikit.data import DataSpec, StepSampler
+from palikit.api import Pipeline
 from palikit.paligemma import PaliGemma
+from palikit.processor import Tokenizer
 from palikit.synthetic import generate_dataset
 
 from .conftest import kill_when_it_says
@@ -368,6 +371,28 @@ def test_resume_is_exact(cfg, tmp_path, lora):
     assert _losses(out) == _with_sentinel(_losses(tmp_path / "straight"))
 
 
+def test_resume_from_a_chosen_checkpoint_warns_of_every_changed_setting(cfg, tmp_path, caplog):
+    """`--resume PATH` continues from that checkpoint (not out_dir's newest) and ends with the weights
+    of the uninterrupted run; a setting changed since (any that shapes the weights, here the label
+    smoothing and the gradient clipping) is named in the resume warning; a folder that is no
+    checkpoint is one line naming the ones there are."""
+    run = cfg | {"steps": 4, "save_every": 2, "keep_last": 5, "out_dir": str(tmp_path / "run")}
+    _run(run)
+    first = _final_tensors(tmp_path / "run", False)
+    again = train(run, resume=str(tmp_path / "run" / "step-000002"))
+    assert again["step"] == 4
+    b = _final_tensors(tmp_path / "run", False)
+    assert all(torch.equal(first[k], b[k]) for k in first)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="palikit.finetune.recipe"):
+        train(run | {"label_smoothing": 0.1, "clip_grad": 0.5}, resume=str(tmp_path / "run" / "step-000002"))
+    warned = " ".join(r.getMessage() for r in caplog.records if "resuming" in r.getMessage())
+    assert "label_smoothing (0.0 -> 0.1)" in warned and "clip_grad (1.0 -> 0.5)" in warned
+    assert "out_dir" not in warned and "resume" not in warned.split("with changed")[1]
+    with pytest.raises(ConfigError, match=r"--resume .*nothing: not a checkpoint folder .* step-000002, step-000004"):
+        train(run, resume=str(tmp_path / "nothing"))
+
+
 # A training run that hangs inside the optimizer save of step `stop_at`, once it has said so on
 # stdout: the parent kills it there, so the kill always lands mid-save (no timing window).
 HANG_IN_SAVE = textwrap.dedent("""
@@ -413,6 +438,19 @@ def test_resume_after_sigkill(cfg, tmp_path):
     assert _losses(out) == _with_sentinel(_losses(tmp_path / "straight"))
 
 
+def test_lora_checkpoints_are_saved_offline(cfg, monkeypatch):
+    """A LoRA run whose base is named like a Hub id saves its adapters without asking the Hub
+    (peft's save_embedding_layers="auto" would)."""
+    import peft.utils.save_and_load as peft_save
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("peft asked the Hub while saving")
+
+    monkeypatch.setattr(peft_save, "check_file_exists_on_hf_hub", no_network)
+    monkeypatch.setattr(Trainer, "_save_base", lambda self, core: "google/paligemma2-3b-pt-224")
+    assert train(cfg | {"lora": {"r": 2}, "steps": 1})["step"] == 1
+
+
 def test_merge_lora(cfg, tmp_path, tiny_model_dir, capsys):
     """LoRA on a checkpoint, then merged: the merged model computes what base + adapters do."""
     run = cfg | {"model": str(tiny_model_dir), "lora": {"r": 4, "alpha": 32, "targets": "llm+projector"},
@@ -448,6 +486,19 @@ def test_merge_lora(cfg, tmp_path, tiny_model_dir, capsys):
         shutil.copytree(adapter, bare)
         (bare / "adapter_config.json").write_text(json.dumps(adapter_config | {"base_model_name_or_path": None}))
         palikit.load(bare)
+
+    # merge's bad input: each one line, --out checked before anything loads, nothing half-written
+    with pytest.raises(palikit.InputError, match="merged exists; --force replaces it"):
+        merge(tmp_path / "no-such-base", adapter, merged)
+    assert merge(tiny_model_dir, adapter, merged, force=True) == merged
+    other = tmp_path / "other-base"  # another width
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    wide = PaliGemma(PaliGemmaConfig.from_name("tiny-paligemma2", text={"hidden_size": 96})).eval()
+    Pipeline(wide, Tokenizer(tiny_model_dir / "tokenizer.model", image_token_id=config["image_token_index"])).save(other)
+    with pytest.raises(palikit.CheckpointError, match=r"does not fit this base model: \S+ lora_[AB] is \(\d+, \d+\) "
+                                                      r"in the adapter, \(\d+, \d+\) here"):
+        merge(other, adapter, tmp_path / "wrong")
+    assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "wrong").exists()
 
 
 # ---- shipped configs ---------------------------------------------------------------------------

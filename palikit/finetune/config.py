@@ -124,6 +124,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = 0  # DataLoader workers that read the images
     resume: bool = False  # continue from the newest checkpoint in out_dir
+    resume_from: str | None = None  # with resume: this checkpoint folder (e.g. out_dir/step-000100) instead
     stop_after: int | None = None  # end this run after this many steps, without saving (time slices)
     smoke: bool = False  # a few steps on a few examples: checks that a config runs, in seconds
 
@@ -288,7 +289,7 @@ def smoke_dir(out_dir: str) -> Path:
 
 def apply_smoke(cfg: TrainConfig, world: int) -> TrainConfig:
     """big_vision's `runlocal`: the same recipe, a few steps on a few examples, into smoke_dir."""
-    return dataclasses.replace(cfg, out_dir=str(smoke_dir(cfg.out_dir)), resume=False, steps=2, epochs=None,
+    return dataclasses.replace(cfg, out_dir=str(smoke_dir(cfg.out_dir)), resume=False, resume_from=None, steps=2, epochs=None,
                                batch_size=world * cfg.grad_accum,
                                eval_every=None, save_every=None, eval_examples=2, eval_batch_size=2,
                                eval_max_new_tokens=4, keep_last=1, warmup=0.0)

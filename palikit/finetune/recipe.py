@@ -59,7 +59,7 @@ from ..data import (DataSpec, Example, PaliGemmaDataset, Problem, StepSampler, d
 from ..evaluate import eval_example, evaluate, validation_names, validation_values
 from ..options import DTYPES
 from ..paligemma import PaliGemma
-from ..processor import Tokenizer, suffix_logprobs
+from ..processor import InputError, Tokenizer, suffix_logprobs
 from ..weights import CODEC_FILES, build_on_meta, iter_safetensors, save_hf_folder, save_model_files, weight_files
 # Called as checkpoint.save_rng(...), dist.barrier(), ...: through the module, so that a test's
 # hook on palikit.finetune.checkpoint / palikit.dist reaches every call. `dist` is palikit.dist (its
@@ -113,6 +113,12 @@ class LossModule(nn.Module):
 
 
 # ---- data ------------------------------------------------------------------------------------------
+
+
+# Settings that cannot change the weights a step computes; a resumed run warns about every other change.
+NOT_TRAINING = {"out_dir", "resume", "resume_from", "stop_after", "smoke", "log_every", "log_to", "save_every",
+                "keep_last", "num_workers", "eval_file", "eval_every", "eval_examples", "eval_metric", "keep_best",
+                "early_stopping", "eval_batch_size", "eval_max_new_tokens"}
 
 
 def read_split(spec: DataSpec, workdir: Path, split: str, rank: int, errors: list | None = None) -> list[Example]:
@@ -251,6 +257,11 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         dist.barrier()
         ckpt = checkpoint.latest_checkpoint(self.out)
+        if cfg.resume and cfg.resume_from is not None:
+            ckpt = Path(cfg.resume_from)
+            if not (ckpt / "state.json").is_file():
+                raise ConfigError(f"--resume {ckpt}: not a checkpoint folder (no state.json); the checkpoints "
+                                  f"of {self.out} are {', '.join(p.name for p in sorted(self.out.glob('step-*'))) or 'none'}")
         if ckpt and not cfg.resume:
             raise ConfigError(f"{self.out} holds checkpoints of an earlier run ({ckpt.name}): resume it "
                               "(--resume) or choose another out_dir")
@@ -526,7 +537,9 @@ class Trainer:
         if self.rank == 0:
             state = {k.removeprefix("model."): v for k, v in model_state.items()}
             if self.lora:
-                self.loss_module.model.save_pretrained(tmp / "adapter", state_dict=state)
+                # save_embedding_layers=False: LoRA here never targets embeddings, and peft's "auto"
+                # asks the Hub whether a base named like a Hub id has a config (no network here).
+                self.loss_module.model.save_pretrained(tmp / "adapter", state_dict=state, save_embedding_layers=False)
                 export_adapter(tmp / "adapter")  # transformers' module names, for transformers + peft
                 # What the adapters were trained with, for merge (peft's own files have no room for it).
                 write_text_atomic(tmp / "adapter" / TRAINED_WITH, json.dumps(
@@ -568,9 +581,8 @@ class Trainer:
         set_optimizer_state_dict(self.loss_module, self.optimizer, checkpoint.load_optimizer(ckpt),
                                  options=StateDictOptions(full_state_dict=True))
         self.step = state["step"]
-        before, now = state["config"], dataclasses.asdict(self.cfg)
-        order = ("train_file", "batch_size", "seed", "steps", "epochs", "lr", "schedule", "warmup")
-        changed = [k for k in order if before.get(k) != now[k]]
+        before, now = state["config"], json.loads(json.dumps(dataclasses.asdict(self.cfg)))  # tuples as saved
+        changed = [k for k in now if k not in NOT_TRAINING and before.get(k) != now[k]]
         if changed and self.rank == 0:
             log.warning("resuming %s with changed %s: the run will not match an uninterrupted one", ckpt,
                         ", ".join(f"{k} ({before.get(k)!r} -> {now[k]!r})" for k in changed))
@@ -623,15 +635,17 @@ class Trainer:
 # ---- entry points --------------------------------------------------------------------------------
 
 
-def train(config: str | Path | dict | TrainConfig, overrides: list[str] | tuple = (), resume: bool = False,
+def train(config: str | Path | dict | TrainConfig, overrides: list[str] | tuple = (), resume: bool | str = False,
           smoke: bool = False) -> dict:
-    """Run a training config (YAML path, dict or TrainConfig) with `key=value` overrides.
+    """Run a training config (YAML path, dict or TrainConfig) with `key=value` overrides; resume: True
+    for out_dir's newest checkpoint, or a checkpoint folder.
 
     Under torchrun every rank calls this; rank 0 writes checkpoints and logs. Returns the last
     step's metrics and the output folder.
     """
     cfg = load_config(config, overrides)
-    cfg = dataclasses.replace(cfg, resume=cfg.resume or resume, smoke=cfg.smoke or smoke)
+    cfg = dataclasses.replace(cfg, resume=cfg.resume or bool(resume), smoke=cfg.smoke or smoke,
+                              resume_from=str(resume) if isinstance(resume, (str, Path)) else cfg.resume_from)
     trainer = Trainer(cfg)
     try:
         result = trainer.train()
@@ -643,11 +657,15 @@ def train(config: str | Path | dict | TrainConfig, overrides: list[str] | tuple 
 
 
 def merge(base_source: str | Path, adapter_dir: str | Path, out_dir: str | Path,
-          dtype: str = "float32") -> Path:
+          dtype: str = "float32", force: bool = False) -> Path:
     """Merge LoRA adapters into their base model and save a full checkpoint (palikit/HF layout).
 
     The merge runs in `dtype` (float32 by default: merging into bfloat16 weights rounds twice).
+    An existing out_dir is replaced only with force; it is checked before anything loads.
     """
+    out = Path(out_dir)
+    if out.exists() and not (force and out.is_dir()):
+        raise InputError(f"--out {out} exists; " + ("it is a file" if out.is_file() else "--force replaces it"))
 
     pipe = load(base_source, dtype=dtype, overrides=trained_with(adapter_dir))  # trained without the cap: saved so
     model = load_adapter(pipe.model, adapter_dir).merge_and_unload()
