@@ -311,7 +311,7 @@ class Pipeline:
             if name in names:
                 values[name] = kwargs.pop(key)
         prompt = spec.build(**values)
-        max_new_tokens = max_new_tokens or spec.max_new_tokens
+        max_new_tokens = max_new_tokens or spec.budget(prompt)
         if spec.parse is None:
             if codec is not None:
                 raise TypeError(f"{verb}() takes no codec")
@@ -376,7 +376,7 @@ def _task_signature(spec: tasks.TaskSpec) -> inspect.Signature:
     P = inspect.Parameter
     params = [P("image", P.POSITIONAL_OR_KEYWORD)]
     params += [P(a.name, P.POSITIONAL_OR_KEYWORD, default=P.empty if a.required else a.default) for a in spec.args]
-    params.append(P("max_new_tokens", P.KEYWORD_ONLY, default=spec.max_new_tokens))
+    params.append(P("max_new_tokens", P.KEYWORD_ONLY, default=None))  # None: spec.budget(prompt)
     if spec.masks:
         params.append(P("codec", P.KEYWORD_ONLY, default=None))
     return inspect.Signature([*params, P("sampling", P.VAR_KEYWORD)])

@@ -338,8 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
                 kwargs.update(default=arg.default, dest=arg.name)
             p.add_argument(name, choices=arg.choices, help=arg.text.help or arg.text.title, **kwargs)
         _model_args(p)
-        p.add_argument("--max-new-tokens", type=POSITIVE, default=spec.max_new_tokens,
-                       help=f"the answer's budget in tokens (default {spec.max_new_tokens})")
+        p.add_argument("--max-new-tokens", type=POSITIVE, default=None, help=spec.budget_help())
         if spec.parse is not None:
             p.add_argument("--out", help="write an overlay PNG with the boxes (and masks) here")
         if spec.masks:
@@ -355,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="the records, one per input line, in order; a rerun "
                                                    "continues it")
     p.add_argument("--batch-size", type=POSITIVE, default=8, help="rows decoded together")
-    p.add_argument("--max-new-tokens", type=POSITIVE, default=128, help="a job's budget unless it sets its own")
+    p.add_argument("--max-new-tokens", type=POSITIVE, help="a job's budget unless it sets its own (default: "
+                   f"its task's, {tasks.FREE_PROMPT_BUDGET} for a free prompt)")
     p.add_argument("--vae", help="mask codec npz for segment jobs")
     p.set_defaults(func=cmd_run)
 

@@ -29,7 +29,8 @@ Each line of --input is one job, a JSON object:
   {"image": "/data/scan.png", "task": "ocr", "max_new_tokens": 256}
 image: a path (relative to the input file's folder). Either "prompt" (any PaliGemma prefix) or
 "task" (a verb: %s) with that task's fields (lang, question, labels, ...). "id": any
-JSON value, copied to the record. "max_new_tokens": this job's budget (default --max-new-tokens).
+JSON value, copied to the record. "max_new_tokens": this job's budget (default --max-new-tokens, or
+else its task's: `palikit TASK --help` says it).
 Each line gets one record in the output, in input order:
   {"line": N, "id": ..., "prompt": ..., "text": ..., "finish_reason": ..., "objects": [...]}
 (finish_reason: eos, the answer ended; length, it used its budget; objects: detect, segment)
@@ -91,12 +92,13 @@ def finished_lines(output: Path) -> set[int]:
 
 
 def run_jobs(pipe, input_path: str | Path, output_path: str | Path, batch_size: int = 8,
-             max_new_tokens: int = 128, codec=None, rank: int = 0, world: int = 1) -> dict:
+             max_new_tokens: int | None = None, codec=None, rank: int = 0, world: int = 1) -> dict:
     """Answer every job of input_path into output_path; a bad job gets an error record, and only a
     problem with the run itself (input, output, codec) raises. Jobs stream through palikit.engine
     (batch_size rows; a row freed by a finished job takes the next at once); the records are
     appended in input order, each run of finished ones fsync'ed. Under torchrun (world > 1) each
-    rank answers every world-th line into its own file (output.rankR.jsonl) and rank 0 merges them."""
+    rank answers every world-th line into its own file (output.rankR.jsonl) and rank 0 merges them.
+    max_new_tokens: a job's budget unless it sets its own; None: its task's (tasks.default_budget)."""
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.exists():
         raise InputError(f"input file not found: {input_path}")
@@ -127,9 +129,9 @@ def run_jobs(pipe, input_path: str | Path, output_path: str | Path, batch_size: 
     return stats
 
 
-def _check(pipe, n: int, line: bytes, base: Path, max_new_tokens: int, codec) -> Work:
+def _check(pipe, n: int, line: bytes, base: Path, max_new_tokens: int | None, codec) -> Work:
     """Line n as a Work (its image read when it is submitted), or with the error of a bad job."""
-    work = Work(n, None, max_new_tokens, lambda: [], about=({}, None, None))
+    work = Work(n, None, max_new_tokens or 0, lambda: [], about=({}, None, None))
     try:
         try:
             job = json.loads(line.decode("utf-8").rstrip("\r"))
@@ -144,7 +146,7 @@ def _check(pipe, n: int, line: bytes, base: Path, max_new_tokens: int, codec) ->
         if not isinstance(image, str) or not image.strip():
             raise InputError(f"'image' must be a path (a string), got {image!r}")
         prompt, spec = job_prompt(job)
-        work.max_new_tokens = job_budget(job, max_new_tokens)
+        work.max_new_tokens = job_budget(job, max_new_tokens or tasks.default_budget(prompt))
         if spec.masks and codec is None and pipe.codec_path is None:
             raise InputError(f"a {spec.verb} job needs the mask codec: pass --vae PATH (big_vision's "
                              "vae-oid.npz); the model folder has none")

@@ -488,6 +488,17 @@ class TaskSpec:
     masks: bool = False
     aliases: Mapping[str, str] = field(default_factory=dict)  # `palikit run` job keys -> field
     eval_metrics: tuple[str, ...] = ("exact_match",)
+    per_label: int = 0  # budget added per label after the first (each label may have several objects)
+
+    def budget(self, prompt: str) -> int:
+        """The default max_new_tokens of one of this task's prompts: max_new_tokens, plus per_label
+        for each label after the first, at most MAX_DEFAULT_BUDGET."""
+        labels = prompt.split(maxsplit=1)[1].count(" ; ") + 1 if self.per_label and " " in prompt else 1
+        return min(MAX_DEFAULT_BUDGET, self.max_new_tokens + self.per_label * (labels - 1))
+
+    def budget_help(self) -> str:
+        more = f", +{self.per_label} per label after the first, at most {MAX_DEFAULT_BUDGET}" if self.per_label else ""
+        return f"the answer's budget in tokens (default {self.max_new_tokens}{more})"
 
     @functools.cached_property  # frozen dataclass: the cache goes to __dict__, not through __setattr__
     def args(self) -> tuple[TaskArg, ...]:
@@ -525,6 +536,16 @@ class TaskSpec:
 
 
 TASKS: dict[str, TaskSpec] = {}  # verb -> spec, in registration order
+# A default budget stays within the engine's default room for an answer (Engine: the image tokens
+# + 512), so that no default is refused; a free-form prompt gets FREE_PROMPT_BUDGET.
+MAX_DEFAULT_BUDGET, FREE_PROMPT_BUDGET = 448, 128
+
+
+def default_budget(prompt: str) -> int:
+    """max_new_tokens for a prompt given none: its task's budget (TaskSpec.budget), or FREE_PROMPT_BUDGET."""
+    words = prompt.split(maxsplit=1)
+    spec = spec_of_word(words[0]) if words else None
+    return FREE_PROMPT_BUDGET if spec is None else spec.budget(prompt)
 
 
 def register(spec: TaskSpec) -> TaskSpec:
@@ -588,8 +609,10 @@ register(TaskSpec("ocr", "ocr", ("ocr",), ocr_prompt, 128, "read the text in an 
                   eval_metrics=("ocr",)))
 register(TaskSpec(
     "detect", "detect", ("detect",), detect_prompt, 128, "find objects: boxes", "detect objects",
-    {"labels": _LABELS}, parse=parse_detections, eval_metrics=("referring_detection", "detection_map")))
+    {"labels": _LABELS}, parse=parse_detections, eval_metrics=("referring_detection", "detection_map"),
+    per_label=64))
 register(TaskSpec(
     "segment", "segment", ("segment",), segment_prompt, 128, "find objects: boxes and masks",
     "segment objects", {"labels": FieldText(_LABELS.title, _LABELS.help, "cat")},
-    parse=parse_segmentations, masks=True, aliases={"label": "labels"}, eval_metrics=("segmentation_miou",)))
+    parse=parse_segmentations, masks=True, aliases={"label": "labels"}, eval_metrics=("segmentation_miou",),
+    per_label=128))

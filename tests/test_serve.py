@@ -804,3 +804,44 @@ def test_openapi_metrics_and_demo_page(live):
     page = httpx.get(url + "/")
     assert page.status_code == 200 and "<canvas" in page.text
     assert httpx.get(url + "/static/app.js").status_code == 200
+
+
+def test_default_budgets_are_the_tasks_everywhere(pipe, monkeypatch, capsys):
+    """No max_new_tokens given: every entry point takes the prompt's task's budget, which grows with
+    the labels of detect / segment (a two-label segmentation gets room for several objects of each,
+    not 64 tokens that cut the third object mid-codes), and --help says it."""
+    from palikit import tasks
+    from palikit.api import Pipeline
+    from palikit.cli import main
+
+    one_object = 4 + 16 + 4  # four <loc>, sixteen <seg>, a label and " ; "
+    assert tasks.default_budget("segment cat ; dog") == 256 >= 2 * 4 * one_object
+    assert tasks.default_budget("detect a ; b ; c") == 256 and tasks.default_budget("caption en") == 64
+    assert tasks.default_budget("segment " + " ; ".join("abcdefgh")) == tasks.MAX_DEFAULT_BUDGET
+    assert tasks.default_budget("what is this") == tasks.FREE_PROMPT_BUDGET
+    asked = []
+    real = Pipeline.generate_details
+
+    def generate_details(self, images, prompts, **kw):
+        asked.append(kw["max_new_tokens"])
+        return real(self, images, prompts, **kw | {"max_new_tokens": 2})
+
+    monkeypatch.setattr(Pipeline, "generate_details", generate_details)
+    image = synthetic_image(0)
+    pipe.detect(image, ["cat", "dog"])
+    assert asked == [192]
+    with TestClient(create_app(pipe)) as c:
+        server, submitted = c.app.state.palikit, []
+        submit = server.submit
+
+        def spy(images, size, prompt, max_new_tokens, *args, **kwargs):
+            submitted.append(max_new_tokens)
+            return submit(images, size, prompt, 2, *args, **kwargs)
+
+        monkeypatch.setattr(server, "submit", spy)
+        for path, body in [("/v1/predict", {"prompt": "segment cat ; dog"}), ("/v1/detect", {"labels": ["a", "b", "c"]})]:
+            assert c.post(path, json={"image": data_url(image)} | body).status_code == 200
+        assert c.post("/v1/chat/completions", json=chat_body(data_url(image), "caption en")).status_code == 200
+    assert submitted == [256, 256, 64]
+    assert main(["segment", "--help"]) == 0
+    assert "+128 per label after the first" in " ".join(capsys.readouterr().out.split())

@@ -298,7 +298,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings | None = None, **changes
         if req.logprobs and req.stream:
             raise HTTPException(400, "logprobs is not supported with stream: true")
         prompt, refs = _last_user_message(req)
-        max_new = req.max_completion_tokens or req.max_tokens or 128
+        max_new = req.max_completion_tokens or req.max_tokens or tasks.default_budget(prompt)
         n_prompt = server.check(prompt, len(refs), max_new)  # cheap checks before decoding the images
         images, size = await server.images.read(refs)
         sampling = _sampling(req.temperature, req.top_p, seed=req.seed) | {"top_logprobs": req.top_logprobs or 0}
@@ -316,7 +316,8 @@ def create_app(pipe: Pipeline, settings: ServerSettings | None = None, **changes
         return ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
                               model=server.model_name, choices=[choice], usage=usage)
 
-    async def run_task(req: ImageRequest, prompt: str, max_new: int) -> TaskResponse:
+    async def run_task(req: ImageRequest, prompt: str, max_new: int | None) -> TaskResponse:
+        max_new = max_new or tasks.default_budget(prompt)
         n_prompt = server.check(prompt, 1, max_new)  # 400 for an unknown task unless check_prompts=False
         images, size = await server.images.read([req.image])
         spec = _spec_or_none(prompt)
@@ -354,7 +355,8 @@ def create_app(pipe: Pipeline, settings: ServerSettings | None = None, **changes
 
     @app.get("/tasks")
     async def task_list():  # the web demo's menu; public like the page itself
-        free = {"verb": "predict", "title": "free prompt", "help": "any PaliGemma prompt", "max_new_tokens": 64,
+        free = {"verb": "predict", "title": "free prompt", "help": "any PaliGemma prompt",
+                "max_new_tokens": tasks.FREE_PROMPT_BUDGET,
                 "objects": True, "arg": {"name": "prompt", "title": "Prompt", "example": "caption en",
                                          "required": True, "many": False}}
         return [spec.describe() for spec in tasks.TASKS.values()] + [free]

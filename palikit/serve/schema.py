@@ -41,7 +41,7 @@ class ImageRequest(Sampling):
 
 class PredictRequest(ImageRequest):
     prompt: str = Field(description='a PaliGemma prefix, e.g. "caption en" or "detect cat ; dog"')
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1, description="default: the prompt's task's budget")
 
 
 def task_request(spec: tasks.TaskSpec) -> type[ImageRequest]:
@@ -51,7 +51,7 @@ def task_request(spec: tasks.TaskSpec) -> type[ImageRequest]:
         kind = (list[str] | str) if arg.many else Literal[arg.choices] if arg.choices else str
         fields[arg.name] = (kind, Field(... if arg.required else arg.default,
                                         description=arg.text.help or arg.text.title))
-    fields["max_new_tokens"] = (int, Field(spec.max_new_tokens, ge=1))
+    fields["max_new_tokens"] = (int | None, Field(None, ge=1, description=spec.budget_help()))
     return create_model(f"{spec.verb.capitalize()}Request", __base__=ImageRequest, **fields)
 
 
