@@ -296,7 +296,9 @@ class Trainer:
                 raise ConfigError(f"keep_best={cfg.keep_best!r} is not a validation value of this run; it can "
                                   f"log {', '.join(sorted(names))}")
         if not train_examples:
-            raise ConfigError(f"no training examples in {cfg.train_file}")
+            broken = self.skipped.get("train_file")
+            raise ConfigError(f"no training examples in {cfg.train_file}"
+                              + (f": all {broken} were broken (allow_data_errors skipped them)" if broken else ""))
 
         # The model: identical on every rank (same seed), frozen parts in cfg.dtype.
         torch.manual_seed(cfg.seed)
