@@ -1,13 +1,18 @@
 """LoRA adapters (peft's folders: adapter_config.json, adapter_model.safetensors) read onto
 palikit's model: for `palikit merge`, for resuming, and for serving a fine-tune without merging it
-(`palikit.load(base, adapter=DIR)`, or the adapter folder itself as the model). Written by
+(`palikit.load(base, adapter=DIR)`, or the adapter folder itself as the model); and many of them
+beside one base, each request choosing its own (AdapterBank: no peft needed). Written by
 palikit.finetune (under transformers' module names, so transformers + peft read them too) or by
 transformers + peft directly. peft comes with the train extra."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import re
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -101,3 +106,187 @@ def merged(model: PaliGemma, folder: str | Path) -> PaliGemma:
     except ImportError:
         raise InputError("LoRA adapters need peft: pip install 'palikit[train]'") from None
     return load_adapter(model, folder).merge_and_unload()
+
+
+# ---- many adapters on one base, chosen per batch row (palikit.engine; `palikit serve --adapter NAME=DIR`)
+
+
+@dataclass
+class _Stack:
+    """One module's LoRA factors of every loaded adapter, stacked by slot (slot 0, the base, and
+    adapters that skip the module: zeros, never gathered), ranks zero-padded to the largest."""
+
+    A: torch.Tensor  # (slots, r_max, in)
+    B: torch.Tensor  # (slots, out, r_max)
+    scale: torch.Tensor  # (slots,)
+    targets: torch.Tensor  # (slots,) bool: the adapter in this slot has factors for this module
+
+
+@dataclass
+class LoadedAdapter:
+    name: str
+    folder: str
+    slot: int
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # module -> A (r, in), B (out, r), scale
+
+    @property
+    def touches_images(self) -> bool:
+        """Whether the adapter changes image encodings (the vision tower or the projector)."""
+        return any(not m.startswith("language_model.") for m in self.factors)
+
+
+class AdapterBank:
+    """LoRA adapters loaded beside one base model, applied unmerged and per batch row: a forward run
+    under `bank.rows(slots)` adds, to each target module's output for row i, row i's adapter's
+    scale * B (A x), gathered per row and multiplied as batched products (Punica's BGMV, Chen et
+    al. 2023; S-LoRA, Sheng et al. 2023). A row of slot 0 (the base) or of an adapter that does not
+    target the module costs nothing there; a module no adapter targets has no hook at all. Each row
+    is its own product of one shape, so the engine's batch-invariant mode holds with adapters too.
+
+    Adapters are peft folders (palikit's or transformers + peft's): their factors are read from
+    adapter_model.safetensors and their scale from adapter_config.json (lora_alpha / r, or / sqrt(r)
+    with use_rslora), in float32 (the product is rounded to the layer's dtype once, as peft does
+    for float32 adapters on a 16-bit base)."""
+
+    def __init__(self, model: PaliGemma, max_adapters: int = 8):
+        self.model, self.max_adapters = model, max_adapters
+        self.adapters: dict[str, LoadedAdapter] = {}
+        self.stacks: dict[str, _Stack] = {}
+        self.hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._rows = threading.local()  # the slots of the batch rows of this thread's forward
+        self.lock = threading.Lock()
+
+    # ---- loading
+
+    def load(self, name: str, folder: str | Path) -> LoadedAdapter:
+        """Read the adapter of `folder` as `name`; CheckpointError / InputError say what is wrong in
+        one line (another base's shapes, no adapter files, rank 0, non-finite factors)."""
+        folder = Path(folder)
+        if not name or not re.fullmatch(r"[\w.\-]+", name):
+            raise InputError(f"adapter name {name!r}: use letters, digits, '_', '-', '.'")
+        if name in self.adapters:
+            raise InputError(f"an adapter named {name!r} is loaded already (from {self.adapters[name].folder})")
+        if len(self.adapters) >= self.max_adapters:
+            raise InputError(f"{len(self.adapters)} adapters are loaded, the most this server takes "
+                             f"(--max-adapters {self.max_adapters}); unload one first")
+        if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
+            raise CheckpointError(f"{folder} is not a peft adapter folder (no {ADAPTER_CONFIG} / {ADAPTER_WEIGHTS})")
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+        r, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
+        if not isinstance(r, int) or r < 1:
+            raise CheckpointError(f"{folder}: LoRA rank r={r!r}; an adapter has rank >= 1")
+        scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+        modules = dict(self.model.named_modules())
+        pairs: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in adapter_state(folder).items():
+            module, rest = _adapter_module(key)
+            if rest not in (".lora_A.weight", ".lora_B.weight"):
+                raise CheckpointError(f"{folder}: {key.removeprefix(_PEFT_PREFIX)} is not a LoRA factor this "
+                                      "server applies (only lora_A / lora_B of linear layers)")
+            pairs.setdefault(module, {})[rest[6]] = tensor.float()
+        factors = {}
+        for module, ab in sorted(pairs.items()):
+            layer = modules.get(module)
+            if layer is None:
+                raise CheckpointError(f"{folder}: adapter factors for {module}, which this base model does not have "
+                                      "(an adapter of another base?)")
+            A, B = ab.get("A"), ab.get("B")
+            n_in, n_out = _features(layer)
+            if A is None or B is None or A.shape != (r, n_in) or B.shape != (n_out, r):
+                raise CheckpointError(
+                    f"{folder} does not fit this base model: {module} has LoRA factors "
+                    f"{None if A is None else tuple(A.shape)} x {None if B is None else tuple(B.shape)} for a "
+                    f"{n_in} -> {n_out} layer with rank {r} (an adapter trained on another base?)")
+            if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+                raise CheckpointError(f"{folder}: {module}'s LoRA factors are not all finite")
+            factors[module] = (A, B, scale)
+        if not factors:
+            raise CheckpointError(f"{folder}: the adapter has no LoRA factors")
+        with self.lock:
+            used = {a.slot for a in self.adapters.values()}
+            slot = next(s for s in range(1, self.max_adapters + 2) if s not in used)
+            adapter = LoadedAdapter(name, str(folder), slot, factors)
+            self.adapters[name] = adapter
+            self._restack()
+        return adapter
+
+    def unload(self, name: str) -> None:
+        """Forget an adapter (the caller makes sure no running request uses it)."""
+        with self.lock:
+            if name not in self.adapters:
+                raise InputError(f"no adapter named {name!r} is loaded")
+            del self.adapters[name]
+            self._restack()
+
+    def slot(self, name: str | None) -> int:
+        """The slot of a loaded adapter (0: None, the base); InputError for an unknown name."""
+        if name is None:
+            return 0
+        if name not in self.adapters:
+            known = ", ".join(self.adapters) or "none"
+            raise InputError(f"no adapter named {name!r} is loaded (loaded: {known})")
+        return self.adapters[name].slot
+
+    def touches_images(self, slot: int) -> bool:
+        return any(a.slot == slot and a.touches_images for a in self.adapters.values())
+
+    def _restack(self) -> None:
+        """Stacks and hooks for the loaded adapters (a module no adapter targets loses its hook)."""
+        modules = dict(self.model.named_modules())
+        targeted = sorted({m for a in self.adapters.values() for m in a.factors})
+        n_slots = max((a.slot for a in self.adapters.values()), default=0) + 1
+        stacks = {}
+        for module in targeted:
+            n_in, n_out = _features(modules[module])
+            mine = {a.slot: a.factors[module] for a in self.adapters.values() if module in a.factors}
+            r_max = max(A.shape[0] for A, _, _ in mine.values())
+            A = torch.zeros(n_slots, r_max, n_in)
+            B = torch.zeros(n_slots, n_out, r_max)
+            scale, targets = torch.zeros(n_slots), torch.zeros(n_slots, dtype=torch.bool)
+            for slot, (a, b, s) in mine.items():
+                A[slot, :a.shape[0]], B[slot, :, :a.shape[0]], scale[slot], targets[slot] = a, b, s, True
+            device = self.model.device
+            stacks[module] = _Stack(A.to(device), B.to(device), scale.to(device), targets.to(device))
+        for module in set(self.hooks) - set(targeted):
+            self.hooks.pop(module).remove()
+        for module in set(targeted) - set(self.hooks):
+            self.hooks[module] = modules[module].register_forward_hook(self._hook(module))
+        self.stacks = stacks
+
+    # ---- applying
+
+    @contextlib.contextmanager
+    def rows(self, slots: list[int] | torch.Tensor):
+        """Run forwards in this block with batch row i on adapter slots[i] (0: the base)."""
+        slots = torch.as_tensor(slots, dtype=torch.long, device=self.model.device)
+        before = getattr(self._rows, "slots", None)
+        self._rows.slots = slots if bool((slots > 0).any()) else None
+        try:
+            yield
+        finally:
+            self._rows.slots = before
+
+    def _hook(self, module: str):
+        def add_lora(layer, args, out):
+            slots = getattr(self._rows, "slots", None)
+            stack = self.stacks.get(module)
+            if slots is None or stack is None:
+                return out
+            on = stack.targets[slots]
+            if not bool(on.any()):
+                return out
+            rows = on.nonzero().squeeze(1)
+            x = args[0][rows]
+            picked = slots[rows]
+            h = torch.bmm(x.reshape(len(rows), -1, x.shape[-1]).float(), stack.A[picked].transpose(1, 2))
+            delta = torch.bmm(h, stack.B[picked].transpose(1, 2)) * stack.scale[picked].view(-1, 1, 1)
+            # added in float32 and rounded once to the layer's dtype, as peft adds float32 factors
+            summed = out[rows].float() + delta.view(len(rows), *out.shape[1:])
+            return out.index_copy(0, rows, summed.to(out.dtype))
+
+        return add_lora
+
+
+def _features(layer: nn.Module) -> tuple[int, int]:
+    """(inputs, outputs) of a linear layer, dense or quantised (palikit.quantize keeps both)."""
+    return layer.in_features, layer.out_features

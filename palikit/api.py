@@ -136,6 +136,22 @@ class Pipeline:
             self.options = dataclasses.replace(self.options, compile=False)
         self.decode_step = gen.DecodeStep(model, compile=self.options.compile, cuda_graphs=self.options.cuda_graphs)
         self._codecs: dict = {}
+        self.adapters: adapters.AdapterBank | None = None  # LoRA adapters a request may choose (load_adapter)
+
+    # ---- adapters chosen per request --------------------------------------------------------
+
+    def load_adapter(self, name: str, folder: str | Path, max_adapters: int = 8) -> None:
+        """Load the LoRA adapter of `folder` (a peft folder, palikit's or transformers + peft's) beside
+        the base model as `name`: generate(..., adapter=name) and every task method then run on it,
+        unmerged, in the same batches as the base and other adapters (palikit.adapters.AdapterBank)."""
+        if self.adapters is None:
+            self.adapters = adapters.AdapterBank(self.model, max_adapters)
+        self.adapters.load(name, folder)
+
+    def unload_adapter(self, name: str) -> None:
+        if self.adapters is None:
+            raise InputError(f"no adapter named {name!r} is loaded")
+        self.adapters.unload(name)
 
     # ---- inputs ---------------------------------------------------------------------------
 
@@ -186,10 +202,14 @@ class Pipeline:
 
     # ---- generation -----------------------------------------------------------------------
 
-    def generate_details(self, images, prompts, batch_size: int = 8, **sampling) -> list[tuple[str, gen.Generated]]:
+    def generate_details(self, images, prompts, batch_size: int = 8, adapter: str | None = None,
+                         **sampling) -> list[tuple[str, gen.Generated]]:
         """Like generate, with each output's token ids and log-probs. Up to `batch_size` prompts
-        decode together (palikit.engine: a prompt that finishes makes room for the next at once)."""
+        decode together (palikit.engine: a prompt that finishes makes room for the next at once).
+        adapter: the name of a LoRA adapter loaded with load_adapter (None: the base model)."""
         cfg = gen.SamplingConfig(**sampling)
+        if adapter is not None and cfg.num_beams > 1:
+            raise InputError("beam search runs the base model only; adapters run in the engine (num_beams=1)")
         per_example, prompts, _ = self._normalise(images, prompts)
         encoded = [self.prompt_ids(p, len(ims), cfg.max_new_tokens) for ims, p in zip(per_example, prompts)]
         if cfg.num_beams > 1:
@@ -203,7 +223,7 @@ class Pipeline:
             rows = batch_size if batch_invariant(self, default=False) else min(batch_size, len(prompts))
             engine = engine_for(self, rows, (len(ids) + cfg.max_new_tokens for ids in encoded),
                                 default_invariant=False)
-            requests = [engine.submit(ims, ids, cfg, force=True) for ims, ids in zip(per_example, encoded)]
+            requests = [engine.submit(ims, ids, cfg, force=True, adapter=adapter) for ims, ids in zip(per_example, encoded)]
             engine.run_until_idle()
             outs = [r.result() for r in requests]
         return [(self.tokenizer.decode(o.tokens), o) for o in outs]
@@ -215,7 +235,8 @@ class Pipeline:
         prompt with several (pairs, video frames): generate([a, b], "caption en") captions a and b,
         generate([[a, b]], "caption en") asks one prompt of both. `prompts`: one for every entry,
         or a list of as many. Sampling: do_sample, temperature, top_k, top_p, seed (each prompt samples
-        with its own generator, seeded alike), num_beams, length_penalty.
+        with its own generator, seeded alike), num_beams, length_penalty. adapter: a LoRA adapter's
+        name (load_adapter).
         """
         single = isinstance(prompts, str) and not isinstance(images, (list, tuple))
         out = [t for t, _ in self.generate_details(images, prompts, max_new_tokens=max_new_tokens, **sampling)]

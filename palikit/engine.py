@@ -37,6 +37,7 @@ in a product of fixed shape (tests/test_engine.py checks both). The cost is the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
@@ -61,6 +62,11 @@ _END = object()
 __all__ = ["Engine", "EngineBusy", "ImageCache", "Request", "Work", "cut_at_stop", "run_in_order"]
 
 
+def adapter_rows(bank, slots: list[int]):
+    """Forwards with batch row i on LoRA adapter slots[i] of `bank` (nothing to do without one)."""
+    return bank.rows(slots) if bank is not None and any(slots) else contextlib.nullcontext()
+
+
 class ImageCache:
     """SigLIP + projector outputs (N, D) of recent images, least recently used evicted first,
     keyed by a hash of the preprocessed pixels and bounded in bytes: "caption, then detect, then
@@ -75,15 +81,20 @@ class ImageCache:
         self.entries: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self.hits = self.misses = 0
 
-    def encode(self, model, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels (I, 3, S, S) -> image tokens (I, N, D); images not cached are encoded in one batch."""
-        keys = [hashlib.sha256(p.numpy().tobytes()).digest() for p in pixels]
+    def encode(self, model, pixels: torch.Tensor, slots: list[int] | None = None, bank=None) -> torch.Tensor:
+        """pixels (I, 3, S, S) -> image tokens (I, N, D); images not cached are encoded in one batch.
+        slots: each image's LoRA adapter slot in `bank` (palikit.adapters.AdapterBank); an adapter
+        that changes the vision tower or the projector has encodings of its own."""
+        slots = slots or [0] * len(pixels)
+        own = [s if bank is not None and s and bank.touches_images(s) else 0 for s in slots]
+        keys = [hashlib.sha256(p.numpy().tobytes() + s.to_bytes(4, "little")).digest() for p, s in zip(pixels, own)]
         missing = list(dict.fromkeys(k for k in keys if k not in self.entries))  # each image once
         encoded = {}
         batches = [[k] for k in missing] if self.one_per_call else [missing] if missing else []
         for batch in batches:  # one per call: an encoding that does not depend on the images beside it
             todo = torch.stack([pixels[keys.index(k)] for k in batch])
-            with torch.inference_mode():
+            rows = [own[keys.index(k)] for k in batch]
+            with torch.inference_mode(), adapter_rows(bank, rows):
                 encoded |= dict(zip(batch, model.embed_images(todo.to(model.device))))
         out = []
         for k in keys:
@@ -121,6 +132,7 @@ class Prefill:
     x: torch.Tensor  # the hidden states after `done` layers
     done: int
     per_step: int
+    slots: list[int]  # each row's LoRA adapter slot (0: the base)
 
 
 class Runner:
@@ -139,6 +151,11 @@ class Runner:
         self.images = ImageCache(int(image_cache_mb * 2**20), one_per_call=batch_invariant)
         self.prefill: Prefill | None = None
 
+    @property
+    def bank(self):
+        """The pipe's LoRA adapters (palikit.adapters.AdapterBank), if any are loaded."""
+        return getattr(self.pipe, "adapters", None)
+
     def rows(self, start: int, stop: int) -> KVCache:
         return KVCache([k[start:stop] for k in self.pool.k], [v[start:stop] for v in self.pool.v])
 
@@ -147,13 +164,15 @@ class Runner:
         bad request (ValueError) come from here, before any layer runs."""
         cfg = self.model.config
         pixels = preprocess([im for r in group for im in r.images], cfg.vision.image_size, cfg.resample)
-        image_tokens = self.images.encode(self.model, pixels) if len(pixels) else None
+        bank = self.bank
+        image_slots = [r.slot for r in group for _ in r.images]
+        image_tokens = self.images.encode(self.model, pixels, image_slots, bank) if len(pixels) else None
         lengths = [len(r.prompt_ids) for r in group]
         P = max(lengths)
         pad = self.pipe.tokenizer.pad_id
         ids = torch.tensor([[pad] * (P - len(r.prompt_ids)) + r.prompt_ids for r in group], device=self.model.device)
         layout = Layout.of_prompts(lengths, self.pool.k[0].shape[2], self.model.device)
-        self.prefill = Prefill(start, layout, self.model.embed(ids, image_tokens), 0, per_step(P))
+        self.prefill = Prefill(start, layout, self.model.embed(ids, image_tokens), 0, per_step(P), [r.slot for r in group])
 
     def advance_prefill(self) -> torch.Tensor | None:
         """Run the next layers of the group being prefilled. -> its next-token logits once its
@@ -162,7 +181,8 @@ class Runner:
         n_layers = self.model.config.text.num_layers
         stop = min(n_layers, p.done + p.per_step)
         rows = slice(p.start, p.start + p.x.shape[0])
-        p.x = self.model.prefill(p.x, p.layout, self.rows(rows.start, rows.stop), slice(p.done, stop))
+        with adapter_rows(self.bank, p.slots):
+            p.x = self.model.prefill(p.x, p.layout, self.rows(rows.start, rows.stop), slice(p.done, stop))
         p.done = stop
         if stop < n_layers:
             return None
@@ -230,10 +250,15 @@ class Runner:
         rows = slice(start, start + len(running))
         token = torch.tensor([r.tokens[-1] for r in running], device=self.slot.device)
         if self.batch_invariant:
-            self.logits[rows] = self._decode_every_row(token, rows)
+            slots = [0] * self.slot.shape[0]
+            slots[rows] = [r.slot for r in running]
+            with adapter_rows(self.bank, slots):
+                self.logits[rows] = self._decode_every_row(token, rows)
         else:
             layout = Layout(self.layout.block[rows], self.layout.pos[rows], self.layout.valid[rows])
-            self.logits[rows] = self.pipe.decode_step(token, self.slot[rows], layout, self.rows(rows.start, rows.stop))
+            with adapter_rows(self.bank, [r.slot for r in running]):
+                self.logits[rows] = self.pipe.decode_step(token, self.slot[rows], layout,
+                                                          self.rows(rows.start, rows.stop))
         self.slot[rows] += 1
 
     def _decode_every_row(self, token: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -294,15 +319,21 @@ class Engine:
                              f"do not fit the engine's {self.max_len} slots per request; raise --max-len")
 
     def submit(self, images: list, prompt: str | list[int], sampling: gen.SamplingConfig,
-               force: bool = False, **options) -> Request:
+               force: bool = False, adapter: str | None = None, **options) -> Request:
         """Queue a request: its images (as the model sees them, or any PIL image), a prompt (text
-        or ids), and Request's options (callbacks, stop strings). force=True queues it even past
+        or ids), the LoRA adapter it runs on (a name loaded with Pipeline.load_adapter; None: the
+        base) and Request's options (callbacks, stop strings). force=True queues it even past
         max_queue (batch jobs that wait anyway)."""
         if sampling.num_beams > 1:
             raise InputError("the engine does not run beam search; use Pipeline.generate for num_beams > 1")
         ids = prompt if isinstance(prompt, list) else self.pipe.prompt_ids(prompt, len(images), sampling.max_new_tokens)
         self.check(len(ids), sampling.max_new_tokens)
-        request = Request(ids, images, sampling, **options)
+        slot = 0
+        if adapter is not None:
+            if self.runner.bank is None:
+                raise InputError(f"no adapter named {adapter!r} is loaded (loaded: none)")
+            slot = self.runner.bank.slot(adapter)
+        request = Request(ids, images, sampling, adapter=adapter, slot=slot, **options)
         request.alone = self.batch_invariant  # prefilled in a group of its own: no padding, no neighbours
         with self.cond:
             if self.closed:

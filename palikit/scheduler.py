@@ -90,8 +90,10 @@ class Request:
 
     def __init__(self, prompt_ids: list[int], images: list, sampling: SamplingConfig,
                  on_token: Callable[[Request, int], None] | None = None,
-                 on_done: Callable[[Request], None] | None = None, stop: tuple[str, ...] = ()):
+                 on_done: Callable[[Request], None] | None = None, stop: tuple[str, ...] = (),
+                 adapter: str | None = None, slot: int = 0):
         self.prompt_ids, self.images, self.sampling, self.stop = prompt_ids, images, sampling, tuple(stop)
+        self.adapter, self.slot = adapter, slot  # a LoRA adapter's name and bank slot (0: the base model)
         self.on_token, self.on_done = on_token, on_done
         self.tokens: list[int] = []
         self.logprobs: list[float] = []

@@ -1,0 +1,177 @@
+"""Many LoRA adapters on one base, chosen per request (palikit.adapters.AdapterBank in the engine):
+each request's answer is the one transformers + peft give with its adapter loaded alone, whatever
+adapters and base requests share its steps; with batch_invariant the bits of the request alone.
+The adapters are made by transformers + peft on the tiny random PaliGemma 2 of conftest, with
+random (large) factors so that each changes the answers, at different ranks and targets, one on
+the vision tower and the projector."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+
+import pytest
+import torch
+
+import palikit
+from palikit import generate as gen
+from palikit.engine import Engine
+
+from .conftest import synthetic_image
+
+# name -> (rank, alpha, peft target_modules over transformers' module names, rslora)
+ADAPTERS = {
+    "qv": (2, 8, r".*language_model.*\.(q_proj|v_proj)", False),
+    "llm": (4, 16, r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)", False),
+    "vision": (8, 8, r".*(vision_tower.*\.(q_proj|fc1)|multi_modal_projector\.linear|language_model.*\.o_proj)", False),
+    "mlp": (3, 6, r".*language_model.*\.(gate_proj|down_proj)", True),
+}
+PROMPTS = ["caption en", "answer en what is this?", "detect cat", "ocr"]
+NEW = 8
+
+
+def hf_model(folder):
+    from transformers import PaliGemmaForConditionalGeneration
+
+    model = PaliGemmaForConditionalGeneration.from_pretrained(folder).eval()
+    model.config._attn_implementation = "eager"  # SDPA drops Gemma 2's attention soft-cap
+    model.config.text_config._attn_implementation = "eager"
+    return model
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_model_dir, tmp_path_factory):
+    """Four peft adapter folders written by transformers + peft for the tiny base."""
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for i, (name, (r, alpha, targets, rslora)) in enumerate(ADAPTERS.items()):
+        model = get_peft_model(hf_model(tiny_model_dir), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+                                                                   use_rslora=rslora))
+        generator = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for key, p in model.named_parameters():
+                if "lora_" in key:
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+        model.save_pretrained(root / name)
+        out[name] = root / name
+    return out
+
+
+def peft_answer(base, folder, image, prompt: str, tokens: list[int]):
+    """transformers + peft with one adapter (None: the base): its greedy tokens, and the log-probs
+    it gives `tokens` (palikit's answer) teacher-forced."""
+    from peft import PeftModel
+    from transformers import AutoProcessor
+
+    model = hf_model(base)
+    if folder is not None:
+        model = PeftModel.from_pretrained(model, str(folder)).eval()
+    processor = AutoProcessor.from_pretrained(base)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        greedy = model.generate(**inputs, max_new_tokens=NEW, do_sample=False)[0, inputs["input_ids"].shape[1]:]
+        n = inputs["input_ids"].shape[1]
+        ids = torch.cat([inputs["input_ids"], torch.tensor([tokens])], 1)
+        logits = model(input_ids=ids, pixel_values=inputs["pixel_values"], attention_mask=torch.ones_like(ids),
+                       token_type_ids=torch.cat([inputs["token_type_ids"], torch.ones(1, len(tokens), dtype=torch.long)], 1)
+                       ).logits[0, n - 1:-1].float()
+    logprobs = logits.log_softmax(-1).gather(1, torch.tensor(tokens)[:, None])[:, 0]
+    return greedy.tolist(), logprobs.tolist()
+
+
+def submit_mixed(engine, cases, seed):
+    rng, order, requests = random.Random(seed), list(range(len(cases))), {}
+    rng.shuffle(order)
+    while order or engine.busy:
+        for _ in range(rng.choice([0, 1, 2])):
+            if order:
+                i = order.pop()
+                adapter, image, prompt = cases[i]
+                requests[i] = engine.submit([image], prompt, gen.SamplingConfig(max_new_tokens=NEW), adapter=adapter)
+        engine.step()
+    return [requests[i].result() for i in range(len(cases))]
+
+
+def test_each_request_gets_its_adapters_answer_in_a_mixed_batch(tiny_model_dir, adapter_dirs):
+    pipe = palikit.load(tiny_model_dir, dtype="float32")
+    for name, folder in adapter_dirs.items():
+        pipe.load_adapter(name, folder)
+    images = [synthetic_image(s, (64, 48)) for s in range(3)]
+    cases = [(adapter, images[(i + j) % 3], PROMPTS[(i + 2 * j) % 4])
+             for i, adapter in enumerate([None, *ADAPTERS]) for j in range(2)]
+    got = submit_mixed(Engine(pipe, max_rows=3), cases, seed=0)
+    by_adapter = {}
+    for (adapter, image, prompt), g in zip(cases, got):
+        assert g.tokens, (adapter, prompt)
+        greedy, logprobs = peft_answer(tiny_model_dir, adapter_dirs.get(adapter), image, prompt, g.tokens)
+        assert greedy[:len(g.tokens)] == g.tokens, (adapter, prompt)
+        torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(logprobs), atol=2e-4, rtol=0)
+        by_adapter.setdefault(adapter, []).append((tuple(g.tokens), tuple(round(v, 3) for v in g.logprobs)))
+    assert len(set(map(tuple, by_adapter.values()))) == len(by_adapter), "every adapter changes the answers"
+
+    # batch-invariant: each request's bits are those of the request alone
+    alone = []
+    for adapter, image, prompt in cases:
+        engine = Engine(pipe, max_rows=3, batch_invariant=True)
+        r = engine.submit([image], prompt, gen.SamplingConfig(max_new_tokens=NEW), adapter=adapter)
+        engine.run_until_idle()
+        alone.append(r.result())
+    mixed = submit_mixed(Engine(pipe, max_rows=3, batch_invariant=True), cases, seed=1)
+    for a, m in zip(alone, mixed):
+        assert (a.tokens, a.logprobs) == (m.tokens, m.logprobs)
+
+
+def test_an_adapter_on_the_vision_tower_has_image_encodings_of_its_own(tiny_model_dir, adapter_dirs):
+    pipe = palikit.load(tiny_model_dir, dtype="float32")
+    pipe.load_adapter("vision", adapter_dirs["vision"])
+    pipe.load_adapter("qv", adapter_dirs["qv"])
+    image = synthetic_image(5, (64, 48))
+    engine = Engine(pipe, max_rows=4)
+    for adapter in (None, "qv", "vision", None, "vision"):
+        engine.submit([image], "caption en", gen.SamplingConfig(max_new_tokens=2), adapter=adapter)
+    engine.run_until_idle()
+    cache = engine.runner.images
+    assert cache.misses == 2 and cache.hits == 3  # the base's (shared by "qv") and the vision adapter's
+
+
+def test_bad_adapters_are_one_line(tiny_model_dir, adapter_dirs, tmp_path, tiny_configs):
+    from palikit.weights import CheckpointError
+
+    pipe = palikit.load(tiny_model_dir, dtype="float32")
+    pipe.load_adapter("qv", adapter_dirs["qv"])
+    with pytest.raises(palikit.InputError, match="named 'qv' is loaded already"):
+        pipe.load_adapter("qv", adapter_dirs["llm"])
+    with pytest.raises(CheckpointError, match="not a peft adapter folder"):
+        pipe.load_adapter("none", tmp_path)
+    zero = tmp_path / "zero"
+    shutil.copytree(adapter_dirs["llm"], zero)
+    config = json.loads((zero / "adapter_config.json").read_text())
+    (zero / "adapter_config.json").write_text(json.dumps(config | {"r": 0}))
+    with pytest.raises(CheckpointError, match="rank r=0"):
+        pipe.load_adapter("zero", zero)
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "nan"
+    shutil.copytree(adapter_dirs["llm"], bad)
+    tensors = load_file(bad / "adapter_model.safetensors")
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first].clone().fill_(float("nan"))
+    save_file(tensors, bad / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match="not all finite"):
+        pipe.load_adapter("nan", bad)
+    wide = tmp_path / "wide"  # factors of another base's width
+    shutil.copytree(adapter_dirs["llm"], wide)
+    tensors = load_file(wide / "adapter_model.safetensors")
+    save_file({k: torch.zeros(v.shape[0] * 2 if "lora_B" in k else v.shape[0], v.shape[1] * 2 if "lora_A" in k else v.shape[1])
+               for k, v in tensors.items()}, wide / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match=r"does not fit this base model: \S+ has LoRA factors \(4, \d+\) x \(\d+, 4\) for a "
+                                              r"\d+ -> \d+ layer"):
+        pipe.load_adapter("wide", wide)
+    with pytest.raises(palikit.InputError, match="no adapter named 'nope' is loaded \\(loaded: qv\\)"):
+        pipe.generate(synthetic_image(0), "caption en", adapter="nope")
+    assert list(pipe.adapters.adapters) == ["qv"], "a failed load leaves the loaded ones as they were"
+    pipe.unload_adapter("qv")
+    assert not pipe.adapters.hooks, "no adapter left: no module runs a hook"
