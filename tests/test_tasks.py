@@ -479,6 +479,70 @@ def test_draw():
         draw(image, [Segmentation("x", (0.0, 0.0, 1.0, 1.0), mask=np.zeros((4, 4), bool))])
 
 
+def test_draw_colours_each_object_in_its_labels_family():
+    """Each object its own colour; shades of one hue for one label, another hue for another label; the
+    colours of palikit.overlay.colours, which the web demo computes too (tests/test_web_demo.py)."""
+    import colorsys
+
+    image = Image.new("RGB", (96, 64), (128, 128, 128))
+    labels = ["cat", "dog", "cat", "cat"]
+    boxes = [(5, 20, 20, 40), (25, 20, 40, 40), (45, 20, 60, 40), (65, 20, 80, 40)]
+    out = draw(image, [Detection(label, box) for label, box in zip(labels, boxes)])
+    drawn = [out.getpixel((x1, 30)) for x1, *_ in boxes]  # each box's left side
+    assert len(set(drawn)) == 4
+    hue = [colorsys.rgb_to_hls(*(v / 255 for v in c))[0] * 360 for c in drawn]
+    assert max(hue[i] for i in (0, 2, 3)) - min(hue[i] for i in (0, 2, 3)) < 2 and abs(hue[1] - hue[0]) > 20
+    from palikit.overlay import colours
+
+    assert drawn == colours(labels)
+
+
+def test_draw_shows_a_mask_on_a_shape_of_its_own_colour():
+    """A mask over a region of exactly its colour is still seen (its stripes), where a tint alone would
+    leave the region as it was."""
+    mask = np.zeros((64, 64), bool)
+    mask[20:50, 10:54] = True
+    seg = Segmentation("ball", (10.0, 20.0, 54.0, 50.0), mask=mask)
+    colour = draw(Image.new("RGB", (64, 64), (128, 128, 128)), [seg]).getpixel((10, 35))  # its left side
+    same = Image.new("RGB", (64, 64), colour)
+    inside = np.asarray(draw(same, [seg])).astype(int)[23:47, 13:51]  # clear of the outline
+    assert (np.abs(inside - colour).max(-1) > 40).mean() > 0.1
+
+
+def test_draw_keeps_labels_inside_the_image_and_off_the_object():
+    """At 96 px, a label is moved inside the image and off its object: below a box at the top edge, left
+    of the right edge for a box there (whole, not cut off); over the top of a box filling the image."""
+    from PIL import ImageDraw
+
+    grey = (128, 128, 128)
+    image = Image.new("RGB", (96, 96), grey)
+    pen = ImageDraw.Draw(image)
+
+    def label_size(caption):
+        left, top, right, bottom = pen.textbbox((0, 0), caption)
+        return right - left + 2, bottom - top + 2
+
+    top = Detection("circle", (2.0, 0.0, 30.0, 40.0), logprob=-0.1)
+    out = np.asarray(draw(image, [top]))
+    colour = out[20, 2]  # the box's left side
+    w, h = label_size("circle 0.90")
+    assert (out[41:41 + h, 2:2 + w] == colour).all(-1).mean() > 0.5  # below the box...
+    assert (out[3:38, 5:28] == grey).all()  # ...and not over it
+
+    right = Detection("long label", (70.0, 50.0, 95.0, 80.0), logprob=-0.1)
+    out = np.asarray(draw(image, [right]))
+    colour = out[60, 70]
+    w, h = label_size("long label 0.90")
+    row = (out[50 - h:50] == colour).all(-1).any(0)  # the columns of the label, above the box
+    assert row.sum() == w and row[-1]  # whole, and as far right as the image goes
+
+    full = Detection("square", (0.0, 0.0, 95.0, 95.0), logprob=-0.1)
+    out = np.asarray(draw(image, [full]))
+    w, h = label_size("square 0.90")
+    assert (out[2:h - 1, 3:w - 1] != grey).any(-1).all() and h < 48  # inside its top, clear of the middle
+    assert (out[h + 2:93, 3:93] == grey).all()
+
+
 def test_draw_takes_a_path_like_every_api_call(tmp_path):
     """palikit.draw("photo.png", results) draws on the file's image, as on the image itself."""
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8))

@@ -76,11 +76,21 @@ def image_pixel(page, x: int, y: int) -> list[int]:
     return canvas_pixel(page, int((x + 0.5) * s), int((y + 0.5) * s))
 
 
+def detection_box(W: int, H: int) -> list[float]:
+    """DETECTION's box in image pixels, unrounded: <locY1><locX1><locY2><locX2>, each / 1023."""
+    return [100 / 1023 * W, 100 / 1023 * H, 600 / 1023 * W, 500 / 1023 * H]
+
+
+def upload(page, image_path) -> None:
+    """Choose a file and wait until the page shows it (Run is disabled while a file is read)."""
+    page.set_input_files("#file", str(image_path))
+    page.wait_for_selector("#run:not([disabled])")
+
+
 def run_task(page, image_path, task: str, arg: str) -> None:
     """Upload an image, pick a task and its argument, run it and wait until the page says done."""
     page.fill("#key", KEY)
-    page.set_input_files("#file", str(image_path))
-    page.wait_for_selector("#run:not([disabled])")
+    upload(page, image_path)
     page.select_option("#task", task)
     page.fill("#arg", arg)
     page.click("#run")
@@ -108,9 +118,10 @@ def test_detect_draws_the_box(page, tmp_path):
     original = np.asarray(image)
     ym, xm = (y1 + y2) // 2, (x1 + x2) // 2
     s = scale(page)
-    for x, y in [(x1, ym), (x2, ym), (xm, y2), (xm, y1)]:  # the outline runs through the corners' pixels
+    fx1, fy1, fx2, fy2 = detection_box(W, H)
+    for x, y in [(fx1, ym), (fx2, ym), (xm, fy2), (xm, fy1)]:  # the outline runs through the corners' pixels
         assert canvas_pixel(page, round(x * s), round(y * s)) == rgb + [255], (x, y)
-        assert list(original[y, x]) != rgb
+        assert list(original[int(y), int(x)]) != rgb
     # ...and the image is still there inside it.
     inside = image_pixel(page, xm, ym)
     assert np.abs(np.array(inside[:3]) - original[ym, xm]).max() <= 2
@@ -134,10 +145,13 @@ def test_segment_draws_a_mask(page, tmp_path):
     original = np.asarray(image).astype(int)
     alpha = 115 / 255  # maskLayer's alpha
     xm, ym = (x1 + x2) // 2, (y1 + y2) // 2
-    # Inside, 3 px in from each side (below the label at the top). Outside, 3 px out from each side.
+    # Inside, 3 px in from each side (below the label at the top): tinted, or on a stripe, tinted and then
+    # whitened. Outside, 3 px out from each side: the image.
     for x, y in [(x1 + 3, ym), (x2 - 4, ym), (xm, y2 - 4), (xm, ym + 10)]:
-        want = (1 - alpha) * original[y, x] + alpha * rgb
-        assert np.abs(np.array(image_pixel(page, x, y)[:3]) - want).max() <= 3, (x, y)
+        tinted = (1 - alpha) * original[y, x] + alpha * rgb
+        striped = (1 - alpha) * tinted + alpha * 255
+        got = np.array(image_pixel(page, x, y)[:3])
+        assert min(np.abs(got - tinted).max(), np.abs(got - striped).max()) <= 3, (x, y)
     for x, y in [(x1 - 3, ym), (x2 + 3, ym), (xm, y2 + 3), (xm, y1 - 3), (W - 2, H - 2)]:
         assert np.abs(np.array(image_pixel(page, x, y)[:3]) - original[y, x]).max() <= 2, (x, y)
 
@@ -206,8 +220,7 @@ def test_labels_are_readable_and_leave_the_object_visible(browser, open_server, 
     page.goto(open_server + "/")
     image = synthetic_image(6, size=(96, 96))
     image.save(tmp_path / "small.png")
-    page.set_input_files("#file", str(tmp_path / "small.png"))
-    page.wait_for_selector("#run:not([disabled])")
+    upload(page, tmp_path / "small.png")
     page.select_option("#task", "detect")
     page.fill("#arg", "circle")
     page.click("#run")
@@ -216,7 +229,7 @@ def test_labels_are_readable_and_leave_the_object_visible(browser, open_server, 
     assert width >= 4 * 96 and width == height  # screen pixels, not the image's 96
     (item,) = page.query_selector_all("#objects li")
     s = scale(page)
-    bx1, by1, bx2, by2 = (round(int(v) * s) for v in item.get_attribute("data-box").split(","))
+    bx1, by1, bx2, by2 = (round(v * s) for v in detection_box(96, 96))
     lx1, ly1, lx2, ly2 = map(int, item.get_attribute("data-label").split(","))
     assert 0 <= lx1 < lx2 <= width and 0 <= ly1 < ly2 <= height  # inside the image
     assert ly2 - ly1 <= 30  # a readable label, not one scaled with the image
@@ -247,7 +260,8 @@ def test_an_error_clears_the_previous_result(page, tmp_path):
     x1, y1, x2, y2 = map(int, page.query_selector("#objects li").get_attribute("data-box").split(","))
     s = scale(page)
     ym = (y1 + y2) // 2
-    assert canvas_pixel(page, round(x1 * s), round((y1 + y2) / 2 * s))[:3] != list(np.asarray(image)[ym, x1])
+    side = canvas_pixel(page, round(detection_box(W, H)[0] * s), round(ym * s))
+    assert side[:3] != list(np.asarray(image)[ym, x1])
     page.fill("#key", "wrong")
     page.click("#run")
     page.wait_for_selector("#status.error")
@@ -265,4 +279,191 @@ def test_api_docs_work_offline(browser, open_server):
     page.wait_for_selector(".opblock", timeout=30_000)
     assert "/v1/chat/completions" in page.content() and "/v1/detect" in page.content()
     assert fetched and all(u.startswith(open_server) or u.startswith("data:") for u in fetched), fetched
+    page.close()
+
+
+# ----------------------------------------------------------------------------- drawing, files, the opening page
+
+
+def draw_objects(page, objects: list[dict]) -> list[dict]:
+    """Draw `objects` (as the API returns them) over the page's image with the page's own draw();
+    -> each listed object's data attributes (box, color, label)."""
+    return page.evaluate("(objects) => { draw(objects); return Array.from(document.querySelectorAll("
+                         "'#objects li'), (li) => ({...li.dataset})); }", objects)
+
+
+def canvas_size(page) -> list[int]:
+    return page.evaluate("[document.getElementById('view').width, document.getElementById('view').height]")
+
+
+def hex_rgb(colour: str) -> np.ndarray:
+    return np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+
+
+def canvas_region(page, x1: int, y1: int, x2: int, y2: int) -> np.ndarray:
+    """[y2 - y1, x2 - x1, 3] of the canvas."""
+    data = page.evaluate("([x, y, w, h]) => Array.from(document.getElementById('view').getContext('2d')"
+                         ".getImageData(x, y, w, h).data)", [x1, y1, x2 - x1, y2 - y1])
+    return np.array(data).reshape(y2 - y1, x2 - x1, 4)[..., :3]
+
+
+def test_the_text_field_resets_when_the_task_changes(page):
+    """Labels typed for detect must not become segment's labels or a question: the field empties,
+    showing the new task's example."""
+    page.wait_for_selector("#task option[value=segment]", state="attached")
+    page.select_option("#task", "detect")
+    page.fill("#arg", "circle ; star")
+    page.select_option("#task", "segment")
+    assert page.input_value("#arg") == ""
+    assert page.get_attribute("#arg", "placeholder")  # the task's example shows instead
+    page.fill("#arg", "triangle")
+    page.select_option("#task", "detect")
+    assert page.input_value("#arg") == ""
+
+
+def test_an_unreadable_file_clears_the_image_and_disables_run(page, tmp_path):
+    """Choosing a file that is not an image leaves no old image to run on by mistake: the canvas is
+    empty, Run is disabled and the status says which file and why. A good file enables Run again."""
+    synthetic_image(8, size=(64, 48)).save(tmp_path / "input.png")
+    upload(page, tmp_path / "input.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    page.set_input_files("#file", str(tmp_path / "notes.txt"))
+    page.wait_for_selector("#status.error")
+    status = page.text_content("#status")
+    assert "notes.txt" in status and "not an image" in status, status
+    assert page.is_disabled("#run")
+    assert canvas_size(page) == [0, 0]
+    page.screenshot(path=str(tmp_path / "unreadable.png"))
+    upload(page, tmp_path / "input.png")
+    assert "input.png" in page.text_content("#status") and not page.is_disabled("#run")
+
+
+def test_boxes_are_scaled_before_rounding(page, tmp_path):
+    """A box's sides are at round(side x scale) canvas pixels, not round(round(side) x scale): on a 96 px
+    image shown 7.5x, rounding first moves a side by up to 4 canvas pixels."""
+    synthetic_image(9, size=(96, 96)).save(tmp_path / "small.png")
+    upload(page, tmp_path / "small.png")
+    box = [9.4, 12.45, 60.4, 50.42]
+    (item,) = draw_objects(page, [{"label": "circle", "confidence": None, "box": box}])
+    s = scale(page)
+    assert all(abs(round(v * s) - round(round(v) * s)) >= 2 for v in box), s  # the two ways differ
+    x1, y1, x2, y2 = (round(v * s) for v in box)
+    xm, ym = (x1 + x2) // 2, (y1 + y2) // 2
+    rgb = list(hex_rgb(item["color"]))
+    for x, y in [(x1, ym), (x2, ym), (xm, y1), (xm, y2)]:  # the outline is 2 px wide, ending at the side
+        assert canvas_pixel(page, x, y)[:3] == rgb, (x, y)
+    page.screenshot(path=str(tmp_path / "scaled.png"))
+
+
+def test_js_colours_match_python(page):
+    """The web demo and palikit.draw colour objects by one rule: the same colours for the same labels."""
+    labels = ["cat", "cat", "dog", "", "café", "日本語", "cat", "a b", "circle", "circle", "cat", "cat", "cat"]
+    labels += [f"label {i % 17}" for i in range(60)]
+    got = page.evaluate("(labels) => colours(labels)", labels)
+    from palikit.overlay import colours
+
+    assert got == ["#{:02x}{:02x}{:02x}".format(*c) for c in colours(labels)]
+
+
+def test_each_object_has_its_colour_in_its_labels_family(page, tmp_path):
+    """Objects with one label get shades of one hue, each its own; another label gets another hue."""
+    import colorsys
+
+    synthetic_image(10, size=(96, 96)).save(tmp_path / "small.png")
+    upload(page, tmp_path / "small.png")
+    boxes = [[5, 30, 25, 50], [30, 30, 50, 50], [55, 30, 75, 50], [5, 60, 25, 80]]
+    items = draw_objects(page, [{"label": label, "confidence": 0.9, "box": box}
+                                for label, box in zip(["cat", "dog", "cat", "cat"], boxes)])
+    rgb = [hex_rgb(item["color"]) for item in items]
+    hue = [colorsys.rgb_to_hls(*(c / 255))[0] * 360 for c in rgb]
+    cats = [0, 2, 3]
+    assert len({item["color"] for item in items}) == 4  # each object its own colour
+    assert max(hue[i] for i in cats) - min(hue[i] for i in cats) < 2  # the cats': one hue
+    assert min(abs(hue[1] - hue[i]) for i in cats) > 20  # the dog's: another
+    s = scale(page)
+    for box, c in zip(boxes, rgb):  # drawn in the listed colour
+        assert canvas_pixel(page, round(box[0] * s), round((box[1] + box[3]) / 2 * s))[:3] == list(c)
+    page.screenshot(path=str(tmp_path / "colours.png"))
+
+
+def test_a_mask_shows_on_a_shape_of_its_own_colour(page, tmp_path):
+    """A mask over a shape of exactly its colour is still seen: its stripes differ from the shape.
+    A tint alone would leave the canvas inside the mask the shape's colour."""
+    mask = np.zeros((96, 96), bool)
+    mask[30:80, 20:76] = True
+    objects = [{"label": "ball", "confidence": None, "box": [20, 30, 76, 80], "mask": rle_encode(mask)}]
+    synthetic_image(11, size=(96, 96)).save(tmp_path / "noise.png")
+    upload(page, tmp_path / "noise.png")
+    (item,) = draw_objects(page, objects)
+    colour = hex_rgb(item["color"])
+    from PIL import Image
+
+    Image.new("RGB", (96, 96), tuple(int(v) for v in colour)).save(tmp_path / "same.png")
+    upload(page, tmp_path / "same.png")
+    draw_objects(page, objects)
+    s = scale(page)
+    inside = canvas_region(page, round(20 * s) + 4, round(30 * s) + 4, round(76 * s) - 4, round(80 * s) - 4)
+    differs = np.abs(inside - colour).max(-1) > 40
+    assert differs.mean() > 0.1, differs.mean()
+    outside = canvas_region(page, 0, round(85 * s), round(96 * s) - 1, round(96 * s) - 1)
+    assert (np.abs(outside - colour).max(-1) <= 2).all()  # the image itself stays as it is
+    page.screenshot(path=str(tmp_path / "same-colour-mask.png"))
+
+
+def test_labels_stay_inside_the_image_and_off_the_object(page, tmp_path):
+    """At the image's edges a label is moved inside the image: below a box at the top, left of the
+    right edge for a box there; for a box filling the image, inside it at the top, clear of its middle.
+    A caption wider than the image is squeezed into it, not cut off at the right edge."""
+    synthetic_image(12, size=(96, 96)).save(tmp_path / "small.png")
+    upload(page, tmp_path / "small.png")
+    boxes = [[0, 0, 30, 40], [70, 50, 96, 80], [0, 0, 96, 96], [10, 60, 30, 70]]
+    labels = ["circle", "a rather long label", "square", "M" * 100]
+    items = draw_objects(page, [{"label": label, "confidence": 0.5, "box": box}
+                                for label, box in zip(labels, boxes)])
+    width, height = canvas_size(page)
+    s = scale(page)
+    for item, box in zip(items, boxes):
+        lx1, ly1, lx2, ly2 = map(int, item["label"].split(","))
+        bx1, by1, bx2, by2 = (round(v * s) for v in box)
+        assert 0 <= lx1 < lx2 <= width and 0 <= ly1 < ly2 <= height, item  # inside the image
+        if box[3] - box[1] < 96:
+            assert ly2 <= by1 or ly1 >= by2, item  # above or below: the object stays visible
+        else:
+            assert ly2 < (by1 + by2) / 2, item  # inside, at the top: its middle stays visible
+    lx1, ly1, lx2, ly2 = map(int, items[3]["label"].split(","))
+    assert (lx1, lx2) == (0, width)
+    right_end = canvas_region(page, lx2 - 2, ly1 + 1, lx2, ly2 - 1)  # the text's padding: no glyph there
+    assert (np.abs(right_end - hex_rgb(items[3]["color"])).max(-1) <= 8).all()
+    page.screenshot(path=str(tmp_path / "edges.png"))
+
+
+def test_the_empty_page_shows_a_sample_image_and_has_an_icon(browser, server, tmp_path):
+    """Before anything is uploaded the page holds a small synthetic scene that Run works on, and its
+    icon is inline: no request of the page fails (no /favicon.ico 404)."""
+    from PIL import Image
+
+    page = browser.new_page()
+    failed = []
+    page.on("response", lambda r: r.status >= 400 and failed.append(r.url))
+    page.goto(server + "/")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('sample.png')")
+    sample = page.request.get(server + "/sample.png")
+    assert sample.ok and sample.headers["content-type"] == "image/png" and len(sample.body()) < 10_000
+    (tmp_path / "sample.png").write_bytes(sample.body())
+    image = np.asarray(Image.open(tmp_path / "sample.png").convert("RGB")).astype(int)
+    assert not page.is_disabled("#run") and page.evaluate("document.getElementById('view').width") > 0
+    for x, y in [(112, 112), (40, 180), (175, 55)]:  # the canvas shows the sample
+        assert np.abs(np.array(image_pixel(page, x, y)[:3]) - image[y, x]).max() <= 2, (x, y)
+    page.fill("#key", KEY)
+    page.select_option("#task", "detect")
+    page.fill("#arg", "circle")
+    page.click("#run")
+    page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=30_000)
+    assert page.text_content("#text") == DETECTION and len(page.query_selector_all("#objects li")) == 1
+    icon = page.get_attribute("link[rel=icon]", "href")
+    assert icon and icon.startswith("data:image/svg+xml")
+    assert page.evaluate("(src) => new Promise((done) => { const i = new Image(); i.onload = () => done(true);"
+                         " i.onerror = () => done(false); i.src = src; })", icon)
+    page.screenshot(path=str(tmp_path / "empty-page.png"))
+    assert failed == []
     page.close()

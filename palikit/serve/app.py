@@ -21,7 +21,7 @@ Endpoints (request and response schemas at /docs and /openapi.json):
                                 probability), its logprob and, for segment, a COCO RLE mask of the
                                 whole image. /v1/predict takes any prompt.
     GET  /v1/models, /health, /tasks (the task list the web demo shows), /metrics (Prometheus text), /docs,
-         / (the web demo)
+         / (the web demo), /sample.png (the image the demo opens with)
 
 Batching: continuous (palikit.engine). One model thread decodes a token for every running request per
 step, up to max_batch rows (or as many as kv_cache_gb holds); a new request joins between steps and
@@ -44,7 +44,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import inspect
+import io
 import json
 import logging
 import os
@@ -59,7 +61,7 @@ from typing import Any
 import torch
 from fastapi import APIRouter, FastAPI, HTTPException, Security
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
@@ -81,6 +83,7 @@ from .schema import (ERROR_TYPES, ChatCompletion, ChatMessageOut, ChatRequest, C
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
+SAMPLE_SEED = 30  # two green circles and a blue triangle, in 1.3 kB
 DOCS_ASSETS = "/docs-assets"  # where fastapi-offline serves Swagger UI's and ReDoc's files
 
 
@@ -369,10 +372,28 @@ def create_app(pipe: Pipeline, settings: ServerSettings | None = None, **changes
     async def demo():
         return FileResponse(STATIC / "index.html")
 
+    @app.get("/sample.png", include_in_schema=False)
+    async def sample():
+        return Response(_sample_png(), media_type="image/png")
+
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    server.paths.update({route.path for route in v1.routes} | {"/health", "/tasks", "/metrics", "/", "/docs",
-                                                               "/redoc", "/docs/oauth2-redirect", "/openapi.json"})
+    server.paths.update({route.path for route in v1.routes} | {"/health", "/tasks", "/metrics", "/", "/sample.png",
+                                                               "/docs", "/redoc", "/docs/oauth2-redirect",
+                                                               "/openapi.json"})
     return app
+
+
+@functools.cache
+def _sample_png() -> bytes:
+    """The web demo's opening image, so that the page works before anything is uploaded: a scene of
+    the synthetic shapes world, which the bundled default model was trained on."""
+    import numpy as np
+
+    from ..synthetic import make_scene
+
+    out = io.BytesIO()
+    make_scene(np.random.default_rng(SAMPLE_SEED), size=224, number_prob=0).image.save(out, "PNG")
+    return out.getvalue()
 
 
 def _spec_or_none(prompt: str) -> tasks.TaskSpec | None:

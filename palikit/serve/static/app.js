@@ -2,9 +2,9 @@
 // Plain JS, no build step. Boxes come in image pixels; masks as COCO compressed RLE (decoded below).
 "use strict";
 
-// matplotlib's tab10, as palikit.draw uses.
-const PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
-                 "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
+// palikit.overlay's colour rule, computed the same way (tests/test_web_demo.py compares the two): a
+// label's crc32 picks one of HUES, an object's index among its label's objects a lightness of that hue.
+const HUES = 12, SATURATION = 0.75, SHADES = [0.45, 0.3, 0.6, 0.38, 0.52];
 const splitLabels = (v) => v.split(";").map((s) => s.trim()).filter(Boolean);
 // The server's task registry (GET /tasks): each task's route, menu title, text field and token budget.
 let TASKS = {};
@@ -23,6 +23,7 @@ function setStatus(text, isError = false) {
 function updateTask() {
   const t = TASKS[$("task").value];
   if (!t) return;
+  $("arg").value = "";  // one task's labels are not another's question
   $("arg-row").hidden = t.arg === null;
   $("arg-label").textContent = t.arg ? t.arg.title : "";
   $("arg").placeholder = t.arg ? t.arg.example : "";
@@ -42,22 +43,71 @@ async function loadTasks() {
   updateTask();
 }
 
-function loadFile(file) {
+let loads = 0;  // loadFile calls so far: only the latest one's image is shown
+
+function loadFile(file, note = "") {
   if (!file) return;
+  const n = ++loads;
+  $("run").disabled = true;  // until this file is read: Run must not send the one before
   const reader = new FileReader();
+  const unreadable = () => {
+    if (n !== loads) return;
+    image = imageURL = null;  // a Run now would answer about the old image, as if about this file
+    clearResult();
+    canvas.width = canvas.height = 0;
+    setStatus(`${file.name} is not an image the browser can read (PNG, JPEG, WebP, GIF...): choose another`,
+              true);
+  };
+  reader.onerror = unreadable;
   reader.onload = () => {
     const img = new Image();
     img.onload = () => {
+      if (n !== loads) return;
       image = img;
       imageURL = reader.result;
       clearResult();
       $("run").disabled = false;
-      setStatus(`${file.name}: ${img.naturalWidth}x${img.naturalHeight}`);
+      setStatus(`${file.name}: ${img.naturalWidth}x${img.naturalHeight}${note}`);
     };
-    img.onerror = () => setStatus(`${file.name} is not an image the browser can read`, true);
+    img.onerror = unreadable;
     img.src = reader.result;
   };
   reader.readAsDataURL(file);
+}
+
+// zlib's crc32 of the label's UTF-8, as palikit.overlay hashes it.
+function crc32(text) {
+  let c = ~0;
+  for (const byte of new TextEncoder().encode(text)) {
+    c ^= byte;
+    for (let k = 0; k < 8; k++) c = (c >>> 1) ^ (0xedb88320 & -(c & 1));
+  }
+  return ~c >>> 0;
+}
+
+// palikit.overlay._hsl, operation for operation, so that both round alike.
+function hsl(hue, s, lightness) {
+  const c = (1 - Math.abs(2 * lightness - 1)) * s;
+  const x = c * (1 - Math.abs((hue / 60) % 2 - 1));
+  const m = lightness - c / 2;
+  const rgb = [[c, x, 0], [x, c, 0], [0, c, x], [0, x, c], [x, 0, c], [c, 0, x]][Math.floor(hue / 60) % 6];
+  return "#" + rgb.map((v) => Math.floor((v + m) * 255 + 0.5).toString(16).padStart(2, "0")).join("");
+}
+
+// Each object's colour: shades of one hue for one label (palikit.overlay.colours).
+function colours(labels) {
+  const seen = {};
+  return labels.map((label) => {
+    const k = seen[label] || 0;
+    seen[label] = k + 1;
+    return hsl((crc32(label) % HUES) * (360 / HUES), SATURATION, SHADES[k % SHADES.length]);
+  });
+}
+
+// Text colour on a `colour` background: black on the light shades, white on the dark (palikit.overlay._ink).
+function ink(colour) {
+  const [r, g, b] = [1, 3, 5].map((i) => parseInt(colour.slice(i, i + 2), 16));
+  return 0.299 * r + 0.587 * g + 0.114 * b > 150 ? "#000" : "#fff";
 }
 
 // COCO compressed RLE counts -> run lengths (pycocotools' rleFrString). Arithmetic, not bit operators:
@@ -100,6 +150,30 @@ function maskLayer(rle, colour) {
   return c;
 }
 
+// White diagonal stripes, `width` canvas pixels wide, over a mask layer drawn at canvas size: a tint alone
+// vanishes over a shape of its own colour. Striped on the canvas, not the image: a 96 px image's stripes
+// would be 7 canvas pixels wide.
+function maskStripes(layer, width) {
+  const w = Math.max(1, Math.round(width)), tile = document.createElement("canvas");
+  tile.width = tile.height = 5 * w;
+  const stripes = new ImageData(5 * w, 5 * w);
+  for (let p = 0; p < 25 * w * w; p++) {
+    const x = p % (5 * w), y = Math.floor(p / (5 * w));
+    if ((x + y) % (5 * w) < w) stripes.data.set([255, 255, 255, 255], p * 4);
+  }
+  tile.getContext("2d").putImageData(stripes, 0, 0);
+  const c = document.createElement("canvas");
+  c.width = canvas.width;
+  c.height = canvas.height;
+  const g = c.getContext("2d");
+  g.imageSmoothingEnabled = false;
+  g.drawImage(layer, 0, 0, c.width, c.height);
+  g.globalCompositeOperation = "source-in";  // the stripes where the mask is, at the mask's alpha
+  g.fillStyle = g.createPattern(tile, "repeat");
+  g.fillRect(0, 0, c.width, c.height);
+  return c;
+}
+
 // The canvas has the pixels it is shown with (not the image's: a 96 px image would get labels 7x too big),
 // so boxes and labels are drawn at screen resolution over the scaled image. scale: canvas px per image px.
 function fitCanvas() {
@@ -124,11 +198,18 @@ function draw(objects) {
   const list = $("objects");
   list.replaceChildren();
   const lineWidth = 2 * ratio, fontSize = Math.round(13 * ratio), th = fontSize + 4 * ratio;
+  const palette = colours(objects.map((o) => o.label));
   objects.forEach((o, i) => {
-    const colour = PALETTE[i % PALETTE.length];
-    if (o.mask) ctx.drawImage(maskLayer(o.mask, colour), 0, 0, canvas.width, canvas.height);
-    const [x1, y1, x2, y2] = o.box.map(Math.round);  // image pixels, as the API gives them
-    const [cx1, cy1, cx2, cy2] = [x1, y1, x2, y2].map((v) => Math.round(v * scale));
+    const colour = palette[i];
+    if (o.mask) {
+      const layer = maskLayer(o.mask, colour);
+      ctx.drawImage(layer, 0, 0, canvas.width, canvas.height);
+      ctx.drawImage(maskStripes(layer, lineWidth), 0, 0);
+    }
+    const [x1, y1, x2, y2] = o.box.map(Math.round);  // image pixels, for the list
+    // Scaled, then rounded: rounding first would move a side by up to half an image pixel, 4 canvas
+    // pixels on a 96 px image.
+    const [cx1, cy1, cx2, cy2] = o.box.map((v) => Math.round(v * scale));
     ctx.strokeStyle = colour;
     ctx.lineWidth = lineWidth;
     ctx.strokeRect(cx1, cy1, cx2 - cx1, cy2 - cy1);
@@ -136,7 +217,7 @@ function draw(objects) {
     const li = document.createElement("li");
     if (caption) {
       ctx.font = `${fontSize}px sans-serif`;
-      const tw = Math.min(ctx.measureText(caption).width + 6 * ratio, canvas.width);
+      const tw = Math.min(ctx.measureText(caption).width + 6 * ratio, canvas.width);  // fillText squeezes to fit
       // Above the box, else below it, else (a box filling the image) inside its top: never over the
       // object when there is room around it, and always inside the image.
       const ty = cy1 - lineWidth >= th ? cy1 - lineWidth - th
@@ -144,8 +225,8 @@ function draw(objects) {
       const tx = Math.max(0, Math.min(cx1, canvas.width - tw));
       ctx.fillStyle = colour;
       ctx.fillRect(tx, ty, tw, th);
-      ctx.fillStyle = "#fff";
-      ctx.fillText(caption, tx + 3 * ratio, ty + th - 4 * ratio);
+      ctx.fillStyle = ink(colour);
+      ctx.fillText(caption, tx + 3 * ratio, ty + th - 4 * ratio, tw - 6 * ratio);
       li.dataset.label = [tx, ty, tx + tw, ty + th].map(Math.round).join(",");  // canvas pixels
     }
     li.dataset.box = [x1, y1, x2, y2].join(",");
@@ -184,7 +265,7 @@ async function run() {
     clearResult();  // an old answer must not look like this request's
     setStatus(e.message, true);
   } finally {
-    $("run").disabled = false;
+    $("run").disabled = !image;
   }
 }
 
@@ -207,6 +288,8 @@ async function init() {
     const health = await (await fetch("/health")).json();
     $("model").textContent = health.model;
     $("key-row").hidden = !health.auth;
+    const sample = await (await fetch("/sample.png")).blob();
+    if (!loads) loadFile(new File([sample], "sample.png"), " (a sample: drop or choose your own)");
   } catch (e) {
     setStatus("cannot reach the server", true);
   }
