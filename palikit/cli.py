@@ -82,7 +82,11 @@ def cmd_run(args) -> None:
     from palikit.jobs import run_jobs
 
     rank, world, device = init_distributed(args.device)  # one process unless started by torchrun
+    named, merged = adapter_flags(args)
+    args.adapter = merged
     pipe = load_model(args, device=str(device))
+    for name, folder in named:
+        pipe.load_adapter(name, folder, max_adapters=len(named))
     stats = run_jobs(pipe, args.input, args.output, batch_size=args.batch_size,
                      max_new_tokens=args.max_new_tokens, codec=args.vae, rank=rank, world=world)
     stats["answered"], stats["errors"] = map(int, all_sum(stats["answered"], stats["errors"]))  # every rank's
@@ -259,13 +263,35 @@ def cmd_serve(args) -> None:
         raise InputError(f"serving needs the server extra ({e.name} is not installed): "
                          "pip install 'palikit[serve]'") from None
 
-    settings = from_flags(args, ServerSettings, api_key=args.api_key or os.environ.get("PALIKIT_API_KEY"))
-    serve(args.model, from_flags(args, Options), settings)
+    named, merged = adapter_flags(args, with_dir=False)  # the server reads --adapters-dir itself
+    settings = from_flags(args, ServerSettings, api_key=args.api_key or os.environ.get("PALIKIT_API_KEY"),
+                          adapters=tuple(f"{n}={d}" for n, d in named))
+    serve(args.model, from_flags(args, Options, adapter=merged), settings)
 
 
-def _model_args(p: argparse.ArgumentParser, json_output: bool = True, **defaults) -> None:
+def add_adapter_flags(p: argparse.ArgumentParser, dir_flag: bool) -> None:
+    """--adapter NAME=DIR (repeatable; a bare DIR: merged, Options.adapter) and --adapters-dir."""
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                   help="a LoRA adapter requests / jobs choose by NAME, repeatable; a bare DIR is merged into the "
+                        "model instead")
+    if dir_flag:
+        p.add_argument("--adapters-dir", help="every adapter folder in this folder, named by its folder")
+
+
+def adapter_flags(args, with_dir: bool = True) -> tuple[list[tuple[str, str]], str | None]:
+    """([(name, folder)] chosen per request, the one folder merged at load or None)."""
+    named = [tuple(a.split("=", 1)) for a in args.adapter if "=" in a]
+    merged = [a for a in args.adapter if "=" not in a]
+    if len(merged) > 1:
+        raise InputError("--adapter DIR (merged into the model) is given once; several are --adapter NAME=DIR")
+    if with_dir and getattr(args, "adapters_dir", None):
+        named += sorted((p.name, str(p)) for p in Path(args.adapters_dir).iterdir() if p.is_dir())
+    return named, merged[0] if merged else None
+
+
+def _model_args(p: argparse.ArgumentParser, json_output: bool = True, skip: tuple[str, ...] = (), **defaults) -> None:
     p.add_argument("--model", default="default", help="folder, .npz, hub id, or 'default' (bundled tiny model)")
-    add_flags(p, Options, **defaults)
+    add_flags(p, Options, skip, **defaults)
     if json_output:
         p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -349,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = verbs.add_parser("run", help="batch jobs from a JSONL file (resumable)", epilog=JOB_FORMAT,
                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    _model_args(p, json_output=False)  # it prints its statistics as JSON
+    _model_args(p, json_output=False, skip=("adapter",))  # it prints its statistics as JSON
+    add_adapter_flags(p, dir_flag=True)
     p.add_argument("--input", required=True, help="the jobs, one JSON object per line (below)")
     p.add_argument("--output", required=True, help="the records, one per input line, in order; a rerun "
                                                    "continues it")
@@ -442,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_check)
 
     p = verbs.add_parser("serve", help="HTTP server: OpenAI-compatible chat completions, task endpoints, web demo")
-    _model_args(p, json_output=False)
+    _model_args(p, json_output=False, skip=("adapter",))
+    add_adapter_flags(p, dir_flag=False)  # ServerSettings has --adapters-dir
     add_flags(p, ServerSettings)
     p.set_defaults(func=cmd_serve)
     return parser

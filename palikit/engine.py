@@ -342,6 +342,12 @@ class Engine:
             self.cond.notify()
         return request
 
+    def uses_adapter(self, name: str) -> bool:
+        """Whether a queued, prefilling or running request is on the adapter `name`."""
+        sched = self.scheduler
+        with sched.lock:
+            return any(r.adapter == name for r in (*sched.waiting, *sched.prefilling, *sched.running))
+
     @property
     def depth(self) -> int:
         return len(self.scheduler.waiting)
@@ -531,6 +537,7 @@ class Work:
     about: object = None  # the caller's own: what the work is (a job, an example)
     error: str | None = None
     images: list | None = None
+    adapter: str | None = None  # a LoRA adapter loaded with Pipeline.load_adapter (None: the base)
 
 
 def default_length(config) -> int:
@@ -571,8 +578,12 @@ def run_in_order(pipe, works: list[Work], max_rows: int) -> Iterator[list[tuple[
         except (ValueError, OSError) as e:  # InputError is a ValueError; a NUL in a path too
             work.error = str(e)
             return None
-        return engine.submit(work.images, work.ids, gen.SamplingConfig(max_new_tokens=work.max_new_tokens),
-                             force=True)
+        try:
+            return engine.submit(work.images, work.ids, gen.SamplingConfig(max_new_tokens=work.max_new_tokens),
+                                 force=True, adapter=work.adapter)
+        except InputError as e:  # an adapter that is not loaded
+            work.error = str(e)
+            return None
 
     for ready in engine.in_order(works, submit, window=4 * max_rows):
         for work, request in ready:

@@ -30,7 +30,8 @@ Each line of --input is one job, a JSON object:
 image: a path (relative to the input file's folder). Either "prompt" (any PaliGemma prefix) or
 "task" (a verb: %s) with that task's fields (lang, question, labels, ...). "id": any
 JSON value, copied to the record. "max_new_tokens": this job's budget (default --max-new-tokens, or
-else its task's: `palikit TASK --help` says it).
+else its task's: `palikit TASK --help` says it). "adapter": the name of a LoRA adapter the run
+loaded (--adapter NAME=DIR, --adapters-dir DIR); without it, the base model.
 Each line gets one record in the output, in input order:
   {"line": N, "id": ..., "prompt": ..., "text": ..., "finish_reason": ..., "objects": [...]}
 (finish_reason: eos, the answer ended; length, it used its budget; objects: detect, segment)
@@ -38,7 +39,7 @@ Each line gets one record in the output, in input order:
 N is the 1-based line number. A bad job (not JSON, a field of the wrong type, an unknown task,
 an unreadable image, too long for the model) gets its error record and every other job runs.""" % ", ".join(tasks.TASKS)
 
-JOB_KEYS = ("image", "prompt", "task", "id", "max_new_tokens")
+JOB_KEYS = ("image", "prompt", "task", "id", "max_new_tokens", "adapter")
 
 
 def job_prompt(job: dict) -> tuple[str, tasks.TaskSpec]:
@@ -147,6 +148,9 @@ def _check(pipe, n: int, line: bytes, base: Path, max_new_tokens: int | None, co
             raise InputError(f"'image' must be a path (a string), got {image!r}")
         prompt, spec = job_prompt(job)
         work.max_new_tokens = job_budget(job, max_new_tokens or tasks.default_budget(prompt))
+        work.adapter = job.get("adapter")
+        if work.adapter is not None and not isinstance(work.adapter, str):
+            raise InputError(f"'adapter' must be the name of a loaded adapter (a string), got {work.adapter!r}")
         if spec.masks and codec is None and pipe.codec_path is None:
             raise InputError(f"a {spec.verb} job needs the mask codec: pass --vae PATH (big_vision's "
                              "vae-oid.npz); the model folder has none")

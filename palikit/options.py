@@ -114,13 +114,18 @@ class ServerSettings:
     request_timeout_s: float = option(300.0, "seconds a request may take before it gets 504", parse=float)
     model_name: str | None = option(None, "the model's name in /v1/models (default: the folder's name)",
                                     flag=False)
+    adapters: tuple[str, ...] = option((), "LoRA adapters requests may choose, NAME=DIR each (--adapter NAME=DIR)",
+                                       flag=False)
+    adapters_dir: str | None = option(None, "serve every adapter folder in this folder, named by its folder")
+    max_adapters: int = option(8, "most LoRA adapters loaded at once (POST /v1/adapters past it: 409)", parse=int)
     check_prompts: bool = option(True, "refuse prompts without a known task prefix (400); False serves "
                                  "checkpoints trained on free-form prefixes", parse=bool, flag=False)
     max_body_bytes: int = option(20 * 2**20, "largest request body (413 beyond)", parse=int, flag=False)
     max_image_pixels: int = option(25_000_000, "largest image (413 beyond)", parse=int, flag=False)
 
     def __post_init__(self):
-        for name in ("max_batch", "max_queue", "max_len", "threads", "max_body_bytes", "max_image_pixels"):
+        for name in ("max_batch", "max_queue", "max_len", "threads", "max_body_bytes", "max_image_pixels",
+                     "max_adapters"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("kv_cache_gb", "image_cache_mb", "request_timeout_s"):

@@ -175,3 +175,111 @@ def test_bad_adapters_are_one_line(tiny_model_dir, adapter_dirs, tmp_path, tiny_
     assert list(pipe.adapters.adapters) == ["qv"], "a failed load leaves the loaded ones as they were"
     pipe.unload_adapter("qv")
     assert not pipe.adapters.hooks, "no adapter left: no module runs a hook"
+
+
+def test_the_server_serves_each_adapter_by_name(tiny_model_dir, adapter_dirs, tmp_path):
+    """`palikit serve --adapter NAME=DIR`: chat completions' model and the native endpoints' adapter
+    choose it (an unknown name is a 404), /v1/models lists each with its parent, /metrics counts
+    answers per model; POST /v1/adapters loads one from inside --allow-local-paths (403 without it,
+    409 for a taken name or past --max-adapters) and DELETE unloads one once the request running on
+    it has finished, which gets its whole answer."""
+    import asyncio
+
+    import httpx
+    from fastapi.testclient import TestClient
+
+    from palikit.serve import background, create_app
+
+    from .test_serve import chat_body, data_url
+
+    image = synthetic_image(1, (64, 48))
+    want = {name: palikit.load(tiny_model_dir, dtype="float32") for name in (None, "qv", "vision")}
+    for name, p in want.items():
+        if name:
+            p.load_adapter(name, adapter_dirs[name])
+    want = {name: p.generate(image, "caption en", max_new_tokens=6, adapter=name) for name, p in want.items()}
+    assert len(set(want.values())) == 3, "the adapters change the caption"
+
+    pipe = palikit.load(tiny_model_dir, dtype="float32")
+    shutil.copytree(adapter_dirs["llm"], tmp_path / "llm")
+    app = create_app(pipe, model_name="base", adapters=(f"qv={adapter_dirs['qv']}", f"vision={adapter_dirs['vision']}"),
+                     allow_local_paths=str(tmp_path), max_adapters=3)
+    with TestClient(app) as c:
+        models = c.get("/v1/models").json()["data"]
+        assert [(m["id"], m["parent"]) for m in models] == [("base", None), ("qv", "base"), ("vision", "base")]
+        for name in (None, "qv"):
+            r = c.post("/v1/chat/completions", json=chat_body(data_url(image), "caption en", max_tokens=6)
+                       | ({"model": name} if name else {})).json()
+            assert r["model"] == (name or "base") and r["choices"][0]["message"]["content"] == want[name]
+        r = c.post("/v1/caption", json={"image": data_url(image), "adapter": "vision", "max_new_tokens": 6})
+        assert r.json()["text"] == want["vision"]
+        assert c.post("/v1/chat/completions", json=chat_body(data_url(image), "caption en") | {"model": "nope"}
+                      ).status_code == 404
+        assert c.post("/v1/caption", json={"image": data_url(image), "adapter": "nope"}).status_code == 404
+        metrics = c.get("/metrics").text
+        assert 'palikit_model_answers_total{model="qv"} 1' in metrics
+        assert 'palikit_model_answers_total{model="base"} 1' in metrics
+        assert c.post("/v1/adapters", json={"name": "llm", "path": "llm"}).status_code == 201
+        assert c.post("/v1/adapters", json={"name": "llm", "path": "llm"}).status_code == 409  # the most: 3
+        assert c.post("/v1/adapters", json={"name": "x", "path": "/etc"}).status_code == 400  # outside the folder
+        assert c.delete("/v1/adapters/base").status_code == 400
+        assert c.delete("/v1/adapters/llm").status_code == 200
+        assert c.post("/v1/adapters", json={"name": "qv", "path": "llm"}).status_code == 409  # a taken name
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["base", "qv", "vision"]
+    with TestClient(create_app(pipe, model_name="base2")) as c:  # the same pipe: its adapters stay loaded
+        assert c.post("/v1/adapters", json={"name": "y", "path": "llm"}).status_code == 403
+
+    app = create_app(palikit.load(tiny_model_dir, dtype="float32"), model_name="base",
+                     adapters=(f"qv={adapter_dirs['qv']}",))
+
+    async def unload_while_running(url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            body = {"image": data_url(image), "adapter": "qv", "max_new_tokens": 40}
+            running = asyncio.ensure_future(c.post("/v1/predict", json=body | {"prompt": "caption en"}))
+            for _ in range(2000):
+                if app.state.palikit.batcher.engine.uses_adapter("qv") or running.done():
+                    break
+                await asyncio.sleep(0.005)
+            assert not running.done(), running.result().text
+            deleted = await c.delete("/v1/adapters/qv")
+            return await running, deleted, await c.post("/v1/caption", json=body)
+
+    with background(app) as url:
+        running, deleted, after = asyncio.run(unload_while_running(url))
+    assert running.status_code == 200 and running.json()["finish_reason"] in ("eos", "length")
+    assert deleted.status_code == 200 and after.status_code == 404
+
+
+def test_a_bad_adapter_stops_the_server_at_startup_with_one_line(tiny_model_dir, tmp_path):
+    from palikit.cli import main
+
+    code = main(["serve", "--model", str(tiny_model_dir), "--adapter", f"x={tmp_path}", "--port", "0"])
+    assert code == 2
+
+
+def test_run_jobs_choose_their_adapter(tiny_model_dir, adapter_dirs, tmp_path, capsys):
+    """`palikit run --adapter NAME=DIR --adapters-dir DIR`: each job's "adapter" picks one (the base
+    without it); an adapter the run did not load is that job's error record."""
+    from palikit.cli import main
+
+    image = synthetic_image(2, (64, 48))
+    image.save(tmp_path / "a.png")
+    pipe = palikit.load(tiny_model_dir, dtype="float32")
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    shutil.copytree(adapter_dirs["mlp"], shelf / "mlp")
+    for name in ("qv", "mlp"):
+        pipe.load_adapter(name, adapter_dirs[name])
+    jobs = [{"image": "a.png", "prompt": "caption en"}, {"image": "a.png", "prompt": "caption en", "adapter": "qv"},
+            {"image": "a.png", "prompt": "caption en", "adapter": "mlp"}, {"image": "a.png", "task": "ocr", "adapter": "x"},
+            {"image": "a.png", "prompt": "caption en", "adapter": 3}]
+    (tmp_path / "jobs.jsonl").write_text("".join(json.dumps(j) + "\n" for j in jobs))
+    argv = ["run", "--model", str(tiny_model_dir), "--dtype", "float32", "--adapter", f"qv={adapter_dirs['qv']}",
+            "--adapters-dir", str(shelf), "--input", str(tmp_path / "jobs.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+            "--max-new-tokens", "6"]
+    assert main(argv) == 0
+    recs = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    texts = [pipe.generate(image, "caption en", max_new_tokens=6, adapter=a) for a in (None, "qv", "mlp")]
+    assert [r.get("text") for r in recs[:3]] == texts and len(set(texts)) == 3
+    assert "no adapter named 'x' is loaded (loaded: qv, mlp)" in recs[3]["error"]
+    assert "'adapter' must be the name of a loaded adapter" in recs[4]["error"]

@@ -467,3 +467,42 @@ def test_the_empty_page_shows_a_sample_image_and_has_an_icon(browser, server, tm
     page.screenshot(path=str(tmp_path / "empty-page.png"))
     assert failed == []
     page.close()
+
+
+def test_the_demo_offers_the_loaded_adapters(browser, tiny_model_dir, tmp_path):
+    """A server with LoRA adapters: the page's model menu lists the base and each adapter, and a run
+    on an adapter answers as that adapter does; the token budget is left to the server (the
+    task's) unless typed."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from .test_adapters import hf_model
+
+    model = get_peft_model(hf_model(tiny_model_dir), LoraConfig(r=4, lora_alpha=16, target_modules=r".*language_model.*\.q_proj"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if "lora_" in key:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
+    model.save_pretrained(tmp_path / "qv")
+    pipe = palikit.load(tiny_model_dir, dtype="float32")
+    image = synthetic_image(3, (64, 48))
+    image.save(tmp_path / "a.png")
+    sent = []
+    with background(create_app(pipe, model_name="tiny", adapters=(f"qv={tmp_path / 'qv'}",))) as url:
+        page = browser.new_page()
+        page.on("request", lambda r: sent.append(r.post_data_json) if "/v1/" in r.url else None)
+        page.goto(url + "/")
+        page.wait_for_function("document.getElementById('adapter').options.length === 2")
+        assert page.eval_on_selector_all("#adapter option", "os => os.map(o => o.textContent)") == ["tiny (base)", "qv"]
+        page.set_input_files("#file", str(tmp_path / "a.png"))
+        page.wait_for_function("!document.getElementById('run').disabled")
+        page.select_option("#task", "caption")
+        page.select_option("#adapter", "qv")
+        page.click("#run")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('done')")
+        shown = page.text_content("#text")
+        page.close()
+    budget = palikit.tasks.task_spec("caption").max_new_tokens
+    assert shown == pipe.generate(image, "caption en", max_new_tokens=budget, adapter="qv")
+    assert sent[-1]["adapter"] == "qv" and "max_new_tokens" not in sent[-1]

@@ -72,11 +72,12 @@ from ..api import Pipeline
 from ..engine import batch_invariant
 from ..options import Options, ServerSettings
 from ..processor import InputError
+from ..weights import CheckpointError
 from .batcher import Batcher, Job
 from .guard import Guard
 from .images import ImageReader, ImageSize
 from .prometheus import Metrics
-from .schema import (ERROR_TYPES, ChatCompletion, ChatMessageOut, ChatRequest, Choice, ErrorResponse, ImagePart,
+from .schema import (ERROR_TYPES, AdapterRequest, ChatCompletion, ChatMessageOut, ChatRequest, Choice, ErrorResponse, ImagePart,
                      ImageRequest, ModelCard, ModelList, PredictRequest, TaskResponse, TextPart, Usage,
                      error_response, task_request)
 
@@ -139,6 +140,43 @@ class Server:
         self.can_mask = pipe.codec_path is not None
         self.created = int(time.time())
         self.paths: set[str] = set()  # the app's routes, for the metrics labels (filled by create_app)
+        self.draining: set[str] = set()  # adapters being unloaded: no new requests
+        named = [spec.partition("=")[::2] for spec in settings.adapters]
+        if settings.adapters_dir:
+            named += sorted((p.name, str(p)) for p in Path(settings.adapters_dir).iterdir() if p.is_dir())
+        for name, folder in named:  # at startup: a bad one stops the server with its one line
+            self.load_adapter(name, folder)
+
+    # ---- adapters
+
+    def load_adapter(self, name: str, folder: str) -> None:
+        if name == self.model_name:
+            raise InputError(f"adapter name {name!r} is the base model's")
+        self.pipe.load_adapter(name, folder, max_adapters=self.settings.max_adapters)
+
+    def adapter_of(self, model: str | None) -> str | None:
+        """The adapter a request names (None: the base); 404 for a name nothing is served under."""
+        if model is None or model == self.model_name:
+            return None
+        bank = self.pipe.adapters
+        if bank is None or model not in bank.adapters or model in self.draining:
+            served = [self.model_name, *(n for n in (bank.adapters if bank else ()) if n not in self.draining)]
+            raise HTTPException(404, f"The model {model!r} does not exist: this server serves "
+                                     f"{', '.join(map(repr, served))}")
+        return model
+
+    async def unload_adapter(self, name: str) -> None:
+        """Stop taking requests for the adapter, let those in flight finish, then unload it."""
+        self.adapter_of(name)
+        if name is None or name == self.model_name:
+            raise HTTPException(400, f"{name!r} is the base model, which cannot be unloaded")
+        self.draining.add(name)
+        try:
+            while self.batcher.engine.uses_adapter(name):
+                await asyncio.sleep(0.02)
+            self.pipe.unload_adapter(name)
+        finally:
+            self.draining.discard(name)
 
     # ---- prompts and jobs
 
@@ -153,13 +191,14 @@ class Server:
 
     def submit(self, images, size: ImageSize, prompt: str, max_new_tokens: int, sampling: dict,
                parse: tasks.TaskSpec | None = None, stream: bool = False, stop: list[str] = (),
-               logprobs: bool = False) -> Job:
+               logprobs: bool = False, adapter: str | None = None) -> Job:
         if parse is not None and parse.masks and not self.can_mask:
             raise HTTPException(501, "segmentation masks are not available: this server has no mask codec "
                                      "(mask_codec.npz / vae-oid.npz beside the model)")
         loop = asyncio.get_running_loop()
         job = Job(images, size, prompt, max_new_tokens, sampling, parse, stream,
-                  time.monotonic() + self.request_timeout_s, asyncio.Queue(), loop, tuple(stop), logprobs=logprobs)
+                  time.monotonic() + self.request_timeout_s, asyncio.Queue(), loop, tuple(stop), logprobs=logprobs,
+                  adapter=adapter, model=adapter or self.model_name)
         self.batcher.submit(job)
         return job
 
@@ -183,7 +222,7 @@ class Server:
     async def sse(self, job: Job, prompt_tokens: int, include_usage: bool):
         """OpenAI's chat.completion.chunk events, then `data: [DONE]`."""
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk",
-                "created": int(time.time()), "model": self.model_name}
+                "created": int(time.time()), "model": job.model}
 
         def event(body: dict) -> str:
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
@@ -286,16 +325,37 @@ def create_app(pipe: Pipeline, settings: ServerSettings | None = None, **changes
 
     @v1.get("/models", response_model=ModelList)
     async def models():
-        return ModelList(data=[ModelCard(id=server.model_name, created=server.created,
-                                         options=pipe.options.to_dict())])
+        base = ModelCard(id=server.model_name, created=server.created, options=pipe.options.to_dict())
+        loaded = pipe.adapters.adapters if pipe.adapters is not None else {}
+        return ModelList(data=[base, *(ModelCard(id=name, created=server.created, parent=server.model_name)
+                                       for name in loaded if name not in server.draining)])
+
+    @v1.post("/adapters", response_model=ModelCard, status_code=201,
+             summary="load a LoRA adapter from a folder on the server (needs --allow-local-paths)")
+    async def load_adapter(req: AdapterRequest):
+        if not settings.allow_local_paths:
+            raise HTTPException(403, "loading adapters by path needs the server's --allow-local-paths DIR")
+        folder = server.images.local_path(req.path, "adapter")  # inside the allowed folder, or 400
+        bank = pipe.adapters
+        if bank is not None and len(bank.adapters) >= settings.max_adapters:
+            raise HTTPException(409, f"{len(bank.adapters)} adapters are loaded, the most this server takes "
+                                     f"(--max-adapters {settings.max_adapters}); DELETE one first")
+        try:
+            await asyncio.to_thread(server.load_adapter, req.name, str(folder))
+        except (InputError, CheckpointError) as e:
+            raise HTTPException(409 if "loaded already" in str(e) else 400, str(e)) from None
+        return ModelCard(id=req.name, created=server.created, parent=server.model_name)
+
+    @v1.delete("/adapters/{name}", summary="unload a LoRA adapter once the requests running on it finish")
+    async def unload_adapter(name: str):
+        await server.unload_adapter(name)
+        return {"id": name, "object": "model", "deleted": True}
 
     @v1.post("/chat/completions", response_model=ChatCompletion,
              responses={200: {"content": {"text/event-stream": {}},
                               "description": "a chat.completion, or chat.completion.chunk events if stream"}})
     async def chat_completions(req: ChatRequest):
-        if req.model is not None and req.model != server.model_name:
-            raise HTTPException(404, f"The model {req.model!r} does not exist: this server serves "
-                                     f"{server.model_name!r}")
+        adapter = server.adapter_of(req.model)
         if req.top_logprobs and not req.logprobs:
             raise HTTPException(400, "top_logprobs needs logprobs: true")
         if req.logprobs and req.stream:
@@ -305,7 +365,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings | None = None, **changes
         n_prompt = server.check(prompt, len(refs), max_new)  # cheap checks before decoding the images
         images, size = await server.images.read(refs)
         sampling = _sampling(req.temperature, req.top_p, seed=req.seed) | {"top_logprobs": req.top_logprobs or 0}
-        job = server.submit(images, size, prompt, max_new, sampling, stream=req.stream, stop=req.stop or (),
+        job = server.submit(images, size, prompt, max_new, sampling, stream=req.stream, stop=req.stop or (), adapter=adapter,
                             logprobs=req.logprobs)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -317,16 +377,17 @@ def create_app(pipe: Pipeline, settings: ServerSettings | None = None, **changes
         choice = Choice(message=ChatMessageOut(content=r["text"]),
                         finish_reason=openai_finish_reason(r["finish_reason"]), logprobs=r.get("logprobs"))
         return ChatCompletion(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()),
-                              model=server.model_name, choices=[choice], usage=usage)
+                              model=adapter or server.model_name, choices=[choice], usage=usage)
 
     async def run_task(req: ImageRequest, prompt: str, max_new: int | None) -> TaskResponse:
         max_new = max_new or tasks.default_budget(prompt)
+        adapter = server.adapter_of(req.adapter)
         n_prompt = server.check(prompt, 1, max_new)  # 400 for an unknown task unless check_prompts=False
         images, size = await server.images.read([req.image])
         spec = _spec_or_none(prompt)
         parse = spec if spec is not None and spec.parse is not None else None
         job = server.submit(images, size, prompt, max_new,
-                            _sampling(req.temperature, req.top_p, req.top_k, req.seed), parse)
+                            _sampling(req.temperature, req.top_p, req.top_k, req.seed), parse, adapter=adapter)
         r = await server.result(job)
         return TaskResponse(task=spec.name if spec else "free", prompt=prompt, text=r["text"], width=size.width,
                             height=size.height, objects=r.get("objects"), finish_reason=r["finish_reason"],
@@ -353,8 +414,10 @@ def create_app(pipe: Pipeline, settings: ServerSettings | None = None, **changes
 
     @app.get("/health")
     async def health():
+        loaded = pipe.adapters.adapters if pipe.adapters is not None else {}
         return {"status": "ok", "model": server.model_name, "auth": bool(api_key),
-                "queue_depth": server.batcher.depth, "max_batch": server.batcher.max_batch}
+                "queue_depth": server.batcher.depth, "max_batch": server.batcher.max_batch,
+                "adapters": [n for n in loaded if n not in server.draining]}  # the web demo's model menu
 
     @app.get("/tasks")
     async def task_list():  # the web demo's menu; public like the page itself

@@ -39,6 +39,8 @@ class Job:
     on_cancel: object = None  # what else cancel() calls (the engine request's cancel)
     sent: str = ""  # streamed text so far
     logprobs: bool = False  # also answer each token's log-prob (and the top ones, sampling["top_logprobs"])
+    adapter: str | None = None  # the LoRA adapter it runs on (None: the base model)
+    model: str = ""  # the id the client asked for (the base's or the adapter's), for answers and metrics
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -128,6 +130,7 @@ class Batcher:
                 send_delta(self.pipe, job, request.tokens, final=True)
             try:
                 g = request.result()
+                self.metrics.answered(job.model, len(g.tokens))
                 job.deliver("done", answer(self.pipe, job, self.pipe.tokenizer.decode(g.tokens), g))
             except Exception as e:
                 log.exception("post-processing failed")
@@ -136,7 +139,7 @@ class Batcher:
         cfg = gen.SamplingConfig(max_new_tokens=job.max_new_tokens, **job.sampling)
         try:
             request = self.engine.submit(job.images, job.prompt, cfg, on_token=on_token, on_done=on_done,
-                                         stop=job.stop)
+                                         stop=job.stop, adapter=job.adapter)
         except EngineBusy as e:
             raise HTTPException(503, f"server busy: {e}; retry shortly", headers={"Retry-After": "1"}) from None
         except InputError as e:  # longer than the engine's rows (--max-len)

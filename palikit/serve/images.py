@@ -72,14 +72,19 @@ class ImageReader:
                                      "server-side files is disabled on this server (allow_local_paths)")
         return await asyncio.to_thread(self._read_path, ref.removeprefix("file://"))
 
-    def _read_path(self, name: str) -> bytes:
+    def local_path(self, name: str, what: str = "image") -> Path:
+        """A server-side path a request names, resolved inside the allowed folder (a relative one
+        names a path in it), or 400."""
         path = Path(name).expanduser()
         if not isinstance(self.allow_local_paths, bool):
             root = Path(self.allow_local_paths).expanduser().resolve()
-            path = (root / path).resolve()  # a relative path names a file in the allowed folder
+            path = (root / path).resolve()
             if not path.is_relative_to(root):
-                raise HTTPException(400, f"image path {name!r} is outside the allowed folder {root}")
-        path = path.resolve()
+                raise HTTPException(400, f"{what} path {name!r} is outside the allowed folder {root}")
+        return path.resolve()
+
+    def _read_path(self, name: str) -> bytes:
+        path = self.local_path(name)
         if not path.is_file():
             raise HTTPException(400, f"image file not found: {name}")
         if path.stat().st_size > self.max_body_bytes:

@@ -37,6 +37,7 @@ class Sampling(BaseModel):
 class ImageRequest(Sampling):
     image: str = Field(description="the image as base64 or a data: URL (data:image/png;base64,...); an "
                                    "http(s) URL or a server-side path only where the operator enabled them")
+    adapter: str | None = Field(None, description="a loaded LoRA adapter's name (GET /v1/models); omitted: the base")
 
 
 class PredictRequest(ImageRequest):
@@ -118,7 +119,8 @@ UNSUPPORTED_CHAT_FIELDS = ("tools", "tool_choice", "functions", "function_call",
 
 
 class ChatRequest(BaseModel):
-    model: str | None = Field(None, description="the served model's id (GET /v1/models), or omitted")
+    model: str | None = Field(None, description="the served model's id, or a loaded adapter's (GET /v1/models); "
+                                                "omitted: the base model")
     messages: list[Message] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1, description="takes precedence over max_tokens")
@@ -179,6 +181,12 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "palikit"
     options: dict = {}  # how the model was loaded: palikit.options.Options
+    parent: str | None = None  # an adapter's base model
+
+
+class AdapterRequest(BaseModel):
+    name: str = Field(description="the name requests will use (model / adapter)")
+    path: str = Field(description="a peft adapter folder on the server, inside --allow-local-paths")
 
 
 class ModelList(BaseModel):

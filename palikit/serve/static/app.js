@@ -27,7 +27,8 @@ function updateTask() {
   $("arg-row").hidden = t.arg === null;
   $("arg-label").textContent = t.arg ? t.arg.title : "";
   $("arg").placeholder = t.arg ? t.arg.example : "";
-  $("max-tokens").value = t.max_new_tokens;
+  $("max-tokens").value = "";  // empty: the server's budget for the prompt (more for more labels)
+  $("max-tokens").placeholder = `${t.max_new_tokens} (the task's)`;
 }
 
 // What the task's text field puts in the request body: a list for labels, nothing when left empty.
@@ -248,7 +249,10 @@ async function run() {
   const headers = { "Content-Type": "application/json" };
   const key = $("key").value.trim();
   if (key) headers.Authorization = `Bearer ${key}`;
-  const body = { image: imageURL, max_new_tokens: Number($("max-tokens").value) || t.max_new_tokens, ...fields(t, arg) };
+  const body = { image: imageURL, ...fields(t, arg) };
+  const budget = Number($("max-tokens").value);
+  if (budget) body.max_new_tokens = budget;
+  if ($("adapter").value) body.adapter = $("adapter").value;
   $("run").disabled = true;
   setStatus("running...");
   const started = performance.now();
@@ -287,6 +291,9 @@ async function init() {
     await loadTasks();
     const health = await (await fetch("/health")).json();
     $("model").textContent = health.model;
+    const models = [new Option(`${health.model} (base)`, ""), ...(health.adapters || []).map((a) => new Option(a, a))];
+    $("adapter").replaceChildren(...models);
+    $("adapter-row").hidden = models.length < 2;
     $("key-row").hidden = !health.auth;
     const sample = await (await fetch("/sample.png")).blob();
     if (!loads) loadFile(new File([sample], "sample.png"), " (a sample: drop or choose your own)");
