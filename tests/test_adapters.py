@@ -283,3 +283,26 @@ def test_run_jobs_choose_their_adapter(tiny_model_dir, adapter_dirs, tmp_path, c
     assert [r.get("text") for r in recs[:3]] == texts and len(set(texts)) == 3
     assert "no adapter named 'x' is loaded (loaded: qv, mlp)" in recs[3]["error"]
     assert "'adapter' must be the name of a loaded adapter" in recs[4]["error"]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_adapters_apply_on_a_quantised_base(tiny_model_dir, adapter_dirs, scheme):
+    """A quantised base takes adapters: each int8 / int4 layer an adapter targets gets, on the rows of
+    that adapter, exactly scale * B (A x) added to its output (float32 arithmetic); other rows none."""
+    pipe = palikit.load(tiny_model_dir, dtype="float32", quantize=scheme)
+    pipe.load_adapter("llm", adapter_dirs["llm"])
+    bank = pipe.adapters
+    A, B, scale = bank.adapters["llm"].factors["language_model.layers.0.mlp.gate_proj"]
+    layer = pipe.model.language_model.layers[0].mlp.gate_proj
+    assert type(layer).__name__ != "Linear", "the layer is quantised"
+    x = torch.randn(2, 3, A.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        plain = layer(x)
+        with bank.rows([0, bank.slot("llm")]):
+            tuned = layer(x)
+    torch.testing.assert_close(tuned[0], plain[0], rtol=0, atol=0)
+    torch.testing.assert_close(tuned[1] - plain[1], scale * (x[1] @ A.T) @ B.T, rtol=0, atol=1e-5)
+    image = synthetic_image(4, (64, 48))
+    (_, base), (_, tuned) = (pipe.generate_details([image], ["caption en"], max_new_tokens=4, adapter=a)[0]
+                             for a in (None, "llm"))
+    assert (base.tokens, base.logprobs) != (tuned.tokens, tuned.logprobs)

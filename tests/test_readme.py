@@ -1,7 +1,7 @@
 """Every snippet of the README runs as written. Its Python blocks run in order, in one namespace,
 in a folder holding the files they name (photo.png, a scene of the shapes world the bundled model
-knows); its shell blocks run command by command there (`palikit serve` until it answers /health),
-each with exit status 0. Three lines cannot run inside a test and are checked instead: `git clone`
+knows); its shell blocks run command by command there (`palikit serve` until it answers /health, and a
+Python block right after one, a client of that server, while it runs), each with exit status 0. Three lines cannot run inside a test and are checked instead: `git clone`
 (no network), `pip install` (its extras must exist in pyproject.toml) and `make test` (this suite)."""
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ from palikit.synthetic import make_scene
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```(python|bash)\n(.*?)```", README, re.S)
+# A Python block right after a bash block that ends with `palikit serve`: a client of that server.
+CLIENTS = {i + 1 for i, (kind, body) in enumerate(BLOCKS[:-1])
+           if kind == "bash" and body.strip().splitlines()[-1].startswith("palikit serve") and BLOCKS[i + 1][0] == "python"}
 PALIKIT = str(Path(sys.executable).parent / "palikit")
 
 pytestmark = pytest.mark.slow
@@ -42,23 +45,33 @@ def folder(tmp_path_factory):
                                       + json.dumps({"image": "photo.png", "task": "detect", "labels": ["circle"]}) + "\n")
     (where / "train.jsonl").write_text(json.dumps({"image": "photo.png", "prefix": "caption en",
                                                    "suffix": "a circle"}) + "\n")
+    for colour in ("red", "blue"):  # two fine-tunes to serve side by side
+        (where / f"{colour}.jsonl").write_text(4 * (json.dumps({"image": "photo.png", "prefix": "caption en",
+                                                                  "suffix": f"all {colour}"}) + "\n"))
     shutil.copytree(ROOT / "configs", where / "configs")
     return where
 
 
 def test_the_python_snippets_run(folder, monkeypatch, capsys):
     monkeypatch.chdir(folder)
-    code = "\n".join(body for kind, body in BLOCKS if kind == "python")
+    code = "\n".join(body for i, (kind, body) in enumerate(BLOCKS) if kind == "python" and i not in CLIENTS)
     assert "palikit.load" in code and code.count("\n") > 20
     exec(compile(code, "README.md", "exec"), {})
     assert (folder / "overlay.png").exists()
 
 
 def commands() -> list[str]:
+    return [line for line, _ in commands_and_clients()]
+
+
+def commands_and_clients() -> list[tuple[str, str | None]]:
+    """Each shell line, with the client block that follows it (a last `palikit serve` line's) or None."""
     out = []
-    for kind, body in BLOCKS:
+    for i, (kind, body) in enumerate(BLOCKS):
         if kind == "bash":
-            out += [line.split("  #")[0].strip() for line in body.splitlines() if line.strip()]
+            lines = [line.split("  #")[0].strip() for line in body.splitlines() if line.strip()]
+            client = BLOCKS[i + 1][1] if i + 1 in CLIENTS else None
+            out += [(line, client if n == len(lines) - 1 else None) for n, line in enumerate(lines)]
     return out
 
 
@@ -82,10 +95,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_the_shell_snippets_run(folder):
+def test_the_shell_snippets_run(folder, monkeypatch, capsys):
+    monkeypatch.chdir(folder)  # the client blocks read the files the README names
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     ran = 0
-    for line in commands():
+    for line, client in commands_and_clients():
         if line.startswith(("git clone", "pip install", "make test")):
             continue  # test_the_lines_that_cannot_run_here_are_true
         if line == "make demo":
@@ -104,6 +118,11 @@ def test_the_shell_snippets_run(folder):
                         time.sleep(0.1)
                 else:
                     pytest.fail("palikit serve never answered /health")
+                if client is not None:
+                    exec(compile(client.replace(":8000/", f":{port}/"), "README.md", "exec"), {"__name__": "client"})
+                    answers = dict(line.split(" ", 1) for line in capsys.readouterr().out.splitlines() if " " in line)
+                    assert {"default", "red", "blue"} <= set(answers), answers
+                    assert len({answers[m] for m in ("default", "red", "blue")}) == 3, answers  # each its own
             finally:
                 os.killpg(server.pid, signal.SIGTERM)
                 server.wait(30)
