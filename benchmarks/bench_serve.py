@@ -76,6 +76,32 @@ def make_checkpoint(folder: Path) -> None:
     Pipeline(model, Tokenizer(tok, image_token_id=config.image_token_id)).save(folder)
 
 
+def make_adapters(folder: Path, n: int) -> list[str]:
+    """n random LoRA adapters for the checkpoint in `folder`, made by transformers + peft (ranks 8
+    and 16 alternately, every linear layer of the language model), in folder/adapters/a0, a1, ..."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import PaliGemmaForConditionalGeneration
+
+    names = []
+    for i in range(n):
+        out = folder / "adapters" / f"a{i}"
+        names.append(out.name)
+        if (out / "adapter_config.json").exists():
+            continue
+        model = PaliGemmaForConditionalGeneration.from_pretrained(folder)
+        r = 8 if i % 2 == 0 else 16
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules=(
+            r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")))
+        generator = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for key, p in model.named_parameters():
+                if "lora_" in key:
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+        model.save_pretrained(out)
+    return names
+
+
 class StaticBatcher:
     """The static batcher palikit's server had before its engine, as this benchmark's baseline; it
     stands in for palikit.serve.batcher.Batcher (same constructor, submit, depth, gauges, start,
@@ -112,7 +138,7 @@ class StaticBatcher:
         """Jobs batch only with equal sampling; a streamed or seeded job alone."""
         if job.stream or job.sampling.get("seed") is not None:
             return ("alone", id(job))
-        return tuple(sorted(job.sampling.items()))
+        return (job.adapter or "", *sorted(job.sampling.items()))
 
     def submit(self, job) -> None:
         from fastapi import HTTPException
@@ -161,9 +187,10 @@ class StaticBatcher:
                     send_delta(self.pipe, job, made, final=True)
                     results = [(self.pipe.tokenizer.decode(made), Generated(made, [0.0] * len(made)))]
                 else:
+                    adapter = {"adapter": jobs[0].adapter} if jobs[0].adapter else {}
                     results = self.pipe.generate_details([j.images for j in jobs], [j.prompt for j in jobs],
                                                          max_new_tokens=max(j.max_new_tokens for j in jobs),
-                                                         batch_size=len(jobs), **jobs[0].sampling)
+                                                         batch_size=len(jobs), **jobs[0].sampling, **adapter)
                 for job, (_, g) in zip(jobs, results):
                     # The batch ran to its longest answer: each job keeps the tokens it asked for.
                     g = Generated(g.tokens[: job.max_new_tokens], g.logprobs[: job.max_new_tokens])
@@ -209,9 +236,25 @@ class TransformersPipe(Pipeline):
         (_, g), = self.generate_details([image], [prompt], max_new_tokens=max_new_tokens, batch_size=1, **sampling)
         yield from g.tokens[:max_new_tokens]
 
+    def load_peft_adapters(self, folders: dict[str, Path]) -> None:
+        """The adapters as peft holds them, one active at a time (set_adapter per request: how
+        recursia-lab/anchor serves PaliGemma 2 adapters)."""
+        from types import SimpleNamespace
+
+        from peft import PeftModel
+
+        names = list(folders)
+        self.model = PeftModel.from_pretrained(self.model, str(folders[names[0]]), adapter_name=names[0]).eval()
+        for name in names[1:]:
+            self.model.load_adapter(str(folders[name]), adapter_name=name)
+        self.adapters = SimpleNamespace(adapters=dict.fromkeys(names))  # what the app's routes look up
+
     def generate_details(self, images, prompts, max_new_tokens: int = 32, batch_size: int = 8,
-                         do_sample: bool = False, seed: int | None = None, **sampling):
+                         do_sample: bool = False, seed: int | None = None, adapter: str | None = None, **sampling):
         import torch
+
+        if adapter is not None:
+            self.model.set_adapter(adapter)
 
         from palikit.generate import Generated
         from palikit.processor import encode_example, preprocess
@@ -230,7 +273,8 @@ class TransformersPipe(Pipeline):
         if seed is not None:
             torch.manual_seed(seed)
         eos = self.tokenizer.eos_id
-        with torch.inference_mode():
+        base = self.model.disable_adapter() if adapter is None and hasattr(self.model, "disable_adapter") else None
+        with torch.inference_mode(), base or contextlib.nullcontext():
             out = self.model.generate(input_ids=ids, attention_mask=mask,
                                       token_type_ids=torch.zeros_like(ids), pixel_values=pixels,
                                       max_new_tokens=max_new_tokens, do_sample=do_sample,
@@ -261,14 +305,20 @@ def run_server(library: str, checkpoint: str, scheduler: str, max_batch: int, th
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
+    adapters = {name: Path(checkpoint) / "adapters" / name for name in adapter_names(scheduler)}
     if library == "palikit":
         pipe = palikit.load(checkpoint, dtype="float32", device=DEVICE, batch_invariant=scheduler == "invariant")
     else:
         pipe = TransformersPipe(checkpoint)
-    if scheduler == "static":  # this process serves one app: its engine adapter becomes the static batcher
+        if adapters:
+            pipe.load_peft_adapters(adapters)
+    if scheduler in ("static", "peft-switch"):  # this process serves one app: its engine adapter becomes the static batcher
         serve_app.Batcher = StaticBatcher
+    if scheduler == "peft-switch":
+        max_batch = 1  # one request at a time, each after its set_adapter
     app = create_app(pipe, model_name=library, max_batch=max_batch, max_queue=4096, request_timeout_s=3600,
-                     check_prompts=False)
+                     check_prompts=False, max_adapters=max(1, len(adapters)),
+                     adapters=tuple(f"{n}={d}" for n, d in adapters.items()) if library == "palikit" else ())
     with background(app) as url:
         print(url, flush=True)
         sys.stdin.read()
@@ -294,7 +344,7 @@ def workload(n: int, seed: int) -> list[tuple[str, str]]:
 
 
 async def load_test(url: str, requests: list[tuple[str, str]], clients: int, think_s: float, stream: bool,
-                    seed: int) -> dict:
+                    seed: int, adapters: list[str] = ()) -> dict:
     """`clients` clients, each waiting an exponential think time (mean think_s) before its next
     request: Poisson arrivals while the clients keep up. Each request's latency, time to its first
     token (streamed: the first content event; otherwise the whole response) and tokens."""
@@ -303,9 +353,11 @@ async def load_test(url: str, requests: list[tuple[str, str]], clients: int, thi
     rng = np.random.default_rng(seed)
     done: list[dict] = []
 
-    async def one(c, name: str, image: str) -> dict:
+    async def one(c, i: int) -> dict:
+        name, image = requests[i]
         prompt, max_tokens, _ = CLASSES[name]
         body = {"max_tokens": max_tokens, "temperature": 0, "stream": stream,
+                **({"model": adapters[i % len(adapters)]} if adapters else {}),
                 "stream_options": {"include_usage": True} if stream else None,
                 "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
                                                           {"type": "text", "text": prompt}]}]}
@@ -333,7 +385,7 @@ async def load_test(url: str, requests: list[tuple[str, str]], clients: int, thi
     async def client(c, todo, gaps):
         for i in todo:
             await asyncio.sleep(next(gaps))
-            done.append(await one(c, *requests[i]))
+            done.append(await one(c, i))
 
     def gaps():
         while True:
@@ -359,8 +411,27 @@ async def load_test(url: str, requests: list[tuple[str, str]], clients: int, thi
 
 
 # palikit-invariant: the engine in its batch-invariant mode (Options.batch_invariant), to price it.
+# With --adapters N: palikit-adapters serves N LoRA adapters in its continuous batches, each request
+# on one of them in turn; peft-switch is transformers + peft, one request at a time after its
+# set_adapter (recursia-lab/anchor's way); the other servers answer the same requests on the base.
 SERVERS = {"palikit-continuous": ("palikit", "continuous"), "palikit-invariant": ("palikit", "invariant"),
-           "palikit-static": ("palikit", "static"), "transformers-static": ("transformers", "static")}
+           "palikit-static": ("palikit", "static"), "transformers-static": ("transformers", "static"),
+           "palikit-adapters": ("palikit", "adapters"), "peft-switch": ("transformers", "peft-switch")}
+ADAPTERS_VARIABLE = "PALIKIT_BENCH_ADAPTERS"  # how many adapters the servers that serve adapters load
+
+
+def adapter_names(scheduler: str) -> list[str]:
+    if scheduler not in ("adapters", "peft-switch"):
+        return []
+    return [f"a{i}" for i in range(int(os.environ.get(ADAPTERS_VARIABLE, "0")))]
+
+
+def resident_mb(pid: int) -> float:
+    """A process's resident set (VmRSS), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def main() -> None:
@@ -377,6 +448,8 @@ def main() -> None:
                     help="torch threads per server; default: as `palikit serve`, all cores but one (0: torch's own)")
     ap.add_argument("--out", help="also write the results as JSON here")
     ap.add_argument("--device", default="cpu", help="where the servers run their model (cpu, cuda)")
+    ap.add_argument("--adapters", type=int, default=0, help="LoRA adapters for palikit-adapters and peft-switch "
+                    "(requests spread over them in turn)")
     ap.add_argument("--serve", nargs=4, metavar=("LIBRARY", "CHECKPOINT", "SCHEDULER", "MAX_BATCH"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -390,6 +463,9 @@ def main() -> None:
         make_checkpoint(Path(folder))
         print(f"wrote the random benchmark model to {folder}", flush=True)
     requests = workload(args.requests, seed=0)
+    os.environ[ADAPTERS_VARIABLE] = str(args.adapters)  # the server subprocesses read it
+    if args.adapters:
+        make_adapters(Path(folder), args.adapters)
     rows = []
     for server in args.servers:
         library, scheduler = SERVERS[server]
@@ -401,8 +477,9 @@ def main() -> None:
             if not url.startswith("http"):
                 raise RuntimeError(f"{server} did not start")
             for clients in args.clients:
-                result = asyncio.run(load_test(url, requests, clients, args.think_ms / 1000, args.stream, seed=1))
-                rows.append({"server": server, "clients": clients, **result})
+                result = asyncio.run(load_test(url, requests, clients, args.think_ms / 1000, args.stream, seed=1,
+                                               adapters=adapter_names(scheduler)))
+                rows.append({"server": server, "clients": clients, "rss_mb": resident_mb(proc.pid), **result})
                 print(json.dumps(rows[-1]), flush=True)
         finally:
             proc.stdin.close()
@@ -412,13 +489,26 @@ def main() -> None:
           f"mean think time {args.think_ms:g} ms, max_batch {args.max_batch}, "
           f"{'streamed' if args.stream else 'not streamed'}, torch threads per server: {args.threads or 'default'}\n")
     print("| server | clients | requests/s | tokens/s | short p50 / p99 (s) | short TTFT p50 / p99 (s) "
-          "| long p50 / p99 (s) | long TTFT p50 / p99 (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| long p50 / p99 (s) | long TTFT p50 / p99 (s) | resident MiB |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         sh, lo = r["short"], r["long"]
         print(f"| {r['server']} | {r['clients']} | {r['req_s']:.2f} | {r['tok_s']:.0f} "
               f"| {sh['p50_s']:.2f} / {sh['p99_s']:.2f} | {sh['ttft_p50_s']:.2f} / {sh['ttft_p99_s']:.2f} "
-              f"| {lo['p50_s']:.2f} / {lo['p99_s']:.2f} | {lo['ttft_p50_s']:.2f} / {lo['ttft_p99_s']:.2f} |")
+              f"| {lo['p50_s']:.2f} / {lo['p99_s']:.2f} | {lo['ttft_p50_s']:.2f} / {lo['ttft_p99_s']:.2f} "
+              f"| {r['rss_mb']:.0f} |")
+    by = {(r["server"], r["clients"]): r for r in rows}
+    weights_mb = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) / 2**20
+    for clients in args.clients:
+        mine, base, peft = (by.get((s, clients)) for s in ("palikit-adapters", "palikit-continuous", "peft-switch"))
+        if mine and base:
+            print(f"\n{args.adapters} adapters vs the base alone at {clients} clients: {mine['req_s'] / base['req_s']:.2f}x "
+                  f"requests/s, resident {mine['rss_mb'] / base['rss_mb']:.2f}x ({args.adapters} merged copies: "
+                  f"+{(args.adapters - 1) * weights_mb:.0f} MiB of weights over one)")
+        if mine and peft:
+            print(f"palikit's adapters vs peft set_adapter per request at {clients} clients: "
+                  f"{mine['req_s'] / peft['req_s']:.2f}x requests/s, p99 short {mine['short']['p99_s'] / peft['short']['p99_s']:.2f}x, "
+                  f"long {mine['long']['p99_s'] / peft['long']['p99_s']:.2f}x")
     base = {r["clients"]: r for r in rows if r["server"] == "palikit-static"}
     for r in rows:
         if r["server"] == "palikit-continuous" and r["clients"] in base:

@@ -113,13 +113,25 @@ def merged(model: PaliGemma, folder: str | Path) -> PaliGemma:
 
 @dataclass
 class _Stack:
-    """One module's LoRA factors of every loaded adapter, stacked by slot (slot 0, the base, and
-    adapters that skip the module: zeros, never gathered), ranks zero-padded to the largest."""
+    """One module's LoRA factors of every loaded adapter, by slot: the adapters' own tensors, and,
+    made on the first per-row product, stacked copies (slot 0, the base, and adapters that skip
+    the module: zeros, never gathered) with ranks zero-padded to the largest."""
 
-    A: torch.Tensor  # (slots, r_max, in)
-    B: torch.Tensor  # (slots, out, r_max)
-    scale: torch.Tensor  # (slots,)
+    factors: dict[int, tuple[torch.Tensor, torch.Tensor, float]]  # slot -> A (r, in), B (out, r), scale
     targets: torch.Tensor  # (slots,) bool: the adapter in this slot has factors for this module
+    padded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # A (slots, r_max, in), B, scale
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.padded is None:
+            n, r_max = len(self.targets), max(A.shape[0] for A, _, _ in self.factors.values())
+            A0, B0, _ = next(iter(self.factors.values()))
+            A = A0.new_zeros(n, r_max, A0.shape[1])
+            B = B0.new_zeros(n, B0.shape[0], r_max)
+            scale = A0.new_zeros(n)
+            for slot, (a, b, s) in self.factors.items():
+                A[slot, :a.shape[0]], B[slot, :, :a.shape[0]], scale[slot] = a, b, s
+            self.padded = A, B, scale
+        return self.padded
 
 
 @dataclass
@@ -199,7 +211,7 @@ class AdapterBank:
                     f"{n_in} -> {n_out} layer with rank {r} (an adapter trained on another base?)")
             if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
                 raise CheckpointError(f"{folder}: {module}'s LoRA factors are not all finite")
-            factors[module] = (A, B, scale)
+            factors[module] = (A.to(self.model.device), B.to(self.model.device), scale)
         if not factors:
             raise CheckpointError(f"{folder}: the adapter has no LoRA factors")
         with self.lock:
@@ -237,16 +249,10 @@ class AdapterBank:
         n_slots = max((a.slot for a in self.adapters.values()), default=0) + 1
         stacks = {}
         for module in targeted:
-            n_in, n_out = _features(modules[module])
             mine = {a.slot: a.factors[module] for a in self.adapters.values() if module in a.factors}
-            r_max = max(A.shape[0] for A, _, _ in mine.values())
-            A = torch.zeros(n_slots, r_max, n_in)
-            B = torch.zeros(n_slots, n_out, r_max)
-            scale, targets = torch.zeros(n_slots), torch.zeros(n_slots, dtype=torch.bool)
-            for slot, (a, b, s) in mine.items():
-                A[slot, :a.shape[0]], B[slot, :, :a.shape[0]], scale[slot], targets[slot] = a, b, s, True
-            device = self.model.device
-            stacks[module] = _Stack(A.to(device), B.to(device), scale.to(device), targets.to(device))
+            targets = torch.zeros(n_slots, dtype=torch.bool)
+            targets[list(mine)] = True
+            stacks[module] = _Stack(mine, targets.to(self.model.device))
         for module in set(self.hooks) - set(targeted):
             self.hooks.pop(module).remove()
         for module in set(targeted) - set(self.hooks):
@@ -256,30 +262,41 @@ class AdapterBank:
     # ---- applying
 
     @contextlib.contextmanager
-    def rows(self, slots: list[int] | torch.Tensor):
-        """Run forwards in this block with batch row i on adapter slots[i] (0: the base)."""
+    def rows(self, slots: list[int] | torch.Tensor, per_row: bool = False):
+        """Run forwards in this block with batch row i on adapter slots[i] (0: the base). per_row:
+        each row's product alone (its bits independent of the other rows: batch-invariant);
+        otherwise one product per adapter over its rows (S-LoRA's grouping; no factor is copied)."""
         slots = torch.as_tensor(slots, dtype=torch.long, device=self.model.device)
-        before = getattr(self._rows, "slots", None)
-        self._rows.slots = slots if bool((slots > 0).any()) else None
+        before = getattr(self._rows, "state", None)
+        self._rows.state = (slots, per_row) if bool((slots > 0).any()) else None
         try:
             yield
         finally:
-            self._rows.slots = before
+            self._rows.state = before
 
     def _hook(self, module: str):
         def add_lora(layer, args, out):
-            slots = getattr(self._rows, "slots", None)
-            stack = self.stacks.get(module)
-            if slots is None or stack is None:
+            state, stack = getattr(self._rows, "state", None), self.stacks.get(module)
+            if state is None or stack is None:
                 return out
+            slots, per_row = state
             on = stack.targets[slots]
             if not bool(on.any()):
                 return out
             rows = on.nonzero().squeeze(1)
-            x = args[0][rows]
+            x = args[0][rows].float()
+            x = x.reshape(len(rows), -1, x.shape[-1])
             picked = slots[rows]
-            h = torch.bmm(x.reshape(len(rows), -1, x.shape[-1]).float(), stack.A[picked].transpose(1, 2))
-            delta = torch.bmm(h, stack.B[picked].transpose(1, 2)) * stack.scale[picked].view(-1, 1, 1)
+            if per_row:  # each row its own product of one shape (gathered factors, padded ranks add zeros)
+                A, B, scale = stack.stacked()
+                h = torch.bmm(x, A[picked].transpose(1, 2))
+                delta = torch.bmm(h, B[picked].transpose(1, 2)) * scale[picked].view(-1, 1, 1)
+            else:  # one product per adapter over its rows, on its own factors
+                delta = torch.empty(*x.shape[:2], out.shape[-1], device=x.device)
+                for slot in picked.unique().tolist():
+                    mine = (picked == slot).nonzero().squeeze(1)
+                    A, B, scale = stack.factors[slot]
+                    delta[mine] = (x[mine] @ A.T) @ B.T * scale
             # added in float32 and rounded once to the layer's dtype, as peft adds float32 factors
             summed = out[rows].float() + delta.view(len(rows), *out.shape[1:])
             return out.index_copy(0, rows, summed.to(out.dtype))

@@ -62,9 +62,10 @@ _END = object()
 __all__ = ["Engine", "EngineBusy", "ImageCache", "Request", "Work", "cut_at_stop", "run_in_order"]
 
 
-def adapter_rows(bank, slots: list[int]):
-    """Forwards with batch row i on LoRA adapter slots[i] of `bank` (nothing to do without one)."""
-    return bank.rows(slots) if bank is not None and any(slots) else contextlib.nullcontext()
+def adapter_rows(bank, slots: list[int], per_row: bool = False):
+    """Forwards with batch row i on LoRA adapter slots[i] of `bank` (nothing to do without one);
+    per_row: AdapterBank.rows' batch-invariant products."""
+    return bank.rows(slots, per_row) if bank is not None and any(slots) else contextlib.nullcontext()
 
 
 class ImageCache:
@@ -94,7 +95,7 @@ class ImageCache:
         for batch in batches:  # one per call: an encoding that does not depend on the images beside it
             todo = torch.stack([pixels[keys.index(k)] for k in batch])
             rows = [own[keys.index(k)] for k in batch]
-            with torch.inference_mode(), adapter_rows(bank, rows):
+            with torch.inference_mode(), adapter_rows(bank, rows, self.one_per_call):
                 encoded |= dict(zip(batch, model.embed_images(todo.to(model.device))))
         out = []
         for k in keys:
@@ -181,7 +182,7 @@ class Runner:
         n_layers = self.model.config.text.num_layers
         stop = min(n_layers, p.done + p.per_step)
         rows = slice(p.start, p.start + p.x.shape[0])
-        with adapter_rows(self.bank, p.slots):
+        with adapter_rows(self.bank, p.slots, self.batch_invariant):
             p.x = self.model.prefill(p.x, p.layout, self.rows(rows.start, rows.stop), slice(p.done, stop))
         p.done = stop
         if stop < n_layers:
@@ -252,7 +253,7 @@ class Runner:
         if self.batch_invariant:
             slots = [0] * self.slot.shape[0]
             slots[rows] = [r.slot for r in running]
-            with adapter_rows(self.bank, slots):
+            with adapter_rows(self.bank, slots, per_row=True):
                 self.logits[rows] = self._decode_every_row(token, rows)
         else:
             layout = Layout(self.layout.block[rows], self.layout.pos[rows], self.layout.valid[rows])

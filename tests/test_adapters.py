@@ -306,3 +306,23 @@ def test_adapters_apply_on_a_quantised_base(tiny_model_dir, adapter_dirs, scheme
     (_, base), (_, tuned) = (pipe.generate_details([image], ["caption en"], max_new_tokens=4, adapter=a)[0]
                              for a in (None, "llm"))
     assert (base.tokens, base.logprobs) != (tuned.tokens, tuned.logprobs)
+
+
+def test_grouped_products_equal_per_row_products(tiny_model_dir, adapter_dirs):
+    """The serving path (one product per adapter over its rows) against the batch-invariant one (a
+    product per row, factors gathered and ranks padded): the same sums to float32 rounding."""
+    pipe = palikit.load(tiny_model_dir, dtype="float32")
+    for name in ("qv", "llm", "mlp"):
+        pipe.load_adapter(name, adapter_dirs[name])
+    bank, layer = pipe.adapters, pipe.model.language_model.layers[1].mlp.down_proj
+    slots = [bank.slot(n) for n in ("llm", None, "mlp", "llm", "qv", "mlp")]
+    x = torch.randn(len(slots), 5, layer.in_features, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        plain = layer(x)
+        with bank.rows(slots, per_row=True):
+            exact = layer(x)
+        with bank.rows(slots):
+            grouped = layer(x)
+    torch.testing.assert_close(grouped, exact, rtol=0, atol=1e-5)
+    assert torch.equal(grouped[[1, 4]], plain[[1, 4]]), "the base's rows and qv's (no down_proj) untouched"
+    assert not torch.allclose(grouped[0], plain[0], atol=1e-3)
