@@ -118,12 +118,12 @@ class _Stack:
     the module: zeros, never gathered) with ranks zero-padded to the largest."""
 
     factors: dict[int, tuple[torch.Tensor, torch.Tensor, float]]  # slot -> A (r, in), B (out, r), scale
-    targets: torch.Tensor  # (slots,) bool: the adapter in this slot has factors for this module
+    n_slots: int  # the largest slot + 1
     padded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # A (slots, r_max, in), B, scale
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.padded is None:
-            n, r_max = len(self.targets), max(A.shape[0] for A, _, _ in self.factors.values())
+            n, r_max = self.n_slots, max(A.shape[0] for A, _, _ in self.factors.values())
             A0, B0, _ = next(iter(self.factors.values()))
             A = A0.new_zeros(n, r_max, A0.shape[1])
             B = B0.new_zeros(n, B0.shape[0], r_max)
@@ -250,9 +250,7 @@ class AdapterBank:
         stacks = {}
         for module in targeted:
             mine = {a.slot: a.factors[module] for a in self.adapters.values() if module in a.factors}
-            targets = torch.zeros(n_slots, dtype=torch.bool)
-            targets[list(mine)] = True
-            stacks[module] = _Stack(mine, targets.to(self.model.device))
+            stacks[module] = _Stack(mine, n_slots)
         for module in set(self.hooks) - set(targeted):
             self.hooks.pop(module).remove()
         for module in set(targeted) - set(self.hooks):
@@ -266,9 +264,12 @@ class AdapterBank:
         """Run forwards in this block with batch row i on adapter slots[i] (0: the base). per_row:
         each row's product alone (its bits independent of the other rows: batch-invariant);
         otherwise one product per adapter over its rows (S-LoRA's grouping; no factor is copied)."""
-        slots = torch.as_tensor(slots, dtype=torch.long, device=self.model.device)
+        slots = [int(s) for s in slots]
+        device = self.model.device
+        # each adapter's rows, found once per forward rather than in every module
+        groups = {s: torch.tensor([i for i, t in enumerate(slots) if t == s], device=device) for s in set(slots) if s}
         before = getattr(self._rows, "state", None)
-        self._rows.state = (slots, per_row) if bool((slots > 0).any()) else None
+        self._rows.state = (groups, per_row) if groups else None
         try:
             yield
         finally:
@@ -279,27 +280,25 @@ class AdapterBank:
             state, stack = getattr(self._rows, "state", None), self.stacks.get(module)
             if state is None or stack is None:
                 return out
-            slots, per_row = state
-            on = stack.targets[slots]
-            if not bool(on.any()):
+            groups, per_row = state
+            mine = [(slot, rows) for slot, rows in groups.items() if slot in stack.factors]
+            if not mine:
                 return out
-            rows = on.nonzero().squeeze(1)
-            x = args[0][rows].float()
-            x = x.reshape(len(rows), -1, x.shape[-1])
-            picked = slots[rows]
+            x = args[0]
+            # added in float32 and rounded once to the layer's dtype, as peft adds float32 factors
             if per_row:  # each row its own product of one shape (gathered factors, padded ranks add zeros)
                 A, B, scale = stack.stacked()
-                h = torch.bmm(x, A[picked].transpose(1, 2))
-                delta = torch.bmm(h, B[picked].transpose(1, 2)) * scale[picked].view(-1, 1, 1)
-            else:  # one product per adapter over its rows, on its own factors
-                delta = torch.empty(*x.shape[:2], out.shape[-1], device=x.device)
-                for slot in picked.unique().tolist():
-                    mine = (picked == slot).nonzero().squeeze(1)
-                    A, B, scale = stack.factors[slot]
-                    delta[mine] = (x[mine] @ A.T) @ B.T * scale
-            # added in float32 and rounded once to the layer's dtype, as peft adds float32 factors
-            summed = out[rows].float() + delta.view(len(rows), *out.shape[1:])
-            return out.index_copy(0, rows, summed.to(out.dtype))
+                rows = torch.cat([r for _, r in mine])
+                picked = torch.cat([torch.full_like(r, s) for s, r in mine])
+                xs = x[rows].float().reshape(len(rows), -1, x.shape[-1])
+                delta = torch.bmm(torch.bmm(xs, A[picked].transpose(1, 2)), B[picked].transpose(1, 2))
+                delta = delta * scale[picked].view(-1, 1, 1)
+                return out.index_copy(0, rows, (out[rows].float() + delta.view(len(rows), *out.shape[1:])).to(out.dtype))
+            out = out.clone() if torch.is_grad_enabled() else out
+            for slot, rows in mine:  # one product per adapter over its rows, on its own factors
+                A, B, scale = stack.factors[slot]
+                out[rows] = (out[rows].float() + (x[rows].float() @ A.T) @ B.T * scale).to(out.dtype)
+            return out
 
         return add_lora
 
