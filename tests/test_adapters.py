@@ -40,16 +40,14 @@ def hf_model(folder):
     return model
 
 
-@pytest.fixture(scope="module")
-def adapter_dirs(tiny_model_dir, tmp_path_factory):
-    """Four peft adapter folders written by transformers + peft for the tiny base."""
+def make_adapters(base, root) -> dict:
+    """Four peft adapter folders written by transformers + peft for `base` (ADAPTERS)."""
     from peft import LoraConfig, get_peft_model
 
-    root = tmp_path_factory.mktemp("adapters")
     out = {}
     for i, (name, (r, alpha, targets, rslora)) in enumerate(ADAPTERS.items()):
-        model = get_peft_model(hf_model(tiny_model_dir), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
-                                                                   use_rslora=rslora))
+        model = get_peft_model(hf_model(base), LoraConfig(r=r, lora_alpha=alpha, target_modules=targets,
+                                                          use_rslora=rslora))
         generator = torch.Generator().manual_seed(i)
         with torch.no_grad():
             for key, p in model.named_parameters():
@@ -58,6 +56,20 @@ def adapter_dirs(tiny_model_dir, tmp_path_factory):
         model.save_pretrained(root / name)
         out[name] = root / name
     return out
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_model_dir, tmp_path_factory):
+    return make_adapters(tiny_model_dir, tmp_path_factory.mktemp("adapters"))
+
+
+@pytest.fixture(scope="module", params=["tiny", "bundled"])
+def base_and_adapters(request, tiny_model_dir, tmp_path_factory):
+    """(base folder, its adapters): the tiny random PaliGemma 2 and the bundled (trained) model."""
+    from palikit.weights import resolve_source
+
+    base = tiny_model_dir if request.param == "tiny" else resolve_source("default")
+    return base, make_adapters(base, tmp_path_factory.mktemp(f"adapters-{request.param}"))
 
 
 def peft_answer(base, folder, image, prompt: str, tokens: list[int]):
@@ -95,7 +107,8 @@ def submit_mixed(engine, cases, seed):
     return [requests[i].result() for i in range(len(cases))]
 
 
-def test_each_request_gets_its_adapters_answer_in_a_mixed_batch(tiny_model_dir, adapter_dirs):
+def test_each_request_gets_its_adapters_answer_in_a_mixed_batch(base_and_adapters):
+    tiny_model_dir, adapter_dirs = base_and_adapters
     pipe = palikit.load(tiny_model_dir, dtype="float32")
     for name, folder in adapter_dirs.items():
         pipe.load_adapter(name, folder)
