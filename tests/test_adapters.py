@@ -183,6 +183,13 @@ def test_bad_adapters_are_one_line(tiny_model_dir, adapter_dirs, tmp_path, tiny_
     with pytest.raises(CheckpointError, match=r"does not fit this base model: \S+ has LoRA factors \(4, \d+\) x \(\d+, 4\) for a "
                                               r"\d+ -> \d+ layer"):
         pipe.load_adapter("wide", wide)
+    deep = tmp_path / "deep"  # factors for a layer this base does not have (a deeper model's adapter)
+    shutil.copytree(adapter_dirs["llm"], deep)
+    tensors = load_file(deep / "adapter_model.safetensors")
+    save_file(tensors | {k.replace("layers.0.", "layers.99."): v.clone() for k, v in tensors.items() if "layers.0." in k},
+              deep / "adapter_model.safetensors")
+    with pytest.raises(CheckpointError, match=r"layers\.99\.\S+, which this base model does not have"):
+        pipe.load_adapter("deep", deep)
     with pytest.raises(palikit.InputError, match="no adapter named 'nope' is loaded \\(loaded: qv\\)"):
         pipe.generate(synthetic_image(0), "caption en", adapter="nope")
     assert list(pipe.adapters.adapters) == ["qv"], "a failed load leaves the loaded ones as they were"
@@ -237,6 +244,9 @@ def test_the_server_serves_each_adapter_by_name(tiny_model_dir, adapter_dirs, tm
         assert c.post("/v1/adapters", json={"name": "x", "path": "/etc"}).status_code == 400  # outside the folder
         assert c.delete("/v1/adapters/base").status_code == 400
         assert c.delete("/v1/adapters/llm").status_code == 200
+        (tmp_path / "empty").mkdir()
+        bad = c.post("/v1/adapters", json={"name": "x", "path": "empty"})
+        assert bad.status_code == 400 and "not a peft adapter folder" in bad.json()["error"]["message"]
         assert c.post("/v1/adapters", json={"name": "qv", "path": "llm"}).status_code == 409  # a taken name
         assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["base", "qv", "vision"]
     with TestClient(create_app(pipe, model_name="base2")) as c:  # the same pipe: its adapters stay loaded
