@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from . import generate as gen
-from . import adapters, kernels, quantize, tasks
+from . import adapters, kernels, quantize, tasks, video
 from .config import PaliGemmaConfig
 from .engine import Engine, batch_invariant, engine_for
 from .maskcodec import paste_mask
@@ -155,10 +155,14 @@ class Pipeline:
 
     # ---- inputs ---------------------------------------------------------------------------
 
-    def _normalise(self, images, prompts) -> tuple[list[list], list[str], bool]:
+    def _normalise(self, images, prompts, max_new_tokens: int = 0, frames: int = video.NUM_FRAMES,
+                   stride: int | None = video.STRIDE) -> tuple[list[list], list[str], bool, dict]:
         """-> (the images of each example, read, the prompts, whether the caller passed a single prompt
-        for a single image). One prompt (a str) with a list asks it of every entry of the list: an
-        image, or a list of images for one prompt (pairs, video frames)."""
+        for a single image, {example: its video frames' times}). One prompt (a str) with a list asks it of every entry of the list: an
+        image, or a list of images for one prompt (pairs, video frames). An entry may be a video:
+        a palikit.Video, or a clip's path (frames / stride: palikit.video.read_video's), read only
+        once its prompt is known to fit the model (frames x image tokens + text)."""
+        frame_times: dict[int, list[float]] = {}
         single = isinstance(prompts, str)
         if single and isinstance(images, (list, tuple)):
             prompts, single = [prompts] * len(images), False
@@ -172,7 +176,24 @@ class Pipeline:
         per_example = [list(im) if isinstance(im, (list, tuple)) else [im] for im in images]
         if any(not ims for ims in per_example):
             raise InputError("every prompt needs at least one image")
-        return [[load_image(im) for im in ims] for ims in per_example], prompts, single
+        out = []
+        for i, (ims, prompt) in enumerate(zip(per_example, prompts)):
+            if any(video.is_video_path(im) for im in ims):  # refused before decoding when too long
+                count = sum(frames if video.is_video_path(im) else len(im) if isinstance(im, video.Video) else 1
+                            for im in ims)
+                self.prompt_ids(prompt, count, max_new_tokens)
+            read = []
+            for im in ims:
+                if video.is_video_path(im):
+                    im = video.read_video(im, frames, stride, size=self.config.vision.image_size,
+                                          resample=self.config.resample)
+                if isinstance(im, video.Video):
+                    read += im.frames
+                    frame_times.setdefault(i, []).extend(im.times)
+                else:
+                    read.append(load_image(im))
+            out.append(read)
+        return out, prompts, single, frame_times
 
     def embed_images(self, per_example: list[list]) -> torch.Tensor:
         """The image tokens (I, N, D) of every image of every example, in order."""
@@ -203,14 +224,17 @@ class Pipeline:
     # ---- generation -----------------------------------------------------------------------
 
     def generate_details(self, images, prompts, batch_size: int = 8, adapter: str | None = None,
+                         frames: int = video.NUM_FRAMES, stride: int | None = video.STRIDE,
                          **sampling) -> list[tuple[str, gen.Generated]]:
-        """Like generate, with each output's token ids and log-probs. Up to `batch_size` prompts
-        decode together (palikit.engine: a prompt that finishes makes room for the next at once).
-        adapter: the name of a LoRA adapter loaded with load_adapter (None: the base model)."""
+        """Like generate, with each output's token ids and log-probs (and a video prompt's frame
+        times). Up to `batch_size` prompts decode together (palikit.engine: a prompt that finishes
+        makes room for the next at once). adapter: the name of a LoRA adapter loaded with
+        load_adapter (None: the base model). frames, stride: how a clip given by its path is
+        sampled (palikit.video.read_video; stride None: uniformly)."""
         cfg = gen.SamplingConfig(**sampling)
         if adapter is not None and cfg.num_beams > 1:
             raise InputError("beam search runs the base model only; adapters run in the engine (num_beams=1)")
-        per_example, prompts, _ = self._normalise(images, prompts)
+        per_example, prompts, _, times = self._normalise(images, prompts, cfg.max_new_tokens, frames, stride)
         encoded = [self.prompt_ids(p, len(ims), cfg.max_new_tokens) for ims, p in zip(per_example, prompts)]
         if cfg.num_beams > 1:
             outs = []
@@ -226,6 +250,7 @@ class Pipeline:
             requests = [engine.submit(ims, ids, cfg, force=True, adapter=adapter) for ims, ids in zip(per_example, encoded)]
             engine.run_until_idle()
             outs = [r.result() for r in requests]
+        outs = [dataclasses.replace(o, frame_times=times.get(i)) for i, o in enumerate(outs)]
         return [(self.tokenizer.decode(o.tokens), o) for o in outs]
 
     def generate(self, images, prompts, max_new_tokens: int = 32, **sampling) -> str | list[str]:
@@ -251,7 +276,7 @@ class Pipeline:
         cfg = gen.SamplingConfig(max_new_tokens=max_new_tokens, **sampling)
         if cfg.num_beams > 1:
             raise InputError("beam search does not stream; use generate with num_beams")
-        (images,), _, _ = self._normalise([image], [prompt])
+        (images,), _, _, _ = self._normalise([image], [prompt])
         ids = self.prompt_ids(prompt, len(images), max_new_tokens)
         engine, made = Engine(self, max_rows=1, max_len=len(ids) + max_new_tokens), []
         request = engine.submit(images, ids, cfg, on_token=lambda r, token: made.append(token))
@@ -273,7 +298,7 @@ class Pipeline:
         """Log-likelihood of each suffix (its tokens and <eos>) given image + prefix."""
         if isinstance(prefixes, str) or isinstance(suffixes, str):
             raise InputError("score takes lists: images, prefixes and suffixes of the same length")
-        per_example, prefixes, _ = self._normalise(images, list(prefixes))
+        per_example, prefixes, _, _ = self._normalise(images, list(prefixes))
         if len(suffixes) != len(prefixes):
             raise InputError(f"{len(prefixes)} prefixes but {len(suffixes)} suffixes")
         n_img = self.config.num_image_tokens
@@ -341,9 +366,14 @@ class Pipeline:
             out = self.generate(images, [prompt] * len(images), max_new_tokens=max_new_tokens, **kwargs)
             return out if batch else out[0]
         codec = self._codec(codec) if spec.masks else None  # fails before generating without a codec
-        images = [load_image(im) for im in (image if isinstance(image, list) else [image])]
-        outs = self.generate_details(images, [prompt] * len(images), max_new_tokens=max_new_tokens, **kwargs)
-        results = [self.parse_objects(spec, text, g, im, codec) for im, (text, g) in zip(images, outs)]
+        entries = image if isinstance(image, list) else [image]
+        sampled = {k: kwargs.pop(k) for k in ("frames", "stride") if k in kwargs}
+        read, _, _, times = self._normalise([[e] for e in entries], [prompt] * len(entries), max_new_tokens, **sampled)
+        videos = [video.Video(frames, [], times[i], len(frames)) if i in times else frames[0]
+                  for i, frames in enumerate(read)]
+        outs = self.generate_details(videos, [prompt] * len(entries), max_new_tokens=max_new_tokens, **kwargs)
+        # a video's boxes are in its frames' pixels (the model's input size: the frames were shrunk as read)
+        results = [self.parse_objects(spec, text, g, frames[0], codec) for frames, (text, g) in zip(read, outs)]
         return results if isinstance(image, list) else results[0]
 
     def parse_objects(self, task: str | tasks.TaskSpec, text: str, generated: gen.Generated, image,

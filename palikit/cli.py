@@ -20,6 +20,7 @@ from pathlib import Path
 from . import tasks
 from .options import QUANT_SCHEMES, Options, ServerSettings, add_flags, from_flags
 from .processor import InputError, load_image
+from .video import NUM_FRAMES, STRIDE, Video, is_video_path, read_video
 from .weights import CheckpointError
 
 
@@ -35,10 +36,11 @@ def cmd_generate(args) -> None:
     text, out = pipe.generate_details([args.image], [args.prompt], max_new_tokens=args.max_new_tokens,
                                       do_sample=args.temperature > 0, temperature=args.temperature or 1.0,
                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                                      num_beams=args.num_beams)[0]
+                                      num_beams=args.num_beams, **frame_flags(args))[0]
     if args.json:
-        print(json.dumps({"prompt": args.prompt, "text": text, "tokens": out.tokens,
-                          "logprob": sum(out.logprobs), "finish_reason": out.finish_reason}, ensure_ascii=False))
+        print(json.dumps({"prompt": args.prompt, "text": text, "tokens": out.tokens, "logprob": sum(out.logprobs),
+                          "finish_reason": out.finish_reason}
+                         | ({"frame_times": out.frame_times} if out.frame_times else {}), ensure_ascii=False))
     else:
         print(text)
 
@@ -49,18 +51,27 @@ def cmd_task(args) -> None:
 
     spec = tasks.TASKS[args.verb]
     pipe = load_model(args)
-    image = load_image(args.image)
     values = {a.name: getattr(args, a.name) for a in spec.args}
     if spec.masks and args.vae is None and pipe.codec_path is None:
         raise InputError(f"{spec.verb} needs the mask codec: pass --vae PATH (big_vision's vae-oid.npz); "
                          "the model folder has no mask_codec.npz or vae-oid.npz")
+    budget = args.max_new_tokens or spec.budget(spec.build(**values))
+    if is_video_path(args.image):  # its frames, once the prompt is known to fit them
+        sampled = frame_flags(args)
+        pipe.prompt_ids(spec.build(**values), sampled["frames"], budget)
+        image = read_video(args.image, **sampled, size=pipe.config.vision.image_size, resample=pipe.config.resample)
+    else:
+        image = load_image(args.image)
     options = {"codec": args.vae} if spec.masks else {}
-    result = pipe.run_task(spec.verb, image, max_new_tokens=args.max_new_tokens, **values, **options)
+    result = pipe.run_task(spec.verb, image, max_new_tokens=budget, **values, **options)
+    times = {"frame_times": image.times} if isinstance(image, Video) else {}
     if isinstance(result, str):
-        print(json.dumps({"text": result}, ensure_ascii=False) if args.json else result)
+        print(json.dumps({"text": result} | times, ensure_ascii=False) if args.json else result)
         return
+    if isinstance(image, Video):  # boxes in the frames' pixels (the model's input size); overlays on the first
+        image = image.frames[0]
     if args.json:
-        print(json.dumps([r.to_dict() for r in result], ensure_ascii=False))
+        print(json.dumps([r.to_dict() for r in result], ensure_ascii=False))  # (a video's times: generate --json)
     else:
         for r in result:
             shown = f" ({r.confidence:.2f})" if r.confidence is not None else ""
@@ -69,6 +80,18 @@ def cmd_task(args) -> None:
             print("(nothing found)")
     if args.out:
         write_image_atomic(draw(image, result), args.out)
+
+
+def add_frame_flags(p: argparse.ArgumentParser) -> None:
+    """How a clip given as the image is sampled (palikit.video.read_video)."""
+    p.add_argument("--frames", type=POSITIVE, default=NUM_FRAMES, help=f"a video's frames (default {NUM_FRAMES})")
+    p.add_argument("--stride", type=POSITIVE, default=STRIDE, help=f"every STRIDE-th frame from the first, as "
+                   f"big_vision samples (default {STRIDE})")
+    p.add_argument("--uniform", action="store_true", help="spread the frames evenly over the whole clip instead")
+
+
+def frame_flags(args) -> dict:
+    return {"frames": args.frames, "stride": None if args.uniform else args.stride}
 
 
 def write_image_atomic(image, path) -> None:
@@ -352,11 +375,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=number(float, 0, 1, above=True), default=1.0)
     p.add_argument("--seed", type=int)
     p.add_argument("--num-beams", type=POSITIVE, default=1)
+    add_frame_flags(p)
     p.set_defaults(func=cmd_generate)
 
     for spec in tasks.TASKS.values():  # one verb per task
         p = verbs.add_parser(spec.verb, help=spec.help)
-        p.add_argument("image")
+        p.add_argument("image", help="an image, or a clip (.mp4, .webm, .mov, .mkv, .avi: --frames, --stride)")
+        add_frame_flags(p)
         for arg in spec.args:
             name = arg.name if arg.required else "--" + arg.name.replace("_", "-")
             kwargs = {"nargs": "+", "type": text} if arg.many else {"type": text}

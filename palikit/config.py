@@ -280,7 +280,7 @@ def _presets() -> dict[str, PaliGemmaConfig]:
                             num_heads=4),
         text=GemmaConfig(vocab_size=1600, hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4,
                          num_kv_heads=2, head_dim=64, query_pre_attn_scalar=64, attn_logit_softcap=50.0,
-                         final_logit_softcap=None, post_norms=True, max_position_embeddings=512),
+                         final_logit_softcap=None, post_norms=True, max_position_embeddings=4096),
     )
     return out
 

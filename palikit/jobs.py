@@ -15,12 +15,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import tasks
+from . import tasks, video
 from .atomic import merge_rank_files, rank_file, rank_files, read_records
 from .dist import barrier
 from .engine import Work, run_in_order
 from .maskcodec import MaskCodec
 from .processor import InputError, load_image
+from .video import read_video
 
 JOB_FORMAT = """\
 Each line of --input is one job, a JSON object:
@@ -31,7 +32,9 @@ image: a path (relative to the input file's folder). Either "prompt" (any PaliGe
 "task" (a verb: %s) with that task's fields (lang, question, labels, ...). "id": any
 JSON value, copied to the record. "max_new_tokens": this job's budget (default --max-new-tokens, or
 else its task's: `palikit TASK --help` says it). "adapter": the name of a LoRA adapter the run
-loaded (--adapter NAME=DIR, --adapters-dir DIR); without it, the base model.
+loaded (--adapter NAME=DIR, --adapters-dir DIR); without it, the base model. "video" instead of
+"image": a clip (mp4, webm, mov, mkv, animated GIF) whose "frames" (default 16) are taken every
+"stride"-th (default 9) from the first, as big_vision samples them; its record has "frame_times".
 Each line gets one record in the output, in input order:
   {"line": N, "id": ..., "prompt": ..., "text": ..., "finish_reason": ..., "objects": [...]}
 (finish_reason: eos, the answer ended; length, it used its budget; objects: detect, segment)
@@ -39,7 +42,7 @@ Each line gets one record in the output, in input order:
 N is the 1-based line number. A bad job (not JSON, a field of the wrong type, an unknown task,
 an unreadable image, too long for the model) gets its error record and every other job runs.""" % ", ".join(tasks.TASKS)
 
-JOB_KEYS = ("image", "prompt", "task", "id", "max_new_tokens", "adapter")
+JOB_KEYS = ("image", "video", "frames", "stride", "prompt", "task", "id", "max_new_tokens", "adapter")
 
 
 def job_prompt(job: dict) -> tuple[str, tasks.TaskSpec]:
@@ -143,20 +146,34 @@ def _check(pipe, n: int, line: bytes, base: Path, max_new_tokens: int | None, co
         if not isinstance(job, dict):
             raise InputError(f"a job is a JSON object, got {_kind(job)}")
         work.about = (job, None, None)
-        image = job.get("image")
+        key = "video" if "video" in job else "image"
+        image = job.get(key)
         if not isinstance(image, str) or not image.strip():
-            raise InputError(f"'image' must be a path (a string), got {image!r}")
+            raise InputError(f"'{key}' must be a path (a string), got {image!r}")
+        if "video" in job and "image" in job:
+            raise InputError("a job has an 'image' or a 'video', not both")
         prompt, spec = job_prompt(job)
         work.max_new_tokens = job_budget(job, max_new_tokens or tasks.default_budget(prompt))
+        sampled = {}
+        if key == "video":
+            for name, default in (("frames", video.NUM_FRAMES), ("stride", video.STRIDE)):
+                sampled[name] = n = job.get(name, default)
+                if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                    raise InputError(f"'{name}' must be a whole number >= 1, got {n!r}")
         work.adapter = job.get("adapter")
         if work.adapter is not None and not isinstance(work.adapter, str):
             raise InputError(f"'adapter' must be the name of a loaded adapter (a string), got {work.adapter!r}")
         if spec.masks and codec is None and pipe.codec_path is None:
             raise InputError(f"a {spec.verb} job needs the mask codec: pass --vae PATH (big_vision's "
                              "vae-oid.npz); the model folder has none")
-        work.ids = pipe.prompt_ids(prompt, 1, work.max_new_tokens)  # a newline or an over-long prompt
+        work.ids = pipe.prompt_ids(prompt, sampled.get("frames", 1), work.max_new_tokens)  # a newline or an over-long prompt
         path = Path(image)
-        work.read_images = lambda: [load_image(path if path.is_absolute() else base / path)]
+        path = path if path.is_absolute() else base / path
+        if key == "video":
+            cfg = pipe.config
+            work.read_images = lambda: read_video(path, **sampled, size=cfg.vision.image_size, resample=cfg.resample)
+        else:
+            work.read_images = lambda: [load_image(path)]
         work.about = (job, prompt, spec)
     except (ValueError, InputError) as e:
         work.error = str(e)
@@ -171,6 +188,8 @@ def _record(pipe, work: Work, request, codec) -> dict:
     g = request.result()
     text = pipe.tokenizer.decode(g.tokens)
     rec = {"line": n, "id": job.get("id"), "prompt": prompt, "text": text, "finish_reason": g.finish_reason}
+    if isinstance(work.images, video.Video):
+        rec["frame_times"] = work.images.times
     try:
         if spec.parse is not None:
             rec["objects"] = [o.to_dict() for o in pipe.parse_objects(spec, text, g, work.images[0], codec)]

@@ -70,6 +70,7 @@ class Generated:
     logprobs: list[float] = field(default_factory=list)  # model log-prob of each token in `tokens`
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # per token, if asked
     finish_reason: str | None = None  # "eos", "stop" (a stop string), "length" (max_new_tokens)
+    frame_times: list[float] | None = None  # a video prompt's frames: their times in the clip (seconds)
 
 
 class EngineBusy(Exception):

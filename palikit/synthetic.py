@@ -417,3 +417,34 @@ def shape_masks(n: int, seed: int, mask_size: int = 64, size: int = 96) -> np.nd
             out[i] = np.asarray(crop.resize((mask_size, mask_size), Image.Resampling.BILINEAR))
             i += 1
     return np.clip(out, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------- clips
+
+# The encoder each container is written with (all in PyAV's wheels); .gif: an animated GIF.
+CLIP_CODECS = {".mp4": "mpeg4", ".mov": "mpeg4", ".mkv": "mpeg4", ".webm": "libvpx", ".gif": "gif"}
+
+
+def make_clip(path: str | Path, seed: int = 0, frames: int = 40, size: int = 96, fps: int = 10) -> Scene:
+    """Write a clip of a scene whose shapes slide right 2 pixels a frame (wrapping around), with
+    PyAV (the video extra), the container chosen by the suffix -> the scene of its first frame.
+    Frame k has k painted as a row of white pixels along its top edge, so a test can read which
+    frame it got."""
+    import av
+
+    path = Path(path)
+    scene = make_scene(np.random.default_rng(seed), size, number_prob=0.0)
+    first = np.array(scene.image)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(CLIP_CODECS[path.suffix.lower()], rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "rgb8" if path.suffix.lower() == ".gif" else "yuv420p"
+        for k in range(frames):
+            pixels = np.roll(first, 2 * k, axis=1)
+            pixels[:4] = 0
+            pixels[:4, :min(k, size)] = 255  # the frame's number, readable after lossy coding
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return scene

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "palikit"
 LAYERS = [
     {"atomic", "dist", "options", "kernels", "config"},  # helpers every layer uses; configs
     {"siglip", "gemma", "paligemma"},  # the architecture and the math
-    {"tasks", "rle", "maskcodec", "overlay", "processor", "data", "synthetic", "metrics", "eval_sets"},
+    {"tasks", "rle", "maskcodec", "overlay", "processor", "video", "data", "synthetic", "metrics", "eval_sets"},
     {"weights", "quantize", "adapters", "scheduler"},  # checkpoints in and out, quantised layers, LoRA; batching
     {"generate"},  # sampling, the decode step, beam search
     {"engine"},  # continuous batching

@@ -77,9 +77,9 @@ from .batcher import Batcher, Job
 from .guard import Guard
 from .images import ImageReader, ImageSize
 from .prometheus import Metrics
-from .schema import (ERROR_TYPES, AdapterRequest, ChatCompletion, ChatMessageOut, ChatRequest, Choice, ErrorResponse, ImagePart,
-                     ImageRequest, ModelCard, ModelList, PredictRequest, TaskResponse, TextPart, Usage,
-                     error_response, task_request)
+from .schema import (ERROR_TYPES, AdapterRequest, ChatCompletion, ChatMessageOut, ChatRequest, Choice, ErrorResponse,
+                     ImagePart, ImageRequest, ModelCard, ModelList, PredictRequest, TaskResponse, TextPart, Usage,
+                     VideoPart, VideoURL, error_response, task_request)
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,11 @@ def _as_http(e: Exception) -> HTTPException:
     if isinstance(e, ValueError):  # InputError, SamplingConfig: what the request asked for is invalid
         return HTTPException(400, str(e))
     return HTTPException(500, f"internal error ({type(e).__name__}); see the server log")
+
+
+def n_frames(media: list) -> int:
+    """The images a request's media make (a video: its frames), known before any is decoded."""
+    return sum(item.frames if isinstance(item, VideoURL) else 1 for item in media)
 
 
 def openai_finish_reason(reason: str) -> str:
@@ -180,12 +185,32 @@ class Server:
 
     # ---- prompts and jobs
 
+    async def read_media(self, media: list) -> tuple[list, ImageSize, list[float] | None]:
+        """Images (references) and videos (VideoURL) -> every image and frame in order, the size of
+        the first (boxes are in its pixels: a video's as stored), and a video's frame times."""
+        images, sizes, times = [], [], None
+        for item in media:
+            if isinstance(item, VideoURL):
+                clip, size = await self.images.read_video(item.url, item.frames, item.stride,
+                                                          self.pipe.config.vision.image_size, self.pipe.config.resample)
+                images += clip.frames
+                sizes.append(size)
+                times = (times or []) + clip.times
+            else:
+                (image,), size = await self.images.read([item])
+                images.append(image)
+                sizes.append(size)
+        return images, sizes[0], times
+
     def check(self, prompt: str, n_images: int, max_new_tokens: int) -> int:
         """Validate a prompt before it queues; -> its length in tokens (images included)."""
         if self.check_prompts:
             _bad_request(tasks.parse_task, prompt)
         try:
-            return len(self.pipe.prompt_ids(prompt, n_images, max_new_tokens))
+            n = len(self.pipe.prompt_ids(prompt, n_images, max_new_tokens))
+            if hasattr(self.batcher, "engine"):
+                self.batcher.engine.check(n, max_new_tokens)  # the engine's rows (--max-len), before decoding
+            return n
         except InputError as e:
             raise HTTPException(400, str(e)) from None
 
@@ -257,8 +282,8 @@ class Server:
             job.cancel()  # the client went away mid-stream: stop generating
 
 
-def _last_user_message(req: ChatRequest) -> tuple[str, list[str]]:
-    """-> (prompt, image references) of the last user message."""
+def _last_user_message(req: ChatRequest) -> tuple[str, list[str | VideoURL]]:
+    """-> (prompt, image references and videos) of the last user message."""
     user = [m for m in req.messages if m.role == "user"]
     if not user:
         raise HTTPException(400, "messages need a user message with the image(s) and the PaliGemma prompt")
@@ -266,13 +291,15 @@ def _last_user_message(req: ChatRequest) -> tuple[str, list[str]]:
     if isinstance(content, str):
         content = [TextPart(type="text", text=content)]
     prompt = " ".join(p.text.strip() for p in content if isinstance(p, TextPart) and p.text.strip())
-    refs = [p.image_url if isinstance(p.image_url, str) else p.image_url.url
-            for p in content if isinstance(p, ImagePart)]
+    refs = [(p.image_url if isinstance(p.image_url, str) else p.image_url.url) if isinstance(p, ImagePart)
+            else VideoURL(url=p.video_url) if isinstance(p.video_url, str) else p.video_url
+            for p in content if isinstance(p, (ImagePart, VideoPart))]
     if not prompt:
         raise HTTPException(400, 'the user message needs a text part with the PaliGemma prompt, '
                                  'e.g. "caption en"')
     if not refs:
-        raise HTTPException(400, "the user message needs an image_url part: PaliGemma answers about images")
+        raise HTTPException(400, "the user message needs an image_url (or video_url) part: PaliGemma answers about "
+                                 "images")
     return prompt, refs
 
 
@@ -362,8 +389,8 @@ def create_app(pipe: Pipeline, settings: ServerSettings | None = None, **changes
             raise HTTPException(400, "logprobs is not supported with stream: true")
         prompt, refs = _last_user_message(req)
         max_new = req.max_completion_tokens or req.max_tokens or tasks.default_budget(prompt)
-        n_prompt = server.check(prompt, len(refs), max_new)  # cheap checks before decoding the images
-        images, size = await server.images.read(refs)
+        n_prompt = server.check(prompt, n_frames(refs), max_new)  # cheap checks before decoding the images
+        images, size, _ = await server.read_media(refs)
         sampling = _sampling(req.temperature, req.top_p, seed=req.seed) | {"top_logprobs": req.top_logprobs or 0}
         job = server.submit(images, size, prompt, max_new, sampling, stream=req.stream, stop=req.stop or (), adapter=adapter,
                             logprobs=req.logprobs)
@@ -382,8 +409,9 @@ def create_app(pipe: Pipeline, settings: ServerSettings | None = None, **changes
     async def run_task(req: ImageRequest, prompt: str, max_new: int | None) -> TaskResponse:
         max_new = max_new or tasks.default_budget(prompt)
         adapter = server.adapter_of(req.adapter)
-        n_prompt = server.check(prompt, 1, max_new)  # 400 for an unknown task unless check_prompts=False
-        images, size = await server.images.read([req.image])
+        media = [req.image] if req.image is not None else [VideoURL(url=req.video, frames=req.frames, stride=req.stride)]
+        n_prompt = server.check(prompt, n_frames(media), max_new)  # 400 for an unknown task unless check_prompts=False
+        images, size, times = await server.read_media(media)
         spec = _spec_or_none(prompt)
         parse = spec if spec is not None and spec.parse is not None else None
         job = server.submit(images, size, prompt, max_new,
@@ -391,6 +419,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings | None = None, **changes
         r = await server.result(job)
         return TaskResponse(task=spec.name if spec else "free", prompt=prompt, text=r["text"], width=size.width,
                             height=size.height, objects=r.get("objects"), finish_reason=r["finish_reason"],
+                            frame_times=times,
                             usage=Usage(prompt_tokens=n_prompt, completion_tokens=r["completion_tokens"],
                                         total_tokens=n_prompt + r["completion_tokens"]))
 

@@ -50,6 +50,20 @@ class ImageReader:
             images.append(await asyncio.to_thread(self._decode, data))  # decoding is slow: off the loop
         return [im for im, _ in images], images[0][1]
 
+    async def read_video(self, ref: str, frames: int, stride: int | None, size: int, resample: str):
+        """A clip (data URL, base64, or a path / URL where allowed; as capped as an image) -> its
+        frames (palikit.video.read_video) and the size of its frames as stored."""
+        from ..video import read_video
+
+        data = await self._image_bytes(ref)
+        try:
+            clip = await asyncio.to_thread(read_video, data, frames, stride, size=size, resample=resample,
+                                           max_pixels=self.max_image_pixels)
+        except InputError as e:
+            status = 501 if "needs PyAV" in str(e) else 413 if "over the limit" in str(e) else 400
+            raise HTTPException(status, str(e)) from None
+        return clip, ImageSize(*clip.size)
+
     async def _image_bytes(self, ref: str) -> bytes:
         ref = ref.strip()
         if ref.startswith("data:"):

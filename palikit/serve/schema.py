@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field, create_model, field_validator, model_vali
 
 from .. import tasks
 from ..scheduler import MAX_TOP_LOGPROBS, SEED_MAX, SEED_MIN
+from ..video import NUM_FRAMES, STRIDE
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 408: "timeout", 413: "request_too_large",
@@ -35,8 +36,20 @@ class Sampling(BaseModel):
 
 
 class ImageRequest(Sampling):
-    image: str = Field(description="the image as base64 or a data: URL (data:image/png;base64,...); an "
-                                   "http(s) URL or a server-side path only where the operator enabled them")
+    image: str | None = Field(None, description="the image as base64 or a data: URL (data:image/png;base64,...); "
+                                                "an http(s) URL or a server-side path only where the operator "
+                                                "enabled them")
+    video: str | None = Field(None, description="instead of an image, a clip (mp4, webm, mov, mkv, animated GIF), "
+                                                "given as an image is; its frames go before the prompt")
+    frames: int = Field(NUM_FRAMES, ge=1, le=256, description="a video's frames")
+    stride: int | None = Field(STRIDE, ge=1, description="every stride-th frame from the first, as "
+                                                              "big_vision samples; null: evenly over the clip")
+
+    @model_validator(mode="after")
+    def one_image_or_video(self):
+        if (self.image is None) == (self.video is None):
+            raise ValueError("give an image or a video (one of them)")
+        return self
     adapter: str | None = Field(None, description="a loaded LoRA adapter's name (GET /v1/models); omitted: the base")
 
 
@@ -83,6 +96,7 @@ class TaskResponse(BaseModel):
     width: int
     height: int
     objects: list[DetectedObject] | None = Field(None, description="detect / segment only")
+    frame_times: list[float] | None = Field(None, description="a video's chosen frames: their times (seconds)")
     finish_reason: Literal["eos", "stop", "length"] = Field(description="eos: the model ended its answer; stop: "
                                                             "a stop string; length: the token budget")
     usage: Usage
@@ -103,9 +117,20 @@ class ImagePart(BaseModel):
     image_url: ImageURL | str
 
 
+class VideoURL(BaseModel):
+    url: str
+    frames: int = Field(NUM_FRAMES, ge=1, le=256)
+    stride: int | None = Field(STRIDE, ge=1)
+
+
+class VideoPart(BaseModel):
+    type: Literal["video_url"]
+    video_url: VideoURL | str
+
+
 class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
+    content: str | list[Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]] | None = None
 
 
 class StreamOptions(BaseModel):
