@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 import pytest
 
-from palikit.synthetic import make_scene
+from palikit.synthetic import make_clip, make_scene
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -49,6 +49,7 @@ def folder(tmp_path_factory):
         (where / f"{colour}.jsonl").write_text(4 * (json.dumps({"image": "photo.png", "prefix": "caption en",
                                                                   "suffix": f"all {colour}"}) + "\n"))
     shutil.copytree(ROOT / "configs", where / "configs")
+    make_clip(where / "clip.mp4", frames=160)
     return where
 
 
