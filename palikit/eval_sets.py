@@ -179,6 +179,51 @@ def _vqa_records(file: Path, split: str, *, annotations: str) -> Iterator[dict]:
         yield {**answers[q["question_id"]], **q}
 
 
+def _msrvtt_caption_records(file: Path, split: str) -> Iterator[dict]:
+    """MSR-VTT's videodatainfo JSON: videos (video_id, split) and sentences (video_id, caption)."""
+    data = _load_json(file)
+    if not isinstance(data, dict) or not isinstance(data.get("videos"), list) or "sentences" not in data:
+        raise BenchmarkError(f"{file}: expected MSR-VTT's videos and sentences, found {_shape(data)}")
+    captions: dict[str, list[str]] = {}
+    for s in data["sentences"]:
+        captions.setdefault(s["video_id"], []).append(s["caption"])
+    for v in data["videos"]:
+        if v.get("split", split) == split:
+            yield {"video_id": v["video_id"], "captions": captions.get(v["video_id"], [])}
+
+
+def _msvd_qa_records(file: Path, split: str) -> Iterator[dict]:
+    """MSVD-QA's questions (video_id N = vidN), named by youtube_mapping.txt's YouTube clip names."""
+    clips = {}
+    mapping = _beside(file, "youtube_mapping.txt")
+    for line in mapping.read_text().splitlines():
+        if line.strip():
+            clip, vid = line.split()
+            clips[vid] = clip
+    for r in _json_records(file, split):
+        if f"vid{r['video_id']}" not in clips:
+            raise BenchmarkError(f"{mapping}: no clip for vid{r['video_id']}")
+        yield {**r, "video": clips[f"vid{r['video_id']}"]}
+
+
+def _activitynet_qa_records(file: Path, split: str) -> Iterator[dict]:
+    """ActivityNet-QA's {split}_q.json joined with {split}_a.json by question_id."""
+    answers = {a["question_id"]: a for a in _json_records(_beside(file, f"{split}_a.json"), split)}
+    for q in _json_records(file, split):
+        if q.get("question_id") not in answers:
+            raise BenchmarkError(f"{split}_a.json: no answer for question {q.get('question_id')!r}")
+        yield {**answers[q["question_id"]], **q}
+
+
+def _activitynet_caption_records(file: Path, split: str) -> Iterator[dict]:
+    """ActivityNet Captions: video -> timestamps and sentences; one record per captioned segment,
+    its clip the segment's [start, end] seconds."""
+    for i, (name, v) in enumerate(_load_json(file).items()):
+        for (start, end), sentence in zip(v["timestamps"], v["sentences"]):
+            yield {"id": f"{name}[{start}-{end}]", "video": name, "caption": sentence.strip(),
+                   "clip": [float(start), float(end)], "_index": i}
+
+
 def _coco_caption_records(file: Path, split: str) -> Iterator[dict]:
     """{id, image, captions}: Karpathy's dataset_coco.json (images of `split`, each with its sentences),
     or a COCO-style captions file (COCO captions_val2014.json, NoCaps), captions grouped per image."""
@@ -506,6 +551,9 @@ _QUESTION = {"question": "question"}
 _DATA = partial(_json_records, key="data")
 # big_vision compares lower-cased text for these (`to_lower=True` in their evaluator configs).
 _OTHER = {"answer_type": "other"}  # TextVQA through the VQAv2 metric, as transfers/textvqa.py sets it
+# A video example's frames, as big_vision's video transfers take them (palikit.video.read_video).
+_VIDEO = {"video": {"frames": 16, "stride": 9}}
+_VIDEOS = ("videos", "video", ".")
 
 # VQA's questions joined with their annotations (VQAv2, OK-VQA), and the lmms-lab exports of both.
 _COCO_VQA = Fields(id="question_id", image="image_id", image_file="COCO_{split}2014_{:012d}.jpg",
@@ -701,6 +749,58 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
               Fields(id="_key", image="imageId", image_file="{}.jpg", prompt=_QUESTION, answers="answer",
                      extra={"question_id": "_key"}),
               ("images", "."), "the GQA images")),
+    # Video (big_vision transfers msrvtt_cap.py, msrvtt_qa.py, msvd_qa.py, activitynet_qa.py,
+    # activitynet_cap.py, vatex_cap.py): 16 frames at a stride of 9 from the first frame (each video
+    # example's extra "video": palikit.video.read_video's), "caption en" scored by CIDEr (the
+    # coco_caption evaluator), "answer en {question}" by the vqa evaluator's accuracy (one answer:
+    # exact match). The files as each set's authors publish them, the videos in a folder beside.
+    _benchmark(
+        "msrvtt_cap", _CAPTION, "cider", "test", "MSRVTT-Cap",
+        "test_videodatainfo.json (split test) or videodatainfo_2017.json (train, validate), videos "
+        "videoN.mp4 in TestVideo/, TrainValVideo/ or videos/",
+        Files(("{split}_videodatainfo.json", "videodatainfo_2017.json"), _msrvtt_caption_records,
+              Fields(id="video_id", image="video_id", image_file="{}.mp4", answers="captions", constants=_VIDEO),
+              _VIDEOS + ("TestVideo", "TrainValVideo", "videos/all"), "the MSR-VTT videos",
+              {"val": "validate"})),
+    _benchmark(
+        "msrvtt_qa", _ANSWER, "vqa_accuracy", "test", "MSRVTT-QA",
+        "{split}_qa.json (a list of question, answer, video_id, id), videos video{video_id}.mp4 in "
+        "video/ or videos/",
+        Files(("{split}_qa.json",), _json_records,
+              Fields(id="id", image="video_id", image_file="video{}.mp4", prompt=_QUESTION, answers="answer",
+                     constants=_VIDEO),
+              _VIDEOS + ("TestVideo", "TrainValVideo", "videos/all"), "the MSR-VTT videos")),
+    _benchmark(
+        "msvd_qa", _ANSWER, "vqa_accuracy", "test", "MSVD-QA",
+        "{split}_qa.json (question, answer, video_id, id) and youtube_mapping.txt beside it, clips "
+        "<youtube clip>.avi in YouTubeClips/ or video/",
+        Files(("{split}_qa.json",), _msvd_qa_records,
+              Fields(id="id", image="video", image_file="{}.avi", prompt=_QUESTION, answers="answer", constants=_VIDEO),
+              _VIDEOS + ("YouTubeClips",), "the MSVD clips")),
+    _benchmark(
+        "activitynet_qa", _ANSWER, "vqa_accuracy", "test", "ActivityNet-QA",
+        "{split}_q.json (question, question_id, video_name) and {split}_a.json (answer, question_id), "
+        "videos v_<video_name>.mp4 in videos/ or all_test/",
+        Files(("{split}_q.json",), _activitynet_qa_records,
+              Fields(id="question_id", image="video_name", image_file="v_{}.mp4", prompt=_QUESTION,
+                     answers="answer", constants=_VIDEO),
+              _VIDEOS + ("all_test", "v1-3/test"), "the ActivityNet videos")),
+    _benchmark(
+        "activitynet_cap", _CAPTION, "cider", "val", "ActivityNet-Cap",
+        "val_1.json (v_<id> -> timestamps, sentences; split val) or train.json / val_2.json, videos "
+        "v_<id>.mp4 in videos/: one example per captioned segment, its frames from that segment",
+        Files(("{split}.json",), _activitynet_caption_records,
+              Fields(id="id", image="video", image_file="{}.mp4", answers="caption", constants=_VIDEO,
+                     extra={"clip": "clip"}),
+              _VIDEOS, "the ActivityNet videos", {"val": "val_1"})),
+    _benchmark(
+        "vatex_cap", _CAPTION, "cider", "val", "VATEX-Cap",
+        "vatex_validation_v1.0.json (split val) or vatex_public_test_english_v1.1.json (split test): a "
+        "list of videoID, enCap; videos <videoID>.mp4 in videos/ or val/",
+        Files(("vatex_{split}.json",), _json_records,
+              Fields(id="videoID", image="videoID", image_file="{}.mp4", answers="enCap", constants=_VIDEO),
+              _VIDEOS + ("val", "public_test"), "the VATEX clips",
+              {"val": "validation_v1.0", "test": "public_test_english_v1.1", "train": "training_v1.0"})),
     # The shapes world's prompts differ per example (palikit.synthetic.TRAINED_PROMPTS), and so do metrics.
     Benchmark("synthetic", "(per example)", "exact_match", read_synthetic, "test",
               "no files: palikit.synthetic scenes (seed 12345, 200 images of 96 px)", ""),

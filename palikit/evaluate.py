@@ -42,6 +42,7 @@ from .data import load_examples as read_any
 from .metrics import metric as metric_named
 from .engine import Work, run_in_order
 from .processor import InputError, load_image
+from .video import read_video
 from .quantize import scheme_of
 
 
@@ -146,8 +147,15 @@ def predict(pipe, examples: Sequence[EvalExample], indices: Sequence[int], *, na
         spec = task_of(ex)
         budget = max_new_tokens or (spec.max_new_tokens if spec else 32)
         work = Work(i, None, budget, lambda paths=paths: [load_image(p) for p in paths])
+        n_images = len(paths)
+        if "video" in ex.extra:  # a clip: its frames, as the benchmark samples them
+            sampled = {**ex.extra["video"], **({"clip": ex.extra["clip"]} if "clip" in ex.extra else {})}
+            n_images = sampled["frames"]
+            cfg = pipe.config
+            work.read_images = lambda path=paths[0], s=sampled: read_video(
+                path, **s, size=cfg.vision.image_size, resample=cfg.resample)
         try:
-            work.ids = pipe.prompt_ids(ex.prefix, len(paths), budget)
+            work.ids = pipe.prompt_ids(ex.prefix, n_images, budget)
         except InputError as e:  # a newline in the prefix, or too long for the model
             work.error = str(e)
         works.append(work)

@@ -14,6 +14,7 @@ holds the chosen frames only, never the clip.
 from __future__ import annotations
 
 import io
+import math
 import random as _random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,42 +98,50 @@ def _open(source):
     return av, container, name
 
 
-def count_frames(source) -> int:
-    """Frames of the clip's first video stream: from its header, or by demuxing it (no decoding)."""
+def count_frames(source) -> tuple[int, float]:
+    """(frames, frames per second) of the clip's first video stream: the count from its header, or
+    by demuxing it (no decoding)."""
     av, container, name = _open(source)
     with container:
         stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 1)
         if stream.frames:
-            return stream.frames
+            return stream.frames, fps
         try:
-            return sum(1 for packet in container.demux(stream) if packet.size)
+            return sum(1 for packet in container.demux(stream) if packet.size), fps
         except av.error.FFmpegError as e:
             raise InputError(f"{name}: the video cannot be read ({e})") from None
 
 
 def read_video(source, frames: int = NUM_FRAMES, stride: int | None = STRIDE, offset: int | str = 0,
                size: int | None = None, resample: str = "bicubic", max_pixels: int = 25_000_000,
-               seed: int | None = None) -> Video:
+               seed: int | None = None, clip: tuple[float, float] | None = None) -> Video:
     """The chosen frames of a clip (a path or the file's bytes: mp4, webm, mov, mkv, animated GIF...).
 
     stride: big_vision's sampling (strided_indices); None: uniform over the clip (uniform_indices).
     offset: the first frame with a stride, or "random" (training's, random_offset; `seed`).
     size: shrink each chosen frame to size x size as it is decoded (the model's input), with `resample`.
+    clip: (start, end) seconds: sample that segment only (ActivityNet Captions' events).
     InputError, one line, for a file that is not a readable video, one without frames, a frame
     over max_pixels, or a codec FFmpeg here cannot decode."""
     if frames < 1:
         raise InputError(f"frames must be >= 1, got {frames}")
     if stride is not None and stride < 1:
         raise InputError(f"stride must be >= 1, got {stride}")
-    total = count_frames(source)
+    total, fps = count_frames(source)
     if total > MAX_DECODED_FRAMES:
         raise InputError(f"the video has {total} frames, more than the {MAX_DECODED_FRAMES} palikit reads")
+    first, length = 0, total
+    if clip is not None:
+        first = min(total - 1, max(0, int(clip[0] * fps)))
+        length = max(1, min(total, math.ceil(clip[1] * fps)) - first)
     if stride is None:
-        indices = uniform_indices(total, frames)
+        indices = uniform_indices(length, frames)
     else:
         if offset == "random":
-            offset = random_offset(total, frames, stride, _random.Random(seed))
-        indices = strided_indices(total, frames, stride, int(offset))
+            offset = random_offset(length, frames, stride, _random.Random(seed))
+        indices = strided_indices(length, frames, stride, int(offset))
+    indices = [first + i for i in indices]
     wanted = set(indices)
     av, container, name = _open(source)
     chosen: dict[int, tuple[Image.Image, float]] = {}

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,3 +195,80 @@ def test_the_server_answers_a_video_beside_image_requests(tmp_path):
     assert new_encodings == 0, "the clip's frames come from the image cache the second time"
     assert bad.status_code == 400 and "video" in bad.json()["error"]["message"]
     assert long.status_code == 400 and "--max-len" in long.json()["error"]["message"]
+
+
+def _layouts(root):
+    """Tiny files in each video benchmark's published layout, two clips each -> {benchmark: folder}."""
+    out = {}
+
+    def clips(folder, names):
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, name in enumerate(names):
+            make_clip(folder / name, seed=i, frames=30)
+
+    d = out["msrvtt_cap"] = root / "msrvtt"
+    clips(d / "TestVideo", ["video7010.mp4", "video7011.mp4"])
+    (d / "test_videodatainfo.json").write_text(json.dumps({
+        "videos": [{"video_id": "video7010", "split": "test"}, {"video_id": "video7011", "split": "test"}],
+        "sentences": [{"video_id": "video7010", "caption": "a red circle"}, {"video_id": "video7011", "caption": "shapes"},
+                      {"video_id": "video7010", "caption": "a circle moves"}]}))
+    d = out["msrvtt_qa"] = root / "msrvtt_qa"
+    clips(d / "video", ["video7010.mp4", "video7011.mp4"])
+    (d / "test_qa.json").write_text(json.dumps([{"question": "what moves?", "answer": "circle", "video_id": 7010, "id": 1},
+                                                {"question": "how many?", "answer": "two", "video_id": 7011, "id": 2}]))
+    d = out["msvd_qa"] = root / "msvd"
+    d.mkdir()
+    (d / "YouTubeClips").mkdir()
+    make_clip(d / "YouTubeClips" / "abc_1_5.mkv", frames=30)  # MSVD ships .avi; any container PyAV reads
+    (d / "YouTubeClips" / "abc_1_5.mkv").rename(d / "YouTubeClips" / "abc_1_5.avi")
+    (d / "youtube_mapping.txt").write_text("abc_1_5 vid1\n")
+    (d / "test_qa.json").write_text(json.dumps([{"question": "what is it?", "answer": "circle", "video_id": 1, "id": 0}]))
+    d = out["activitynet_qa"] = root / "anet_qa"
+    clips(d / "videos", ["v_xyz.mp4"])
+    (d / "test_q.json").write_text(json.dumps([{"question": "is it red", "question_id": "xyz_0", "video_name": "xyz"}]))
+    (d / "test_a.json").write_text(json.dumps([{"answer": "yes", "question_id": "xyz_0", "type": 3}]))
+    d = out["activitynet_cap"] = root / "anet_cap"
+    clips(d / "videos", ["v_xyz.mp4"])
+    (d / "val_1.json").write_text(json.dumps({"v_xyz": {"duration": 3.0, "timestamps": [[0.0, 1.0], [1.5, 3.0]],
+                                                        "sentences": ["A circle. ", "It moves."]}}))
+    d = out["vatex_cap"] = root / "vatex"
+    clips(d / "videos", ["Ab_000001_000011.mp4"])
+    (d / "vatex_validation_v1.0.json").write_text(json.dumps([{"videoID": "Ab_000001_000011",
+                                                               "enCap": ["a circle", "shapes move"], "chCap": []}]))
+    return out
+
+
+def test_video_benchmarks_read_their_published_layouts(tmp_path):
+    """Each video benchmark read from tiny files in its published layout: big_vision's prompt, the
+    references, 16 frames at a stride of 9 (ActivityNet Captions: of each captioned segment)."""
+    from palikit.eval_sets import read_benchmark
+
+    folders = _layouts(tmp_path)
+    got = {name: read_benchmark(name, folder) for name, folder in folders.items()}
+    assert [(e.id, e.prefix, e.answers) for e in got["msrvtt_cap"]] == [
+        ("video7010", "caption en", ["a red circle", "a circle moves"]), ("video7011", "caption en", ["shapes"])]
+    assert [(e.prefix, e.answers, Path(e.image).name) for e in got["msrvtt_qa"]] == [
+        ("answer en what moves?", ["circle"], "video7010.mp4"), ("answer en how many?", ["two"], "video7011.mp4")]
+    assert Path(got["msvd_qa"][0].image).name == "abc_1_5.avi" and got["msvd_qa"][0].answers == ["circle"]
+    assert (got["activitynet_qa"][0].prefix, got["activitynet_qa"][0].answers) == ("answer en is it red", ["yes"])
+    cap = got["activitynet_cap"]
+    assert [(e.id, e.answers, e.extra["clip"]) for e in cap] == [
+        ("v_xyz[0.0-1.0]", ["A circle."], [0.0, 1.0]), ("v_xyz[1.5-3.0]", ["It moves."], [1.5, 3.0])]
+    assert got["vatex_cap"][0].answers == ["a circle", "shapes move"]
+    assert all(e.extra["video"] == {"frames": 16, "stride": 9} for es in got.values() for e in es)
+    segment = video.read_video(cap[1].image, frames=4, stride=2, clip=cap[1].extra["clip"])
+    assert segment.indices == [15, 17, 19, 21] and [frame_number(f) for f in segment.frames] == segment.indices
+
+
+def test_palikit_eval_scores_a_video_benchmark(tmp_path):
+    """`palikit eval --benchmark msrvtt_qa` end to end on the bundled model: every example answered
+    from its 16 frames, scored by the QA accuracy, the report written."""
+    from palikit.cli import main
+
+    folders = _layouts(tmp_path)
+    out = tmp_path / "preds.jsonl"
+    assert main(["eval", "--benchmark", "msrvtt_qa", "--data", str(folders["msrvtt_qa"]), "--out", str(out),
+                 "--max-new-tokens", "4"]) == 0
+    report = json.loads(out.with_suffix(".report.json").read_text())
+    assert report["examples"] == 2 and report["errors"] == 0
+    assert [r["metric"] for r in report["results"]] == ["vqa_accuracy"]
