@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw
 
 from . import tasks
 from .processor import Encoded, InputError, Tokenizer, collate, encode_example, load_image, preprocess
+from .video import NUM_FRAMES, STRIDE, read_video
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +46,16 @@ class DatasetError(ValueError):
 
 @dataclass
 class Example:
-    images: list  # paths (or PIL images) of the images of this prompt, usually one
+    images: list  # paths (or PIL images) of the images of this prompt, usually one; or the one clip
     prefix: str
     suffix: str
     where: str = ""  # "file.jsonl:12", for messages
+    video: dict | None = None  # images[0] is a clip: its frames and stride (palikit.video.read_video)
+
+    @property
+    def n_images(self) -> int:
+        """The images the prompt holds: a clip's frames, or its images."""
+        return self.video["frames"] if self.video else len(self.images)
 
 
 @dataclass
@@ -110,6 +117,14 @@ def read_jsonl(path: str | Path, errors: list[tuple[str, str]] | None = None) ->
                 row = json.loads(line)
                 if not isinstance(row, dict):
                     raise ValueError("not a JSON object")
+                clip = None
+                if "video" in row:  # a clip in place of the image(s): 16 frames at a stride of 9 by default
+                    if "image" in row:
+                        raise ValueError("a line has an 'image' or a 'video', not both")
+                    clip = {k: row.get(k, d) for k, d in (("frames", NUM_FRAMES), ("stride", STRIDE))}
+                    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in clip.values()):
+                        raise ValueError(f"'frames' and 'stride' must be whole numbers >= 1, got {clip}")
+                    row = {**row, "image": row["video"]}
                 missing = [k for k in ("image", "prefix", "suffix") if k not in row]
                 if missing:
                     raise ValueError(f"missing key(s) {', '.join(missing)} (have: {', '.join(row)})")
@@ -123,7 +138,7 @@ def read_jsonl(path: str | Path, errors: list[tuple[str, str]] | None = None) ->
                     raise DatasetError(f"{where}: {e}") from e
                 errors.append((where, str(e)))
                 continue
-            out.append(Example([path.parent / i for i in images], row["prefix"], row["suffix"], where))
+            out.append(Example([path.parent / i for i in images], row["prefix"], row["suffix"], where, clip))
     return out
 
 
@@ -439,7 +454,7 @@ def check_dataset(path: str | Path, config=None, tokenizer=None, max_text_len: i
             continue
         n_text = len(enc.ids)
         report.text_tokens.append(n_text)
-        n_total = n_image * len(ex.images) + kept_text(n_text, max_text_len)  # what training feeds the model
+        n_total = n_image * ex.n_images + kept_text(n_text, max_text_len)  # what training feeds the model
         if max_text_len and n_text > max_text_len:
             report.problems.append(Problem(ex.where, "too-long", f"{n_text} text tokens > max_text_len "
                                            f"{max_text_len}: the end would be cut off", error=False))
@@ -477,8 +492,8 @@ def _check_example(ex: Example, open_images: bool) -> list[Problem]:
         if not isinstance(image, (str, Path)):  # a datasets source's decoded image
             continue
         if not Path(image).is_file():
-            out.append(Problem(ex.where, "missing-image", f"image not found: {image}"))
-        elif open_images:
+            out.append(Problem(ex.where, "missing-image", f"{'video' if ex.video else 'image'} not found: {image}"))
+        elif open_images and not ex.video:
             try:
                 with Image.open(image) as im:
                     im.verify()
@@ -591,10 +606,10 @@ class PaliGemmaDataset(torch.utils.data.Dataset):
         self.encoded, self.truncated = [], 0
         for ex in self.examples:
             try:
-                enc = encode_example(tokenizer, num_image_tokens * len(ex.images), ex.prefix, ex.suffix)
+                enc = encode_example(tokenizer, num_image_tokens * ex.n_images, ex.prefix, ex.suffix)
             except InputError as e:
                 raise DatasetError(f"{ex.where}: {e}") from e
-            n_image = num_image_tokens * len(ex.images)
+            n_image = num_image_tokens * ex.n_images
             keep = n_image + kept_text(len(enc.ids) - n_image, max_text_len)
             if len(enc.ids) > keep:
                 self.truncated += 1
@@ -608,7 +623,11 @@ class PaliGemmaDataset(torch.utils.data.Dataset):
         return len(self.examples)
 
     def __getitem__(self, i: int) -> Item:
-        return Item(self.encoded[i], [load_image(im) for im in self.examples[i].images])
+        ex = self.examples[i]
+        if ex.video:  # big_vision's training sampling: a random first frame where the clip is long enough,
+            # seeded by the example, so that a resumed run (and every DataLoader worker) reads the same frames
+            return Item(self.encoded[i], read_video(ex.images[0], **ex.video, offset="random", seed=i).frames)
+        return Item(self.encoded[i], [load_image(im) for im in ex.images])
 
 
 def collate_items(items: Sequence[Item], pad_id: int, image_size: int, resample: str = "bicubic") -> dict:

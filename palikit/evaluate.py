@@ -50,7 +50,8 @@ def eval_example(ex: Example) -> EvalExample:
     """A fine-tuning example as an evaluation example: its suffix is the one reference (detect /
     segment truths are parsed from it once the image size is known)."""
     return EvalExample(id=ex.where, image=ex.images[0] if len(ex.images) == 1 else list(ex.images),
-                       prefix=ex.prefix, answers=[ex.suffix.strip()], extra={"suffix": ex.suffix})
+                       prefix=ex.prefix, answers=[ex.suffix.strip()],
+                       extra={"suffix": ex.suffix} | ({"video": ex.video} if ex.video else {}))
 
 
 def jsonl_examples(path: str | Path, limit: int | None = None) -> list[EvalExample]:

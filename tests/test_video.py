@@ -272,3 +272,30 @@ def test_palikit_eval_scores_a_video_benchmark(tmp_path):
     report = json.loads(out.with_suffix(".report.json").read_text())
     assert report["examples"] == 2 and report["errors"] == 0
     assert [r["metric"] for r in report["results"]] == ["vqa_accuracy"]
+
+
+def test_fine_tuning_reads_clips(tmp_path, tokenizer_file):
+    """A training line may carry "video" (+ frames, stride): its prompt holds that many frames,
+    sampled as big_vision's training samples them (a random first frame, the same for the same
+    example so a resumed run reads what it read), and a run trains on it."""
+    from palikit.data import PaliGemmaDataset, check_dataset, load_examples
+    from palikit.finetune import train
+    from palikit.processor import Tokenizer
+
+    make_clip(tmp_path / "clip.mp4", frames=60)
+    lines = [{"video": "clip.mp4", "frames": 3, "stride": 5, "prefix": "caption en", "suffix": "a moving circle"},
+             {"video": "clip.mp4", "frames": 2, "prefix": "answer en what moves?", "suffix": "a circle"}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    examples = load_examples(tmp_path / "train.jsonl")
+    assert [e.n_images for e in examples] == [3, 2] and examples[0].video == {"frames": 3, "stride": 5}
+    tok = Tokenizer(tokenizer_file, image_token_id=1552)
+    ds = PaliGemmaDataset(examples, tok, num_image_tokens=4)
+    first, again = ds[0], ds[0]
+    numbers = [frame_number(f) for f in first.images]
+    assert len(first.images) == 3 and numbers == [frame_number(f) for f in again.images]
+    assert numbers[1] - numbers[0] == 5 and 0 <= numbers[0] < 60 - 2 * 5
+    assert first.encoded.ids.count(1552) == 3 * 4
+    assert check_dataset(tmp_path / "train.jsonl").ok
+    cfg = {"model": {"preset": "tiny-paligemma2", "tokenizer": str(tokenizer_file)}, "train_file": str(tmp_path / "train.jsonl"),
+           "out_dir": str(tmp_path / "run"), "steps": 2, "batch_size": 2, "lr": 1e-3, "warmup": 0, "max_text_len": 32}
+    assert train(cfg)["step"] == 2
