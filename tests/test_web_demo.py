@@ -506,3 +506,36 @@ def test_the_demo_offers_the_loaded_adapters(browser, tiny_model_dir, tmp_path):
     budget = palikit.tasks.task_spec("caption").max_new_tokens
     assert shown == pipe.generate(image, "caption en", max_new_tokens=budget, adapter="qv")
     assert sent[-1]["adapter"] == "qv" and "max_new_tokens" not in sent[-1]
+
+
+def test_a_clip_plays_and_its_sampled_frames_show_under_the_answer(browser, tmp_path):
+    """A clip chosen on the page plays in a video element; Run sends it with the frames that fit the
+    server's rows, the answer is the model's on those frames, and the frames it saw are shown under
+    the answer (read back from their pixels: make_clip paints each frame's number)."""
+    pytest.importorskip("av")
+    from palikit.synthetic import make_clip
+
+    path = tmp_path / "clip.webm"  # VP8: what every Chromium plays
+    make_clip(path, frames=40, fps=10)
+    pipe = palikit.load("default", dtype="float32")
+    with background(create_app(pipe)) as url:
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.wait_for_function("document.getElementById('model').textContent.length > 0")
+        page.set_input_files("#file", str(path))
+        page.wait_for_function("!document.getElementById('run').disabled")
+        assert page.eval_on_selector("#clip", "v => !v.hidden && v.readyState >= 2 && v.duration > 3.5")
+        frames = int(page.get_attribute("#frames", "placeholder"))
+        page.select_option("#task", "caption")
+        page.click("#run")
+        page.wait_for_function("document.getElementById('status').textContent.startsWith('done')", timeout=60000)
+        shown = page.text_content("#text")
+        numbers = page.evaluate("""() => Array.from(document.querySelectorAll('#frames canvas')).map(c => {
+            const d = c.getContext('2d').getImageData(0, 1, c.width, 1).data;
+            let n = 0; for (let x = 0; x < c.width; x++) if (d[4 * x] > 200 && d[4 * x + 1] > 200 && d[4 * x + 2] > 200) n++;
+            return n; })""")
+        times = page.eval_on_selector_all("#frames figcaption", "fs => fs.map(f => f.textContent)")
+        page.close()
+    want = pipe.generate(str(path), "caption en", frames=frames, max_new_tokens=64)
+    assert frames == 4 and shown == want  # (704 slots - 128) // 144 image tokens
+    assert numbers == [0, 9, 18, 27] and times == ["0.00 s", "0.90 s", "1.80 s", "2.70 s"]

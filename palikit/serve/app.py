@@ -446,7 +446,10 @@ def create_app(pipe: Pipeline, settings: ServerSettings | None = None, **changes
         loaded = pipe.adapters.adapters if pipe.adapters is not None else {}
         return {"status": "ok", "model": server.model_name, "auth": bool(api_key),
                 "queue_depth": server.batcher.depth, "max_batch": server.batcher.max_batch,
-                "adapters": [n for n in loaded if n not in server.draining]}  # the web demo's model menu
+                "adapters": [n for n in loaded if n not in server.draining],  # the web demo's model menu
+                # a request's room and an image's tokens: how many frames of a clip fit (the web demo)
+                "max_len": getattr(getattr(server.batcher, "engine", None), "max_len", None),
+                "image_tokens": pipe.config.num_image_tokens}
 
     @app.get("/tasks")
     async def task_list():  # the web demo's menu; public like the page itself

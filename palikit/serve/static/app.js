@@ -12,8 +12,10 @@ let TASKS = {};
 const $ = (id) => document.getElementById(id);
 const canvas = $("view");
 const ctx = canvas.getContext("2d");
-let image = null;     // HTMLImageElement of the chosen file
+let image = null;     // HTMLImageElement of the chosen file (a clip's: its first frame)
 let imageURL = null;  // the same file as a data: URL, which is what the API takes
+let clipURL = null;   // a chosen clip as a data: URL (sent as "video"; image then shows its first frame)
+let maxFrames = 16;   // the clip frames that fit the server's rows (GET /health), at most big_vision's 16
 
 function setStatus(text, isError = false) {
   $("status").textContent = text;
@@ -53,19 +55,27 @@ function loadFile(file, note = "") {
   const reader = new FileReader();
   const unreadable = () => {
     if (n !== loads) return;
-    image = imageURL = null;  // a Run now would answer about the old image, as if about this file
+    image = imageURL = clipURL = null;  // a Run now would answer about the old image, as if about this file
+    $("clip").hidden = $("frames-row").hidden = true;
     clearResult();
     canvas.width = canvas.height = 0;
     setStatus(`${file.name} is not an image the browser can read (PNG, JPEG, WebP, GIF...): choose another`,
               true);
   };
   reader.onerror = unreadable;
+  if (file.type.startsWith("video/")) {
+    reader.onload = () => loadClip(reader.result, file.name, n, note, unreadable);
+    reader.readAsDataURL(file);
+    return;
+  }
   reader.onload = () => {
     const img = new Image();
     img.onload = () => {
       if (n !== loads) return;
       image = img;
       imageURL = reader.result;
+      clipURL = null;
+      $("clip").hidden = $("frames-row").hidden = true;
       clearResult();
       $("run").disabled = false;
       setStatus(`${file.name}: ${img.naturalWidth}x${img.naturalHeight}${note}`);
@@ -74,6 +84,60 @@ function loadFile(file, note = "") {
     img.src = reader.result;
   };
   reader.readAsDataURL(file);
+}
+
+// A clip: played above the canvas, which shows its first frame (boxes are drawn there); sent whole.
+function loadClip(url, name, n, note, unreadable) {
+  const clip = $("clip");
+  clip.onerror = unreadable;
+  clip.onloadeddata = async () => {
+    if (n !== loads) return;
+    await seek(clip, 0);
+    const first = new Image();
+    first.onload = () => {
+      if (n !== loads) return;
+      image = first;
+      imageURL = null;
+      clipURL = url;
+      clip.hidden = $("frames-row").hidden = false;
+      clearResult();
+      $("run").disabled = false;
+      setStatus(`${name}: ${clip.videoWidth}x${clip.videoHeight}, ${clip.duration.toFixed(1)} s${note}`);
+    };
+    first.src = still(clip, clip.videoWidth, clip.videoHeight).toDataURL();
+  };
+  clip.src = url;
+}
+
+// The clip at time t (seconds), once the browser has it.
+function seek(clip, t) {
+  return new Promise((done) => {
+    if (Math.abs(clip.currentTime - t) < 1e-3 && clip.readyState >= 2) return done();
+    clip.addEventListener("seeked", () => done(), { once: true });
+    clip.currentTime = t;
+  });
+}
+
+function still(clip, w, h) {
+  const c = document.createElement("canvas");
+  c.width = w;
+  c.height = h;
+  c.getContext("2d").drawImage(clip, 0, 0, w, h);
+  return c;
+}
+
+// The frames the model saw, each with its time, under the answer.
+async function showFrames(times) {
+  const clip = $("clip"), row = $("frames");
+  row.replaceChildren();
+  for (const t of times) {
+    await seek(clip, t + 1e-3);  // just past the frame's start: that frame, not the one before
+    const figure = document.createElement("figure");
+    const caption = document.createElement("figcaption");
+    caption.textContent = `${t.toFixed(2)} s`;
+    figure.append(still(clip, clip.videoWidth, clip.videoHeight), caption);
+    row.append(figure);
+  }
 }
 
 // zlib's crc32 of the label's UTF-8, as palikit.overlay hashes it.
@@ -192,6 +256,7 @@ function clearResult() {
   if (image) fitCanvas();
   $("text").textContent = "";
   $("objects").replaceChildren();
+  $("frames").replaceChildren();
 }
 
 function draw(objects) {
@@ -249,7 +314,8 @@ async function run() {
   const headers = { "Content-Type": "application/json" };
   const key = $("key").value.trim();
   if (key) headers.Authorization = `Bearer ${key}`;
-  const body = { image: imageURL, ...fields(t, arg) };
+  const body = clipURL ? { video: clipURL, frames: Number($("frames").value) || maxFrames, ...fields(t, arg) }
+    : { image: imageURL, ...fields(t, arg) };
   const budget = Number($("max-tokens").value);
   if (budget) body.max_new_tokens = budget;
   if ($("adapter").value) body.adapter = $("adapter").value;
@@ -262,6 +328,7 @@ async function run() {
     if (!r.ok) throw new Error(data.error ? data.error.message : `HTTP ${r.status}`);
     $("text").textContent = data.text;
     draw(data.objects || []);
+    if (data.frame_times) await showFrames(data.frame_times);
     const n = (data.objects || []).length;
     const found = data.objects ? `, ${n} object${n === 1 ? "" : "s"}` : "";
     setStatus(`done in ${((performance.now() - started) / 1000).toFixed(2)} s${found}`);
@@ -291,6 +358,9 @@ async function init() {
     await loadTasks();
     const health = await (await fetch("/health")).json();
     $("model").textContent = health.model;
+    // frames x image tokens + the prompt and answer's room must fit one of the server's rows
+    maxFrames = Math.max(1, Math.min(16, Math.floor((health.max_len - 128) / health.image_tokens)));
+    $("frames").placeholder = `${maxFrames}`;
     const models = [new Option(`${health.model} (base)`, ""), ...(health.adapters || []).map((a) => new Option(a, a))];
     $("adapter").replaceChildren(...models);
     $("adapter-row").hidden = models.length < 2;
