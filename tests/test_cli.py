@@ -227,7 +227,7 @@ def test_serve_verb_options(served, tiny_model_dir, monkeypatch, caplog):
     with TestClient(app) as c:
         assert c.get("/health").json() | {"model": None} == {"status": "ok", "model": None, "auth": True,
                                                               "queue_depth": 0, "max_batch": 3, "adapters": [],
-                                                              "max_len": 704, "image_tokens": 144}
+                                                              "max_len": 512, "image_tokens": 16}
         assert c.get("/v1/models").status_code == 401
         assert c.get("/v1/models", headers={"Authorization": "Bearer from-env"}).status_code == 200
     assert app.state.palikit.batcher.max_queue == 5
