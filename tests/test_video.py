@@ -42,6 +42,7 @@ def test_frames_are_sampled_as_big_vision_samples_them(tmp_path, suffix):
     assert clip.indices == want and clip.total == 40
     assert [frame_number(f) for f in clip.frames] == want
     assert clip.times == pytest.approx([i / 10 for i in want])
+    assert video.read_video(path, frames=2, stride=3).indices == [0, 3]  # from the first frame, not the centre
     uniform = video.read_video(path, frames=5, stride=None)
     assert uniform.indices == [0, 10, 20, 29, 39] == [frame_number(f) for f in uniform.frames]
 
