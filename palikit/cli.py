@@ -82,6 +82,16 @@ def cmd_task(args) -> None:
         write_image_atomic(draw(image, result), args.out)
 
 
+def cmd_export(args) -> None:
+    try:
+        from palikit.export import export
+        import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
+    except ImportError as e:
+        raise InputError(f"export needs the onnx extra ({e.name} is not installed): pip install 'palikit[onnx]'") from None
+    pipe = load_model(args, dtype="float32")
+    print(export(pipe, args.out, force=args.force))
+
+
 def add_frame_flags(p: argparse.ArgumentParser) -> None:
     """How a clip given as the image is sampled (palikit.video.read_video)."""
     p.add_argument("--frames", type=POSITIVE, default=NUM_FRAMES, help=f"a video's frames (default {NUM_FRAMES})")
@@ -492,6 +502,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-dir", help="where a COCO file's images are (default: beside the file)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=cmd_data_check)
+
+    p = verbs.add_parser("export", help="ONNX graphs in transformers.js's layout (embed_tokens, vision_encoder, "
+                         "decoder_model_merged), run by onnxruntime (palikit.export.load)")
+    p.add_argument("model", help="folder, .npz, hub id, 'default', or a LoRA adapter folder (merged)")
+    p.add_argument("--to", choices=["onnx"], default="onnx")
+    p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--adapter", help="a LoRA adapter folder merged into the model before export")
+    p.set_defaults(func=cmd_export)
 
     p = verbs.add_parser("serve", help="HTTP server: OpenAI-compatible chat completions, task endpoints, web demo")
     _model_args(p, json_output=False, skip=("adapter",))

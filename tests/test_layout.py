@@ -19,7 +19,7 @@ LAYERS = [
     {"generate"},  # sampling, the decode step, beam search
     {"engine"},  # continuous batching
     {"api"},  # load -> Pipeline
-    {"jobs", "evaluate", "serve", "finetune"},  # the applications
+    {"jobs", "evaluate", "serve", "finetune", "export"},  # the applications
     {"cli", "__main__", "__init__"},  # verbs; the package's facade
 ]
 

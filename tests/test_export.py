@@ -1,0 +1,129 @@
+"""`palikit export --to onnx` (palikit.export): the three graphs of transformers.js's layout, run by
+onnxruntime as a transformers.js client calls them, against palikit's PyTorch model: random tiny
+PaliGemma 1 and 2 (Gemma 2's window shorter than the sequence), the bundled model on its tasks;
+greedy tokens identical, logits within 1e-4 in float32, left-padded batches and teacher-forced
+scoring exact too."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import palikit
+from palikit.processor import encode_example
+from palikit.synthetic import make_scene
+
+from .test_generate import teacher_forced
+
+ort = pytest.importorskip("onnxruntime", reason="export needs the onnx extra")
+pytest.importorskip("onnxscript")
+pytestmark = pytest.mark.slow  # exports take seconds each
+
+IMAGES = [make_scene(np.random.default_rng(s)).image for s in range(3)]
+
+
+@pytest.fixture(scope="module")
+def exported(hf_pair, tmp_path_factory):
+    from palikit.export import export, load
+
+    _, _, folder = hf_pair
+    pipe = palikit.load(folder, dtype="float32", sliding_window=True)  # the window as transformers applies it
+    out = export(pipe, tmp_path_factory.mktemp("onnx") / "model")
+    return pipe, load(out)
+
+
+def test_layout_is_transformers_js(exported):
+    import json
+
+    pipe, onnx = exported
+    folder = onnx.folder
+    assert sorted(p.name for p in (folder / "onnx").iterdir()) == [
+        "decoder_model_merged.onnx", "embed_tokens.onnx", "vision_encoder.onnx"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["image_token_index"] == pipe.config.image_token_id
+    assert config["text_config"]["head_dim"] == pipe.config.text.head_dim
+    for name in ("generation_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.model"):
+        assert (folder / name).is_file(), name
+    decoder = onnx.sessions["decoder_model_merged"]
+    names = [i.name for i in decoder.get_inputs()]
+    assert names[:2] == ["inputs_embeds", "attention_mask"] and names[2] == "past_key_values.0.key"
+    assert [o.name for o in decoder.get_outputs()][:2] == ["logits", "present.0.key"]
+
+
+def test_greedy_tokens_and_logits_equal_pytorch(exported):
+    pipe, onnx = exported
+    for image, prompt in [(IMAGES[0], "caption en"), (IMAGES[1], "detect circle ; square"),
+                          ([IMAGES[0], IMAGES[2]], "answer en which is bigger?")]:
+        images = image if isinstance(image, list) else [image]
+        tokens, logprobs, first = onnx.generate_details(images, prompt, max_new_tokens=8)
+        (_, g), = pipe.generate_details([images], [prompt], max_new_tokens=8)
+        assert tokens == g.tokens and tokens
+        torch.testing.assert_close(torch.tensor(logprobs), torch.tensor(g.logprobs), atol=1e-4, rtol=0)
+        _, hidden = teacher_forced(pipe, images, prompt, [])
+        with torch.no_grad():
+            want = pipe.model.logits(hidden, "prefill")
+        window = pipe.config.text.sliding_window
+        assert window is None or want.shape[0] > window  # PaliGemma 2's local layers really window
+        torch.testing.assert_close(torch.from_numpy(first[0]), want, atol=1e-4, rtol=0)
+        assert want.std() > 0.5
+
+
+def test_padded_batches_and_teacher_forced_scoring_are_exact(exported):
+    """Two prompts of different lengths, left-padded in one call: each row's logits are its own
+    (attention_mask as padding, positions counted from it); a suffix given in a second call on the
+    cached prompt scores as palikit.score does (causal within the chunk)."""
+    pipe, onnx = exported
+    text = pipe.config.text
+    rows = [onnx.prompt_embeddings([IMAGES[0]], "caption en"), onnx.prompt_embeddings([IMAGES[1]], "answer en where?")]
+    L = max(r.shape[1] for r in rows)
+    embeds = np.zeros((2, L, rows[0].shape[2]), np.float32)
+    mask = np.zeros((2, L), np.int64)
+    for i, r in enumerate(rows):
+        embeds[i, L - r.shape[1]:], mask[i, L - r.shape[1]:] = r[0], 1
+    empty = [np.zeros((2, text.num_kv_heads, 0, text.head_dim), np.float32) for _ in range(2 * text.num_layers)]
+    batch, _ = onnx.logits_and_cache(embeds, mask, empty)
+    for i, r in enumerate(rows):
+        alone, _ = onnx.logits_and_cache(r, np.ones((1, r.shape[1]), np.int64), [p[:1] for p in empty])
+        np.testing.assert_allclose(batch[i, L - r.shape[1]:], alone[0], atol=1e-4, rtol=0)
+    suffix = pipe.tokenizer.encode("a red circle") + [pipe.tokenizer.eos_id]
+    prompt = rows[0]
+    _, past = onnx.logits_and_cache(prompt, np.ones((1, prompt.shape[1]), np.int64), [p[:1] for p in empty])
+    last, _ = onnx.logits_and_cache(prompt, np.ones((1, prompt.shape[1]), np.int64), [p[:1] for p in empty])
+    ids = np.array([suffix[:-1]], np.int64)
+    step = onnx.sessions["embed_tokens"].run(None, {"input_ids": ids})[0]
+    logits, _ = onnx.logits_and_cache(step, np.ones((1, prompt.shape[1] + ids.shape[1]), np.int64), past)
+    scores = np.concatenate([last[0, -1:], logits[0]])
+    logprobs = torch.from_numpy(scores).log_softmax(-1)
+    got = float(logprobs.gather(1, torch.tensor(suffix)[:, None]).sum())
+    want = pipe.score([IMAGES[0]], ["caption en"], ["a red circle"])[0]
+    assert got == pytest.approx(want, abs=1e-3)
+
+
+def test_the_bundled_model_exports_and_answers_as_pytorch(tmp_path):
+    from palikit.cli import main
+    from palikit.export import load
+
+    assert main(["export", "default", "--to", "onnx", "--out", str(tmp_path / "x")]) == 0
+    onnx = load(tmp_path / "x")
+    pipe = palikit.load("default", dtype="float32")
+    for prompt in ("caption en", "detect circle ; square ; triangle", "ocr", "answer en how many shapes?"):
+        tokens, _, _ = onnx.generate_details([IMAGES[2]], prompt, max_new_tokens=16)
+        assert tokens == pipe.generate_details([IMAGES[2]], [prompt], max_new_tokens=16)[0][1].tokens, prompt
+
+
+def test_bad_exports_are_one_line_and_leave_nothing(tmp_path, capsys, monkeypatch):
+    from palikit.cli import main
+
+    (tmp_path / "taken").mkdir()
+    assert main(["export", "default", "--out", str(tmp_path / "taken")]) == 2
+    assert "exists; --force replaces it" in capsys.readouterr().err
+    quantized = tmp_path / "q"
+    if main(["quantize", "default", "--to", "int8", "--out", str(quantized)]) == 0:  # refused on some CPUs
+        assert main(["export", str(quantized), "--out", str(tmp_path / "qx")]) == 2
+        assert "quantised" in capsys.readouterr().err
+    capsys.readouterr()
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: (_ for _ in ()).throw(ValueError("opset 99")))
+    assert main(["export", "default", "--out", str(tmp_path / "failed")]) == 2
+    assert "opset 99" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["taken", *(["q"] if quantized.exists() else [])])
