@@ -88,8 +88,8 @@ def cmd_export(args) -> None:
         import onnxscript  # noqa: F401  (torch.onnx's exporter needs it)
     except ImportError as e:
         raise InputError(f"export needs the onnx extra ({e.name} is not installed): pip install 'palikit[onnx]'") from None
-    pipe = load_model(args, dtype="float32")
-    print(export(pipe, args.out, force=args.force))
+    pipe = load_model(args, dtype="float32", quantize=None)  # --quantize is the graphs', not the model's
+    print(export(pipe, args.out, force=args.force, quantize=args.quantize))
 
 
 def add_frame_flags(p: argparse.ArgumentParser) -> None:
@@ -509,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=["onnx"], default="onnx")
     p.add_argument("--out", required=True)
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quantize", choices=["q8"], help="also int8 copies of the graphs (*_quantized.onnx)")
     p.add_argument("--adapter", help="a LoRA adapter folder merged into the model before export")
     p.set_defaults(func=cmd_export)
 

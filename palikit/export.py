@@ -109,17 +109,21 @@ class _Decoder(nn.Module):
         return attn.o_proj(out), k, v
 
 
-def export(pipe, out: str | Path, force: bool = False) -> Path:
+QUANTIZED = {"q8": "_quantized"}  # --quantize -> transformers.js's file suffix
+
+
+def export(pipe, out: str | Path, force: bool = False, quantize: str | None = None) -> Path:
     """Write `pipe`'s model (float32) as transformers.js's three ONNX graphs and its files into
-    `out`; refused when `out` exists (force: replaced) or the model is quantised. Nothing half-written
-    stays: the folder is written beside and renamed at the end."""
-    from . import quantize
+    `out`; refused when `out` exists (force: replaced) or the model is quantised. quantize="q8":
+    also onnxruntime's dynamic int8 copies of the graphs (`*_quantized.onnx`, transformers.js's q8).
+    Nothing half-written stays: the folder is written beside and renamed at the end."""
+    from .quantize import scheme_of
     from .weights import save_model_files
 
     out = Path(out)
     if out.exists() and not force:
         raise InputError(f"--out {out} exists; --force replaces it")
-    if quantize.scheme_of(pipe.model) is not None:
+    if scheme_of(pipe.model) is not None:
         raise InputError("the model is quantised (int8 / int4 / w8a8): export the float checkpoint instead "
                          "(its graphs are float32; onnxruntime quantises them itself)")
     model = pipe.model.float().eval()
@@ -148,6 +152,12 @@ def export(pipe, out: str | Path, force: bool = False) -> Path:
         config["text_config"]["head_dim"] = text.head_dim
         config["image_token_index"] = c.image_token_id
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if quantize is not None:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            for g in GRAPHS:  # weights to int8 per tensor, activations quantised at run time
+                quantize_dynamic(graphs / f"{g}.onnx", graphs / f"{g}{QUANTIZED[quantize]}.onnx",
+                                 weight_type=QuantType.QInt8)
         (folder / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": pipe.tokenizer.bos_id, "eos_token_id": pipe.tokenizer.eos_id,
              "pad_token_id": pipe.tokenizer.pad_id}, indent=2) + "\n")
@@ -186,7 +196,7 @@ class OnnxPipeline:
     embedded, the image features copied into the <image> rows, the whole prompt in a first decoder
     call on an empty cache, then one token per call."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, quantize: str | None = None):
         import onnxruntime as ort
 
         from .config import PaliGemmaConfig
@@ -197,7 +207,8 @@ class OnnxPipeline:
         self.tokenizer = Tokenizer(folder / "tokenizer.model", image_token_id=self.config.image_token_id)
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.sessions = {g: ort.InferenceSession(str(folder / "onnx" / f"{g}.onnx"), options,
+        suffix = QUANTIZED[quantize] if quantize else ""
+        self.sessions = {g: ort.InferenceSession(str(folder / "onnx" / f"{g}{suffix}.onnx"), options,
                                                  providers=["CPUExecutionProvider"]) for g in GRAPHS}
 
     def logits_and_cache(self, embeds: np.ndarray, mask: np.ndarray, past: list[np.ndarray]):
@@ -242,5 +253,6 @@ class OnnxPipeline:
         return tokens, logprobs, first
 
 
-def load(folder: str | Path) -> OnnxPipeline:
-    return OnnxPipeline(folder)
+def load(folder: str | Path, quantize: str | None = None) -> OnnxPipeline:
+    """An exported folder's graphs in onnxruntime (quantize="q8": its *_quantized.onnx)."""
+    return OnnxPipeline(folder, quantize)

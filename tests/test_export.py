@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import palikit
-from palikit.processor import encode_example
 from palikit.synthetic import make_scene
 
 from .test_generate import teacher_forced
@@ -104,12 +103,17 @@ def test_the_bundled_model_exports_and_answers_as_pytorch(tmp_path):
     from palikit.cli import main
     from palikit.export import load
 
-    assert main(["export", "default", "--to", "onnx", "--out", str(tmp_path / "x")]) == 0
-    onnx = load(tmp_path / "x")
+    assert main(["export", "default", "--to", "onnx", "--out", str(tmp_path / "x"), "--quantize", "q8"]) == 0
+    onnx, q8 = load(tmp_path / "x"), load(tmp_path / "x", quantize="q8")
     pipe = palikit.load("default", dtype="float32")
     for prompt in ("caption en", "detect circle ; square ; triangle", "ocr", "answer en how many shapes?"):
         tokens, _, _ = onnx.generate_details([IMAGES[2]], prompt, max_new_tokens=16)
         assert tokens == pipe.generate_details([IMAGES[2]], [prompt], max_new_tokens=16)[0][1].tokens, prompt
+    # q8 (int8 weights, dynamic int8 activations): the same answer on most of the shapes world's prompts
+    scenes = [make_scene(np.random.default_rng(100 + s)).image for s in range(10)]
+    same = [onnx.generate_details([im], p, 16)[0] == q8.generate_details([im], p, 16)[0]
+            for im in scenes for p in ("caption en", "detect circle ; square ; triangle")]
+    assert sum(same) >= 0.8 * len(same), f"{sum(same)} of {len(same)}"
 
 
 def test_bad_exports_are_one_line_and_leave_nothing(tmp_path, capsys, monkeypatch):
