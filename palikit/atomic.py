@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -89,3 +90,19 @@ def merge_rank_files(out: Path, key: str) -> list[dict]:
         for path in parts:
             path.unlink()
     return ordered
+
+
+def write_folder_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """write(tmp_folder) beside `path`, then rename it to `path` (replacing what was there): a write
+    that fails leaves neither its temporary folder nor a changed `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path

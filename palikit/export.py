@@ -19,13 +19,13 @@ a KV cache, the same calls a transformers.js client makes.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from .atomic import write_folder_atomic
 from .gemma import apply_rope, rope_cos_sin
 from .processor import InputError
 
@@ -162,16 +162,7 @@ def export(pipe, out: str | Path, force: bool = False, quantize: str | None = No
             {"bos_token_id": pipe.tokenizer.bos_id, "eos_token_id": pipe.tokenizer.eos_id,
              "pad_token_id": pipe.tokenizer.pad_id}, indent=2) + "\n")
 
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    return write_folder_atomic(out, write)
 
 
 def _onnx(module, args, path: Path, inputs: list[str], outputs: list[str], dynamic: dict) -> None:

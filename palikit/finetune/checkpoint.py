@@ -25,20 +25,6 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return steps[-1] if steps else None
 
 
-def save_folder(path: Path, write) -> None:
-    """write(tmp_folder), then rename it to `path` (replacing what was there); a write that fails
-    leaves neither its temporary folder nor a changed `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-
-
 def link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst)  # no second copy of the weights on disk

@@ -53,7 +53,7 @@ from tqdm import tqdm
 
 from .. import dist
 from ..api import Pipeline, load
-from ..atomic import write_text_atomic
+from ..atomic import write_folder_atomic, write_text_atomic
 from ..data import (DataSpec, Example, PaliGemmaDataset, Problem, StepSampler, data_errors, load_examples, make_collate,
                     without_broken)
 from ..evaluate import eval_example, evaluate, validation_names, validation_values
@@ -387,7 +387,7 @@ class Trainer:
             return spec["source"]
         base = self.out / "base"
         if self.rank == 0 and not (base / "config.json").exists():
-            checkpoint.save_folder(base, lambda p: Pipeline(core, self.tokenizer, self.codec_path).save(p))
+            write_folder_atomic(base, lambda p: Pipeline(core, self.tokenizer, self.codec_path).save(p))
         dist.barrier()
         return str(base.resolve())
 
@@ -614,7 +614,7 @@ class Trainer:
                 for file, text in (extra or {}).items():
                     write_text_atomic(folder / file, text)
 
-            checkpoint.save_folder(self.out / name, link)
+            write_folder_atomic(self.out / name, link)
         dist.barrier()
 
     def cleanup(self, finished: bool = True) -> None:
@@ -674,5 +674,5 @@ def merge(base_source: str | Path, adapter_dir: str | Path, out_dir: str | Path,
     tok = Path(adapter_dir) / "tokenizer.model"
     tokenizer = Tokenizer(tok, image_token_id=model.config.image_token_id) if tok.exists() else pipe.tokenizer
     codec = next((Path(adapter_dir) / n for n in CODEC_FILES if (Path(adapter_dir) / n).exists()), pipe.codec_path)
-    checkpoint.save_folder(Path(out_dir), lambda p: Pipeline(model, tokenizer, codec).save(p))
+    write_folder_atomic(Path(out_dir), lambda p: Pipeline(model, tokenizer, codec).save(p))
     return Path(out_dir)
