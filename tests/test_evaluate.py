@@ -309,7 +309,7 @@ def test_an_overlong_prompt_fails_alone_in_its_batch(tmp_path, jsonl):
     rows = [json.loads(r) for r in jsonl.read_text().splitlines()[:4]]
     for r in rows:
         r["image"] = str(jsonl.parent / r["image"])
-    bad = rows[1] | {"prefix": "answer en " + "why " * 600}
+    bad = rows[1] | {"prefix": "answer en " + "why " * 4200}  # past the bundled model's 4096 positions
     path = tmp_path / "long.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in [rows[0], bad, *rows[2:]]))
     pipe = palikit.load("default", dtype="float32")

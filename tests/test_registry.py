@@ -131,7 +131,8 @@ def test_a_registered_task_is_offered_everywhere(toy_task, answers, tiny_model_d
                                        "many": False}
         assert menu["find"]["max_new_tokens"] == 16
         schema = httpx.get(url + "/openapi.json").json()
-        assert set(schema["components"]["schemas"]["FindRequest"]["required"]) == {"image", "thing"}
+        find = schema["components"]["schemas"]["FindRequest"]
+        assert set(find["required"]) == {"thing"} and {"image", "video"} <= set(find["properties"])  # one of them
 
     # data check counts it as a known task
     data = tmp_path / "train.jsonl"
