@@ -22,6 +22,9 @@ $(CHROMIUM):
 
 setup-test: $(BIN)/python $(CHROMIUM)
 	$(BIN)/pip install -q -e ".[test]"
+	# transformers.js for tests/test_export.py; its onnxruntime-node ships its CPU binaries, and
+	# --ignore-scripts skips the postinstall that fetches GPU ones from the network
+	cd tests/js && npm install --silent --no-audit --no-fund --ignore-scripts
 
 demo: setup
 	$(BIN)/palikit demo $(if $(IMAGE),--image $(IMAGE)) --out demo_out

@@ -19,6 +19,7 @@ a KV cache, the same calls a transformers.js client makes.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -132,22 +133,26 @@ def export(pipe, out: str | Path, force: bool = False, quantize: str | None = No
     def write(folder: Path) -> None:
         graphs = folder / "onnx"
         graphs.mkdir(parents=True)
-        B, T, P = torch.export.Dim("batch"), torch.export.Dim("tokens"), torch.export.Dim("past", min=0)
+        # Optimum's names: transformers.js makes the empty cache from the decoder's input shapes,
+        # "batch_size" its batch and every other name 0 (resolveCacheShape, transformers.js 4.x)
+        B, T = torch.export.Dim("batch_size"), torch.export.Dim("sequence_length")
+        P = torch.export.Dim("past_sequence_length", min=0)
         ids = torch.zeros(2, 3, dtype=torch.long)
         _onnx(_Embed(model), (ids,), graphs / "embed_tokens.onnx", ["input_ids"], ["inputs_embeds"],
               {"input_ids": {0: B, 1: T}})
         pixels = torch.zeros(2, 3, c.vision.image_size, c.vision.image_size)
         _onnx(_Vision(model), (pixels,), graphs / "vision_encoder.onnx", ["pixel_values"], ["image_features"],
-              {"pixel_values": {0: torch.export.Dim("images")}})
+              {"pixel_values": {0: torch.export.Dim("num_images")}})
         past = [torch.zeros(2, text.num_kv_heads, 2, text.head_dim) for _ in range(2 * text.num_layers)]
         names = [f"past_key_values.{i}.{kv}" for i in range(text.num_layers) for kv in ("key", "value")]
         presents = [n.replace("past_key_values", "present") for n in names]
         _onnx(_Decoder(model), (torch.zeros(2, 3, text.hidden_size), torch.ones(2, 5, dtype=torch.long), past),
               graphs / "decoder_model_merged.onnx", ["inputs_embeds", "attention_mask", *names],
               ["logits", *presents],
-              {"inputs_embeds": {0: B, 1: T}, "attention_mask": {0: B, 1: torch.export.Dim("slots")},
+              {"inputs_embeds": {0: B, 1: T}, "attention_mask": {0: B, 1: torch.export.Dim("total_sequence_length")},
                "past": [{0: B, 2: P} for _ in names]})
         save_model_files(folder, c, pipe.tokenizer.path, pipe.codec_path)
+        _tokenizer_json(folder)
         config = c.to_hf_config()  # what transformers.js reads beyond transformers' fields:
         config["text_config"]["head_dim"] = text.head_dim
         config["image_token_index"] = c.image_token_id
@@ -163,6 +168,23 @@ def export(pipe, out: str | Path, force: bool = False, quantize: str | None = No
              "pad_token_id": pipe.tokenizer.pad_id}, indent=2) + "\n")
 
     return write_folder_atomic(out, write)
+
+
+def _tokenizer_json(folder: Path) -> None:
+    """tokenizer.json, the only tokenizer transformers.js reads: transformers' conversion of
+    tokenizer.model with tokenizer_config.json's special tokens (skipped, saying so, without
+    transformers; onnxruntime runs the graphs either way)."""
+    import logging
+    import tempfile
+
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        logging.getLogger(__name__).warning("no tokenizer.json (transformers.js needs one): pip install transformers")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        AutoTokenizer.from_pretrained(folder).save_pretrained(tmp)
+        shutil.copyfile(Path(tmp) / "tokenizer.json", folder / "tokenizer.json")
 
 
 def _onnx(module, args, path: Path, inputs: list[str], outputs: list[str], dynamic: dict) -> None:

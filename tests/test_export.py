@@ -6,6 +6,12 @@ scoring exact too."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -131,3 +137,80 @@ def test_bad_exports_are_one_line_and_leave_nothing(tmp_path, capsys, monkeypatc
     assert main(["export", "default", "--out", str(tmp_path / "failed")]) == 2
     assert "opset 99" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["taken", *(["q"] if quantized.exists() else [])])
+
+
+JS = Path(__file__).resolve().parent / "js"
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="no Node.js")
+def test_transformers_js_runs_the_export_and_answers_as_palikit(tmp_path):
+    """A client no one here wrote: transformers.js (npm @huggingface/transformers, pinned in
+    tests/js/package.json, installed by `make setup-test`) loads the exported bundled model from
+    the folder and gives palikit's text for caption, detect and OCR prompts."""
+    if not (JS / "node_modules" / "@huggingface" / "transformers").is_dir():
+        if os.environ.get("CI"):
+            raise RuntimeError("CI has no transformers.js: `make test` should have run npm install in tests/js")
+        pytest.skip("transformers.js is not installed (cd tests/js && npm install --ignore-scripts)")
+    from palikit.export import export
+
+    export(palikit.load("default", dtype="float32"), tmp_path / "models" / "default")
+    IMAGES[2].save(tmp_path / "scene.png")
+    prompts = ["caption en", "detect circle ; square ; triangle", "ocr"]
+    run = subprocess.run(["node", str(JS / "generate.mjs"), str(tmp_path / "models"), "default",
+                          str(tmp_path / "scene.png"), *prompts], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = {r["prompt"]: r["text"] for r in map(json.loads, run.stdout.splitlines())}
+    pipe = palikit.load("default", dtype="float32")
+    want = {p: pipe.generate(IMAGES[2], p, max_new_tokens=20) for p in prompts}
+    assert got == want
+    assert any("<loc" in t for t in got.values()), "a detection among them"
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="no system Chromium")
+def test_transformers_js_in_chromium_draws_palikits_boxes(tmp_path):
+    """`palikit export default` and transformers.js in headless Chromium (onnxruntime-web, wasm; the
+    page tests/js/page.html, everything served from here, nothing from a CDN): the detect boxes it
+    computes, parsed as palikit parses them, equal palikit's own, and its caption and OCR too."""
+    import functools
+    import http.server
+    import threading
+    from urllib.parse import quote
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not (JS / "node_modules" / "onnxruntime-web").is_dir():
+        if os.environ.get("CI"):
+            raise RuntimeError("CI has no transformers.js: `make test` should have run npm install in tests/js")
+        pytest.skip("transformers.js is not installed (cd tests/js && npm install --ignore-scripts)")
+    from palikit.export import export
+
+    root = tmp_path / "site"
+    export(palikit.load("default", dtype="float32"), root / "models" / "default")
+    (root / "node_modules").symlink_to(JS / "node_modules")
+    shutil.copyfile(JS / "page.html", root / "page.html")
+    IMAGES[2].save(root / "scene.png")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    prompts = ["detect circle ; square ; triangle", "caption en", "ocr"]
+    url = f"http://127.0.0.1:{server.server_address[1]}/page.html?" + "&".join(f"prompt={quote(p)}" for p in prompts)
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path="/usr/bin/chromium",
+                                        args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+            page = browser.new_page()
+            page.goto(url)
+            page.wait_for_function("document.getElementById('out').dataset.done === '1'", timeout=240_000)
+            results = json.loads(page.text_content("#out"))
+            browser.close()
+    finally:
+        server.shutdown()
+    assert isinstance(results, list), results
+    got = {r["prompt"]: r["text"] for r in results}
+    pipe = palikit.load("default", dtype="float32")
+    assert got == {p: pipe.generate(IMAGES[2], p, max_new_tokens=20) for p in prompts}
+    from palikit.tasks import parse_detections
+
+    boxes = parse_detections(got[prompts[0]], *IMAGES[2].size).objects  # the browser's boxes, in pixels
+    want = pipe.detect(IMAGES[2], ["circle", "square", "triangle"], max_new_tokens=20)
+    assert boxes and [(o.label, o.box) for o in boxes] == [(o.label, o.box) for o in want]
