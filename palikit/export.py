@@ -5,12 +5,13 @@ PaliGemma feeds them) and `onnx/decoder_model_merged.onnx` (inputs_embeds, atten
 past_key_values.{i}.key / .value -> logits, present.{i}.key / .value), beside the model's config,
 tokenizer and processor files (palikit.weights.save_model_files).
 
-The decoder computes its mask from what a transformers.js-style caller passes: new tokens on an
-empty cache attend to each other fully (PaliGemma's prefix-LM block: image + prefix), otherwise
-causally within the chunk and to every cached key; attention_mask (2-D, 0 / 1) marks padding, and
-RoPE positions are its running count (cumsum - 1), so a left-padded batch is exact. Gemma 2's
-soft-caps (attention and final) are written out, and its sliding window applies on the local layers
-to tokens after the first call, as transformers applies it (palikit's `sliding_window` option).
+The decoder runs palikit's own layers and computes its mask (gemma.attention_masks) from what a
+transformers.js-style caller passes: new tokens on an empty cache attend to each other fully
+(PaliGemma's prefix-LM block: image + prefix), otherwise causally within the chunk and to every
+cached key; attention_mask (2-D, 0 / 1) marks padding, and RoPE positions are its running count
+(cumsum - 1), so a left-padded batch is exact. Gemma 2's soft-caps (attention and final) are part
+of those layers, and its sliding window applies on the local layers to tokens after the first call,
+as transformers applies it (palikit's `sliding_window` option).
 
 `OnnxPipeline` (palikit.export.load) runs an exported folder with onnxruntime: greedy decoding with
 a KV cache, the same calls a transformers.js client makes.
@@ -27,7 +28,7 @@ import torch
 from torch import nn
 
 from .atomic import write_folder_atomic
-from .gemma import apply_rope, rope_cos_sin
+from .gemma import KVCache, attention_masks, rope_cos_sin
 from .processor import InputError
 
 GRAPHS = ("embed_tokens", "vision_encoder", "decoder_model_merged")
@@ -52,8 +53,17 @@ class _Vision(nn.Module):
         return self.model.multi_modal_projector(self.model.vision_tower(pixel_values))
 
 
+class _GrowingCache(KVCache):
+    """KVCache's interface over a cache given as graph inputs: a write appends the new keys and
+    values after the past ones, so each layer's whole cache comes out as the graph's present.*."""
+
+    def write(self, layer: int, start, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer] = torch.cat([self.k[layer], k], 2)
+        self.v[layer] = torch.cat([self.v[layer], v], 2)
+
+
 class _Decoder(nn.Module):
-    """Gemma's layers over new embeddings and a KV cache given as inputs (see the module doc)."""
+    """Gemma's own layers over new embeddings and a KV cache given as inputs (see the module doc)."""
 
     def __init__(self, model):
         super().__init__()
@@ -61,53 +71,20 @@ class _Decoder(nn.Module):
         self.capped = "decode" in model.capped or "prefill" in model.capped
 
     def forward(self, inputs_embeds, attention_mask, past: list[torch.Tensor]):
-        c = self.config
         B, T, _ = inputs_embeds.shape
         P = past[0].shape[2]
-        S = P + T
-        valid = attention_mask.bool()  # (B, S)
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, P:]  # (B, T)
-        q_slot = torch.arange(T, device=inputs_embeds.device)[:, None] + P  # (T, 1)
-        k_slot = torch.arange(S, device=inputs_embeds.device)[None, :]  # (1, S)
         first_call = torch.zeros((), dtype=torch.long, device=inputs_embeds.device) + P == 0
-        allowed = ((k_slot <= q_slot) | first_call)[None] & valid[:, None, :]  # (B, T, S)
-        masks = {"global": allowed}
-        if c.sliding_window is not None:
-            k_pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, S)
-            near = (positions[:, :, None] - k_pos[:, None, :]) < c.sliding_window
-            masks["sliding"] = allowed & (near | first_call)
-        cos, sin = rope_cos_sin(positions, c.head_dim, c.rope_theta, inputs_embeds.dtype)
-        x, present = inputs_embeds, []
-        for i, layer in enumerate(self.lm.layers):
-            mask = masks["sliding"] if layer.local_if_windowed and "sliding" in masks else masks["global"]
-            h, k, v = self._attention(layer.self_attn, layer.input_layernorm(x), cos, sin, mask,
-                                      past[2 * i], past[2 * i + 1])
-            present += [k, v]
-            if layer.post_norms:
-                h = layer.post_attention_layernorm(h)
-            x = x + h
-            h = layer.mlp(layer.pre_feedforward_layernorm(x))
-            if layer.post_norms:
-                h = layer.post_feedforward_layernorm(h)
-            x = x + h
-        return self.lm.logits(x, self.capped), *present
-
-    def _attention(self, attn, x, cos, sin, mask, past_k, past_v):
-        c = self.config
-        B, T, _ = x.shape
-        H, K, Dh = c.num_heads, c.num_kv_heads, c.head_dim
-        q = apply_rope(attn.q_proj(x).view(B, T, H, Dh).transpose(1, 2), cos, sin)
-        k = apply_rope(attn.k_proj(x).view(B, T, K, Dh).transpose(1, 2), cos, sin)
-        v = attn.v_proj(x).view(B, T, K, Dh).transpose(1, 2)
-        k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
-        S = k.shape[2]
-        scores = q.reshape(B, K, H // K * T, Dh) @ k.transpose(-1, -2) * attn.scale
-        if c.attn_logit_softcap is not None:
-            scores = c.attn_logit_softcap * torch.tanh(scores / c.attn_logit_softcap)
-        scores = scores.view(B, K, H // K, T, S).masked_fill(~mask[:, None, None], torch.finfo(scores.dtype).min)
-        probs = scores.float().softmax(-1).to(v.dtype).view(B, K, H // K * T, S)
-        out = (probs @ v).view(B, H, T, Dh).transpose(1, 2).reshape(B, T, H * Dh)
-        return attn.o_proj(out), k, v
+        # Block numbers as gemma.attention_masks takes them: a first call is one block (the prompt);
+        # after it every cached key is block 0 and each new token a block of its own, in order.
+        slots = torch.arange(P + T, device=inputs_embeds.device)
+        k_block = torch.where(first_call, 0, (slots - P + 1).clamp(min=0)).expand(B, -1)
+        k_pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # RoPE positions count real tokens only
+        masks = attention_masks(k_block[:, P:], k_pos[:, P:], k_block, k_pos, attention_mask.bool(), self.config)
+        cos, sin = rope_cos_sin(k_pos[:, P:], self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype)
+        cache, x = _GrowingCache(list(past[0::2]), list(past[1::2])), inputs_embeds
+        for layer in self.lm.layers:  # the layers, not Gemma.forward: its FlexAttention kernel does not export
+            x = layer(x, cos, sin, masks, cache, P)
+        return self.lm.logits(x, self.capped), *[t for kv in zip(cache.k, cache.v) for t in kv]
 
 
 QUANTIZED = {"q8": "_quantized"}  # --quantize -> transformers.js's file suffix
