@@ -57,6 +57,11 @@ def trained_with(folder: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def require_adapter_files(folder: Path) -> None:
+    if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
+        raise CheckpointError(f"{folder} is not a peft adapter folder (no {ADAPTER_CONFIG} / {ADAPTER_WEIGHTS})")
+
+
 def adapter_state(folder: Path) -> dict[str, torch.Tensor]:
     """An adapter's tensors under palikit's module names (peft's keys, without the adapter name):
     saved by palikit, or trained with transformers + peft (transformers 5 or older names)."""
@@ -74,8 +79,7 @@ def load_adapter(model: PaliGemma, folder: str | Path):
     from peft.tuners.tuners_utils import check_target_module_exists
 
     folder = Path(folder)
-    if not (folder / ADAPTER_CONFIG).exists() or not (folder / ADAPTER_WEIGHTS).exists():
-        raise CheckpointError(f"{folder} is not a peft adapter folder (no {ADAPTER_CONFIG} / {ADAPTER_WEIGHTS})")
+    require_adapter_files(folder)
     config = PeftConfig.from_pretrained(str(folder))
     linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     targets = [n for n in linear if check_target_module_exists(config, palikit_to_transformers_module(n))]
@@ -95,8 +99,6 @@ def load_adapter(model: PaliGemma, folder: str | Path):
     if result.unexpected_keys:
         raise CheckpointError(f"{folder}: adapter tensors for no layer here, e.g. {result.unexpected_keys[0]}")
     return peft_model
-
-
 
 
 def merged(model: PaliGemma, folder: str | Path) -> PaliGemma:
@@ -181,8 +183,7 @@ class AdapterBank:
         if len(self.adapters) >= self.max_adapters:
             raise InputError(f"{len(self.adapters)} adapters are loaded, the most this server takes "
                              f"(--max-adapters {self.max_adapters}); unload one first")
-        if not (folder / ADAPTER_CONFIG).is_file() or not (folder / ADAPTER_WEIGHTS).is_file():
-            raise CheckpointError(f"{folder} is not a peft adapter folder (no {ADAPTER_CONFIG} / {ADAPTER_WEIGHTS})")
+        require_adapter_files(folder)
         config = json.loads((folder / ADAPTER_CONFIG).read_text())
         r, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
         if not isinstance(r, int) or r < 1:

@@ -185,8 +185,7 @@ class Pipeline:
             read = []
             for im in ims:
                 if video.is_video_path(im):
-                    im = video.read_video(im, frames, stride, size=self.config.vision.image_size,
-                                          resample=self.config.resample)
+                    im = self.read_video(im, frames, stride)
                 if isinstance(im, video.Video):
                     read += im.frames
                     frame_times.setdefault(i, []).extend(im.times)
@@ -215,6 +214,13 @@ class Pipeline:
         ids = encode_example(self.tokenizer, self.config.num_image_tokens * n_images, prompt).ids
         self.check_length(len(ids), max_new_tokens)
         return ids
+
+    def read_video(self, source, frames: int = video.NUM_FRAMES, stride: int | None = video.STRIDE,
+                   **options) -> video.Video:
+        """A clip's chosen frames as the model sees them: palikit.video.read_video, each frame resized
+        to the model's input with its filter as it is decoded."""
+        return video.read_video(source, frames, stride, size=self.config.vision.image_size,
+                                resample=self.config.resample, **options)
 
     def prepare_image(self, image) -> Image.Image:
         """An image as the model sees it (RGB, EXIF-rotated, resized to its input with its filter).

@@ -20,7 +20,7 @@ from pathlib import Path
 from . import tasks
 from .options import QUANT_SCHEMES, Options, ServerSettings, add_flags, from_flags
 from .processor import InputError, load_image
-from .video import NUM_FRAMES, STRIDE, Video, is_video_path, read_video
+from .video import NUM_FRAMES, STRIDE, Video, is_video_path
 from .weights import CheckpointError
 
 
@@ -59,7 +59,7 @@ def cmd_task(args) -> None:
     if is_video_path(args.image):  # its frames, once the prompt is known to fit them
         sampled = frame_flags(args)
         pipe.prompt_ids(spec.build(**values), sampled["frames"], budget)
-        image = read_video(args.image, **sampled, size=pipe.config.vision.image_size, resample=pipe.config.resample)
+        image = pipe.read_video(args.image, **sampled)
     else:
         image = load_image(args.image)
     options = {"codec": args.vae} if spec.masks else {}

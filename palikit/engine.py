@@ -303,7 +303,6 @@ class Engine:
             max_rows = min(max_rows, fit)
         self.max_rows, self.kv_bytes = max_rows, row_bytes * max_rows
         self.scheduler = Scheduler(max_rows, max_queue, prefill_tokens)
-        self.batch_invariant = batch_invariant
         self.runner = Runner(pipe, max_rows, self.max_len, image_cache_mb, batch_invariant)
         self.cond = threading.Condition()
         self.closed = False
@@ -335,7 +334,7 @@ class Engine:
                 raise InputError(f"no adapter named {adapter!r} is loaded (loaded: none)")
             slot = self.runner.bank.slot(adapter)
         request = Request(ids, images, sampling, adapter=adapter, slot=slot, **options)
-        request.alone = self.batch_invariant  # prefilled in a group of its own: no padding, no neighbours
+        request.alone = self.runner.batch_invariant  # prefilled in a group of its own: no padding, no neighbours
         with self.cond:
             if self.closed:
                 raise EngineBusy("the engine is shut down")

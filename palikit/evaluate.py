@@ -42,7 +42,6 @@ from .data import load_examples as read_any
 from .metrics import metric as metric_named
 from .engine import Work, run_in_order
 from .processor import InputError, load_image
-from .video import read_video
 from .quantize import scheme_of
 
 
@@ -152,9 +151,7 @@ def predict(pipe, examples: Sequence[EvalExample], indices: Sequence[int], *, na
         if "video" in ex.extra:  # a clip: its frames, as the benchmark samples them
             sampled = {**ex.extra["video"], **({"clip": ex.extra["clip"]} if "clip" in ex.extra else {})}
             n_images = sampled["frames"]
-            cfg = pipe.config
-            work.read_images = lambda path=paths[0], s=sampled: read_video(
-                path, **s, size=cfg.vision.image_size, resample=cfg.resample)
+            work.read_images = lambda path=paths[0], s=sampled: pipe.read_video(path, **s)
         try:
             work.ids = pipe.prompt_ids(ex.prefix, n_images, budget)
         except InputError as e:  # a newline in the prefix, or too long for the model

@@ -21,7 +21,6 @@ from .dist import barrier
 from .engine import Work, run_in_order
 from .maskcodec import MaskCodec
 from .processor import InputError, load_image
-from .video import read_video
 
 JOB_FORMAT = """\
 Each line of --input is one job, a JSON object:
@@ -170,8 +169,7 @@ def _check(pipe, n: int, line: bytes, base: Path, max_new_tokens: int | None, co
         path = Path(image)
         path = path if path.is_absolute() else base / path
         if key == "video":
-            cfg = pipe.config
-            work.read_images = lambda: read_video(path, **sampled, size=cfg.vision.image_size, resample=cfg.resample)
+            work.read_images = lambda: pipe.read_video(path, **sampled)
         else:
             work.read_images = lambda: [load_image(path)]
         work.about = (job, prompt, spec)

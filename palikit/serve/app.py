@@ -141,7 +141,7 @@ class Server:
         self.images = ImageReader(max_bytes=settings.max_body_bytes, max_pixels=settings.max_image_pixels,
                                   allow_local_paths=settings.allow_local_paths or False,
                                   allow_urls=settings.allow_urls, allow_private_urls=settings.allow_private_urls,
-                                  prepare=pipe.prepare_image)
+                                  prepare=pipe.prepare_image, read_clip=pipe.read_video)
         self.can_mask = pipe.codec_path is not None
         self.created = int(time.time())
         self.paths: set[str] = set()  # the app's routes, for the metrics labels (filled by create_app)
@@ -191,8 +191,7 @@ class Server:
         images, sizes, times = [], [], None
         for item in media:
             if isinstance(item, VideoURL):
-                clip, size = await self.images.read_video(item.url, item.frames, item.stride,
-                                                          self.pipe.config.vision.image_size, self.pipe.config.resample)
+                clip, size = await self.images.read_video(item.url, item.frames, item.stride)
                 images += clip.frames
                 sizes.append(size)
                 times = (times or []) + clip.times

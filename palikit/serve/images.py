@@ -33,12 +33,15 @@ class ImageSize:
 
 
 class ImageReader:
-    """prepare: what to do with a decoded image before it queues (the pipeline's resize)."""
+    """prepare: what to do with a decoded image before it queues (the pipeline's resize); read_clip:
+    how a clip's bytes become its frames (the pipeline's read_video)."""
 
     def __init__(self, *, max_bytes: int, max_pixels: int, allow_local_paths: bool | str | Path, allow_urls: bool,
-                 prepare: Callable[[Image.Image], Image.Image], allow_private_urls: bool = False):
+                 prepare: Callable[[Image.Image], Image.Image], allow_private_urls: bool = False,
+                 read_clip: Callable | None = None):
         self.max_body_bytes, self.max_image_pixels = max_bytes, max_pixels
         self.allow_local_paths, self.allow_urls, self.prepare = allow_local_paths, allow_urls, prepare
+        self.read_clip = read_clip
         self.allow_private_urls = allow_private_urls
 
     async def read(self, refs: list[str]) -> tuple[list[Image.Image], ImageSize]:
@@ -50,15 +53,12 @@ class ImageReader:
             images.append(await asyncio.to_thread(self._decode, data))  # decoding is slow: off the loop
         return [im for im, _ in images], images[0][1]
 
-    async def read_video(self, ref: str, frames: int, stride: int | None, size: int, resample: str):
+    async def read_video(self, ref: str, frames: int, stride: int | None):
         """A clip (data URL, base64, or a path / URL where allowed; as capped as an image) -> its
-        frames (palikit.video.read_video) and the size of its frames as stored."""
-        from ..video import read_video
-
+        frames (read_clip: the pipeline's read_video) and the size of its frames as stored."""
         data = await self._image_bytes(ref)
         try:
-            clip = await asyncio.to_thread(read_video, data, frames, stride, size=size, resample=resample,
-                                           max_pixels=self.max_image_pixels)
+            clip = await asyncio.to_thread(self.read_clip, data, frames, stride, max_pixels=self.max_image_pixels)
         except InputError as e:
             status = 501 if "needs PyAV" in str(e) else 413 if "over the limit" in str(e) else 400
             raise HTTPException(status, str(e)) from None
