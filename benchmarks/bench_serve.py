@@ -130,6 +130,11 @@ class StaticBatcher:
     def depth(self) -> int:
         return len(self.waiting)
 
+    max_len = None  # no rows of fixed length: any request fits
+
+    def check(self, n_prompt_tokens: int, max_new_tokens: int) -> None:
+        pass
+
     def gauges(self) -> list:
         return []
 

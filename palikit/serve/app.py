@@ -207,8 +207,7 @@ class Server:
             _bad_request(tasks.parse_task, prompt)
         try:
             n = len(self.pipe.prompt_ids(prompt, n_images, max_new_tokens))
-            if hasattr(self.batcher, "engine"):
-                self.batcher.engine.check(n, max_new_tokens)  # the engine's rows (--max-len), before decoding
+            self.batcher.check(n, max_new_tokens)  # the engine's rows (--max-len), before decoding
             return n
         except InputError as e:
             raise HTTPException(400, str(e)) from None
@@ -447,7 +446,7 @@ def create_app(pipe: Pipeline, settings: ServerSettings | None = None, **changes
                 "queue_depth": server.batcher.depth, "max_batch": server.batcher.max_batch,
                 "adapters": [n for n in loaded if n not in server.draining],  # the web demo's model menu
                 # a request's room and an image's tokens: how many frames of a clip fit (the web demo)
-                "max_len": getattr(getattr(server.batcher, "engine", None), "max_len", None),
+                "max_len": server.batcher.max_len,
                 "image_tokens": pipe.config.num_image_tokens}
 
     @app.get("/tasks")

@@ -102,6 +102,15 @@ class Batcher:
     def close(self) -> None:
         self.engine.close()
 
+    def check(self, n_prompt_tokens: int, max_new_tokens: int) -> None:
+        """InputError when a request cannot fit one of the engine's rows."""
+        self.engine.check(n_prompt_tokens, max_new_tokens)
+
+    @property
+    def max_len(self) -> int:
+        """Slots of one request: image tokens, prompt and answer."""
+        return self.engine.max_len
+
     @property
     def depth(self) -> int:
         return self.engine.depth
